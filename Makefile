@@ -1,0 +1,58 @@
+# make test   set up (venv, torch, build) and run every test: pytest, ctest, nvcc compile check
+# make bench  set up and run the default benchmark
+#
+# Uses the active virtual environment if there is one, else creates .venv here.
+SHELL := /bin/bash
+TORCH_VERSION := 2.13.0
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+  ENV_DIR := $(VIRTUAL_ENV)
+else
+  ENV_DIR := $(CURDIR)/$(VENV)
+endif
+PYTHON := $(ENV_DIR)/bin/python
+DEPS_STAMP := $(ENV_DIR)/.fused_optim-deps
+CMAKE_BUILD := build/cmake
+
+.PHONY: test bench build deps pytest ctest cuda-check clean
+
+test: build
+	$(MAKE) --no-print-directory ctest
+	$(PYTHON) -m pytest -q tests
+
+bench: build
+	$(PYTHON) -m fused_optim.bench
+
+$(PYTHON):
+	python3 -m venv $(ENV_DIR)
+
+# torch only if it is missing, and then pinned; the rest from requirements-dev.txt.
+$(DEPS_STAMP): requirements-dev.txt | $(PYTHON)
+	$(PYTHON) -m pip install -q --upgrade pip "setuptools>=64" wheel
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+deps: $(DEPS_STAMP)
+
+# Editable install: builds fused_optim/_C in place (ninja keeps rebuilds incremental)
+# and maps triton_kernels/ and bench/ to fused_optim.triton_kernels / fused_optim.bench.
+build: deps
+	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+pytest: build
+	$(PYTHON) -m pytest -q tests
+
+# C++ unit tests of the torch-free CPU engine (csrc/cpu), built by CMakeLists.txt.
+ctest: deps
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DPython3_EXECUTABLE=$(PYTHON) >/dev/null
+	cmake --build $(CMAKE_BUILD) --target fused_optim_cpp_tests
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# Compiles every csrc/cuda/*.cu with nvcc (no GPU needed).
+cuda-check: deps
+	bash .ci/compile_cuda.sh $(PYTHON)
+
+clean:
+	rm -rf build $(CMAKE_BUILD) fused_optim/_C*.so *.egg-info

@@ -1,0 +1,77 @@
+// The interface between the torch-facing ops (csrc/ops_cpu.cpp) and the CPU kernels,
+// which are compiled once per instruction set (csrc/cpu/kernels_*.cpp).
+//
+// Plain data only (see [note: one instruction set per translation unit] in
+// fused_optim/macros.h). Nothing here includes torch: the kernels see raw pointers, element counts and plain
+// hyperparameters, so the C++ unit tests (tests/cpp) drive them without libtorch and
+// the ops layer stays the only place that knows about at::Tensor.
+#pragma once
+
+#include <cstdint>
+
+#include "fused_optim/math/hyper.h"
+
+namespace fused_optim {
+namespace cpu {
+
+enum class DType : int8_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Elements per work item of the parallel region. 16K fp32 elements = 64 KiB per list:
+// large enough that per-chunk overhead (scalars, pointer set-up) is noise, small enough
+// that 2048 x 16K or 8 x 4M both split into hundreds of items for load balance.
+constexpr int64_t kChunkSize = 16384;
+
+// One work item: elements [begin, end) of tensor `tensor`.
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// The tensors of one (device, dtype) bucket, list-major: ptrs[list * n_tensors + t].
+// All lists share one storage dtype; tensor t of every list has numels[t] elements.
+struct TensorTable {
+  int64_t n_tensors;
+  int n_lists;
+  void* const* ptrs;
+  const int64_t* numels;
+  DType dtype;
+};
+
+// Lists of the Adam table, in order; kMaxExpAvgSq is present only with amsgrad.
+enum AdamList : int { kAdamParam = 0, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, kAdamMaxExpAvgSq };
+// Lists of the SGD table; kSgdMomentumBuffer is present only with momentum != 0.
+enum SgdList : int { kSgdParam = 0, kSgdGrad, kSgdMomentumBuffer };
+
+struct AdamCall {
+  math::AdamHyper hyper;
+  const double* steps;       // per tensor, already incremented for this step
+  const float* grad_scale;   // nullptr: grads are not scaled; else grads /= *grad_scale
+};
+
+struct SgdCall {
+  math::SgdHyper hyper;
+  const float* grad_scale;
+};
+
+// Process chunks[begin, end). Called concurrently from one parallel region; chunks
+// never overlap, so no two threads touch the same element.
+using AdamChunksFn = void (*)(const TensorTable&, const AdamCall&, const Chunk* chunks,
+                              int64_t begin, int64_t end);
+using SgdChunksFn = void (*)(const TensorTable&, const SgdCall&, const Chunk* chunks,
+                             int64_t begin, int64_t end);
+
+// The kernels of one instruction set.
+struct KernelSet {
+  const char* name;  // "default", "avx2", "avx512"
+  AdamChunksFn adam;
+  SgdChunksFn sgd;
+};
+
+// Defined by each kernels_<isa>.cpp.
+const KernelSet& kernels_default();
+const KernelSet& kernels_avx2();
+const KernelSet& kernels_avx512();
+
+}  // namespace cpu
+}  // namespace fused_optim

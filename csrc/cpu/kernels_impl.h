@@ -1,0 +1,377 @@
+// The CPU multi-tensor engine and the Adam / SGD kernels built on it.
+//
+// Included by kernels_default.cpp, kernels_avx2.cpp and kernels_avx512.cpp after each
+// has set FO_CPU_CAPABILITY and `#pragma GCC target` (see [note: one instruction set
+// per translation unit] in fused_optim/macros.h). Everything here is compiled once per
+// instruction set; only kernels_<isa>() has external linkage.
+//
+// What it computes: for every chunk handed to it, load each list's elements, convert
+// them to opmath (float, or double for fp64 storage), call the algorithm's element-wise
+// math from fused_optim/math/, and store the lists the algorithm writes. Nothing else:
+// the math exists once, in the headers, for the CPU and the CUDA backends alike.
+//
+// Preconditions (checked by the ops layer with TORCH_CHECK): every tensor of a row is
+// non-overlapping and dense with one layout, so element i of each list is at offset i;
+// all lists share one storage dtype; chunks never overlap.
+//
+// [note: SIMD by the compiler]
+// The element loops are written once, in scalar form, under `#pragma omp simd`, and
+// GCC vectorizes them for the instruction set of the unit (with -O3 -fno-math-errno,
+// sqrt becomes vsqrtps). fp32/fp64 storage is processed in place. Half-precision
+// storage goes through fp32 blocks of kBlock elements that stay in L1: a vectorized
+// convert-in, the same scalar-form math loop, a vectorized convert-out (F16C for fp16
+// on the x86 variants; shifts and integer rounding for bf16). So "SIMD inside each
+// chunk, scalar tails" holds for every dtype without a second copy of any algorithm.
+#pragma once
+
+#include "cpu/kernel_api.h"
+#include "fused_optim/math/adam.h"
+#include "fused_optim/math/sgd.h"
+
+namespace fused_optim {
+namespace cpu {
+inline namespace FO_CPU_CAPABILITY {
+namespace {
+
+// ---------------------------------------------------------------------------------
+// Storage conversions (round to nearest even, as c10::Half and c10::BFloat16 do).
+
+FO_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+FO_INLINE float bits_float(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+FO_INLINE float bf16_to_float(uint16_t h) {
+  return bits_float(static_cast<uint32_t>(h) << 16);
+}
+
+FO_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    return 0x7fc0;  // NaN, as c10::BFloat16 rounds it
+  }
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+FO_INLINE float half_to_float(uint16_t h) {
+  const uint32_t shifted_exponent = 0x7c00u << 13;
+  uint32_t u = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
+  const uint32_t exponent = u & shifted_exponent;
+  u += (127u - 15u) << 23;
+  if (exponent == shifted_exponent) {
+    u += (128u - 16u) << 23;  // inf / NaN
+  } else if (exponent == 0) {
+    u += 1u << 23;            // zero / subnormal: renormalize through float arithmetic
+    u = float_bits(bits_float(u) - bits_float(113u << 23));
+  }
+  return bits_float(u | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
+}
+
+FO_INLINE uint16_t float_to_half(float f) {
+  uint32_t u = float_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint16_t out;
+  if (u >= ((127u + 16u) << 23)) {
+    out = (u > 0x7f800000u) ? 0x7e00 : 0x7c00;  // NaN, or overflow to inf
+  } else if (u < (113u << 23)) {
+    // Subnormal or zero: adding a magic number lines the mantissa up with fp16's and
+    // lets the FPU do the rounding.
+    const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    out = static_cast<uint16_t>(float_bits(bits_float(u) + bits_float(magic)) - magic);
+  } else {
+    const uint32_t mantissa_odd = (u >> 13) & 1u;
+    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mantissa_odd;
+    out = static_cast<uint16_t>(u >> 13);
+  }
+  return static_cast<uint16_t>(out | (sign >> 16));
+}
+
+template <DType D>
+struct Storage;
+
+template <>
+struct Storage<DType::kFloat32> {
+  using type = float;
+  using opmath = float;
+};
+
+template <>
+struct Storage<DType::kFloat64> {
+  using type = double;
+  using opmath = double;
+};
+
+template <>
+struct Storage<DType::kBFloat16> {
+  using type = uint16_t;
+  using opmath = float;
+  static void load(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+  }
+  static void store(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+  }
+};
+
+template <>
+struct Storage<DType::kFloat16> {
+  using type = uint16_t;
+  using opmath = float;
+  static void load(const uint16_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+#if defined(FO_HAVE_F16C)
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+  }
+  static void store(const float* src, uint16_t* dst, int64_t n) {
+    int64_t i = 0;
+#if defined(FO_HAVE_F16C)
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    }
+#endif
+    for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// The engine: one chunk of one row of tensors.
+
+// fp32 blocks for half-precision storage: 5 lists x 512 x 4 B = 10 KiB, inside L1.
+constexpr int64_t kBlock = 512;
+
+// Stores x into *dst only for the lists the algorithm writes (a compile-time choice).
+template <bool WRITE, typename T, typename opmath>
+FO_INLINE void store_if(T* dst, opmath x) {
+  if constexpr (WRITE) *dst = static_cast<T>(x);
+}
+
+// The element loop over n elements of N lists. The pointers arrive as a parameter pack,
+// not an array, so they live in registers and GCC vectorizes the loop.
+template <typename Op, typename T, std::size_t... Is, typename... Ptrs>
+FO_INLINE void element_loop(std::index_sequence<Is...>, int64_t n, const Op& op,
+                            Ptrs... ptrs) {
+  using opmath = decltype(op.grad_sign);
+  const Op local_op = op;  // a local copy cannot alias the stores: its fields stay in registers
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    opmath x[sizeof...(Is)] = {static_cast<opmath>(ptrs[i])...};
+    local_op(x);
+    (store_if<Op::writes(Is)>(ptrs + i, x[Is]), ...);
+  }
+}
+
+// Applies `op` to elements [begin, end) of the lists whose base pointers are `base`.
+// Op provides: static constexpr int kLists; static constexpr bool writes(int list);
+// void operator()(opmath (&x)[kLists]) const, which updates x in place.
+template <DType D, typename Op, std::size_t... Is>
+void apply_chunk_impl(std::index_sequence<Is...> lists, void* const* base, int64_t begin,
+                      int64_t end, const Op& op) {
+  using T = typename Storage<D>::type;
+  using opmath = typename Storage<D>::opmath;
+  constexpr int N = Op::kLists;
+  const int64_t n = end - begin;
+  if constexpr (sizeof(T) == sizeof(opmath)) {
+    element_loop<Op, T>(lists, n, op, (static_cast<T*>(base[Is]) + begin)...);
+  } else {
+    alignas(64) opmath buf[N][kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = n - b < kBlock ? n - b : kBlock;
+      (Storage<D>::load(static_cast<T*>(base[Is]) + begin + b, buf[Is], m), ...);
+      element_loop<Op, opmath>(lists, m, op, static_cast<opmath*>(buf[Is])...);
+      ((Op::writes(Is) ? Storage<D>::store(buf[Is], static_cast<T*>(base[Is]) + begin + b, m)
+                       : void()),
+       ...);
+    }
+  }
+}
+
+template <DType D, typename Op>
+FO_INLINE void apply_chunk(void* const* base, int64_t begin, int64_t end, const Op& op) {
+  apply_chunk_impl<D>(std::make_index_sequence<Op::kLists>{}, base, begin, end, op);
+}
+
+// Calls f(std::integral_constant<bool, b>) so a run-time flag selects a template.
+template <typename F>
+FO_INLINE void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::integral_constant<bool, true>{});
+  } else {
+    f(std::integral_constant<bool, false>{});
+  }
+}
+
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(std::integral_constant<DType, DType::kFloat32>{}); break;
+    case DType::kFloat64: f(std::integral_constant<DType, DType::kFloat64>{}); break;
+    case DType::kFloat16: f(std::integral_constant<DType, DType::kFloat16>{}); break;
+    case DType::kBFloat16: f(std::integral_constant<DType, DType::kBFloat16>{}); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Adam / AdamW
+
+template <typename opmath, bool AMSGRAD, math::WeightDecay WD, bool UNSCALE>
+struct AdamOp {
+  static constexpr int kLists = AMSGRAD ? 5 : 4;
+  static constexpr bool writes(int list) { return list != kAdamGrad || UNSCALE; }
+
+  math::AdamTensorScalars<opmath> s;
+  opmath grad_sign;   // -1 for maximize: multiplying by +-1 is exact
+  opmath grad_scale;  // only read when UNSCALE
+
+  FO_INLINE void operator()(opmath (&x)[kLists]) const {
+    opmath grad = x[kAdamGrad];
+    if constexpr (UNSCALE) {
+      grad = grad / grad_scale;
+      x[kAdamGrad] = grad;  // grads are left unscaled, as torch's fused Adam leaves them
+    }
+    opmath unused = opmath(0);
+    opmath& max_exp_avg_sq = AMSGRAD ? x[kLists - 1] : unused;
+    math::adam_update<AMSGRAD, /*MAXIMIZE=*/false, WD>(
+        x[kAdamParam], grad * grad_sign, x[kAdamExpAvg], x[kAdamExpAvgSq], max_exp_avg_sq, s);
+  }
+};
+
+template <DType D>
+void adam_chunks_typed(const TensorTable& table, const AdamCall& call, const Chunk* chunks,
+                       int64_t begin, int64_t end) {
+  using opmath = typename Storage<D>::opmath;
+  const math::AdamHyper& h = call.hyper;
+  // No weight decay is decoupled decay by a factor of exactly 1: one fewer template.
+  const bool decoupled = h.weight_decay_mode != math::WeightDecay::kL2 || h.weight_decay == 0.0;
+  {
+    dispatch_bool(h.amsgrad, [&](auto amsgrad_c) {
+      dispatch_bool(decoupled, [&](auto decoupled_c) {
+        dispatch_bool(call.grad_scale != nullptr, [&](auto unscale_c) {
+          constexpr bool AMSGRAD = decltype(amsgrad_c)::value;
+          constexpr auto WD = decltype(decoupled_c)::value ? math::WeightDecay::kDecoupled
+                                                           : math::WeightDecay::kL2;
+          constexpr bool UNSCALE = decltype(unscale_c)::value;
+          using Op = AdamOp<opmath, AMSGRAD, WD, UNSCALE>;
+          math::AdamHyper eff = h;
+          if (h.weight_decay_mode != math::WeightDecay::kDecoupled) {
+            eff.weight_decay = WD == math::WeightDecay::kL2 ? h.weight_decay : 0.0;
+          }
+          void* base[Op::kLists];
+          for (int64_t c = begin; c < end; ++c) {
+            const Chunk& chunk = chunks[c];
+            Op op;
+            op.s = math::adam_tensor_scalars<opmath>(eff, call.steps[chunk.tensor]);
+            op.grad_sign = h.maximize ? opmath(-1) : opmath(1);
+            op.grad_scale = UNSCALE ? static_cast<opmath>(*call.grad_scale) : opmath(1);
+            for (int k = 0; k < Op::kLists; ++k) {
+              base[k] = table.ptrs[k * table.n_tensors + chunk.tensor];
+            }
+            apply_chunk<D>(base, chunk.begin, chunk.end, op);
+          }
+        });
+      });
+    });
+  }
+}
+
+void adam_chunks(const TensorTable& table, const AdamCall& call, const Chunk* chunks,
+                 int64_t begin, int64_t end) {
+  dispatch_dtype(table.dtype, [&](auto dtype_c) {
+    adam_chunks_typed<decltype(dtype_c)::value>(table, call, chunks, begin, end);
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// SGD
+
+template <typename opmath, bool MOMENTUM, bool NESTEROV, bool FIRST_STEP, bool WEIGHT_DECAY,
+          bool UNSCALE>
+struct SgdOp {
+  static constexpr int kLists = MOMENTUM ? 3 : 2;
+  static constexpr bool writes(int list) { return list != kSgdGrad || UNSCALE; }
+
+  math::SgdScalars<opmath> s;
+  opmath grad_sign;
+  opmath grad_scale;
+
+  FO_INLINE void operator()(opmath (&x)[kLists]) const {
+    opmath grad = x[kSgdGrad];
+    if constexpr (UNSCALE) {
+      grad = grad / grad_scale;
+      x[kSgdGrad] = grad;
+    }
+    opmath unused = opmath(0);
+    opmath& buffer = MOMENTUM ? x[kLists - 1] : unused;
+    math::sgd_update<MOMENTUM, NESTEROV, FIRST_STEP, /*MAXIMIZE=*/false, WEIGHT_DECAY>(
+        x[kSgdParam], grad * grad_sign, buffer, s);
+  }
+};
+
+template <DType D>
+void sgd_chunks_typed(const TensorTable& table, const SgdCall& call, const Chunk* chunks,
+                      int64_t begin, int64_t end) {
+  using opmath = typename Storage<D>::opmath;
+  const math::SgdHyper& h = call.hyper;
+  {
+    dispatch_bool(h.momentum != 0.0, [&](auto momentum_c) {
+      dispatch_bool(h.nesterov && h.momentum != 0.0, [&](auto nesterov_c) {
+        dispatch_bool(h.is_first_step && h.momentum != 0.0, [&](auto first_c) {
+          dispatch_bool(h.weight_decay != 0.0, [&](auto wd_c) {
+            dispatch_bool(call.grad_scale != nullptr, [&](auto unscale_c) {
+              constexpr bool MOMENTUM = decltype(momentum_c)::value;
+              constexpr bool NESTEROV = decltype(nesterov_c)::value;
+              constexpr bool FIRST = decltype(first_c)::value;
+              // Flags that cannot matter without momentum collapse to one instantiation.
+              if constexpr (!MOMENTUM && (NESTEROV || FIRST)) {
+                return;
+              } else {
+                using Op = SgdOp<opmath, MOMENTUM, NESTEROV, FIRST, decltype(wd_c)::value,
+                                 decltype(unscale_c)::value>;
+                Op op;
+                op.s = math::sgd_scalars<opmath>(h);
+                op.grad_sign = h.maximize ? opmath(-1) : opmath(1);
+                op.grad_scale =
+                    decltype(unscale_c)::value ? static_cast<opmath>(*call.grad_scale) : opmath(1);
+                void* base[Op::kLists];
+                for (int64_t c = begin; c < end; ++c) {
+                  const Chunk& chunk = chunks[c];
+                  for (int k = 0; k < Op::kLists; ++k) {
+                    base[k] = table.ptrs[k * table.n_tensors + chunk.tensor];
+                  }
+                  apply_chunk<D>(base, chunk.begin, chunk.end, op);
+                }
+              }
+            });
+          });
+        });
+      });
+    });
+  }
+}
+
+void sgd_chunks(const TensorTable& table, const SgdCall& call, const Chunk* chunks,
+                int64_t begin, int64_t end) {
+  dispatch_dtype(table.dtype, [&](auto dtype_c) {
+    sgd_chunks_typed<decltype(dtype_c)::value>(table, call, chunks, begin, end);
+  });
+}
+
+}  // namespace
+}  // namespace FO_CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fused_optim

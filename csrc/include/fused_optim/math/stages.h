@@ -1,0 +1,73 @@
+// Element-wise stages that optimizers are assembled from.
+//
+// Each stage is a tiny inline function on opmath values (float for fp32/fp16/bf16
+// storage, double for fp64). An algorithm chains them inside one kernel, so Adam,
+// AdamW and SGD share one definition of "decay the weights" or "lerp a moment" and no
+// stage streams memory on its own (cf. optax's scale_by_adam / add_decayed_weights,
+// chained here at compile time rather than at run time).
+//
+// The formulas follow torch.optim's single-tensor ("for-loop") implementations
+// operation by operation, so results agree with torch to rounding.
+#pragma once
+
+#if !defined(__CUDACC__)
+#include <cmath>
+#endif
+
+#include "fused_optim/macros.h"
+#include "fused_optim/math/hyper.h"
+
+namespace fused_optim {
+namespace math {
+inline namespace FO_CPU_CAPABILITY {
+
+template <typename T>
+FO_HOST_DEVICE FO_INLINE T maybe_negate(T grad, bool maximize) {
+  return maximize ? -grad : grad;
+}
+
+// grad.add(param, alpha=weight_decay)
+template <typename T>
+FO_HOST_DEVICE FO_INLINE T add_l2_penalty(T grad, T param, T weight_decay) {
+  return grad + weight_decay * param;
+}
+
+// param.mul_(1 - lr * weight_decay); the factor is computed once per tensor.
+template <typename T>
+FO_HOST_DEVICE FO_INLINE T decay_weights(T param, T decay_factor) {
+  return param * decay_factor;
+}
+
+// torch.lerp(start, end, weight) with ATen's two-branch formula, which is exact at
+// weight 0 and 1.
+template <typename T>
+FO_HOST_DEVICE FO_INLINE T lerp(T start, T end, T weight) {
+  return weight < T(0.5) ? start + weight * (end - start)
+                         : end - (end - start) * (T(1) - weight);
+}
+
+// Correctly rounded square root in the opmath type, on host and device.
+FO_HOST_DEVICE FO_INLINE float sqrt_op(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrtf(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+FO_HOST_DEVICE FO_INLINE double sqrt_op(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return __builtin_sqrt(x);
+#endif
+}
+
+// torch.maximum: propagates NaN from either side.
+template <typename T>
+FO_HOST_DEVICE FO_INLINE T maximum(T a, T b) {
+  return (a != a) ? a : ((b != b) ? b : (a > b ? a : b));
+}
+
+}  // namespace FO_CPU_CAPABILITY
+}  // namespace math
+}  // namespace fused_optim

@@ -1,0 +1,115 @@
+// Input checks and bucket flattening shared by the CPU and CUDA implementations of the
+// fused_optim ops. Every check is a TORCH_CHECK that names the op, the list and the
+// index, so bad input raises a Python RuntimeError instead of corrupting memory.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/kernel_api.h"
+
+namespace fused_optim {
+
+inline cpu::DType to_kernel_dtype(const char* op, c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return cpu::DType::kFloat32;
+    case c10::ScalarType::Double: return cpu::DType::kFloat64;
+    case c10::ScalarType::Half: return cpu::DType::kFloat16;
+    case c10::ScalarType::BFloat16: return cpu::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": parameters must be float32, float64, float16 or bfloat16, got ",
+                  t);
+  }
+}
+
+struct NamedList {
+  const char* name;
+  const std::vector<at::Tensor>* tensors;
+};
+
+// Checks one bucket: every list as long as params; every tensor dense, on params' device,
+// of params' dtype and with params' sizes and strides (so element i of every list sits
+// at the same offset); no sparse or complex tensors.
+inline void check_bucket(const char* op, const std::vector<NamedList>& lists) {
+  const std::vector<at::Tensor>& params = *lists[0].tensors;
+  for (const NamedList& l : lists) {
+    TORCH_CHECK(l.tensors->size() == params.size(), op, ": expected ", params.size(), " ",
+                l.name, " (one per param), got ", l.tensors->size());
+  }
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::ScalarType dtype = params[0].scalar_type();
+  to_kernel_dtype(op, dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    for (const NamedList& l : lists) {
+      const at::Tensor& t = (*l.tensors)[i];
+      TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
+      TORCH_CHECK(t.layout() == c10::kStrided, op, ": ", l.name, "[", i,
+                  "] is sparse; fused_optim kernels take dense tensors only");
+      TORCH_CHECK(t.device() == device, op, ": all tensors of one call must be on one device; ",
+                  l.name, "[", i, "] is on ", t.device(), ", params[0] on ", device);
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors of one call must have one dtype; ",
+                  l.name, "[", i, "] is ", t.scalar_type(), ", params[0] is ", dtype);
+      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
+                  " but params[", i, "] has shape ", p.sizes());
+      TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", l.name, "[", i,
+                  "] must be non-overlapping and dense (e.g. contiguous)");
+      TORCH_CHECK(t.numel() <= 1 || t.strides() == p.strides(), op, ": ", l.name, "[", i,
+                  "] has strides ", t.strides(), " but params[", i, "] has strides ",
+                  p.strides(), "; every tensor of a row must share one memory layout");
+    }
+  }
+}
+
+// Checks a list of one-element scalar tensors (state steps) against the params.
+inline void check_scalars(const char* op, const char* name, const std::vector<at::Tensor>& ts,
+                          size_t expected, bool allow_cpu, const at::Device& device) {
+  TORCH_CHECK(ts.size() == expected, op, ": expected ", expected, " ", name,
+              " (one per param), got ", ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    TORCH_CHECK(t.defined() && t.numel() == 1, op, ": ", name, "[", i,
+                "] must be a one-element tensor");
+    TORCH_CHECK(t.scalar_type() == c10::ScalarType::Float ||
+                    t.scalar_type() == c10::ScalarType::Double,
+                op, ": ", name, "[", i, "] must be float32 or float64, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == device || (allow_cpu && t.device().is_cpu()), op, ": ", name, "[",
+                i, "] is on ", t.device(), " but the params are on ", device);
+  }
+}
+
+inline void check_optional_scalar(const char* op, const char* name,
+                                  const c10::optional<at::Tensor>& t, const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must be a one-element tensor, got shape ",
+              t->sizes());
+  TORCH_CHECK(t->scalar_type() == c10::ScalarType::Float, op, ": ", name,
+              " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+              " but the params are on ", device);
+}
+
+// List-major pointer table for the kernels: ptrs[list * n + t].
+struct FlatTable {
+  std::vector<void*> ptrs;
+  std::vector<int64_t> numels;
+  cpu::TensorTable table;
+
+  FlatTable(const std::vector<const std::vector<at::Tensor>*>& lists, cpu::DType dtype) {
+    const size_t n = lists[0]->size();
+    ptrs.reserve(lists.size() * n);
+    for (const auto* l : lists) {
+      for (const at::Tensor& t : *l) ptrs.push_back(t.data_ptr());
+    }
+    numels.reserve(n);
+    for (const at::Tensor& t : *lists[0]) numels.push_back(t.numel());
+    table = cpu::TensorTable{static_cast<int64_t>(n), static_cast<int>(lists.size()),
+                             ptrs.data(), numels.data(), dtype};
+  }
+};
+
+}  // namespace fused_optim

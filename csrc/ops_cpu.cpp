@@ -1,0 +1,191 @@
+// CPU implementations of the fused_optim ops.
+//
+// One call = one bucket (one device, one dtype). The op checks its inputs, applies the
+// found_inf skip and the step increments (cheap, serial: one scalar per tensor), builds
+// the chunk table of every tensor in the bucket, and runs ONE parallel region over all
+// chunks with the kernels of the instruction set chosen at run time. torch's fused CPU
+// Adam runs one parallel_for per tensor instead, which leaves threads idle on models
+// with many small tensors.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/dispatch.h"
+#include "cpu/kernel_api.h"
+#include "ops_common.h"
+
+namespace fused_optim {
+namespace {
+
+// Below this many elements in a bucket the work runs on the calling thread: waking the
+// pool costs more than it saves.
+constexpr int64_t kSerialElements = 32768;
+
+std::vector<cpu::Chunk> make_chunks(const std::vector<int64_t>& numels) {
+  std::vector<cpu::Chunk> chunks;
+  int64_t count = 0;
+  for (int64_t n : numels) count += (n + cpu::kChunkSize - 1) / cpu::kChunkSize;
+  chunks.reserve(count);
+  for (size_t t = 0; t < numels.size(); ++t) {
+    for (int64_t b = 0; b < numels[t]; b += cpu::kChunkSize) {
+      const int64_t e = b + cpu::kChunkSize < numels[t] ? b + cpu::kChunkSize : numels[t];
+      chunks.push_back(cpu::Chunk{static_cast<int64_t>(t), b, e});
+    }
+  }
+  return chunks;
+}
+
+template <typename Fn>
+void run_chunks(const std::vector<cpu::Chunk>& chunks, const std::vector<int64_t>& numels,
+                Fn fn) {
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  if (total < kSerialElements || n_chunks < 2) {
+    fn(chunks.data(), int64_t{0}, n_chunks);
+    return;
+  }
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    fn(chunks.data(), begin, end);
+  });
+}
+
+bool skip_step(const c10::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->item<float>() != 0.0f;
+}
+
+// Adds one to every step counter and returns their new values.
+std::vector<double> increment_steps(const std::vector<at::Tensor>& state_steps) {
+  std::vector<double> steps;
+  steps.reserve(state_steps.size());
+  for (const at::Tensor& s : state_steps) {
+    if (s.scalar_type() == c10::ScalarType::Float) {
+      float* v = s.data_ptr<float>();
+      *v += 1.0f;
+      steps.push_back(*v);
+    } else {
+      double* v = s.data_ptr<double>();
+      *v += 1.0;
+      steps.push_back(*v);
+    }
+  }
+  return steps;
+}
+
+double read_lr(const char* op, const at::Tensor& lr) {
+  TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ", lr.sizes());
+  TORCH_CHECK(lr.device().is_cpu(), op, ": lr for CPU params must be a CPU tensor, got ",
+              lr.device());
+  return lr.item<double>();
+}
+
+void adam_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avgs_,
+               at::TensorList exp_avg_sqs_, at::TensorList max_exp_avg_sqs_,
+               at::TensorList state_steps_, const at::Tensor& lr, double beta1, double beta2,
+               double weight_decay, double eps, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay, const c10::optional<at::Tensor>& grad_scale,
+               const c10::optional<at::Tensor>& found_inf) {
+  static const char* op = "fused_optim::adam_";
+  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(),
+                                exp_avgs = exp_avgs_.vec(), exp_avg_sqs = exp_avg_sqs_.vec(),
+                                max_exp_avg_sqs = max_exp_avg_sqs_.vec(),
+                                state_steps = state_steps_.vec();
+  std::vector<NamedList> lists{{"params", &params},
+                               {"grads", &grads},
+                               {"exp_avgs", &exp_avgs},
+                               {"exp_avg_sqs", &exp_avg_sqs}};
+  if (amsgrad) {
+    lists.push_back({"max_exp_avg_sqs", &max_exp_avg_sqs});
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty(), op,
+                ": max_exp_avg_sqs must be empty when amsgrad=False, got ",
+                max_exp_avg_sqs.size());
+  }
+  check_bucket(op, lists);
+  const double lr_value = read_lr(op, lr);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cpu(), op, ": CPU kernel called with tensors on ", device);
+  check_scalars(op, "state_steps", state_steps, params.size(), /*allow_cpu=*/true, device);
+  check_optional_scalar(op, "grad_scale", grad_scale, device);
+  check_optional_scalar(op, "found_inf", found_inf, device);
+  if (skip_step(found_inf)) return;
+
+  const std::vector<double> steps = increment_steps(state_steps);
+  std::vector<const std::vector<at::Tensor>*> table_lists;
+  for (const NamedList& l : lists) table_lists.push_back(l.tensors);
+  FlatTable flat(table_lists, to_kernel_dtype(op, params[0].scalar_type()));
+
+  cpu::AdamCall call;
+  call.hyper = math::AdamHyper{lr_value,
+                               beta1,
+                               beta2,
+                               weight_decay,
+                               eps,
+                               amsgrad,
+                               maximize,
+                               weight_decay == 0.0          ? math::WeightDecay::kNone
+                               : decoupled_weight_decay     ? math::WeightDecay::kDecoupled
+                                                            : math::WeightDecay::kL2};
+  call.steps = steps.data();
+  const float grad_scale_value = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+  call.grad_scale = grad_scale.has_value() ? &grad_scale_value : nullptr;
+
+  const cpu::KernelSet& kernels = cpu::active_kernels();
+  const std::vector<cpu::Chunk> chunks = make_chunks(flat.numels);
+  run_chunks(chunks, flat.numels, [&](const cpu::Chunk* c, int64_t begin, int64_t end) {
+    kernels.adam(flat.table, call, c, begin, end);
+  });
+}
+
+void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList momentum_buffers_,
+              const at::Tensor& lr, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, bool is_first_step,
+              const c10::optional<at::Tensor>& grad_scale,
+              const c10::optional<at::Tensor>& found_inf) {
+  static const char* op = "fused_optim::sgd_";
+  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(),
+                                momentum_buffers = momentum_buffers_.vec();
+  std::vector<NamedList> lists{{"params", &params}, {"grads", &grads}};
+  if (momentum != 0.0) {
+    lists.push_back({"momentum_buffers", &momentum_buffers});
+  } else {
+    TORCH_CHECK(momentum_buffers.empty(), op,
+                ": momentum_buffers must be empty when momentum=0, got ",
+                momentum_buffers.size());
+  }
+  check_bucket(op, lists);
+  const double lr_value = read_lr(op, lr);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cpu(), op, ": CPU kernel called with tensors on ", device);
+  check_optional_scalar(op, "grad_scale", grad_scale, device);
+  check_optional_scalar(op, "found_inf", found_inf, device);
+  if (skip_step(found_inf)) return;
+
+  std::vector<const std::vector<at::Tensor>*> table_lists;
+  for (const NamedList& l : lists) table_lists.push_back(l.tensors);
+  FlatTable flat(table_lists, to_kernel_dtype(op, params[0].scalar_type()));
+
+  cpu::SgdCall call;
+  call.hyper = math::SgdHyper{lr_value, momentum, dampening, weight_decay,
+                              nesterov, maximize, is_first_step};
+  const float grad_scale_value = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+  call.grad_scale = grad_scale.has_value() ? &grad_scale_value : nullptr;
+
+  const cpu::KernelSet& kernels = cpu::active_kernels();
+  const std::vector<cpu::Chunk> chunks = make_chunks(flat.numels);
+  run_chunks(chunks, flat.numels, [&](const cpu::Chunk* c, int64_t begin, int64_t end) {
+    kernels.sgd(flat.table, call, c, begin, end);
+  });
+}
+
+}  // namespace
+}  // namespace fused_optim
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("adam_", &fused_optim::adam_cpu_);
+  m.impl("sgd_", &fused_optim::sgd_cpu_);
+}

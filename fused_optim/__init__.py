@@ -1,0 +1,18 @@
+"""fused_optim: torch.optim drop-ins with one fused kernel call per (device, dtype) bucket.
+
+    from fused_optim import AdamW
+    opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+Backends: "cpu" (C++ SIMD), "cuda" (CUDA C++), "triton", "reference" (plain torch);
+see fused_optim.backends.
+"""
+
+from fused_optim import _extension, _fake  # noqa: F401  (loads _C, registers fake kernels)
+from fused_optim.adam import Adam, AdamW
+from fused_optim.backends import available_backends
+from fused_optim.optimizer import FusedOptimizer
+from fused_optim.sgd import SGD
+
+__version__ = "0.1.0"
+
+__all__ = ["Adam", "AdamW", "SGD", "FusedOptimizer", "available_backends", "__version__"]

@@ -1,0 +1,42 @@
+"""The C++ backends: "cpu" (csrc/cpu) and "cuda" (csrc/cuda).
+
+Both call the same dispatcher ops, torch.ops.fused_optim.adam_ / sgd_; the dispatcher
+picks the CPU or CUDA kernel from the tensors' device. They are two registry entries so
+a user can ask for one explicitly and get a clear error where it cannot run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _extension
+from fused_optim.backends import Backend, register_backend
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _adam_(*args, **kwargs) -> None:
+    torch.ops.fused_optim.adam_(*args, **kwargs)
+
+
+def _sgd_(*args, **kwargs) -> None:
+    torch.ops.fused_optim.sgd_(*args, **kwargs)
+
+
+def _unavailable_for(device_type: str, dispatch_key: str):
+    def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+        if _extension.C is None:
+            return _extension.LOAD_ERROR
+        if device.type != device_type:
+            return f"runs {device_type} tensors only"
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} is not supported (float32, float64, float16, bfloat16 are)"
+        if not _extension.op_has_kernel("adam_", dispatch_key):
+            return f"fused_optim._C was built without {device_type.upper()} kernels"
+        return None
+
+    return unavailable
+
+
+register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _adam_, _sgd_))
+register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _adam_, _sgd_))

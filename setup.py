@@ -1,0 +1,100 @@
+"""Builds fused_optim._C from csrc/ and maps triton_kernels/ and bench/ into the package.
+
+Install with torch already present and without build isolation (an isolated build would
+fetch a different torch): ``pip install --no-build-isolation -e .`` (``make build``).
+
+Environment:
+  FUSED_OPTIM_BUILD_CUDA   auto (default): build csrc/cuda when torch is a CUDA build and
+                           nvcc is found; 1: require it; 0: skip it.
+  MAX_JOBS                 parallel compile jobs (torch.utils.cpp_extension).
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(*patterns):
+    # The same globs as CMakeLists.txt: there is no hand-kept list of sources.
+    out = []
+    for pattern in patterns:
+        out += sorted(glob.glob(os.path.join("csrc", pattern)))
+    return out
+
+
+def _want_cuda(torch_version_cuda):
+    mode = os.environ.get("FUSED_OPTIM_BUILD_CUDA", "auto").lower()
+    if mode in ("0", "off", "no", "false"):
+        return False
+    have_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    able = torch_version_cuda is not None and have_nvcc
+    if mode in ("1", "on", "yes", "true") and not able:
+        raise RuntimeError(
+            "FUSED_OPTIM_BUILD_CUDA=1 but the CUDA backend cannot be built: "
+            f"torch.version.cuda={torch_version_cuda!r}, nvcc found={have_nvcc}"
+        )
+    return able
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    # -fno-math-errno lets sqrt vectorize; nothing later may re-enable errno (a
+    # -fno-fast-math after it does). -g0 undoes the -g in Python's own CFLAGS: a
+    # smaller .so and a faster build. -fopenmp-simd honours `#pragma omp simd` without
+    # linking a second OpenMP runtime: threads come from ATen's pool (at::parallel_for).
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp-simd", "-g0", "-std=c++17"]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    # csrc/*.cpp: the torch-facing ops and module; csrc/cpu/*.cpp: the torch-free
+    # engine, kernels and ISA dispatch (also linked alone by the C++ unit tests).
+    sources = _sources("*.cpp", "cpu/*.cpp")
+
+    if _want_cuda(torch.version.cuda):
+        sources += _sources("cuda/*.cu", "cuda/*.cpp")
+        # No --use_fast_math: sqrt and division must round as torch's do. The target
+        # architectures come from TORCH_CUDA_ARCH_LIST (default: the visible GPUs).
+        nvcc_flags = ["-O3", "-std=c++17"]
+        return [
+            cpp_extension.CUDAExtension(
+                "fused_optim._C",
+                sources,
+                include_dirs=include_dirs,
+                define_macros=[("FUSED_OPTIM_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "fused_optim._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        packages=["fused_optim", "fused_optim.triton_kernels", "fused_optim.bench"],
+        package_dir={
+            "fused_optim": "fused_optim",
+            # Shipped inside our package: a top-level `triton_kernels` module name is
+            # taken by another project.
+            "fused_optim.triton_kernels": "triton_kernels",
+            "fused_optim.bench": "bench",
+        },
+        package_data={"fused_optim.bench": ["shapes/*.json"]},
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
