@@ -35,10 +35,16 @@ $(DEPS_STAMP): requirements-dev.txt | $(PYTHON)
 
 deps: $(DEPS_STAMP)
 
-# Editable install: builds fused_optim/_C in place (ninja keeps rebuilds incremental)
-# and maps triton_kernels/ and bench/ to fused_optim.triton_kernels / fused_optim.bench.
-build: deps
-	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+# fused_optim/_C is built in place with a persistent ./build (ninja: rebuilds are
+# incremental); an editable install, made once, maps triton_kernels/ and bench/ to
+# fused_optim.triton_kernels / fused_optim.bench without compiling anything.
+EDITABLE_STAMP := $(ENV_DIR)/.fused_optim-editable
+$(EDITABLE_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
+	FUSED_OPTIM_NO_EXTENSION=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(EDITABLE_STAMP)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) setup.py -q build_ext --inplace
 
 pytest: build
 	$(PYTHON) -m pytest -q tests

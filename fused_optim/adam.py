@@ -164,36 +164,38 @@ class Adam(FusedOptimizer):
         return keys
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                    state_steps) -> bool:
+                    state_steps) -> None:
         """Fills the lists with the group's params that have grads and their state,
         creating the state on first use with torch.optim.Adam's keys and dtypes (the
-        step counter on the param's device, as torch's fused Adam keeps it)."""
-        has_complex = False
+        step counter on the param's device, as torch's fused Adam keeps it). This loop
+        runs per param per step, so it is kept lean (complex params are found later,
+        from the bucket's dtype)."""
+        amsgrad = group["amsgrad"]
+        state_of = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     "Adam does not support sparse gradients, please consider SparseAdam instead"
                 )
-            has_complex |= torch.is_complex(p)
             params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
+            grads.append(grad)
+            state = state_of[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
+                if amsgrad:
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
+            if amsgrad:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
-        return has_complex
 
     @torch.no_grad()
     def step(self, closure=None):

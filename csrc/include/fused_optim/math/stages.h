@@ -38,12 +38,18 @@ FO_HOST_DEVICE FO_INLINE T decay_weights(T param, T decay_factor) {
   return param * decay_factor;
 }
 
-// torch.lerp(start, end, weight) with ATen's two-branch formula, which is exact at
-// weight 0 and 1.
+// torch.lerp(start, end, weight) with ATen's two-branch formula, exact at weight 0
+// and 1: start + w * (end - start) for w < 0.5, else end - (end - start) * (1 - w).
+// Written as one expression whose condition only selects values, never arithmetic:
+// w - 1 is exactly -(1 - w), so the result is bit-identical, and no FP operation sits
+// in a branch (GCC does not if-convert those under -ftrapping-math, which kept the
+// bf16 element loop scalar).
 template <typename T>
 FO_HOST_DEVICE FO_INLINE T lerp(T start, T end, T weight) {
-  return weight < T(0.5) ? start + weight * (end - start)
-                         : end - (end - start) * (T(1) - weight);
+  const bool from_start = weight < T(0.5);
+  const T coefficient = from_start ? weight : weight - T(1);
+  const T base = from_start ? start : end;
+  return base + coefficient * (end - start);
 }
 
 // Correctly rounded square root in the opmath type, on host and device.
