@@ -1,0 +1,13 @@
+// Adam kernels for __half storage: the instantiations of adam.cuh for one dtype, in a
+// translation unit of their own so a change rebuilds in parallel and in bounded time.
+#include "cuda/adam.cuh"
+
+namespace fused_optim {
+namespace cuda {
+
+cudaError_t launch_adam_f16(const AdamLaunch& launch, cudaStream_t stream) {
+  return launch_adam_typed<__half>(launch, stream);
+}
+
+}  // namespace cuda
+}  // namespace fused_optim

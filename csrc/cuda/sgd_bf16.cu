@@ -1,0 +1,13 @@
+// Sgd kernels for __nv_bfloat16 storage: the instantiations of sgd.cuh for one dtype, in a
+// translation unit of their own so a change rebuilds in parallel and in bounded time.
+#include "cuda/sgd.cuh"
+
+namespace fused_optim {
+namespace cuda {
+
+cudaError_t launch_sgd_bf16(const SgdLaunch& launch, cudaStream_t stream) {
+  return launch_sgd_typed<__nv_bfloat16>(launch, stream);
+}
+
+}  // namespace cuda
+}  // namespace fused_optim
