@@ -78,8 +78,10 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         bias_correction1 = 1 - beta1**step64
         bias_correction2 = 1 - beta2**step64
         neg_step_size = (-(lr64 / bias_correction1)).to(opmath)
-        bias_correction2_sqrt = bias_correction2.sqrt().to(opmath)
-        denom = second_moment.sqrt() / bias_correction2_sqrt + eps
+        # torch.optim divides by sqrt(1 - beta2^t); the kernels multiply by its
+        # reciprocal, computed in double (one division less per element, <= 1 ulp).
+        inv_bias_correction2_sqrt = (1 / bias_correction2.sqrt()).to(opmath)
+        denom = second_moment.sqrt() * inv_bias_correction2_sqrt + eps
         p = p + neg_step_size * (m / denom)
 
         _store(param, p, keep)
