@@ -19,3 +19,50 @@ TORCH_LIBRARY(fused_optim, m) {
       "bool maximize, bool is_first_step, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
 }
+
+// [note: version counters of mutated tensors]
+// An op that mutates its inputs must bump their version counters, or autograd cannot
+// tell that a tensor saved for backward (a param, typically) changed since, and
+// silently uses the new values where torch.optim's in-place ops raise. ATen's in-place
+// ops do it in their ADInplaceOrView kernels; ours share one boxed kernel: run the op
+// below ADInplaceOrView, then bump every tensor the schema marks as written (alias
+// annotation with `!`), for every op and every backend key (CPU, CUDA) at once.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <vector>
+
+namespace {
+
+void collect_written(const c10::IValue& value, std::vector<at::Tensor>* out) {
+  if (value.isTensor()) {
+    out->push_back(value.toTensor());
+  } else if (value.isTensorList()) {
+    for (const at::Tensor& t : value.toTensorList().vec()) out->push_back(t);
+  }
+}
+
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                           torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t n = arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < n; ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias != nullptr && alias->isWrite()) {
+      collect_written((*stack)[stack->size() - n + i], &written);
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const at::Tensor& t : written) {
+    // Inference tensors have no version counter.
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, ADInplaceOrView, m) {
+  m.impl("adam_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("sgd_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+}

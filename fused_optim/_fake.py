@@ -2,14 +2,82 @@
 
 The ops mutate their list arguments and return nothing, so under FakeTensors there is
 nothing to compute: the schema's alias annotations already tell the compiler what
-changes.
+changes. What the fake kernels do is check the inputs the way the C++ kernels do
+(csrc/ops_common.h, same messages), so that bad input raises the same RuntimeError when
+traced, and when a call mixes devices: the dispatcher sends a call with any 'meta'
+tensor to this kernel, never to the C++ one.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+from torch import Tensor
 
 from fused_optim import _extension
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
+    """As check_bucket in csrc/ops_common.h."""
+    params = lists[0][1]
+    for name, tensors in lists:
+        torch._check(len(tensors) == len(params), lambda: (
+            f"{op}: expected {len(params)} {name} (one per param), got {len(tensors)}"))
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    torch._check(dtype in _FLOAT_DTYPES, lambda: (
+        f"{op}: parameters must be float32, float64, float16 or bfloat16, got {dtype}"))
+    for i, p in enumerate(params):
+        for name, tensors in lists:
+            t = tensors[i]
+            torch._check(t.layout == torch.strided, lambda: (
+                f"{op}: {name}[{i}] is sparse; fused_optim kernels take dense tensors only"))
+            torch._check(t.device == device, lambda: (
+                f"{op}: all tensors of one call must be on one device; {name}[{i}] is on "
+                f"{t.device}, params[0] on {device}"))
+            torch._check(t.dtype == dtype, lambda: (
+                f"{op}: all tensors of one call must have one dtype; {name}[{i}] is "
+                f"{t.dtype}, params[0] is {dtype}"))
+            torch._check(t.shape == p.shape, lambda: (
+                f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape "
+                f"{list(p.shape)}"))
+
+
+def _check_scalars(op: str, name: str, tensors: Sequence[Tensor], expected: int,
+                   device: torch.device) -> None:
+    """As check_scalars: one-element float tensors on the params' device or the CPU."""
+    torch._check(len(tensors) == expected, lambda: (
+        f"{op}: expected {expected} {name} (one per param), got {len(tensors)}"))
+    for i, t in enumerate(tensors):
+        torch._check(t.numel() == 1, lambda: f"{op}: {name}[{i}] must be a one-element tensor")
+        torch._check(t.dtype in (torch.float32, torch.float64), lambda: (
+            f"{op}: {name}[{i}] must be float32 or float64, got {t.dtype}"))
+        torch._check(t.device == device or t.device.type == "cpu", lambda: (
+            f"{op}: {name}[{i}] is on {t.device} but the params are on {device}"))
+
+
+def _check_common(op: str, params: Sequence[Tensor], lr: Tensor, grad_scale: Tensor | None,
+                  found_inf: Tensor | None) -> None:
+    torch._check(lr.numel() == 1, lambda: (
+        f"{op}: lr must be a one-element tensor, got shape {list(lr.shape)}"))
+    if not params:
+        return
+    device = params[0].device
+    torch._check(lr.device.type == "cpu" or lr.device == device, lambda: (
+        f"{op}: lr is on {lr.device} but the params are on {device}"))
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is None:
+            continue
+        torch._check(t.numel() == 1, lambda: (
+            f"{op}: {name} must be a one-element tensor, got shape {list(t.shape)}"))
+        torch._check(t.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {t.dtype}")
+        torch._check(t.device == device, lambda: (
+            f"{op}: {name} is on {t.device} but the params are on {device}"))
+
 
 if _extension.C is not None:
 
@@ -17,9 +85,32 @@ if _extension.C is not None:
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
                    lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
                    decoupled_weight_decay, grad_scale=None, found_inf=None) -> None:
+        op = "fused_optim::adam_"
+        lists = [("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                 ("exp_avg_sqs", exp_avg_sqs)]
+        if amsgrad:
+            lists.append(("max_exp_avg_sqs", max_exp_avg_sqs))
+        else:
+            torch._check(len(max_exp_avg_sqs) == 0, lambda: (
+                f"{op}: max_exp_avg_sqs must be empty when amsgrad=False, got "
+                f"{len(max_exp_avg_sqs)}"))
+        _check_bucket(op, lists)
+        _check_common(op, params, lr, grad_scale, found_inf)
+        if params:
+            _check_scalars(op, "state_steps", state_steps, len(params), params[0].device)
         return None
 
     @torch.library.register_fake("fused_optim::sgd_")
     def _sgd_fake(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
                   nesterov, maximize, is_first_step, grad_scale=None, found_inf=None) -> None:
+        op = "fused_optim::sgd_"
+        lists = [("params", params), ("grads", grads)]
+        if momentum != 0.0:
+            lists.append(("momentum_buffers", momentum_buffers))
+        else:
+            torch._check(len(momentum_buffers) == 0, lambda: (
+                f"{op}: momentum_buffers must be empty when momentum=0, got "
+                f"{len(momentum_buffers)}"))
+        _check_bucket(op, lists)
+        _check_common(op, params, lr, grad_scale, found_inf)
         return None

@@ -16,6 +16,8 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _adam_(*args, **kwargs) -> None:
+    # The op bumps the version counters of what it mutates (csrc/ops.cpp, [note:
+    # version counters of mutated tensors]).
     torch.ops.fused_optim.adam_(*args, **kwargs)
 
 

@@ -116,6 +116,12 @@ class FusedOptimizer(Optimizer):
         try:
             for gi, group in enumerate(self.param_groups):
                 _check_backend_name(group["backend"])
+                lacking = [k for k in self.defaults if k not in group]
+                if lacking:
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: param group {gi} has no "
+                        f"{lacking}; is the state_dict from another optimizer?"
+                    )
                 for pi, p in enumerate(group["params"]):
                     state = self.state.get(p)
                     if state:
@@ -147,6 +153,11 @@ class FusedOptimizer(Optimizer):
                     f"{type(self).__name__}.load_state_dict: state {key!r} of {where} has "
                     f"shape {shape} but the param has shape {tuple(p.shape)}"
                 )
+            if value.numel() > 1 and value.stride() != p.stride():
+                # Saved from params of another memory layout (torch.optim keeps any):
+                # the kernels read a row's tensors at the same offsets, so the state takes
+                # the param's layout, once, here.
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     # -- what subclasses provide ---------------------------------------------------
 

@@ -193,6 +193,16 @@ class SGD(FusedOptimizer):
                     lists = [[lst[i] for i in indices]
                              for lst in (params, grads, momentum_buffer_list)]
                 self._run_buckets(group, "sgd_", lists, [], is_first_step=is_first, **hyper)
+            found_inf = getattr(self, "found_inf", None)
+            if first and found_inf is not None and hyper["dampening"] != 0.0:
+                # A skipped first step (GradScaler found an inf) must leave the params
+                # without a buffer, as torch.optim.SGD never steps then: a zero buffer
+                # would make the next step b = (1 - dampening) * g instead of b = g.
+                # (With dampening 0 the two agree, so no sync there.) This reads
+                # found_inf on the host, once, on a param's first step only.
+                if bool(found_inf.reshape(()).item() != 0):
+                    for i in first:
+                        del self.state[params[i]]["momentum_buffer"]
         return loss
 
 

@@ -1,0 +1,219 @@
+"""The tables that drive the tests: optimizers under test, shapes, dtypes, backends, tolerances.
+
+Every parity test is parametrized from these tables, so adding an optimizer (or an option)
+to OPTIMIZER_CASES puts it through every dtype, backend and CPU instruction set at once.
+The oracle is torch.optim with foreach=False (its single-tensor "for-loop" code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import fused_optim
+from fused_optim import _extension
+
+# ---------------------------------------------------------------------------------------
+# Optimizers under test: (fused_optim class, torch.optim class, options).
+
+
+@dataclass(frozen=True)
+class OptCase:
+    name: str
+    fused: type
+    torch: type
+    options: dict[str, Any] = field(default_factory=dict)
+    # A short tag for the test id; the options spelled out otherwise.
+    tag: str = ""
+
+    @property
+    def id(self) -> str:
+        if self.tag:
+            return f"{self.name}-{self.tag}"
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "lr")
+        return f"{self.name}-{opts or 'default'}"
+
+
+# lr is larger than torch's default so that every step moves the params by many ulps
+# even in bf16; weight decay is large enough that a wrong decay mode is visible.
+ADAM_LR = 1e-2
+SGD_LR = 5e-2
+
+
+def _adam(**kw) -> OptCase:
+    return OptCase("Adam", fused_optim.Adam, torch.optim.Adam, {"lr": ADAM_LR, **kw})
+
+
+def _adamw(**kw) -> OptCase:
+    return OptCase("AdamW", fused_optim.AdamW, torch.optim.AdamW, {"lr": ADAM_LR, **kw})
+
+
+def _sgd(**kw) -> OptCase:
+    return OptCase("SGD", fused_optim.SGD, torch.optim.SGD, {"lr": SGD_LR, **kw})
+
+
+OPTIMIZER_CASES: list[OptCase] = [
+    # Adam: every option alone, then the combinations that select different kernels
+    # (amsgrad x weight-decay mode x maximize).
+    _adam(),
+    _adam(amsgrad=True),
+    _adam(maximize=True),
+    _adam(weight_decay=0.1),
+    _adam(weight_decay=0.1, decoupled_weight_decay=True),
+    _adam(betas=(0.8, 0.99), eps=1e-6),
+    _adam(weight_decay=0.1, amsgrad=True, maximize=True),
+    _adam(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True),
+    # AdamW: default decay (1e-2), options, and no decay at all.
+    _adamw(),
+    _adamw(amsgrad=True),
+    _adamw(maximize=True),
+    _adamw(weight_decay=0.1, amsgrad=True, maximize=True),
+    _adamw(weight_decay=0.0),
+    # SGD: plain, momentum with and without dampening / nesterov, decay, maximize, all.
+    _sgd(),
+    _sgd(momentum=0.9),
+    _sgd(momentum=0.9, dampening=0.5),
+    _sgd(momentum=0.9, nesterov=True),
+    _sgd(weight_decay=0.1),
+    _sgd(maximize=True),
+    _sgd(momentum=0.9, dampening=0.3, weight_decay=0.1, maximize=True),
+    _sgd(momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+]
+
+# The case per algorithm with every option on, and the defaults: the subset that runs the
+# expensive shapes (chunk + 1, 100+ tensors) and the contract tests.
+FULL_CASES: list[OptCase] = [
+    _adam(weight_decay=0.1, amsgrad=True, maximize=True),
+    _adamw(weight_decay=0.1, amsgrad=True, maximize=True),
+    _sgd(momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+    _sgd(momentum=0.9, dampening=0.3, weight_decay=0.1),
+]
+DEFAULT_CASES: list[OptCase] = [_adam(), _adamw(), _sgd(momentum=0.9)]
+
+
+def case_ids(cases: list[OptCase]) -> list[str]:
+    return [c.id for c in cases]
+
+
+# ---------------------------------------------------------------------------------------
+# Shapes. The CPU engine splits tensors into chunks of kChunkSize = 16384 elements
+# (csrc/cpu/kernel_api.h) and runs a bucket serially below 32768 elements (ops_cpu.cpp);
+# SIMD bodies are 8 (fp32) / 4 (fp64) lanes wide and half-precision goes through blocks of
+# 512.
+
+CHUNK = 16384
+# A 0-dim param, sizes that are not multiples of any vector width or block, a 2-D param.
+SMALL_SHAPES: list[tuple[int, ...]] = [(), (1,), (3,), (17,), (4097,), (7, 13)]
+# chunk + 1 (a one-element second chunk) and a 2-D param over a chunk: 37k elements in
+# one bucket, above the serial threshold, so the parallel region runs.
+BIG_SHAPES: list[tuple[int, ...]] = [(1,), (17,), (CHUNK + 1,), (129, 130)]
+# 120 tensors of 1..600 elements (36k in all, so also parallel): the multi-tensor table.
+MANY_SHAPES: list[tuple[int, ...]] = [((i * 37) % 600 + 1,) for i in range(120)]
+# What a backend that is slow on this machine (the Triton interpreter) runs instead.
+TINY_SHAPES: list[tuple[int, ...]] = [(1,), (3,), (17,), (5, 7)]
+
+STEPS = 10
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------
+# Tolerances: ONE table. Every parity check is per element and per step: the oracle is
+# re-synced to the fused optimizer's state before each step (exact: same dtype, or an
+# upcast to fp64), both take the step, and then for every tensor of the row
+#
+#     |fused_i - oracle_i| <= ulps * eps(dtype) * scale_i + subnormal(dtype)
+#
+# where scale_i is the largest magnitude among the values element i's update reads and
+# writes (param, grad and every state, before and after the step), i.e. the tolerance is
+# a number of ulps of the storage dtype at the magnitude of the numbers involved
+# (eps * |x| >= ulp(x) for normal x). Free-running trajectories (no re-sync, used by the
+# contract tests) get ulps * steps.
+
+
+@dataclass(frozen=True)
+class Tol:
+    ulps: float
+    reason: str
+
+
+TOLERANCES: dict[torch.dtype, Tol] = {
+    torch.float32: Tol(
+        4.0,
+        "same dtype as torch, different op order: ATen's vectorized add(alpha), lerp and "
+        "addcmul use FMA, the kernels are built with -ffp-contract=off; addcdiv rounds "
+        "(v*m)/d where the kernels round v*(m/d); the kernels multiply sqrt(v) by "
+        "1/sqrt(1-beta2^t) where torch divides. About 5 ops per update, each within 1/2 "
+        "ulp of the largest operand: measured <= 2.3 ulps per step",
+    ),
+    torch.float64: Tol(4.0, "as float32: same op-order and FMA differences, in fp64 ulps"),
+    torch.bfloat16: Tol(
+        1.0,
+        "compared with an fp64 torch run fed the same rounded grads and states: the only "
+        "difference allowed is the one rounding of each stored value to bf16 (<= 1/2 ulp) "
+        "plus fp32-opmath vs fp64 differences that can move a value across a rounding tie "
+        "(< 1/2 ulp); measured <= 0.5 ulps",
+    ),
+    torch.float16: Tol(1.0, "as bfloat16, in fp16 ulps (10 mantissa bits); measured <= 0.5"),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Tol:
+    return TOLERANCES[dtype]
+
+
+# ---------------------------------------------------------------------------------------
+# Backends and CPU instruction sets of this machine.
+
+# Backends whose kernels are slow here (on the CPU, Triton runs only under its
+# interpreter, ~1 s per test): they run TINY_SHAPES on SLOW_BACKEND_CASES only and skip the
+# big-shape tests; tests/test_triton.py covers them in depth.
+SLOW_BACKENDS = {"triton"}
+
+
+def cpu_capabilities() -> list[str]:
+    if _extension.C is None:
+        return []
+    return list(_extension.C.supported_cpu_capabilities())
+
+
+def kernel_variants(dtype: torch.dtype = torch.float32) -> list[tuple[str, str | None]]:
+    """(backend, cpu capability or None) for every backend that runs CPU tensors of this
+    dtype here; the "cpu" backend once per instruction set this CPU runs."""
+    out: list[tuple[str, str | None]] = []
+    for name, reason in fused_optim.available_backends("cpu", dtype).items():
+        if reason is not None:
+            continue
+        if name == "cpu":
+            out.extend(("cpu", cap) for cap in cpu_capabilities())
+        else:
+            out.append((name, None))
+    return out
+
+
+def slow_backend_cases() -> list[OptCase]:
+    return DEFAULT_CASES + FULL_CASES
+
+
+def case_variant_params(cases: list[OptCase], variants: list[tuple[str, str | None]],
+                        slow_cases: list[OptCase]) -> list[Any]:
+    """pytest params (case, variant): every case on every fast variant, only slow_cases
+    on a slow backend."""
+    import pytest
+
+    slow_ids = {c.id for c in slow_cases}
+    return [pytest.param(c, v, id=f"{c.id}-{variant_id(v)}")
+            for c in cases for v in variants
+            if v[0] not in SLOW_BACKENDS or c.id in slow_ids]
+
+
+def variant_id(variant: tuple[str, str | None]) -> str:
+    backend, cap = variant
+    return f"{backend}-{cap}" if cap else backend

@@ -1,0 +1,571 @@
+"""GPU tests of the CUDA backend (csrc/cuda): the ops torch.ops.fused_optim.adam_ / sgd_
+on CUDA tensors, called directly with state tensors built here, so they do not depend on
+the optimizer classes (one test goes through fused_optim.AdamW(backend="cuda")).
+
+Every test is skipped, with the reason, when there is no CUDA device or fused_optim._C
+was built without its CUDA kernels; on a CPU-only machine the CUDA sources are only
+compile-checked (.ci/compile_cuda.sh).
+
+Oracle and tolerances: the project's (tests/_oracle.py, tests/_tables.py). Before each
+step the torch.optim oracle (foreach=False; fp64 for fp16/bf16 storage) is set to the
+kernel's params and state, both take the step on the same grads, and every element is
+compared within TOLERANCES[dtype].ulps ulps of the storage dtype at the magnitude of
+the numbers involved: 4 ulps for fp32/fp64 (same dtype as torch, different operation
+order and FMA contraction), 1 ulp for fp16/bf16 against the fp64 run (the one rounding
+of each stored value). Checks that are exact by construction compare bit for bit:
+
+    what                                     why exact
+    grads after grad_scale = 2^k             division by a power of two
+    everything after a found_inf step        nothing may be written
+    step counters                            integers far below 2^24
+    CUDA graph replay vs eager calls         the same kernels on the same inputs
+    torch.compile vs eager                   the same op on the same inputs
+    > 2^31-element tensor vs small copies    element-wise math, independent of position
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import Tensor
+
+from _oracle import assert_row_close, make_grads, make_params, row_scale
+from _tables import ADAM_LR, LOW_PRECISION, SGD_LR, TOLERANCES
+from fused_optim import _extension
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return ("no CUDA device (torch.cuda.is_available() is False); the CUDA sources are "
+                "compile-checked by .ci/compile_cuda.sh instead")
+    if _extension.C is None:
+        return f"fused_optim._C is not built: {_extension.LOAD_ERROR}"
+    if not _extension.op_has_kernel("adam_", "CUDA"):
+        return ("fused_optim._C was built without CUDA kernels (torch without CUDA, no nvcc, "
+                "or FUSED_OPTIM_BUILD_CUDA=0)")
+    return None
+
+
+SKIP_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+DEVICE = "cuda"
+CHUNK = 65536  # kChunkSize in csrc/cuda/kernel_api.h: one thread block per chunk
+STEPS = 5
+GRAD_SCALE = 1024.0  # a power of two: unscaling is exact, so grads compare bit for bit
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Shapes and memory layouts of one bucket: sizes that are not multiples of the vector
+# width (16 B: 4 fp32, 8 fp16/bf16, 2 fp64), an empty tensor, chunk + 1 (a one-element
+# second block), and rows whose pointers are not 16-byte aligned ("offset": a view one
+# element into its storage) or not contiguous ("transposed"): the scalar path.
+SHAPES: list[tuple[tuple[int, ...], str]] = [
+    ((1,), "contiguous"),
+    ((3,), "offset"),
+    ((0,), "contiguous"),
+    ((CHUNK + 1,), "contiguous"),
+    ((CHUNK + 1,), "offset"),
+    ((4099,), "contiguous"),
+    ((13, 7), "transposed"),
+]
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------
+# Buckets: our side of a parity run.
+
+
+def _laid_out(t: Tensor, layout: str) -> Tensor:
+    """A copy of t on DEVICE with the given memory layout."""
+    if layout == "contiguous":
+        out = torch.empty(t.shape, dtype=t.dtype, device=DEVICE)
+    elif layout == "offset":
+        out = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)[1:].view(t.shape)
+    elif layout == "transposed":
+        out = torch.empty(t.shape[::-1], dtype=t.dtype, device=DEVICE).t()
+    else:
+        raise ValueError(layout)
+    return out.copy_(t)
+
+
+def _lr(value: float, kind: str) -> Tensor:
+    """lr as the op takes it: a CPU float64 tensor, or a CUDA float32/float64 tensor."""
+    if kind == "cpu":
+        return torch.tensor(value, dtype=torch.float64)
+    return torch.tensor(value, dtype=torch.float32 if kind == "cuda32" else torch.float64,
+                        device=DEVICE)
+
+
+ADAM_STATES = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+
+
+@dataclass
+class Bucket:
+    """Params, grads and state lists of one op call, all on DEVICE."""
+
+    layouts: list[str]
+    params: list[Tensor]
+    states: dict[str, list[Tensor]] = field(default_factory=dict)
+    steps: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+
+    @staticmethod
+    def make(params_cpu: list[Tensor], layouts: list[str], state_names: list[str],
+             with_steps: bool) -> "Bucket":
+        params = [_laid_out(p.detach(), lay) for p, lay in zip(params_cpu, layouts)]
+        states = {name: [_laid_out(torch.zeros_like(p), lay) for p, lay in zip(params, layouts)]
+                  for name in state_names}
+        steps = ([torch.zeros((), dtype=torch.float32, device=DEVICE) for _ in params]
+                 if with_steps else [])
+        return Bucket(layouts, params, states, steps)
+
+    def set_grads(self, grads_cpu: list[Tensor], scale: float | None) -> None:
+        self.grads = [_laid_out(g * scale if scale else g, lay)
+                      for g, lay in zip(grads_cpu, self.layouts)]
+
+    def snapshot(self) -> list[Tensor]:
+        return [t.clone() for t in [*self.params, *self.grads, *self.steps,
+                                    *(t for ts in self.states.values() for t in ts)]]
+
+
+def _adam_call(b: Bucket, lr: Tensor, opts: dict, grad_scale: Tensor | None = None,
+               found_inf: Tensor | None = None) -> None:
+    torch.ops.fused_optim.adam_(
+        b.params, b.grads, b.states["exp_avg"], b.states["exp_avg_sq"],
+        b.states.get("max_exp_avg_sq", []), b.steps, lr=lr,
+        beta1=opts.get("beta1", 0.9), beta2=opts.get("beta2", 0.999),
+        weight_decay=opts.get("weight_decay", 0.0), eps=opts.get("eps", 1e-8),
+        amsgrad=opts.get("amsgrad", False), maximize=opts.get("maximize", False),
+        decoupled_weight_decay=opts.get("decoupled", False),
+        grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _sgd_call(b: Bucket, lr: Tensor, opts: dict, first: bool,
+              grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    torch.ops.fused_optim.sgd_(
+        b.params, b.grads, b.states.get("momentum_buffer", []), lr=lr,
+        momentum=opts.get("momentum", 0.0), dampening=opts.get("dampening", 0.0),
+        weight_decay=opts.get("weight_decay", 0.0), nesterov=opts.get("nesterov", False),
+        maximize=opts.get("maximize", False), is_first_step=first,
+        grad_scale=grad_scale, found_inf=found_inf)
+
+
+# ---------------------------------------------------------------------------------------
+# The parity runner: the op against torch.optim, re-synced before every step.
+
+
+def _oracle_for(algorithm: str, opts: dict, params: list[Tensor], lr: float):
+    if algorithm == "adam":
+        cls = torch.optim.AdamW if opts.get("decoupled") else torch.optim.Adam
+        return cls(params, lr=lr, betas=(opts.get("beta1", 0.9), opts.get("beta2", 0.999)),
+                   eps=opts.get("eps", 1e-8), weight_decay=opts.get("weight_decay", 0.0),
+                   amsgrad=opts.get("amsgrad", False), maximize=opts.get("maximize", False),
+                   foreach=False)
+    return torch.optim.SGD(params, lr=lr, momentum=opts.get("momentum", 0.0),
+                           dampening=opts.get("dampening", 0.0),
+                           weight_decay=opts.get("weight_decay", 0.0),
+                           nesterov=opts.get("nesterov", False),
+                           maximize=opts.get("maximize", False), foreach=False)
+
+
+def _flat(ts: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.empty(0, device=DEVICE)
+
+
+def check_op_parity(algorithm: str, opts: dict, dtype: torch.dtype,
+                    shapes: list[tuple[tuple[int, ...], str]], *, steps: int = STEPS,
+                    lr_kind: str = "cpu", scaled: bool = False, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [s for s, _ in shapes]
+    layouts = [lay for _, lay in shapes]
+    lowp = dtype in LOW_PRECISION
+    oracle_dtype = torch.float64 if lowp else dtype
+    ulps = TOLERANCES[dtype].ulps
+
+    if algorithm == "adam":
+        names = ADAM_STATES if opts.get("amsgrad") else ADAM_STATES[:2]
+    else:
+        names = ["momentum_buffer"] if opts.get("momentum", 0.0) != 0.0 else []
+    params_cpu = make_params(sizes, dtype, gen)
+    ours = Bucket.make(params_cpu, layouts, names, with_steps=algorithm == "adam")
+    lr = _lr(ADAM_LR if algorithm == "adam" else SGD_LR, lr_kind)
+    oracle_params = [p.detach().to(DEVICE, oracle_dtype).requires_grad_() for p in params_cpu]
+    oracle = _oracle_for(algorithm, opts, oracle_params, float(lr))
+    grad_scale = torch.tensor(GRAD_SCALE, device=DEVICE) if scaled else None
+
+    for step in range(steps):
+        grads_cpu = make_grads(sizes, dtype, gen)
+        with torch.no_grad():  # re-sync the oracle to our state
+            for i, po in enumerate(oracle_params):
+                po.copy_(ours.params[i])
+                st = oracle.state.get(po, {})
+                for name in names:
+                    if isinstance(st.get(name), Tensor):
+                        st[name].copy_(ours.states[name][i])
+                if isinstance(st.get("step"), Tensor):
+                    st["step"].copy_(ours.steps[i])
+        before = [_flat(ours.params), *(_flat(ours.states[n]) for n in names)]
+        ours.set_grads(grads_cpu, GRAD_SCALE if scaled else None)
+        for po, g in zip(oracle_params, grads_cpu):
+            po.grad = g.to(DEVICE, oracle_dtype)
+
+        if algorithm == "adam":
+            _adam_call(ours, lr, opts, grad_scale)
+        else:
+            _sgd_call(ours, lr, opts, first=step == 0, grad_scale=grad_scale)
+        oracle.step()
+
+        label = (f"{algorithm} {opts} {_dtype_id(dtype)} lr={lr_kind} scaled={scaled} "
+                 f"step {step + 1}")
+        grads = _flat([g.to(DEVICE) for g in grads_cpu])
+        assert torch.equal(_flat(ours.grads), grads), f"{label}: grads not left unscaled"
+        if ours.steps:
+            steps_now = torch.stack(ours.steps)
+            assert bool((steps_now == step + 1).all()), f"{label}: state_steps {steps_now}"
+        pairs = [("param", _flat(ours.params), _flat([p.detach() for p in oracle_params]))]
+        pairs += [(n, _flat(ours.states[n]), _flat([oracle.state[po][n] for po in oracle_params]))
+                  for n in names]
+        scale = row_scale([*before, grads, *(a for _, a, _ in pairs), *(b for _, _, b in pairs)])
+        for name, a, b in pairs:
+            assert a.dtype == dtype, f"{label}: {name} is {a.dtype}"
+            assert_row_close(f"{label} {name}", a, b, scale, dtype, ulps)
+
+
+# ---------------------------------------------------------------------------------------
+# Parity: every option and dtype, awkward sizes and layouts.
+
+ADAM_OPTIONS = [
+    {"amsgrad": amsgrad, "maximize": maximize, **wd}
+    for amsgrad in (False, True)
+    for maximize in (False, True)
+    for wd in ({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled": True})
+]
+SGD_OPTIONS = [
+    {**m, "maximize": maximize, **wd}
+    for m in ({}, {"momentum": 0.9}, {"momentum": 0.9, "dampening": 0.3},
+              {"momentum": 0.9, "nesterov": True})
+    for maximize in (False, True)
+    for wd in ({}, {"weight_decay": 0.1})
+]
+LR_KINDS = ["cpu", "cuda32", "cuda64"]
+
+
+def _opts_id(opts: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "grad_scale"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=_opts_id)
+def test_adam_parity(opts, dtype, scaled):
+    # lr kinds cycle over the cases so each kind meets every dtype and option family.
+    lr_kind = LR_KINDS[(ADAM_OPTIONS.index(opts) + DTYPES.index(dtype) + scaled) % 3]
+    check_op_parity("adam", opts, dtype, SHAPES, lr_kind=lr_kind, scaled=scaled)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "grad_scale"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=_opts_id)
+def test_sgd_parity(opts, dtype, scaled):
+    lr_kind = LR_KINDS[(SGD_OPTIONS.index(opts) + DTYPES.index(dtype) + scaled) % 3]
+    check_op_parity("sgd", opts, dtype, SHAPES, lr_kind=lr_kind, scaled=scaled)
+
+
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+def test_lr_kinds(lr_kind):
+    check_op_parity("adam", {"weight_decay": 0.1, "decoupled": True}, torch.float32, SHAPES,
+                    lr_kind=lr_kind)
+    check_op_parity("sgd", {"momentum": 0.9}, torch.float32, SHAPES, lr_kind=lr_kind)
+
+
+# 1,100 tensors: AMSGrad holds 537 tensors per launch, so three launches; SGD with
+# momentum 895. 8,192 tiny tensors: 14 Adam launches and 3 step-counter launches.
+MANY = [(((i * 37) % 3000 + 1,), "contiguous" if i % 5 else "offset") for i in range(1100)]
+HUGE_COUNT = [(((i * 7) % 64 + 1,), "contiguous") for i in range(8192)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_many_tensors_one_bucket(dtype):
+    check_op_parity("adam", {"amsgrad": True, "weight_decay": 0.1}, dtype, MANY, steps=3)
+    check_op_parity("sgd", {"momentum": 0.9, "nesterov": True}, dtype, MANY, steps=3)
+
+
+def test_8192_tensors_one_bucket():
+    check_op_parity("adam", {"weight_decay": 0.1, "decoupled": True}, torch.float32,
+                    HUGE_COUNT, steps=2)
+
+
+# ---------------------------------------------------------------------------------------
+# found_inf: a skipped step changes nothing at all, steps included.
+
+
+@pytest.mark.parametrize("algorithm", ["adam", "sgd"])
+def test_found_inf_skips_everything(algorithm):
+    gen = torch.Generator().manual_seed(1)
+    sizes = [s for s, _ in SHAPES]
+    names = ADAM_STATES if algorithm == "adam" else ["momentum_buffer"]
+    b = Bucket.make(make_params(sizes, torch.float32, gen), [lay for _, lay in SHAPES], names,
+                    with_steps=algorithm == "adam")
+    opts = {"amsgrad": True, "weight_decay": 0.1} if algorithm == "adam" else {"momentum": 0.9}
+    lr = _lr(1e-2, "cuda32")
+    grad_scale = torch.tensor(GRAD_SCALE, device=DEVICE)
+    found_inf = torch.zeros((), device=DEVICE)
+
+    def call(first: bool) -> None:
+        if algorithm == "adam":
+            _adam_call(b, lr, opts, grad_scale, found_inf)
+        else:
+            _sgd_call(b, lr, opts, first, grad_scale, found_inf)
+
+    b.set_grads(make_grads(sizes, torch.float32, gen), GRAD_SCALE)
+    call(first=True)  # a normal step, so that every state is non-zero
+    b.set_grads(make_grads(sizes, torch.float32, gen), GRAD_SCALE)
+    found_inf.fill_(float("inf"))
+    before = b.snapshot()
+    call(first=False)
+    after = b.snapshot()
+    for i, (x, y) in enumerate(zip(before, after)):
+        assert torch.equal(x, y), f"tensor {i} changed although found_inf was set"
+    found_inf.zero_()
+    call(first=False)
+    if algorithm == "adam":
+        assert all(s.item() == 2.0 for s in b.steps)
+    assert not torch.equal(before[0], b.params[0]), "the step after the skip did not run"
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA graphs: capture once, replay with a changing lr (and a skipped replay).
+
+
+def test_cuda_graph_capture_and_replay():
+    gen = torch.Generator().manual_seed(2)
+    sizes = [s for s, _ in SHAPES]
+    layouts = [lay for _, lay in SHAPES]
+    params_cpu = make_params(sizes, torch.float32, gen)
+    graph_b = Bucket.make(params_cpu, layouts, ADAM_STATES, with_steps=True)
+    eager_b = Bucket.make(params_cpu, layouts, ADAM_STATES, with_steps=True)
+    opts = {"amsgrad": True, "weight_decay": 0.1, "decoupled": True}
+    # Static inputs of the graph: lr, grad_scale, found_inf and the grads.
+    lr = torch.tensor(1e-2, device=DEVICE)
+    grad_scale = torch.tensor(GRAD_SCALE, device=DEVICE)
+    found_inf = torch.zeros((), device=DEVICE)
+    graph_b.set_grads(make_grads(sizes, torch.float32, gen), GRAD_SCALE)
+    eager_b.grads = [g.clone() for g in graph_b.grads]
+
+    # Warm-up step on a side stream, as torch.cuda.graphs recommends; eager mirrors it.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _adam_call(graph_b, lr, opts, grad_scale, found_inf)
+    torch.cuda.current_stream().wait_stream(side)
+    _adam_call(eager_b, lr.clone(), opts, grad_scale.clone(), found_inf.clone())
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _adam_call(graph_b, lr, opts, grad_scale, found_inf)
+
+    for k, (lr_value, inf) in enumerate([(5e-3, 0.0), (2e-2, 1.0), (1e-3, 0.0), (3e-2, 0.0)]):
+        grads = make_grads(sizes, torch.float32, gen)
+        for static, g, lay in zip(graph_b.grads, grads, layouts):
+            static.copy_(_laid_out(g * GRAD_SCALE, lay))
+        eager_b.set_grads(grads, GRAD_SCALE)
+        lr.fill_(lr_value)
+        found_inf.fill_(inf)
+        graph.replay()
+        _adam_call(eager_b, torch.tensor(lr_value, device=DEVICE), opts, grad_scale.clone(),
+                   torch.tensor(inf, device=DEVICE))
+        for i, (x, y) in enumerate(zip(graph_b.snapshot(), eager_b.snapshot())):
+            assert torch.equal(x, y), f"replay {k}: tensor {i} differs from the eager step"
+    assert all(s.item() == 4.0 for s in graph_b.steps)  # warm-up + 3 of 4 replays
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile and torch.library.opcheck (fake kernels: fused_optim/_fake.py).
+
+
+def _adam_args(amsgrad: bool, scaled: bool, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(1,), (3,), (CHUNK + 1,), (13, 7)]
+    params = [p.detach().to(DEVICE) for p in make_params(sizes, torch.float32, gen)]
+    grads = [g.to(DEVICE) * (GRAD_SCALE if scaled else 1.0)
+             for g in make_grads(sizes, torch.float32, gen)]
+    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+    args = (params, grads, zeros(), zeros(), zeros() if amsgrad else [],
+            [torch.zeros((), device=DEVICE) for _ in params])
+    kwargs = dict(lr=torch.tensor(1e-2, device=DEVICE), beta1=0.9, beta2=0.999,
+                  weight_decay=0.1, eps=1e-8, amsgrad=amsgrad, maximize=False,
+                  decoupled_weight_decay=True,
+                  grad_scale=torch.tensor(GRAD_SCALE, device=DEVICE) if scaled else None,
+                  found_inf=torch.zeros((), device=DEVICE) if scaled else None)
+    return args, kwargs
+
+
+def _sgd_args(momentum: float, seed: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(1,), (3,), (CHUNK + 1,), (13, 7)]
+    params = [p.detach().to(DEVICE) for p in make_params(sizes, torch.float32, gen)]
+    grads = [g.to(DEVICE) for g in make_grads(sizes, torch.float32, gen)]
+    bufs = [torch.zeros_like(p) for p in params] if momentum else []
+    kwargs = dict(lr=torch.tensor(5e-2, dtype=torch.float64), momentum=momentum,
+                  dampening=0.0, weight_decay=0.1, nesterov=False, maximize=False,
+                  is_first_step=False, grad_scale=None, found_inf=None)
+    return (params, grads, bufs), kwargs
+
+
+@pytest.mark.parametrize("amsgrad,scaled", [(False, False), (True, True)])
+def test_opcheck_adam(amsgrad, scaled):
+    import fused_optim  # noqa: F401  (registers the fake kernels)
+
+    args, kwargs = _adam_args(amsgrad, scaled)
+    torch.library.opcheck(torch.ops.fused_optim.adam_.default, args, kwargs)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_opcheck_sgd(momentum):
+    import fused_optim  # noqa: F401
+
+    args, kwargs = _sgd_args(momentum)
+    torch.library.opcheck(torch.ops.fused_optim.sgd_.default, args, kwargs)
+
+
+def _clone_args(args, kwargs):
+    def c(x):
+        if isinstance(x, Tensor):
+            return x.clone()
+        if isinstance(x, (list, tuple)):
+            return type(x)(c(y) for y in x)
+        return x
+
+    return c(args), {k: c(v) for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile(backend):
+    import fused_optim  # noqa: F401
+
+    if backend == "inductor":
+        pytest.importorskip("triton", reason="inductor needs triton on CUDA")
+    torch._dynamo.reset()
+
+    def adam_step(args, kwargs):
+        torch.ops.fused_optim.adam_(*args, **kwargs)
+
+    compiled = torch.compile(adam_step, backend=backend, fullgraph=True)
+    args, kwargs = _adam_args(amsgrad=True, scaled=True)
+    eager_args, eager_kwargs = _clone_args(args, kwargs)
+    for lr in (1e-2, 3e-3, 2e-2):  # a tensor lr: no recompilation as it changes
+        kwargs["lr"].fill_(lr)
+        eager_kwargs["lr"].fill_(lr)
+        for g, ge in zip(args[1], eager_args[1]):
+            fresh = torch.randn_like(g) * GRAD_SCALE
+            g.copy_(fresh)
+            ge.copy_(fresh)
+        compiled(args, kwargs)
+        adam_step(eager_args, eager_kwargs)
+    for i, (lc, le) in enumerate(zip(args, eager_args)):
+        for j, (x, y) in enumerate(zip(lc, le)):
+            assert torch.equal(x, y), f"list {i} tensor {j}: compiled step differs from eager"
+
+
+# ---------------------------------------------------------------------------------------
+# 64-bit indexing: a tensor of more than 2^31 elements.
+
+
+def test_tensor_over_2_31_elements():
+    n = 2**31 + CHUNK + 3
+    lists = 4  # bf16 Adam: param, grad, exp_avg, exp_avg_sq
+    need = lists * n * 2 + (1 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    dtype = torch.bfloat16
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    param = torch.randn(n, dtype=dtype, device=DEVICE, generator=gen)
+    grad = torch.randn(n, dtype=dtype, device=DEVICE, generator=gen)
+    exp_avg = torch.randn(n, dtype=dtype, device=DEVICE, generator=gen)
+    exp_avg_sq = torch.rand(n, dtype=dtype, device=DEVICE, generator=gen)
+    big = [param, grad, exp_avg, exp_avg_sq]
+    # Windows across the 2^31 boundary and at both ends, plus random elements anywhere.
+    index = torch.cat([
+        torch.arange(0, 1000),
+        torch.arange(2**31 - 600, 2**31 + 600),
+        torch.arange(n - 1000, n),
+        torch.randint(0, n, (100_000,), generator=torch.Generator().manual_seed(6)),
+    ]).to(DEVICE)
+    small = [t.index_select(0, index) for t in big]
+    opts = {"weight_decay": 0.1, "decoupled": True}
+    lr = torch.tensor(1e-2, device=DEVICE)
+    for tensors in (big, small):
+        b = Bucket(["contiguous"], [tensors[0]], {"exp_avg": [tensors[2]],
+                                                  "exp_avg_sq": [tensors[3]]},
+                   [torch.zeros((), device=DEVICE)], [tensors[1]])
+        _adam_call(b, lr, opts)
+        assert b.steps[0].item() == 1.0
+    for name, t, s in zip(["param", "grad", "exp_avg", "exp_avg_sq"], big, small):
+        assert torch.equal(t.index_select(0, index), s), f"{name}: elements differ"
+    del big, small, param, grad, exp_avg, exp_avg_sq
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# Through the optimizer class.
+
+
+def test_fused_optim_adamw_backend_cuda():
+    import fused_optim
+
+    if not hasattr(fused_optim, "AdamW"):
+        pytest.skip("fused_optim.AdamW is not available")
+    gen = torch.Generator().manual_seed(7)
+    sizes = [(1,), (3,), (CHUNK + 1,), (13, 7)]
+    ref = [p.detach().to(DEVICE).requires_grad_() for p in make_params(sizes, torch.float32, gen)]
+    ours = [p.detach().clone().requires_grad_() for p in ref]
+    opt = fused_optim.AdamW(ours, lr=ADAM_LR, weight_decay=0.1, amsgrad=True, backend="cuda")
+    oracle = torch.optim.AdamW(ref, lr=ADAM_LR, weight_decay=0.1, amsgrad=True, foreach=False)
+    ulps = TOLERANCES[torch.float32].ulps * STEPS  # free-running: the per-step budget, summed
+    # Free-running values can cancel to ~0 at the end, so the magnitudes they were
+    # computed from set the scale: the initial params, lr (an update's size) and the
+    # largest grad seen (the moments' size).
+    p0 = [p.detach().clone() for p in ref]
+    gmax = [torch.zeros_like(p0_i) for p0_i in p0]
+    for _ in range(STEPS):
+        for p, q, g, m in zip(ours, ref, make_grads(sizes, torch.float32, gen), gmax):
+            p.grad = g.to(DEVICE)
+            q.grad = g.to(DEVICE)
+            torch.maximum(m, q.grad.abs(), out=m)
+        opt.step()
+        oracle.step()
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        assert opt.state[p]["step"].device.type == "cuda"
+        assert opt.state[p]["step"].item() == STEPS
+        scales = {"exp_avg": gmax[i], "exp_avg_sq": gmax[i] ** 2, "max_exp_avg_sq": gmax[i] ** 2}
+        for key, size in scales.items():
+            a, b = opt.state[p][key], oracle.state[q][key]
+            assert_row_close(f"param {i} {key}", a, b, row_scale([a, b, size]), torch.float32,
+                             ulps)
+        lr_size = torch.full_like(p0[i], ADAM_LR)
+        assert_row_close(f"param {i}", p.detach(), q.detach(),
+                         row_scale([p, q, p0[i], lr_size]), torch.float32, ulps)
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks specific to the CUDA op.
+
+
+def test_rejects_cpu_step_counters():
+    args, kwargs = _adam_args(amsgrad=False, scaled=False)
+    args = (*args[:5], [s.cpu() for s in args[5]])
+    with pytest.raises(RuntimeError, match="state_steps"):
+        torch.ops.fused_optim.adam_(*args, **kwargs)
+
+
+def test_rejects_lr_on_another_dtype():
+    args, kwargs = _adam_args(amsgrad=False, scaled=False)
+    kwargs["lr"] = kwargs["lr"].half()
+    with pytest.raises(RuntimeError, match="lr must be float32 or float64"):
+        torch.ops.fused_optim.adam_(*args, **kwargs)
