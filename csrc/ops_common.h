@@ -93,6 +93,75 @@ inline void check_optional_scalar(const char* op, const char* name,
               " but the params are on ", device);
 }
 
+// The tensor lists of one adam_ call, as every backend receives them first: owned
+// vectors, the element-wise lists in kernel order (max_exp_avg_sqs only with amsgrad),
+// and check_bucket applied. Holds pointers to its own members: not copyable or movable.
+struct AdamLists {
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
+  std::vector<NamedList> elementwise;
+
+  AdamLists(const char* op, at::TensorList params_, at::TensorList grads_,
+            at::TensorList exp_avgs_, at::TensorList exp_avg_sqs_,
+            at::TensorList max_exp_avg_sqs_, at::TensorList state_steps_, bool amsgrad)
+      : params(params_.vec()),
+        grads(grads_.vec()),
+        exp_avgs(exp_avgs_.vec()),
+        exp_avg_sqs(exp_avg_sqs_.vec()),
+        max_exp_avg_sqs(max_exp_avg_sqs_.vec()),
+        state_steps(state_steps_.vec()),
+        elementwise{{"params", &params},
+                    {"grads", &grads},
+                    {"exp_avgs", &exp_avgs},
+                    {"exp_avg_sqs", &exp_avg_sqs}} {
+    if (amsgrad) {
+      elementwise.push_back({"max_exp_avg_sqs", &max_exp_avg_sqs});
+    } else {
+      TORCH_CHECK(max_exp_avg_sqs.empty(), op,
+                  ": max_exp_avg_sqs must be empty when amsgrad=False, got ",
+                  max_exp_avg_sqs.size());
+    }
+    check_bucket(op, elementwise);
+  }
+  AdamLists(const AdamLists&) = delete;
+  AdamLists& operator=(const AdamLists&) = delete;
+
+  std::vector<const std::vector<at::Tensor>*> table() const { return table_of(elementwise); }
+
+  static std::vector<const std::vector<at::Tensor>*> table_of(const std::vector<NamedList>& l) {
+    std::vector<const std::vector<at::Tensor>*> out;
+    for (const NamedList& n : l) out.push_back(n.tensors);
+    return out;
+  }
+};
+
+// The tensor lists of one sgd_ call (momentum_buffers only with momentum != 0), checked.
+struct SgdLists {
+  std::vector<at::Tensor> params, grads, momentum_buffers;
+  std::vector<NamedList> elementwise;
+
+  SgdLists(const char* op, at::TensorList params_, at::TensorList grads_,
+           at::TensorList momentum_buffers_, double momentum)
+      : params(params_.vec()),
+        grads(grads_.vec()),
+        momentum_buffers(momentum_buffers_.vec()),
+        elementwise{{"params", &params}, {"grads", &grads}} {
+    if (momentum != 0.0) {
+      elementwise.push_back({"momentum_buffers", &momentum_buffers});
+    } else {
+      TORCH_CHECK(momentum_buffers.empty(), op,
+                  ": momentum_buffers must be empty when momentum=0, got ",
+                  momentum_buffers.size());
+    }
+    check_bucket(op, elementwise);
+  }
+  SgdLists(const SgdLists&) = delete;
+  SgdLists& operator=(const SgdLists&) = delete;
+
+  std::vector<const std::vector<at::Tensor>*> table() const {
+    return AdamLists::table_of(elementwise);
+  }
+};
+
 // List-major pointer table for the kernels: ptrs[list * n + t].
 struct FlatTable {
   std::vector<void*> ptrs;

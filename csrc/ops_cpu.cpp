@@ -88,35 +88,20 @@ void adam_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList exp
                bool decoupled_weight_decay, const c10::optional<at::Tensor>& grad_scale,
                const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::adam_";
-  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(),
-                                exp_avgs = exp_avgs_.vec(), exp_avg_sqs = exp_avg_sqs_.vec(),
-                                max_exp_avg_sqs = max_exp_avg_sqs_.vec(),
-                                state_steps = state_steps_.vec();
-  std::vector<NamedList> lists{{"params", &params},
-                               {"grads", &grads},
-                               {"exp_avgs", &exp_avgs},
-                               {"exp_avg_sqs", &exp_avg_sqs}};
-  if (amsgrad) {
-    lists.push_back({"max_exp_avg_sqs", &max_exp_avg_sqs});
-  } else {
-    TORCH_CHECK(max_exp_avg_sqs.empty(), op,
-                ": max_exp_avg_sqs must be empty when amsgrad=False, got ",
-                max_exp_avg_sqs.size());
-  }
-  check_bucket(op, lists);
+  const AdamLists a(op, params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
+                    state_steps_, amsgrad);
+  const std::vector<at::Tensor>& params = a.params;
   const double lr_value = read_lr(op, lr);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cpu(), op, ": CPU kernel called with tensors on ", device);
-  check_scalars(op, "state_steps", state_steps, params.size(), /*allow_cpu=*/true, device);
+  check_scalars(op, "state_steps", a.state_steps, params.size(), /*allow_cpu=*/true, device);
   check_optional_scalar(op, "grad_scale", grad_scale, device);
   check_optional_scalar(op, "found_inf", found_inf, device);
   if (skip_step(found_inf)) return;
 
-  const std::vector<double> steps = increment_steps(state_steps);
-  std::vector<const std::vector<at::Tensor>*> table_lists;
-  for (const NamedList& l : lists) table_lists.push_back(l.tensors);
-  FlatTable flat(table_lists, to_kernel_dtype(op, params[0].scalar_type()));
+  const std::vector<double> steps = increment_steps(a.state_steps);
+  FlatTable flat(a.table(), to_kernel_dtype(op, params[0].scalar_type()));
 
   cpu::AdamCall call;
   call.hyper = math::AdamHyper{lr_value,
@@ -146,17 +131,8 @@ void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList mome
               const c10::optional<at::Tensor>& grad_scale,
               const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::sgd_";
-  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(),
-                                momentum_buffers = momentum_buffers_.vec();
-  std::vector<NamedList> lists{{"params", &params}, {"grads", &grads}};
-  if (momentum != 0.0) {
-    lists.push_back({"momentum_buffers", &momentum_buffers});
-  } else {
-    TORCH_CHECK(momentum_buffers.empty(), op,
-                ": momentum_buffers must be empty when momentum=0, got ",
-                momentum_buffers.size());
-  }
-  check_bucket(op, lists);
+  const SgdLists a(op, params_, grads_, momentum_buffers_, momentum);
+  const std::vector<at::Tensor>& params = a.params;
   const double lr_value = read_lr(op, lr);
   if (params.empty()) return;
   const at::Device device = params[0].device();
@@ -165,9 +141,7 @@ void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList mome
   check_optional_scalar(op, "found_inf", found_inf, device);
   if (skip_step(found_inf)) return;
 
-  std::vector<const std::vector<at::Tensor>*> table_lists;
-  for (const NamedList& l : lists) table_lists.push_back(l.tensors);
-  FlatTable flat(table_lists, to_kernel_dtype(op, params[0].scalar_type()));
+  FlatTable flat(a.table(), to_kernel_dtype(op, params[0].scalar_type()));
 
   cpu::SgdCall call;
   call.hyper = math::SgdHyper{lr_value, momentum, dampening, weight_decay,

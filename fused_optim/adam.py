@@ -205,10 +205,7 @@ class Adam(FusedOptimizer):
             closure (Callable, optional): A closure that reevaluates the model and
                 returns the loss.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
                 [], [], [], [], [], []

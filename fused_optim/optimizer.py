@@ -171,6 +171,14 @@ class FusedOptimizer(Optimizer):
 
     # -- the fused step ------------------------------------------------------------
 
+    @staticmethod
+    def _evaluate_closure(closure) -> Any:
+        """torch.optim's closure protocol: re-evaluate the loss with grad enabled."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def _run_buckets(self, group: dict[str, Any], algorithm: str,
                      elementwise: list[list[Tensor]], per_tensor: list[list[Tensor]],
                      **hyper: Any) -> None:

@@ -154,10 +154,7 @@ class SGD(FusedOptimizer):
             closure (Callable, optional): A closure that reevaluates the model and
                 returns the loss.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         for group in self.param_groups:
             params, grads, momentum_buffer_list = [], [], []
             self._init_group(group, params, grads, momentum_buffer_list)

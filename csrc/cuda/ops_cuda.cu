@@ -80,12 +80,6 @@ const float* optional_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-std::vector<const std::vector<at::Tensor>*> table_lists(const std::vector<NamedList>& lists) {
-  std::vector<const std::vector<at::Tensor>*> out;
-  for (const NamedList& l : lists) out.push_back(l.tensors);
-  return out;
-}
-
 void adam_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avgs_,
                 at::TensorList exp_avg_sqs_, at::TensorList max_exp_avg_sqs_,
                 at::TensorList state_steps_, const at::Tensor& lr, double beta1, double beta2,
@@ -93,22 +87,10 @@ void adam_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList ex
                 bool decoupled_weight_decay, const c10::optional<at::Tensor>& grad_scale,
                 const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::adam_";
-  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(),
-                                exp_avgs = exp_avgs_.vec(), exp_avg_sqs = exp_avg_sqs_.vec(),
-                                max_exp_avg_sqs = max_exp_avg_sqs_.vec(),
-                                state_steps = state_steps_.vec();
-  std::vector<NamedList> lists{{"params", &params},
-                               {"grads", &grads},
-                               {"exp_avgs", &exp_avgs},
-                               {"exp_avg_sqs", &exp_avg_sqs}};
-  if (amsgrad) {
-    lists.push_back({"max_exp_avg_sqs", &max_exp_avg_sqs});
-  } else {
-    TORCH_CHECK(max_exp_avg_sqs.empty(), op,
-                ": max_exp_avg_sqs must be empty when amsgrad=False, got ",
-                max_exp_avg_sqs.size());
-  }
-  check_bucket(op, lists);
+  const AdamLists a(op, params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
+                    state_steps_, amsgrad);
+  const std::vector<at::Tensor>& params = a.params;
+  const std::vector<at::Tensor>& state_steps = a.state_steps;
   if (params.empty()) {
     TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ",
                 lr.sizes());
@@ -133,7 +115,7 @@ void adam_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList ex
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const cpu::DType dtype = to_kernel_dtype(op, params[0].scalar_type());
-  FlatTable flat(table_lists(lists), dtype);
+  FlatTable flat(a.table(), dtype);
   std::vector<void*> steps;
   steps.reserve(state_steps.size());
   for (const at::Tensor& s : state_steps) steps.push_back(s.data_ptr());
@@ -174,17 +156,8 @@ void sgd_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList mom
                const c10::optional<at::Tensor>& grad_scale,
                const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::sgd_";
-  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(),
-                                momentum_buffers = momentum_buffers_.vec();
-  std::vector<NamedList> lists{{"params", &params}, {"grads", &grads}};
-  if (momentum != 0.0) {
-    lists.push_back({"momentum_buffers", &momentum_buffers});
-  } else {
-    TORCH_CHECK(momentum_buffers.empty(), op,
-                ": momentum_buffers must be empty when momentum=0, got ",
-                momentum_buffers.size());
-  }
-  check_bucket(op, lists);
+  const SgdLists a(op, params_, grads_, momentum_buffers_, momentum);
+  const std::vector<at::Tensor>& params = a.params;
   if (params.empty()) {
     TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ",
                 lr.sizes());
@@ -201,7 +174,7 @@ void sgd_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList mom
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const cpu::DType dtype = to_kernel_dtype(op, params[0].scalar_type());
-  FlatTable flat(table_lists(lists), dtype);
+  FlatTable flat(a.table(), dtype);
 
   cuda::SgdLaunch launch;
   launch.rows = flat.table;
