@@ -58,12 +58,15 @@ def _extensions():
     # roundings, as torch's kernels compute it: with GCC's default (fast) the AVX2 variant
     # fused 1557 multiply-adds and disagreed in the last bit with the portable variant on
     # ~10% of values, and with torch on 6x more elements. -g0 undoes the -g in Python's own CFLAGS: a
-    # smaller .so and a faster build. -fopenmp-simd honours `#pragma omp simd` without
-    # linking a second OpenMP runtime: threads come from ATen's pool (at::parallel_for).
+    # smaller .so and a faster build. -fopenmp at compile time only: at::parallel_for
+    # is inline and runs its `#pragma omp parallel` only when compiled with OpenMP
+    # (with -fopenmp-simd it silently ran serially: 1 thread). Not linking libgomp
+    # ourselves, the GOMP_* calls bind at load time to the OpenMP runtime libtorch_cpu
+    # already loaded, so there is one thread pool and torch.set_num_threads applies.
     # The C++ standard is left to torch.utils.cpp_extension (C++20 for torch 2.13, whose
     # headers need it).
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-                 "-fopenmp-simd", "-g0"]
+                 "-fopenmp", "-g0"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # csrc/*.cpp: the torch-facing ops and module; csrc/cpu/*.cpp: the torch-free
     # engine, kernels and ISA dispatch (also linked alone by the C++ unit tests).
