@@ -12,6 +12,8 @@ else
 endif
 PYTHON := $(ENV_DIR)/bin/python
 DEPS_STAMP := $(ENV_DIR)/.fused_optim-deps
+BENCH_STAMP := $(ENV_DIR)/.fused_optim-bench-deps
+EDITABLE_STAMP := $(ENV_DIR)/.fused_optim-editable
 CMAKE_BUILD := build/cmake
 
 .PHONY: test bench build deps pytest ctest cuda-check clean
@@ -20,8 +22,12 @@ test: build
 	$(MAKE) --no-print-directory ctest
 	$(PYTHON) -m pytest -q tests
 
-bench: build
-	$(PYTHON) -m fused_optim.bench
+# The default benchmark: table on the terminal, JSON + PNG under $(BENCH_OUT)/<device>/
+# (results/ is not tracked; results committed under bench/results/ come from
+# `make bench BENCH_OUT=bench/results`).
+BENCH_OUT ?= results
+bench: build $(BENCH_STAMP)
+	$(PYTHON) -m fused_optim.bench --out $(BENCH_OUT)
 
 $(PYTHON):
 	python3 -m venv $(ENV_DIR)
@@ -35,10 +41,15 @@ $(DEPS_STAMP): requirements-dev.txt | $(PYTHON)
 
 deps: $(DEPS_STAMP)
 
+# The benchmark's own dependencies (rich, matplotlib, DeepSpeed as a peer), without
+# build isolation: DeepSpeed builds from source and imports torch while doing so.
+$(BENCH_STAMP): bench/requirements.txt | $(DEPS_STAMP)
+	$(PYTHON) -m pip install -q --no-build-isolation -r bench/requirements.txt
+	touch $@
+
 # fused_optim/_C is built in place with a persistent ./build (ninja: rebuilds are
 # incremental); an editable install, made once, maps triton_kernels/ and bench/ to
 # fused_optim.triton_kernels / fused_optim.bench without compiling anything.
-EDITABLE_STAMP := $(ENV_DIR)/.fused_optim-editable
 $(EDITABLE_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
 	FUSED_OPTIM_NO_EXTENSION=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@

@@ -1,0 +1,148 @@
+"""Bytes moved per parameter element by one optimizer step: algorithm x storage policy.
+
+An element-wise optimizer step streams every tensor it touches once. What it touches is a
+property of the algorithm (which tensors are read, which written); how many bytes each
+costs is a property of the storage policy (the dtype of params, grads and each state).
+
+    fp32 AdamW:           reads p, g, m, v  = 16 B    writes p, m, v = 12 B    28 B
+    bf16 AdamW (all bf16): reads 4 x 2 B    =  8 B    writes 3 x 2 B =  6 B    14 B
+    bf16 params + fp32 m, v: reads 2+2+4+4  = 12 B    writes 2+4+4   = 10 B    22 B
+    fp32 SGD momentum:    reads p, g, buf   = 12 B    writes p, buf  =  8 B    20 B
+
+Achieved GB/s is these algorithmic bytes over the step time: what an ideal single-pass
+kernel must move, so a multi-pass implementation (torch's for-loop and foreach) is charged
+for the work, not for its extra passes.
+
+The storage policy of a run is read off the optimizer itself after its first step
+(``policy_of``): each provider keeps its states in the dtype it chooses (torch keeps them
+in the param dtype, DeepSpeedCPUAdam in fp32, 8-bit optimizers in 1 B plus block scales),
+and the GB/s of each provider is computed with the bytes that provider actually moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Algorithm", "ALGORITHMS", "StoragePolicy", "bytes_per_element", "policy_of"]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Which per-element tensors one step reads and writes. "param" and "grad" are the
+    param and its gradient; every other name is an optimizer state of the param's size."""
+
+    name: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        return tuple(n for n in self.reads if n not in ("param", "grad"))
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("adamw", ("param", "grad", "exp_avg", "exp_avg_sq"),
+                  ("param", "exp_avg", "exp_avg_sq")),
+        Algorithm("adam", ("param", "grad", "exp_avg", "exp_avg_sq"),
+                  ("param", "exp_avg", "exp_avg_sq")),
+        Algorithm("adamw_amsgrad", ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                  ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+        # SGD with momentum; plain SGD (momentum=0) keeps no buffer: 12 B fp32.
+        Algorithm("sgd", ("param", "grad", "momentum_buffer"), ("param", "momentum_buffer")),
+        Algorithm("sgd_plain", ("param", "grad"), ("param",)),
+    )
+}
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """Bytes per param element of each tensor role. ``states`` maps a state name to its
+    bytes per element (fractional for block-quantized states: 1 B + a scale per block);
+    a state not named takes ``default_state``."""
+
+    param: float
+    grad: float
+    default_state: float
+    states: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def uniform(cls, dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> StoragePolicy:
+        size = _itemsize(dtype)
+        return cls(size, size, _itemsize(state_dtype) if state_dtype is not None else size)
+
+    def bytes_of(self, role: str) -> float:
+        if role == "param":
+            return self.param
+        if role == "grad":
+            return self.grad
+        return self.states.get(role, self.default_state)
+
+    def describe(self) -> str:
+        st = sorted(set(self.states.values())) or [self.default_state]
+        return f"p{_fmt(self.param)} g{_fmt(self.grad)} s{'/'.join(_fmt(s) for s in st)}"
+
+
+def bytes_per_element(algorithm: str | Algorithm, policy: StoragePolicy) -> tuple[float, float]:
+    """(bytes read, bytes written) per param element by one step."""
+    alg = ALGORITHMS[algorithm] if isinstance(algorithm, str) else algorithm
+    return (sum(policy.bytes_of(r) for r in alg.reads),
+            sum(policy.bytes_of(w) for w in alg.writes))
+
+
+def policy_of(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[Algorithm, StoragePolicy]:
+    """The algorithm and storage policy an optimizer really runs, read from its state
+    after at least one step.
+
+    Every state tensor that is not 0-dim counts as read and written once per step, with
+    its actual storage (nbytes / param numel, so block scales of 8-bit states are
+    included). 0-dim and non-tensor states (``step``) are ignored. States that a provider keeps outside
+    ``optimizer.state`` (none of the providers here) would be missed.
+    """
+    numel = sum(p.numel() for p in params)
+    grad_bytes = sum(_nbytes(p.grad) for p in params if p.grad is not None)
+    param_bytes = sum(_nbytes(p) for p in params)
+    per_state: dict[str, float] = {}
+    for p in params:
+        for name, value in optimizer.state.get(p, {}).items():
+            for sub_name, t in _state_tensors(name, value):
+                if t.dim() == 0:   # the step counter, a scalar
+                    continue
+                per_state[sub_name] = per_state.get(sub_name, 0.0) + _nbytes(t)
+    states = {k: v / numel for k, v in per_state.items()}
+    names = tuple(sorted(states))
+    alg = Algorithm("observed", ("param", "grad", *names), ("param", *names))
+    return alg, StoragePolicy(param_bytes / numel, grad_bytes / numel, 0.0, states)
+
+
+def _state_tensors(name, value):
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if isinstance(v, torch.Tensor):
+                yield f"{name}.{i}", v
+
+
+def _nbytes(t: torch.Tensor) -> float:
+    # Tensor subclasses (torchao's quantized states) report their logical size through
+    # numel(); their inner tensors hold the real bytes.
+    inner = getattr(t, "__tensor_flatten__", None)
+    if inner is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        try:
+            names, _ = t.__tensor_flatten__()
+            return float(sum(_nbytes(getattr(t, n)) for n in names))
+        except Exception:  # noqa: BLE001  (fall back to the logical size)
+            pass
+    return float(t.numel() * t.element_size())
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if x == int(x) else f"{x:.2f}"

@@ -1,0 +1,459 @@
+"""Tests of the benchmark harness itself (fused_optim.bench): the byte model, the
+statistics, the shape lists, provider discovery with providers missing, the JSON schema,
+and a tiny end-to-end run. Seconds, no GPU, no optional package needed."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bench():
+    """fused_optim.bench as installed (editable or wheel); else bench/ straight from this
+    checkout under a private name, so the harness is testable without a build."""
+    try:
+        return importlib.import_module("fused_optim.bench")
+    except Exception:  # noqa: BLE001
+        pass
+    name = "_fused_optim_bench_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "bench", "__init__.py"),
+        submodule_search_locations=[os.path.join(ROOT, "bench")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_bench()
+_sub = lambda m: importlib.import_module(f"{bench.__name__}.{m}")  # noqa: E731
+bytes_model = _sub("bytes_model")
+stats = _sub("stats")
+shapes = _sub("shapes")
+providers = _sub("providers")
+runner = _sub("runner")
+report = _sub("report")
+probe = _sub("probe")
+cli = _sub("__main__")
+
+
+# --------------------------------------------------------------------------------------
+# Byte model
+# --------------------------------------------------------------------------------------
+
+def test_bytes_fp32_adamw_is_16_read_12_written():
+    pol = bytes_model.StoragePolicy.uniform(torch.float32)
+    assert bytes_model.bytes_per_element("adamw", pol) == (16, 12)
+    assert bytes_model.bytes_per_element("adam", pol) == (16, 12)
+
+
+def test_bytes_sgd_momentum_is_20():
+    pol = bytes_model.StoragePolicy.uniform(torch.float32)
+    rd, wr = bytes_model.bytes_per_element("sgd", pol)
+    assert (rd, wr) == (12, 8)
+    assert sum(bytes_model.bytes_per_element("sgd_plain", pol)) == 12
+
+
+@pytest.mark.parametrize("dtype,state,total", [
+    (torch.bfloat16, None, 14),             # torch.optim: states in the param dtype
+    (torch.bfloat16, torch.float32, 22),    # bf16 params + fp32 m, v
+    (torch.float16, None, 14),
+    (torch.float64, None, 56),
+])
+def test_bytes_storage_policies(dtype, state, total):
+    pol = bytes_model.StoragePolicy.uniform(dtype, state)
+    assert sum(bytes_model.bytes_per_element("adamw", pol)) == total
+
+
+def test_bytes_amsgrad_adds_a_state():
+    pol = bytes_model.StoragePolicy.uniform(torch.float32)
+    assert bytes_model.bytes_per_element("adamw_amsgrad", pol) == (20, 16)
+
+
+@pytest.mark.parametrize("dtype,total", [(torch.float32, 28), (torch.bfloat16, 14)])
+def test_policy_read_off_a_real_optimizer(dtype, total):
+    ps = [torch.nn.Parameter(torch.randn(n, dtype=dtype)) for n in (33, 4097)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(ps, foreach=False)
+    opt.step()
+    alg, pol = bytes_model.policy_of(opt, ps)
+    assert sorted(alg.states) == ["exp_avg", "exp_avg_sq"]   # the scalar step is ignored
+    assert sum(bytes_model.bytes_per_element(alg, pol)) == total
+
+
+def test_policy_of_quantized_state_counts_block_scales():
+    # An 8-bit state with one fp32 scale per 256 elements: 1 + 4/256 B per element.
+    p = torch.nn.Parameter(torch.zeros(1024))
+    p.grad = torch.zeros(1024)
+
+    class Fake(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+            for q in self.param_groups[0]["params"]:
+                self.state[q] = {"state1": torch.zeros(1024, dtype=torch.uint8),
+                                 "absmax1": torch.zeros(4), "step": 3}
+
+    alg, pol = bytes_model.policy_of(Fake([p]), [p])
+    rd, wr = bytes_model.bytes_per_element(alg, pol)
+    assert rd == pytest.approx(4 + 4 + 1 + 4 / 256)
+    assert wr == pytest.approx(4 + 1 + 4 / 256)
+
+
+# --------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------
+
+def test_quantile_matches_numpy():
+    np = pytest.importorskip("numpy")
+    xs = sorted([3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.0])
+    for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0):
+        assert stats.quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)))
+
+
+def test_summary():
+    s = stats.summarize([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert s.n == 5 and s.median == 3.0 and s.min == 1.0 and s.max == 100.0
+    assert (s.q25, s.q75) == (2.0, 4.0)
+    assert s.spread_pct == pytest.approx(100 * 2.0 / 3.0)
+    assert s.mean == pytest.approx(22.0)
+    one = stats.summarize([2.5])
+    assert one.median == 2.5 and one.stdev == 0.0 and one.iqr == 0.0
+    with pytest.raises(ValueError):
+        stats.summarize([])
+    with pytest.raises(ValueError):
+        stats.summarize([1.0, float("nan")])
+
+
+def test_paired_ratio_cancels_drift():
+    # The machine slows down 3x over the run; the provider is always 2x faster than the
+    # baseline within a round. Medians of the raw samples would mix rounds; pairs do not.
+    drift = [1.0, 1.0, 2.0, 3.0, 3.0, 3.0]
+    base = [10.0 * d for d in drift]
+    prov = [5.0 * d for d in drift]
+    assert stats.paired_ratio(base, prov) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        stats.paired_ratio([1.0], [1.0, 2.0])
+
+
+# --------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------
+
+KNOWN_TOTALS = {  # published parameter counts
+    "gpt2-124m": (124_439_808, 148),
+    "llama-1b": (1_235_814_400, 146),
+    "llama-1b-layer": (60_821_504, 9),
+    "llama-7b-layer": (202_383_360, 9),
+    "resnet50": (25_557_032, 161),
+    "bert-base": (109_482_240, 199),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_TOTALS))
+def test_model_json_matches_builder_and_known_count(name):
+    doc = shapes.load_model(name)
+    assert doc == shapes.build_model_doc(name), "regenerate: python -m fused_optim.bench.shapes"
+    total, count = KNOWN_TOTALS[name]
+    assert doc["total"] == total
+    assert doc["n_tensors"] == count == len(doc["params"])
+    assert sum(math.prod(s) for _, s in doc["params"]) == total
+
+
+def test_resolve_literals_sweeps_and_scale():
+    a, b = shapes.resolve("8x4M,2048x16K")
+    assert (a.count, a.sizes[0], a.numel) == (8, 4 << 20, 32 << 20)
+    assert (b.count, b.sizes[0]) == (2048, 16 << 10)
+    # Literals are not scaled; models keep their tensor count and shrink each tensor.
+    (lit,) = shapes.resolve(["8x4M"], scale=0.25)
+    assert lit.numel == 32 << 20
+    (full,) = shapes.resolve(["resnet50"])
+    (small,) = shapes.resolve(["resnet50"], scale=0.25)
+    assert small.count == full.count == 161
+    assert small.numel == pytest.approx(full.numel * 0.25, rel=1e-3)
+    assert small.name == "resnet50@0.25"
+    sweep = shapes.resolve(["sweep-count"], scale=1.0)
+    assert [s.count for s in sweep] == [1, 16, 256, 4096]
+    assert {s.numel for s in sweep} == {16 << 20}
+    assert len(shapes.resolve(["sweep-size"])) == 4
+    assert len(shapes.resolve("8x4M,8x4M")) == 1
+    for bad in ("gpt3", "0x5", "8x"):
+        with pytest.raises(ValueError):
+            shapes.resolve([bad])
+    with pytest.raises(ValueError):
+        shapes.resolve(["8x4M"], scale=0)
+
+
+# --------------------------------------------------------------------------------------
+# Providers: discovery with providers missing
+# --------------------------------------------------------------------------------------
+
+def _by_name(name):
+    return next(p for p in providers.all_providers() if p.name == name)
+
+
+def test_torch_providers_available_on_cpu():
+    for name in ("torch-forloop", "torch-foreach", "torch-fused"):
+        assert _by_name(name).available(torch.device("cpu"), torch.float32, "adamw") is None
+
+
+def test_missing_packages_give_one_line_reasons(monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a, **k):
+        if name.split(".")[0] in ("deepspeed", "bitsandbytes", "torchao"):
+            return None
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for name in ("deepspeed", "bnb-8bit", "torchao-8bit"):
+        reason = _by_name(name).available(torch.device("cpu"), torch.float32, "adamw")
+        assert reason and "not installed" in reason and "\n" not in reason
+
+
+def test_fused_optim_that_does_not_import_is_skipped(monkeypatch):
+    real = importlib.import_module
+
+    def import_module(name, *a, **k):
+        if name == "fused_optim" or name.startswith("fused_optim."):
+            raise ImportError("libc10.so: cannot open shared object file")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setitem(sys.modules, "fused_optim.backends", None)  # `from ... import` fails
+    p = providers.FusedOptim("cpu")
+    reason = p.available(torch.device("cpu"), torch.float32, "adamw")
+    assert reason.startswith("fused_optim does not import") and "\n" not in reason
+
+
+def test_select():
+    allp = providers.all_providers()
+    sel = lambda spec, dev="cpu": [p.name for p in providers.select(allp, spec, dev)[0]]  # noqa: E731
+    assert sel("torch") == ["torch-forloop", "torch-foreach", "torch-fused"]
+    assert sel("torch-fo*") == ["torch-forloop", "torch-foreach"]
+    assert "fused_optim[reference]" in sel("fused_optim")
+    # On CPU "all" leaves out the GPU-first libraries, with a reason; naming them adds them.
+    chosen, left_out = providers.select(allp, "all", "cpu")
+    assert "bnb-8bit" not in [p.name for p in chosen] and "bnb-8bit" in left_out
+    assert "torch-fused" in [p.name for p in chosen] and "deepspeed" in [p.name for p in chosen]
+    assert "bnb-8bit" in sel("all,bnb")
+    assert not providers.select(allp, "all,bnb", "cpu")[1].get("bnb-8bit")
+    assert len(sel("all", "cuda")) == len(allp)
+    with pytest.raises(ValueError):
+        providers.select(allp, "nope")
+
+
+# --------------------------------------------------------------------------------------
+# The run: tiny end to end, schema, a wrong provider made visible
+# --------------------------------------------------------------------------------------
+
+class _NoOp(providers.Provider):
+    """A provider that is fast and wrong: its step does nothing."""
+
+    def __init__(self):
+        super().__init__(name="noop", family="test")
+
+    def available(self, device, dtype, optim):
+        return None
+
+    def make(self, params, hyper, *, capturable=False):
+        class NoOp(torch.optim.Optimizer):
+            def __init__(self, ps):
+                super().__init__(ps, {})
+
+            def step(self, closure=None):
+                return None
+
+        return NoOp(params)
+
+
+class _Missing(providers.Provider):
+    def __init__(self):
+        super().__init__(name="missing", family="test")
+
+    def available(self, device, dtype, optim):
+        return "not installed (pip install missing)"
+
+
+@pytest.fixture()
+def tiny_providers(monkeypatch):
+    base = [p for p in providers.all_providers() if p.family == "torch"]
+    monkeypatch.setattr(runner, "all_providers", lambda: base + [_NoOp(), _Missing()])
+
+
+def _tiny_cfg(**kw):
+    cfg = dict(shapes=["3x1000", "17x300"], dtypes=["fp32", "bf16"], warmup=1, repeat=3,
+               min_repeat=2, budget_s=5.0, probe_numel=1 << 16, gap_ms=0.0)
+    cfg.update(kw)
+    return runner.Config(**cfg)
+
+
+def test_run_reports_wrong_provider_and_missing_one(tiny_providers):
+    doc = runner.run(_tiny_cfg())
+    report.validate(doc)
+    res = {(r["dtype"], r["shape"], r["provider"]): r for r in doc["results"]}
+    for dt in ("fp32", "bf16"):
+        for shape in ("3x1000", "17x300"):
+            ref = res[(dt, shape, "torch-forloop")]
+            assert ref["status"] == "ok" and ref["max_rel_err"] == 0.0
+            assert ref["steps"] == 1 + 1 + len(ref["samples_ms"])
+            fused = res[(dt, shape, "torch-fused")]
+            tol = 1e-5 if dt == "fp32" else 2e-2
+            assert fused["max_rel_err"] < tol
+            assert fused["ratio_vs_baseline"] == pytest.approx(1.0)
+            assert fused["bytes_per_element"]["total"] == (28 if dt == "fp32" else 14)
+            assert fused["gbps"] > 0 and fused["pct_limit"] > 0
+            # The no-op is visibly wrong, and by the amount the case says a no-op shows.
+            noop = res[(dt, shape, "noop")]
+            case = next(c for c in doc["cases"] if (c["dtype"], c["shape"]) == (dt, shape))
+            assert noop["max_rel_err"] == pytest.approx(case["noop_err"])
+            assert noop["max_rel_err"] > 20 * max(fused["max_rel_err"], 1e-7)
+            if shutil.which("cc") or shutil.which("gcc"):
+                # The bandwidth stream ran in the same rounds; % limit is paired with it.
+                lim = case["limit"]
+                assert len(lim["samples_ms"]) == len(fused["samples_ms"])
+                want = 100 * (fused["bytes_per_step"] / (lim["numel"] * 28)) * \
+                    stats.paired_ratio(lim["samples_ms"], fused["samples_ms"])
+                assert fused["pct_limit"] == pytest.approx(want)
+            missing = res[(dt, shape, "missing")]
+            assert missing["status"] == "skipped" and "not installed" in missing["reason"]
+    text = report.render_table(doc)
+    assert "torch-fused" in text and "missing" in text and "not installed" in text
+
+
+def test_schema_rejects_broken_documents(tiny_providers):
+    doc = runner.run(_tiny_cfg(shapes=["2x100"], dtypes=["fp32"], probe=False))
+    report.validate(doc)
+    assert doc["probe"] is None
+    ok = next(r for r in doc["results"] if r["status"] == "ok")
+    for mutate in (lambda d: d.pop("machine"),
+                   lambda d: d.__setitem__("schema", "other/0"),
+                   lambda d: ok.__setitem__("status", "fine"),
+                   lambda d: ok.__setitem__("samples_ms", []),
+                   lambda d: ok["samples_ms"].append(-1.0),
+                   lambda d: ok.pop("max_rel_err")):
+        broken = json.loads(json.dumps(doc))
+        ok = next(r for r in broken["results"] if r["status"] == "ok")
+        mutate(broken)
+        with pytest.raises(ValueError):
+            report.validate(broken)
+
+
+def test_cli_end_to_end(tmp_path, tiny_providers, capsys):
+    out_json = tmp_path / "r.json"
+    args = ["--shapes", "5x777", "--dtype", "fp32", "--repeat", "2", "--warmup", "1",
+            "--providers", "torch-fused,torch-forloop,missing", "--probe-numel", "65536",
+            "--json", str(out_json), "--quiet"]
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
+    if have_mpl:
+        args += ["--plot", str(tmp_path / "r.png")]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "torch-fused" in printed and "GB/s" in printed
+    doc = json.loads(out_json.read_text())
+    report.validate(doc)
+    m = doc["machine"]
+    assert m["versions"]["torch"] == torch.__version__ and m["cpu"]["model"]
+    assert "sha" in m["commit"]
+    assert {r["provider"] for r in doc["results"]} == {"torch-fused", "torch-forloop", "missing"}
+    if have_mpl:
+        assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert cli.main(["--shapes", "nonsense", "--quiet"]) == 2
+    assert cli.main(["--repeat", "0", "--quiet"]) == 2
+    if not torch.cuda.is_available():
+        assert cli.main(["--device", "cuda", "--shapes", "2x10", "--quiet", "--no-probe"]) == 2
+        assert "cuda" in capsys.readouterr().err
+
+
+def test_probe_measures_copy_and_adamw_stream():
+    res = probe.measure(torch.device("cpu"), numel=1 << 16, reps=3)
+    assert res["streams"]["copy"]["gbps"] > 0
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert "adamw-stream" in res["streams"], res["skipped"]
+        assert res["streams"]["adamw-stream"]["bytes_per_element"] == 28
+    assert res["limit_gbps"] == max(s["gbps"] for s in res["streams"].values())
+
+
+class _Slow(_NoOp):
+    def __init__(self):
+        providers.Provider.__init__(self, name="slow", family="test")
+
+    def make(self, params, hyper, *, capturable=False):
+        import time
+
+        opt = super().make(params, hyper)
+        opt.step = lambda closure=None: time.sleep(0.3)
+        return opt
+
+
+def test_a_very_slow_provider_is_dropped_not_waited_for(monkeypatch):
+    base = [p for p in providers.all_providers() if p.name in ("torch-fused", "torch-forloop")]
+    monkeypatch.setattr(runner, "all_providers", lambda: base + [_Slow()])
+    doc = runner.run(_tiny_cfg(shapes=["2x100"], dtypes=["fp32"], probe=False, max_step_s=0.1,
+                               repeat=5, min_repeat=5))
+    slow = next(r for r in doc["results"] if r["provider"] == "slow")
+    assert slow["status"] == "skipped" and slow["reason"].startswith("too slow")
+    assert "too slow" in report.render_table(doc)
+    fused = next(r for r in doc["results"] if r["provider"] == "torch-fused")
+    assert fused["status"] == "ok" and len(fused["samples_ms"]) == 5
+
+
+_TRITON_PROBE_CHECK = r"""
+import importlib.util, os, sys, torch
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location("_b", os.path.join(root, "bench", "__init__.py"),
+                                              submodule_search_locations=[os.path.join(root, "bench")])
+m = importlib.util.module_from_spec(spec); sys.modules["_b"] = m; spec.loader.exec_module(m)
+from _b import probe
+n = 5000  # not a multiple of the block: the masked tail is exercised
+p, g, m_, v = (torch.rand(n) for _ in range(4))
+ref = [t.clone().double() for t in (p, g, m_, v)]
+probe._triton_stream()(p, g, m_, v)
+P, G, M, V = ref
+M = 0.9 * M + 0.1 * G
+V = 0.999 * V + 0.001 * G * G
+P = P * (1 - 1e-5) - 1e-3 * M * V
+for got, want in ((p, P), (m_, M), (v, V)):
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+def test_gpu_probe_kernel_under_triton_interpreter(tmp_path):
+    # The CUDA bandwidth probe's Triton kernel, run by the Triton interpreter on CPU
+    # tensors: its arithmetic and masking are checked here; its speed only on a GPU.
+    pytest.importorskip("triton")
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _TRITON_PROBE_CHECK, ROOT], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_busy_machine_is_measured_without_our_own_cpu_time():
+    machine = _sub("machine")
+    a = {"t": 0.0, "busy_s": 100.0, "steal_s": 1.0, "own_s": 10.0}
+    b = {"t": 10.0, "busy_s": 120.0, "steal_s": 1.0, "own_s": 28.0}  # we used 18 of 20 s
+    ncpu = os.cpu_count() or 1
+    got = machine.others_busy(a, b)
+    assert got["others_cpu_fraction"] == pytest.approx(2.0 / (10.0 * ncpu), abs=1e-3)
+    assert got["steal_cpu_fraction"] == 0.0
+    snap = machine.cpu_snapshot()
+    if snap is not None:
+        assert snap["own_s"] > 0 and snap["busy_s"] > 0
