@@ -259,11 +259,7 @@ struct AdamOp {
   opmath grad_scale;  // only read when UNSCALE
 
   FO_INLINE void operator()(opmath (&x)[kLists]) const {
-    opmath grad = x[kAdamGrad];
-    if constexpr (UNSCALE) {
-      grad = grad / grad_scale;
-      x[kAdamGrad] = grad;  // grads are left unscaled, as torch's fused Adam leaves them
-    }
+    const opmath grad = math::unscale_grad<UNSCALE>(x[kAdamGrad], grad_scale);
     opmath unused = opmath(0);
     opmath& max_exp_avg_sq = AMSGRAD ? x[kLists - 1] : unused;
     math::adam_update<AMSGRAD, /*MAXIMIZE=*/false, WD>(
@@ -330,11 +326,7 @@ struct SgdOp {
   opmath grad_scale;
 
   FO_INLINE void operator()(opmath (&x)[kLists]) const {
-    opmath grad = x[kSgdGrad];
-    if constexpr (UNSCALE) {
-      grad = grad / grad_scale;
-      x[kSgdGrad] = grad;
-    }
+    const opmath grad = math::unscale_grad<UNSCALE>(x[kSgdGrad], grad_scale);
     opmath unused = opmath(0);
     opmath& buffer = MOMENTUM ? x[kLists - 1] : unused;
     math::sgd_update<MOMENTUM, NESTEROV, FIRST_STEP, /*MAXIMIZE=*/false, WEIGHT_DECAY>(

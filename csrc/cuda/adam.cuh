@@ -67,11 +67,7 @@ struct AdamFunctor {
   }
 
   __device__ FO_INLINE void operator()(opmath_t (&x)[kDepth], const BlockScalars& b) const {
-    opmath_t grad = x[cpu::kAdamGrad];
-    if constexpr (UNSCALE) {
-      grad = grad / b.grad_scale;
-      x[cpu::kAdamGrad] = grad;  // grads are left unscaled, as torch's fused Adam leaves them
-    }
+    const opmath_t grad = math::unscale_grad<UNSCALE>(x[cpu::kAdamGrad], b.grad_scale);
     opmath_t unused = opmath_t(0);
     opmath_t& max_exp_avg_sq = AMSGRAD ? x[kDepth - 1] : unused;
     math::adam_update<AMSGRAD, /*MAXIMIZE=*/false, WD>(

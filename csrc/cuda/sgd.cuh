@@ -60,11 +60,7 @@ struct SgdFunctor {
   }
 
   __device__ FO_INLINE void operator()(opmath_t (&x)[kDepth], const BlockScalars& b) const {
-    opmath_t grad = x[cpu::kSgdGrad];
-    if constexpr (UNSCALE) {
-      grad = grad / b.grad_scale;
-      x[cpu::kSgdGrad] = grad;
-    }
+    const opmath_t grad = math::unscale_grad<UNSCALE>(x[cpu::kSgdGrad], b.grad_scale);
     opmath_t unused = opmath_t(0);
     opmath_t& buffer = MOMENTUM ? x[kDepth - 1] : unused;
     math::sgd_update<MOMENTUM, NESTEROV, FIRST_STEP, /*MAXIMIZE=*/false, WEIGHT_DECAY>(

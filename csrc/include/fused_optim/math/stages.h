@@ -21,6 +21,14 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
+// torch.amp.GradScaler: the grad divided by the loss scale, in place, so the kernel
+// stores it back and grads are left unscaled, as torch's fused optimizers leave them.
+template <bool UNSCALE, typename T>
+FO_HOST_DEVICE FO_INLINE T unscale_grad(T& grad, T grad_scale) {
+  if constexpr (UNSCALE) grad = grad / grad_scale;
+  return grad;
+}
+
 template <typename T>
 FO_HOST_DEVICE FO_INLINE T maybe_negate(T grad, bool maximize) {
   return maximize ? -grad : grad;
