@@ -1,15 +1,17 @@
 // The Python extension module fused_optim._C.
 //
 // Loading it registers the ops (TORCH_LIBRARY in csrc/ops.cpp and the per-device
-// TORCH_LIBRARY_IMPL blocks). pybind11 serves only small non-tensor helpers: every
-// tensor op goes through the dispatcher as torch.ops.fused_optim.*, which torch.compile
-// and torch.library.opcheck understand.
+// TORCH_LIBRARY_IMPL blocks). Every tensor op is a dispatcher op, torch.ops.fused_optim.*,
+// which torch.compile and torch.library.opcheck understand; pybind11 serves small
+// helpers and the eager entry (csrc/eager.cpp), which gathers a param group in C++ and
+// calls those ops' own kernels.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <stdexcept>
 
 #include "cpu/dispatch.h"
+#include "eager.h"
 
 namespace py = pybind11;
 
@@ -21,6 +23,7 @@ PYBIND11_MODULE(_C, m) {
         "CPU kernel variants this machine can run, from the portable baseline up.");
   m.def("set_cpu_capability", &fused_optim::cpu::set_capability, py::arg("name"),
         "Use the named CPU kernel variant; ValueError if this CPU cannot run it.");
+  fused_optim::bind_eager(m);
   m.def("build_info", []() {
     py::dict info;
 #if defined(__VERSION__)

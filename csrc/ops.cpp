@@ -32,31 +32,31 @@ TORCH_LIBRARY(fused_optim, m) {
 
 #include <vector>
 
-namespace {
+#include "versions.h"
 
-void collect_written(const c10::IValue& value, std::vector<at::Tensor>* out) {
-  if (value.isTensor()) {
-    out->push_back(value.toTensor());
-  } else if (value.isTensorList()) {
-    for (const at::Tensor& t : value.toTensorList().vec()) out->push_back(t);
-  }
-}
+namespace {
 
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                            torch::jit::Stack* stack) {
   const auto& arguments = op.schema().arguments();
   const size_t n = arguments.size();
-  std::vector<at::Tensor> written;
+  // Copies of the written arguments: a list IValue shares its list (one count), where
+  // copying the tensors out would bump every tensor's count (and, with the GIL released
+  // around ops called from Python, take the GIL for each one that has a Python object).
+  std::vector<c10::IValue> written;
   for (size_t i = 0; i < n; ++i) {
     const c10::AliasInfo* alias = arguments[i].alias_info();
-    if (alias != nullptr && alias->isWrite()) {
-      collect_written((*stack)[stack->size() - n + i], &written);
-    }
+    if (alias != nullptr && alias->isWrite()) written.push_back((*stack)[stack->size() - n + i]);
   }
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-  for (const at::Tensor& t : written) {
-    // Inference tensors have no version counter.
-    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  for (const c10::IValue& value : written) {
+    if (value.isTensor()) {
+      fused_optim::bump_versions(1, [&](size_t) -> const at::Tensor& { return value.toTensor(); });
+    } else if (value.isTensorList()) {
+      const c10::ArrayRef<c10::IValue> items = value.toListRef();
+      fused_optim::bump_versions(
+          items.size(), [&](size_t i) -> const at::Tensor& { return items[i].toTensor(); });
+    }
   }
 }
 

@@ -57,10 +57,14 @@ bool skip_step(const c10::optional<at::Tensor>& found_inf) {
 }
 
 // Adds one to every step counter and returns their new values.
-std::vector<double> increment_steps(const std::vector<at::Tensor>& state_steps) {
+std::vector<double> increment_steps(at::TensorList state_steps) {
   std::vector<double> steps;
   steps.reserve(state_steps.size());
-  for (const at::Tensor& s : state_steps) {
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    // The counters' metadata and values are cold: see [note: cold tensor metadata].
+    prefetch_metadata(state_steps, i);
+    if (i + 2 < state_steps.size()) __builtin_prefetch(state_steps[i + 2].data_ptr());
+    const at::Tensor& s = state_steps[i];
     if (s.scalar_type() == c10::ScalarType::Float) {
       float* v = s.data_ptr<float>();
       *v += 1.0f;
@@ -90,7 +94,7 @@ void adam_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList exp
   static const char* op = "fused_optim::adam_";
   const AdamLists a(op, params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
                     state_steps_, amsgrad);
-  const std::vector<at::Tensor>& params = a.params;
+  const at::TensorList params = a.params;
   const double lr_value = read_lr(op, lr);
   if (params.empty()) return;
   const at::Device device = params[0].device();
@@ -101,7 +105,7 @@ void adam_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList exp
   if (skip_step(found_inf)) return;
 
   const std::vector<double> steps = increment_steps(a.state_steps);
-  FlatTable flat(a.table(), to_kernel_dtype(op, params[0].scalar_type()));
+  const FlatTable& flat = a.flat;
 
   cpu::AdamCall call;
   call.hyper = math::AdamHyper{lr_value,
@@ -132,7 +136,7 @@ void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList mome
               const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::sgd_";
   const SgdLists a(op, params_, grads_, momentum_buffers_, momentum);
-  const std::vector<at::Tensor>& params = a.params;
+  const at::TensorList params = a.params;
   const double lr_value = read_lr(op, lr);
   if (params.empty()) return;
   const at::Device device = params[0].device();
@@ -141,7 +145,7 @@ void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList mome
   check_optional_scalar(op, "found_inf", found_inf, device);
   if (skip_step(found_inf)) return;
 
-  FlatTable flat(a.table(), to_kernel_dtype(op, params[0].scalar_type()));
+  const FlatTable& flat = a.flat;
 
   cpu::SgdCall call;
   call.hyper = math::SgdHyper{lr_value, momentum, dampening, weight_decay,

@@ -40,5 +40,9 @@ def _unavailable_for(device_type: str, dispatch_key: str):
     return unavailable
 
 
-register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _adam_, _sgd_))
-register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _adam_, _sgd_))
+# The eager group entries (csrc/eager.cpp) run the same dispatcher kernels as _adam_ /
+# _sgd_, for whichever device the group's params are on.
+_ENTRIES = {name: getattr(_extension.C, name, None) for name in ("adam_group_", "sgd_group_")}
+
+register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _adam_, _sgd_, **_ENTRIES))
+register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _adam_, _sgd_, **_ENTRIES))

@@ -207,17 +207,8 @@ class Adam(FusedOptimizer):
         """
         loss = self._evaluate_closure(closure)
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
-                [], [], [], [], [], []
-            )
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                             state_steps)
             beta1, beta2 = group["betas"]
-            self._run_buckets(
-                group,
-                "adam_",
-                [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
-                [state_steps],
+            hyper = dict(
                 beta1=_as_float(beta1),
                 beta2=_as_float(beta2),
                 weight_decay=float(group["weight_decay"]),
@@ -225,6 +216,20 @@ class Adam(FusedOptimizer):
                 amsgrad=bool(group["amsgrad"]),
                 maximize=bool(group["maximize"]),
                 decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            )
+            if self._step_group_eager(group, "adam_", **hyper):
+                continue
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
+                [], [], [], [], [], []
+            )
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                             state_steps)
+            self._run_buckets(
+                group,
+                "adam_",
+                [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
+                [state_steps],
+                **hyper,
             )
         return loss
 

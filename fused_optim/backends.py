@@ -51,13 +51,20 @@ class Backend:
 
     ``unavailable`` returns None when the backend can run a bucket of this device and
     dtype, else a one-line reason. The algorithm functions have the signatures of the
-    torch.ops.fused_optim ops (see csrc/ops.cpp) and mutate their list arguments.
+    torch.ops.fused_optim ops (see csrc/ops.cpp) and mutate their list arguments; the
+    group entries are a shortcut to the same kernels (csrc/eager.cpp).
     """
 
     name: str
     unavailable: Callable[[torch.device, torch.dtype], str | None]
     adam_: Callable[..., None]
     sgd_: Callable[..., None]
+    # Optional whole-group entries (``adam_group_(params, state, **args) -> bool``): one
+    # eager step of a param group read straight from its params list and the optimizer's
+    # state, or False (nothing changed) when the group needs the list path above. See
+    # FusedOptimizer._step_group_eager.
+    adam_group_: Callable[..., bool] | None = None
+    sgd_group_: Callable[..., bool] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -156,10 +156,6 @@ class SGD(FusedOptimizer):
         """
         loss = self._evaluate_closure(closure)
         for group in self.param_groups:
-            params, grads, momentum_buffer_list = [], [], []
-            self._init_group(group, params, grads, momentum_buffer_list)
-            if not params:
-                continue
             hyper = dict(
                 momentum=float(group["momentum"]),
                 dampening=float(group["dampening"]),
@@ -167,6 +163,14 @@ class SGD(FusedOptimizer):
                 nesterov=bool(group["nesterov"]),
                 maximize=bool(group["maximize"]),
             )
+            # Every buffer exists (or none is needed): one call from C++. A param's first
+            # momentum step takes the path below.
+            if self._step_group_eager(group, "sgd_", **hyper):
+                continue
+            params, grads, momentum_buffer_list = [], [], []
+            self._init_group(group, params, grads, momentum_buffer_list)
+            if not params:
+                continue
             if group["momentum"] == 0:
                 self._run_buckets(group, "sgd_", [params, grads, []], [],
                                   is_first_step=False, **hyper)

@@ -69,7 +69,7 @@ cuda::DeviceScalar read_lr(const char* op, const at::Tensor& lr, const at::Devic
 }
 
 // The kernels index a chunk as int32 (2^31 - 1 chunks of 64K elements per launch).
-void check_numels(const char* op, const std::vector<at::Tensor>& params) {
+void check_numels(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].numel() <= cuda::kChunkSize * int64_t{INT32_MAX}, op, ": params[", i,
                 "] has ", params[i].numel(), " elements, more than the kernels index");
@@ -89,8 +89,8 @@ void adam_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList ex
   static const char* op = "fused_optim::adam_";
   const AdamLists a(op, params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
                     state_steps_, amsgrad);
-  const std::vector<at::Tensor>& params = a.params;
-  const std::vector<at::Tensor>& state_steps = a.state_steps;
+  const at::TensorList params = a.params;
+  const at::TensorList state_steps = a.state_steps;
   if (params.empty()) {
     TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ",
                 lr.sizes());
@@ -115,7 +115,7 @@ void adam_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList ex
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const cpu::DType dtype = to_kernel_dtype(op, params[0].scalar_type());
-  FlatTable flat(a.table(), dtype);
+  const FlatTable& flat = a.flat;
   std::vector<void*> steps;
   steps.reserve(state_steps.size());
   for (const at::Tensor& s : state_steps) steps.push_back(s.data_ptr());
@@ -157,7 +157,7 @@ void sgd_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList mom
                const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::sgd_";
   const SgdLists a(op, params_, grads_, momentum_buffers_, momentum);
-  const std::vector<at::Tensor>& params = a.params;
+  const at::TensorList params = a.params;
   if (params.empty()) {
     TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ",
                 lr.sizes());
@@ -174,7 +174,7 @@ void sgd_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList mom
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const cpu::DType dtype = to_kernel_dtype(op, params[0].scalar_type());
-  FlatTable flat(a.table(), dtype);
+  const FlatTable& flat = a.flat;
 
   cuda::SgdLaunch launch;
   launch.rows = flat.table;
