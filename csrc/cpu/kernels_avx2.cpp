@@ -18,6 +18,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define FO_HAVE_F16C 1
+#define FO_CPU_VEC8 1  // [note: half precision in registers] in kernels_impl.h
 #define FO_ISA_SUPPORTED 1
 #endif
 

@@ -53,14 +53,15 @@ FO_HOST_DEVICE inline AdamTensorScalars<opmath_t> adam_tensor_scalars(
 }
 
 // One element of one Adam step. `max_exp_avg_sq` is only touched when AMSGRAD.
-template <bool AMSGRAD, bool MAXIMIZE, WeightDecay WD, typename opmath_t>
+// V: element values, S: scalars (see stages.h).
+template <bool AMSGRAD, bool MAXIMIZE, WeightDecay WD, typename V, typename S>
 FO_HOST_DEVICE FO_INLINE void adam_update(
-    opmath_t& param,
-    opmath_t grad,
-    opmath_t& exp_avg,
-    opmath_t& exp_avg_sq,
-    opmath_t& max_exp_avg_sq,
-    const AdamTensorScalars<opmath_t>& s) {
+    V& param,
+    V grad,
+    V& exp_avg,
+    V& exp_avg_sq,
+    V& max_exp_avg_sq,
+    const AdamTensorScalars<S>& s) {
   grad = maybe_negate(grad, MAXIMIZE);
   if constexpr (WD == WeightDecay::kL2) {
     grad = add_l2_penalty(grad, param, s.weight_decay);
@@ -70,7 +71,7 @@ FO_HOST_DEVICE FO_INLINE void adam_update(
   // update_moments
   exp_avg = lerp(exp_avg, grad, s.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (grad * grad);
-  opmath_t second_moment = exp_avg_sq;
+  V second_moment = exp_avg_sq;
   if constexpr (AMSGRAD) {
     max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq);
     second_moment = max_exp_avg_sq;
@@ -80,7 +81,7 @@ FO_HOST_DEVICE FO_INLINE void adam_update(
   // reciprocal (computed in double) differs by at most an ulp and leaves one division
   // per element instead of two: on the AVX2 CPU we test on, division and sqrt throughput
   // bound the fp32 kernel near the memory limit (0.67 ns/element in cache, 1 thread).
-  const opmath_t denom = sqrt_op(second_moment) * s.inv_bias_correction2_sqrt + s.eps;
+  const V denom = sqrt_op(second_moment) * s.inv_bias_correction2_sqrt + s.eps;
   param = param + s.neg_step_size * (exp_avg / denom);
 }
 

@@ -37,13 +37,14 @@ FO_HOST_DEVICE inline SgdScalars<opmath_t> sgd_scalars(const SgdHyper& h) {
 }
 
 // One element of one SGD step. `momentum_buffer` is only touched when MOMENTUM.
+// V: element values, S: scalars (see stages.h).
 template <bool MOMENTUM, bool NESTEROV, bool FIRST_STEP, bool MAXIMIZE, bool WEIGHT_DECAY,
-          typename opmath_t>
+          typename V, typename S>
 FO_HOST_DEVICE FO_INLINE void sgd_update(
-    opmath_t& param,
-    opmath_t grad,
-    opmath_t& momentum_buffer,
-    const SgdScalars<opmath_t>& s) {
+    V& param,
+    V grad,
+    V& momentum_buffer,
+    const SgdScalars<S>& s) {
   grad = maybe_negate(grad, MAXIMIZE);
   if constexpr (WEIGHT_DECAY) {
     grad = add_l2_penalty(grad, param, s.weight_decay);

@@ -8,6 +8,12 @@
 //
 // The formulas follow torch.optim's single-tensor ("for-loop") implementations
 // operation by operation, so results agree with torch to rounding.
+//
+// V is the type of element values, S of per-tensor scalars: both float (or double) in
+// the scalar kernels; on x86 CPUs with AVX2 the engine also instantiates the stages
+// with V = vfloat8, eight fp32 lanes (see [note: half precision in registers] in
+// csrc/cpu/kernels_impl.h). Lane by lane that is the same IEEE operations in the same
+// order, so both instantiations give the same bits.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -23,26 +29,26 @@ inline namespace FO_CPU_CAPABILITY {
 
 // torch.amp.GradScaler: the grad divided by the loss scale, in place, so the kernel
 // stores it back and grads are left unscaled, as torch's fused optimizers leave them.
-template <bool UNSCALE, typename T>
-FO_HOST_DEVICE FO_INLINE T unscale_grad(T& grad, T grad_scale) {
+template <bool UNSCALE, typename V, typename S>
+FO_HOST_DEVICE FO_INLINE V unscale_grad(V& grad, S grad_scale) {
   if constexpr (UNSCALE) grad = grad / grad_scale;
   return grad;
 }
 
-template <typename T>
-FO_HOST_DEVICE FO_INLINE T maybe_negate(T grad, bool maximize) {
+template <typename V>
+FO_HOST_DEVICE FO_INLINE V maybe_negate(V grad, bool maximize) {
   return maximize ? -grad : grad;
 }
 
 // grad.add(param, alpha=weight_decay)
-template <typename T>
-FO_HOST_DEVICE FO_INLINE T add_l2_penalty(T grad, T param, T weight_decay) {
+template <typename V, typename S>
+FO_HOST_DEVICE FO_INLINE V add_l2_penalty(V grad, V param, S weight_decay) {
   return grad + weight_decay * param;
 }
 
 // param.mul_(1 - lr * weight_decay); the factor is computed once per tensor.
-template <typename T>
-FO_HOST_DEVICE FO_INLINE T decay_weights(T param, T decay_factor) {
+template <typename V, typename S>
+FO_HOST_DEVICE FO_INLINE V decay_weights(V param, S decay_factor) {
   return param * decay_factor;
 }
 
@@ -52,11 +58,11 @@ FO_HOST_DEVICE FO_INLINE T decay_weights(T param, T decay_factor) {
 // w - 1 is exactly -(1 - w), so the result is bit-identical, and no FP operation sits
 // in a branch (GCC does not if-convert those under -ftrapping-math, which kept the
 // bf16 element loop scalar).
-template <typename T>
-FO_HOST_DEVICE FO_INLINE T lerp(T start, T end, T weight) {
-  const bool from_start = weight < T(0.5);
-  const T coefficient = from_start ? weight : weight - T(1);
-  const T base = from_start ? start : end;
+template <typename V, typename S>
+FO_HOST_DEVICE FO_INLINE V lerp(V start, V end, S weight) {
+  const bool from_start = weight < S(0.5);
+  const S coefficient = from_start ? weight : weight - S(1);
+  const V base = from_start ? start : end;
   return base + coefficient * (end - start);
 }
 
@@ -77,8 +83,13 @@ FO_HOST_DEVICE FO_INLINE double sqrt_op(double x) {
 }
 
 // torch.maximum: propagates NaN from either side.
-template <typename T>
-FO_HOST_DEVICE FO_INLINE T maximum(T a, T b) {
+#if defined(FO_CPU_VEC8)
+typedef float vfloat8 __attribute__((vector_size(32)));
+FO_INLINE vfloat8 sqrt_op(vfloat8 x) { return (vfloat8)_mm256_sqrt_ps((__m256)x); }
+#endif
+
+template <typename V>
+FO_HOST_DEVICE FO_INLINE V maximum(V a, V b) {
   return (a != a) ? a : ((b != b) ? b : (a > b ? a : b));
 }
 
