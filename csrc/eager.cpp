@@ -221,61 +221,68 @@ c10::DispatchKeySet kernel_keys(const at::Tensor& any_param) {
       c10::nullopt, c10::kStrided, any_param.device()));
 }
 
+using OptionalTensor = c10::optional<at::Tensor>;
+
+// What both entries do around their op: gather the rows; unless no param has a grad
+// (then, as in torch.optim, nothing happens), call `redispatch(keys, rows, lr,
+// grad_scale, found_inf)` without the GIL; bump the versions.
+template <typename Redispatch>
+bool step_group(py::handle params, py::handle state, const std::vector<PyObject*>& keys,
+                PyObject* step_key, py::handle lr, py::handle grad_scale, py::handle found_inf,
+                Redispatch redispatch) {
+  Rows rows;
+  if (!gather(params.ptr(), state.ptr(), keys, step_key, &rows)) return false;
+  if (rows.params.tensors().empty()) return true;
+  const at::Tensor& lr_t = tensor_arg(lr, "lr");
+  const OptionalTensor gs = optional_tensor(grad_scale, "grad_scale");
+  const OptionalTensor fi = optional_tensor(found_inf, "found_inf");
+  const c10::DispatchKeySet device_keys = kernel_keys(rows.params.tensors()[0]);
+  run_kernel([&] { redispatch(device_keys, rows, lr_t, gs, fi); });
+  bump_all(rows.all());
+  return true;
+}
+
 bool adam_group(py::handle params, py::handle state, bool amsgrad, py::handle lr, double beta1,
                 double beta2, double weight_decay, double eps, bool maximize,
                 bool decoupled_weight_decay, py::handle grad_scale, py::handle found_inf) {
-  static PyObject* const keys_plain[] = {PyUnicode_InternFromString("exp_avg"),
+  static PyObject* const state_keys[] = {PyUnicode_InternFromString("exp_avg"),
                                          PyUnicode_InternFromString("exp_avg_sq"),
                                          PyUnicode_InternFromString("max_exp_avg_sq")};
   static PyObject* const step_key = PyUnicode_InternFromString("step");
-  const std::vector<PyObject*> keys(keys_plain, keys_plain + (amsgrad ? 3 : 2));
-  Rows rows;
-  if (!gather(params.ptr(), state.ptr(), keys, step_key, &rows)) return false;
-  const TensorVec& p = rows.params.tensors();
-  if (p.empty()) return true;  // no param has a grad: torch.optim does nothing either
-  const TensorVec none;
-  const TensorVec& max_exp_avg_sqs = amsgrad ? rows.states[2]->tensors() : none;
-  const at::Tensor& lr_t = tensor_arg(lr, "lr");
-  const auto gs = optional_tensor(grad_scale, "grad_scale");
-  const auto fi = optional_tensor(found_inf, "found_inf");
-
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fused_optim::adam_", "")
                              .typed<AdamOpSignature>();
-  run_kernel([&] {
-    op.redispatch(kernel_keys(p[0]), p, rows.grads, rows.states[0]->tensors(),
-                  rows.states[1]->tensors(), max_exp_avg_sqs, rows.steps.tensors(), lr_t, beta1,
-                  beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, gs, fi);
-  });
-  bump_all(rows.all());
-  return true;
+  const std::vector<PyObject*> keys(state_keys, state_keys + (amsgrad ? 3 : 2));
+  return step_group(params, state, keys, step_key, lr, grad_scale, found_inf,
+                    [&](c10::DispatchKeySet ks, const Rows& rows, const at::Tensor& lr_t,
+                        const OptionalTensor& gs, const OptionalTensor& fi) {
+                      const TensorVec none;
+                      op.redispatch(ks, rows.params.tensors(), rows.grads,
+                                    rows.states[0]->tensors(), rows.states[1]->tensors(),
+                                    amsgrad ? rows.states[2]->tensors() : none,
+                                    rows.steps.tensors(), lr_t, beta1, beta2, weight_decay, eps,
+                                    amsgrad, maximize, decoupled_weight_decay, gs, fi);
+                    });
 }
 
 bool sgd_group(py::handle params, py::handle state, py::handle lr, double momentum,
                double dampening, double weight_decay, bool nesterov, bool maximize,
                py::handle grad_scale, py::handle found_inf) {
   static PyObject* const buffer_key = PyUnicode_InternFromString("momentum_buffer");
-  std::vector<PyObject*> keys;
-  if (momentum != 0.0) keys.push_back(buffer_key);
-  Rows rows;
-  if (!gather(params.ptr(), state.ptr(), keys, nullptr, &rows)) return false;
-  const TensorVec& p = rows.params.tensors();
-  if (p.empty()) return true;
-  const TensorVec none;
-  const TensorVec& buffers = momentum != 0.0 ? rows.states[0]->tensors() : none;
-  const at::Tensor& lr_t = tensor_arg(lr, "lr");
-  const auto gs = optional_tensor(grad_scale, "grad_scale");
-  const auto fi = optional_tensor(found_inf, "found_inf");
-
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fused_optim::sgd_", "")
                              .typed<SgdOpSignature>();
-  run_kernel([&] {
-    op.redispatch(kernel_keys(p[0]), p, rows.grads, buffers, lr_t, momentum, dampening,
-                  weight_decay, nesterov, maximize, /*is_first_step=*/false, gs, fi);
-  });
-  bump_all(rows.all());
-  return true;
+  std::vector<PyObject*> keys;
+  if (momentum != 0.0) keys.push_back(buffer_key);
+  return step_group(params, state, keys, nullptr, lr, grad_scale, found_inf,
+                    [&](c10::DispatchKeySet ks, const Rows& rows, const at::Tensor& lr_t,
+                        const OptionalTensor& gs, const OptionalTensor& fi) {
+                      const TensorVec none;
+                      op.redispatch(ks, rows.params.tensors(), rows.grads,
+                                    momentum != 0.0 ? rows.states[0]->tensors() : none, lr_t,
+                                    momentum, dampening, weight_decay, nesterov, maximize,
+                                    /*is_first_step=*/false, gs, fi);
+                    });
 }
 
 }  // namespace
