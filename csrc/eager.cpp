@@ -25,6 +25,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <c10/util/Optional.h>
 #include <pybind11/pybind11.h>
 
@@ -226,13 +227,16 @@ using OptionalTensor = c10::optional<at::Tensor>;
 // What both entries do around their op: gather the rows; unless no param has a grad
 // (then, as in torch.optim, nothing happens), call `redispatch(keys, rows, lr,
 // grad_scale, found_inf)` without the GIL; bump the versions.
+// The step is recorded for torch.profiler under the op's name, as a dispatcher call
+// would be (free while no profiler runs).
 template <typename Redispatch>
-bool step_group(py::handle params, py::handle state, const std::vector<PyObject*>& keys,
-                PyObject* step_key, py::handle lr, py::handle grad_scale, py::handle found_inf,
-                Redispatch redispatch) {
+bool step_group(const char* op_name, py::handle params, py::handle state,
+                const std::vector<PyObject*>& keys, PyObject* step_key, py::handle lr,
+                py::handle grad_scale, py::handle found_inf, Redispatch redispatch) {
   Rows rows;
   if (!gather(params.ptr(), state.ptr(), keys, step_key, &rows)) return false;
   if (rows.params.tensors().empty()) return true;
+  RECORD_FUNCTION(op_name, std::vector<c10::IValue>());
   const at::Tensor& lr_t = tensor_arg(lr, "lr");
   const OptionalTensor gs = optional_tensor(grad_scale, "grad_scale");
   const OptionalTensor fi = optional_tensor(found_inf, "found_inf");
@@ -253,7 +257,8 @@ bool adam_group(py::handle params, py::handle state, bool amsgrad, py::handle lr
                              .findSchemaOrThrow("fused_optim::adam_", "")
                              .typed<AdamOpSignature>();
   const std::vector<PyObject*> keys(state_keys, state_keys + (amsgrad ? 3 : 2));
-  return step_group(params, state, keys, step_key, lr, grad_scale, found_inf,
+  return step_group("fused_optim::adam_", params, state, keys, step_key, lr, grad_scale,
+                    found_inf,
                     [&](c10::DispatchKeySet ks, const Rows& rows, const at::Tensor& lr_t,
                         const OptionalTensor& gs, const OptionalTensor& fi) {
                       const TensorVec none;
@@ -274,7 +279,8 @@ bool sgd_group(py::handle params, py::handle state, py::handle lr, double moment
                              .typed<SgdOpSignature>();
   std::vector<PyObject*> keys;
   if (momentum != 0.0) keys.push_back(buffer_key);
-  return step_group(params, state, keys, nullptr, lr, grad_scale, found_inf,
+  return step_group("fused_optim::sgd_", params, state, keys, nullptr, lr, grad_scale,
+                    found_inf,
                     [&](c10::DispatchKeySet ks, const Rows& rows, const at::Tensor& lr_t,
                         const OptionalTensor& gs, const OptionalTensor& fi) {
                       const TensorVec none;

@@ -347,3 +347,17 @@ def test_grad_scaler_arguments_reach_the_kernel(monkeypatch):
             opt.step()
             results.append([p.detach().clone()] + [v.clone() for v in opt.state[p].values()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("cls,name", [(fused_optim.AdamW, "fused_optim::adam_"),
+                                      (fused_optim.SGD, "fused_optim::sgd_")])
+def test_profiler_sees_the_eager_step_under_the_op_name(cls, name, monkeypatch):
+    calls = EntryCalls(monkeypatch)
+    p = torch.randn(4, requires_grad=True)
+    opt = cls([p], lr=0.1)
+    p.grad = torch.randn(4)
+    opt.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert calls.results[-1] is True
+    assert name in {e.name for e in prof.events()}
