@@ -138,9 +138,10 @@ inline void check_optional_scalar(const char* op, const char* name,
 
 // The tensor lists of one adam_ call, as every backend receives them first: the
 // element-wise lists in kernel order (max_exp_avg_sqs only with amsgrad), checked by
-// check_bucket, which also fills their pointer table. Views of the op's arguments, valid for the call: nothing here
-// copies a tensor (a copy bumps an atomic count and, for a tensor with a Python object,
-// takes the GIL to bump the object's too; ~10,000 of those cost ~0.7 ms a step).
+// check_bucket, which also fills their pointer table. Views of the op's arguments, valid
+// for the call: nothing here copies a tensor (a copy bumps an atomic count and, for a
+// tensor with a Python object, takes the GIL to bump the object's too; ~10,000 of those
+// cost ~0.7 ms a step).
 struct AdamLists {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
   std::vector<NamedList> elementwise;

@@ -17,13 +17,14 @@
 // [note: SIMD by the compiler]
 // The element loops are written once, in scalar form, under `#pragma omp simd`, and
 // GCC vectorizes them for the instruction set of the unit (with -O3 -fno-math-errno,
-// sqrt becomes vsqrtps). fp32 and fp64 storage are processed in place. Half-precision
-// storage goes through fp32 blocks of kBlock elements that stay in L1: a vectorized
-// convert-in (F16C for fp16 on the x86 variants; a shift for bf16), the same
-// scalar-form math loop, a vectorized convert-out (round to nearest even). Measured
-// here (AVX2, in cache, 1 thread, Adam): fp32 0.54 ns/element, fp16 0.94, bf16 1.16
-// blocked vs 1.35 converting inside the element loop. So "SIMD inside each chunk,
-// scalar tails" holds for every dtype without a second copy of any algorithm.
+// sqrt becomes vsqrtps). fp32 and fp64 storage are processed in place. In the portable
+// variant half-precision storage goes through fp32 blocks of kBlock elements that stay
+// in L1: a vectorized convert-in (a shift for bf16), the same scalar-form math loop, a
+// vectorized convert-out (round to nearest even); the x86 variants keep it in registers
+// (next note). Measured here (AVX2, in cache, 1 thread, Adam): fp32 0.54 ns/element,
+// fp16 0.94, bf16 1.16 blocked vs 1.35 with GCC converting inside the element loop. So
+// "SIMD inside each chunk, scalar tails" holds for every dtype without a second copy
+// of any algorithm.
 //
 // [note: half precision in registers]
 // On x86 units with AVX2 (and AVX-512), bf16 and fp16 skip the blocks: 16 elements of
