@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "eager.h"
+#include "parallel_rows.h"
 #include "versions.h"
 
 namespace py = pybind11;
@@ -199,9 +200,14 @@ const at::Tensor& tensor_arg(py::handle obj, const char* name) {
 // dispatcher's ADInplaceOrView kernel, so it bumps what that kernel would (every list
 // of adam_ and sgd_ is marked written).
 void bump_all(const std::vector<const TensorVec*>& lists) {
-  for (const TensorVec* l : lists) {
-    bump_versions(l->size(), [l](size_t i) -> const at::Tensor& { return (*l)[i]; });
-  }
+  // Every list has one tensor per row (or none); rows split over threads as the checks.
+  parallel_rows(lists[0]->size(), [&](size_t begin, size_t end) {
+    for (const TensorVec* l : lists) {
+      if (l->empty()) continue;
+      bump_versions(end - begin,
+                    [l, begin](size_t i) -> const at::Tensor& { return (*l)[begin + i]; });
+    }
+  });
 }
 
 // Runs `fn` (the redispatch to the device kernel) without the GIL, and turns a C++

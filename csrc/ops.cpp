@@ -32,6 +32,7 @@ TORCH_LIBRARY(fused_optim, m) {
 
 #include <vector>
 
+#include "parallel_rows.h"
 #include "versions.h"
 
 namespace {
@@ -54,8 +55,11 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
       fused_optim::bump_versions(1, [&](size_t) -> const at::Tensor& { return value.toTensor(); });
     } else if (value.isTensorList()) {
       const c10::ArrayRef<c10::IValue> items = value.toListRef();
-      fused_optim::bump_versions(
-          items.size(), [&](size_t i) -> const at::Tensor& { return items[i].toTensor(); });
+      fused_optim::parallel_rows(items.size(), [&](size_t begin, size_t end) {
+        fused_optim::bump_versions(end - begin, [&](size_t i) -> const at::Tensor& {
+          return items[begin + i].toTensor();
+        });
+      });
     }
   }
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/kernel_api.h"
+#include "parallel_rows.h"
 
 namespace fused_optim {
 
@@ -62,46 +63,62 @@ inline void prefetch_metadata(at::TensorList l, size_t i) {
   }
 }
 
+// One row of check_bucket: row i of every list checked, its pointers written to `flat`.
+inline void check_row(const char* op, const std::vector<NamedList>& lists, size_t i,
+                      FlatTable* flat) {
+  const at::TensorList params = lists[0].tensors;
+  const size_t n = params.size();
+  const at::Device device = params[0].device();
+  const c10::ScalarType dtype = params[0].scalar_type();
+  const at::Tensor& p = params[i];
+  for (size_t k = 0; k < lists.size(); ++k) {
+    const NamedList& l = lists[k];
+    prefetch_metadata(l.tensors, i);
+    const at::Tensor& t = l.tensors[i];
+    TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
+    TORCH_CHECK(t.layout() == c10::kStrided, op, ": ", l.name, "[", i,
+                "] is sparse; fused_optim kernels take dense tensors only");
+    TORCH_CHECK(t.device() == device, op, ": all tensors of one call must be on one device; ",
+                l.name, "[", i, "] is on ", t.device(), ", params[0] on ", device);
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors of one call must have one dtype; ",
+                l.name, "[", i, "] is ", t.scalar_type(), ", params[0] is ", dtype);
+    TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
+                " but params[", i, "] has shape ", p.sizes());
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", l.name, "[", i,
+                "] must be non-overlapping and dense (e.g. contiguous)");
+    TORCH_CHECK(t.numel() <= 1 || t.strides() == p.strides(), op, ": ", l.name, "[", i,
+                "] has strides ", t.strides(), " but params[", i, "] has strides ",
+                p.strides(), "; every tensor of a row must share one memory layout");
+    flat->ptrs[k * n + i] = t.data_ptr();
+  }
+  flat->numels[i] = p.numel();
+}
+
 // Checks one bucket and reads its pointer table in the same pass: every list as long as
 // params; every tensor dense, on params' device, of params' dtype and with params' sizes
 // and strides (so element i of every list sits at the same offset); no sparse or
-// complex tensors.
-inline void check_bucket(const char* op, const std::vector<NamedList>& lists, FlatTable* flat) {
+// complex tensors. Rows are split over threads by `run_rows` when given.
+inline void check_bucket(const char* op, const std::vector<NamedList>& lists, FlatTable* flat,
+                         RowRunner run_rows) {
   const at::TensorList params = lists[0].tensors;
   for (const NamedList& l : lists) {
     TORCH_CHECK(l.tensors.size() == params.size(), op, ": expected ", params.size(), " ",
                 l.name, " (one per param), got ", l.tensors.size());
   }
   if (params.empty()) return;
-  const at::Device device = params[0].device();
-  const c10::ScalarType dtype = params[0].scalar_type();
-  const cpu::DType kernel_dtype = to_kernel_dtype(op, dtype);
+  const cpu::DType kernel_dtype = to_kernel_dtype(op, params[0].scalar_type());
   const size_t n = params.size();
   flat->ptrs.resize(lists.size() * n);
   flat->numels.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    for (size_t k = 0; k < lists.size(); ++k) {
-      const NamedList& l = lists[k];
-      prefetch_metadata(l.tensors, i);
-      const at::Tensor& t = l.tensors[i];
-      TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
-      TORCH_CHECK(t.layout() == c10::kStrided, op, ": ", l.name, "[", i,
-                  "] is sparse; fused_optim kernels take dense tensors only");
-      TORCH_CHECK(t.device() == device, op, ": all tensors of one call must be on one device; ",
-                  l.name, "[", i, "] is on ", t.device(), ", params[0] on ", device);
-      TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors of one call must have one dtype; ",
-                  l.name, "[", i, "] is ", t.scalar_type(), ", params[0] is ", dtype);
-      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
-                  " but params[", i, "] has shape ", p.sizes());
-      TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", l.name, "[", i,
-                  "] must be non-overlapping and dense (e.g. contiguous)");
-      TORCH_CHECK(t.numel() <= 1 || t.strides() == p.strides(), op, ": ", l.name, "[", i,
-                  "] has strides ", t.strides(), " but params[", i, "] has strides ",
-                  p.strides(), "; every tensor of a row must share one memory layout");
-      flat->ptrs[k * n + i] = t.data_ptr();
+  const auto check_rows = [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i) {
+      check_row(op, lists, i, flat);
     }
-    flat->numels[i] = p.numel();
+  };
+  if (run_rows != nullptr) {
+    run_rows(n, check_rows);
+  } else {
+    check_rows(0, n);
   }
   flat->table = cpu::TensorTable{static_cast<int64_t>(n), static_cast<int>(lists.size()),
                                  flat->ptrs.data(), flat->numels.data(), kernel_dtype};
@@ -149,7 +166,8 @@ struct AdamLists {
 
   AdamLists(const char* op, at::TensorList params_, at::TensorList grads_,
             at::TensorList exp_avgs_, at::TensorList exp_avg_sqs_,
-            at::TensorList max_exp_avg_sqs_, at::TensorList state_steps_, bool amsgrad)
+            at::TensorList max_exp_avg_sqs_, at::TensorList state_steps_, bool amsgrad,
+            RowRunner run_rows = nullptr)
       : params(params_),
         grads(grads_),
         exp_avgs(exp_avgs_),
@@ -167,7 +185,7 @@ struct AdamLists {
                   ": max_exp_avg_sqs must be empty when amsgrad=False, got ",
                   max_exp_avg_sqs.size());
     }
-    check_bucket(op, elementwise, &flat);
+    check_bucket(op, elementwise, &flat, run_rows);
   }
   AdamLists(const AdamLists&) = delete;
   AdamLists& operator=(const AdamLists&) = delete;
@@ -181,7 +199,7 @@ struct SgdLists {
   FlatTable flat;
 
   SgdLists(const char* op, at::TensorList params_, at::TensorList grads_,
-           at::TensorList momentum_buffers_, double momentum)
+           at::TensorList momentum_buffers_, double momentum, RowRunner run_rows = nullptr)
       : params(params_),
         grads(grads_),
         momentum_buffers(momentum_buffers_),
@@ -193,7 +211,7 @@ struct SgdLists {
                   ": momentum_buffers must be empty when momentum=0, got ",
                   momentum_buffers.size());
     }
-    check_bucket(op, elementwise, &flat);
+    check_bucket(op, elementwise, &flat, run_rows);
   }
   SgdLists(const SgdLists&) = delete;
   SgdLists& operator=(const SgdLists&) = delete;

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <vector>
 
 #include "cpu/dispatch.h"
@@ -93,7 +94,7 @@ void adam_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList exp
                const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::adam_";
   const AdamLists a(op, params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
-                    state_steps_, amsgrad);
+                    state_steps_, amsgrad, &parallel_rows);
   const at::TensorList params = a.params;
   const double lr_value = read_lr(op, lr);
   if (params.empty()) return;
@@ -135,7 +136,7 @@ void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList mome
               const c10::optional<at::Tensor>& grad_scale,
               const c10::optional<at::Tensor>& found_inf) {
   static const char* op = "fused_optim::sgd_";
-  const SgdLists a(op, params_, grads_, momentum_buffers_, momentum);
+  const SgdLists a(op, params_, grads_, momentum_buffers_, momentum, &parallel_rows);
   const at::TensorList params = a.params;
   const double lr_value = read_lr(op, lr);
   if (params.empty()) return;
@@ -161,6 +162,18 @@ void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList mome
 }
 
 }  // namespace
+
+void parallel_rows(size_t n, const std::function<void(size_t, size_t)>& fn) {
+  if (n < kParallelRows) {
+    fn(0, n);
+    return;
+  }
+  at::parallel_for(0, static_cast<int64_t>(n), static_cast<int64_t>(kParallelRows / 2),
+                   [&](int64_t begin, int64_t end) {
+                     fn(static_cast<size_t>(begin), static_cast<size_t>(end));
+                   });
+}
+
 }  // namespace fused_optim
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
