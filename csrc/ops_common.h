@@ -63,6 +63,23 @@ inline void prefetch_metadata(at::TensorList l, size_t i) {
   }
 }
 
+// The hyperparameters of one adam_ call as every device's kernels take them: the
+// weight-decay mode from the schema's flag, and none at all when weight_decay is 0.
+inline math::AdamHyper adam_hyper(double lr, double beta1, double beta2, double weight_decay,
+                                  double eps, bool amsgrad, bool maximize,
+                                  bool decoupled_weight_decay) {
+  return math::AdamHyper{lr,
+                         beta1,
+                         beta2,
+                         weight_decay,
+                         eps,
+                         amsgrad,
+                         maximize,
+                         weight_decay == 0.0      ? math::WeightDecay::kNone
+                         : decoupled_weight_decay ? math::WeightDecay::kDecoupled
+                                                  : math::WeightDecay::kL2};
+}
+
 // One row of check_bucket: row i of every list checked, its pointers written to `flat`.
 inline void check_row(const char* op, const std::vector<NamedList>& lists, size_t i,
                       FlatTable* flat) {

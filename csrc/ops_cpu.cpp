@@ -109,16 +109,8 @@ void adam_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList exp
   const FlatTable& flat = a.flat;
 
   cpu::AdamCall call;
-  call.hyper = math::AdamHyper{lr_value,
-                               beta1,
-                               beta2,
-                               weight_decay,
-                               eps,
-                               amsgrad,
-                               maximize,
-                               weight_decay == 0.0          ? math::WeightDecay::kNone
-                               : decoupled_weight_decay     ? math::WeightDecay::kDecoupled
-                                                            : math::WeightDecay::kL2};
+  call.hyper = adam_hyper(lr_value, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                          decoupled_weight_decay);
   call.steps = steps.data();
   const float grad_scale_value = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
   call.grad_scale = grad_scale.has_value() ? &grad_scale_value : nullptr;

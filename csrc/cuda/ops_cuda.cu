@@ -69,6 +69,18 @@ cuda::DeviceScalar read_lr(const char* op, const at::Tensor& lr, const at::Devic
 }
 
 // The kernels index a chunk as int32 (2^31 - 1 chunks of 64K elements per launch).
+// The one of four per-dtype launchers (one .cu file each) that runs `dtype`.
+template <typename Launcher>
+Launcher for_dtype(cpu::DType dtype, Launcher f32, Launcher f64, Launcher f16, Launcher bf16) {
+  switch (dtype) {
+    case cpu::DType::kFloat32: return f32;
+    case cpu::DType::kFloat64: return f64;
+    case cpu::DType::kFloat16: return f16;
+    case cpu::DType::kBFloat16: return bf16;
+  }
+  TORCH_CHECK(false, "fused_optim: no CUDA launcher for this dtype");
+}
+
 void check_numels(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].numel() <= cuda::kChunkSize * int64_t{INT32_MAX}, op, ": params[", i,
@@ -122,30 +134,16 @@ void adam_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList ex
 
   cuda::AdamLaunch launch;
   launch.rows = flat.table;
-  launch.hyper = math::AdamHyper{lr_scalar.value,
-                                 beta1,
-                                 beta2,
-                                 weight_decay,
-                                 eps,
-                                 amsgrad,
-                                 maximize,
-                                 weight_decay == 0.0       ? math::WeightDecay::kNone
-                                 : decoupled_weight_decay ? math::WeightDecay::kDecoupled
-                                                          : math::WeightDecay::kL2};
+  launch.hyper = adam_hyper(lr_scalar.value, beta1, beta2, weight_decay, eps, amsgrad,
+                            maximize, decoupled_weight_decay);
   launch.lr = lr_scalar;
   launch.steps = steps.data();
   launch.steps_are_double = steps_are_double;
   launch.grad_scale = optional_ptr(grad_scale);
   launch.found_inf = optional_ptr(found_inf);
 
-  cudaError_t (*run)(const cuda::AdamLaunch&, cudaStream_t) = nullptr;
-  switch (dtype) {
-    case cpu::DType::kFloat32: run = &cuda::launch_adam_f32; break;
-    case cpu::DType::kFloat64: run = &cuda::launch_adam_f64; break;
-    case cpu::DType::kFloat16: run = &cuda::launch_adam_f16; break;
-    case cpu::DType::kBFloat16: run = &cuda::launch_adam_bf16; break;
-  }
-  C10_CUDA_CHECK(run(launch, stream));
+  C10_CUDA_CHECK(for_dtype(dtype, &cuda::launch_adam_f32, &cuda::launch_adam_f64,
+                           &cuda::launch_adam_f16, &cuda::launch_adam_bf16)(launch, stream));
   C10_CUDA_CHECK(cuda::increment_steps(steps.data(), static_cast<int64_t>(steps.size()),
                                        steps_are_double, launch.found_inf, stream));
 }
@@ -184,14 +182,8 @@ void sgd_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList mom
   launch.grad_scale = optional_ptr(grad_scale);
   launch.found_inf = optional_ptr(found_inf);
 
-  cudaError_t (*run)(const cuda::SgdLaunch&, cudaStream_t) = nullptr;
-  switch (dtype) {
-    case cpu::DType::kFloat32: run = &cuda::launch_sgd_f32; break;
-    case cpu::DType::kFloat64: run = &cuda::launch_sgd_f64; break;
-    case cpu::DType::kFloat16: run = &cuda::launch_sgd_f16; break;
-    case cpu::DType::kBFloat16: run = &cuda::launch_sgd_bf16; break;
-  }
-  C10_CUDA_CHECK(run(launch, stream));
+  C10_CUDA_CHECK(for_dtype(dtype, &cuda::launch_sgd_f32, &cuda::launch_sgd_f64,
+                           &cuda::launch_sgd_f16, &cuda::launch_sgd_bf16)(launch, stream));
 }
 
 }  // namespace
