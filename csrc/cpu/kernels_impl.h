@@ -33,13 +33,34 @@
 // same stage templates, instantiated with V = vfloat8), and the results are rounded and
 // narrowed in registers. The blocks cost a store and a reload of every element in each
 // direction, in phases that cannot overlap the math's division and sqrt (bound by the
-// divider); here the conversions' integer work runs beside them. bf16 widens by
-// interleaving with zeros, which puts elements {0-3, 8-11} in one vector and {4-7,
-// 12-15} in the other; packing the two back undoes exactly that, and the math is
-// element-wise, so the lane order never matters. Rounding is c10::BFloat16's (nearest
-// even, NaN to 0x7fc0); fp16 converts with F16C as the blocks did. Tails of fewer than
-// 16 elements convert one element at a time. Measured (AVX2, 1 thread, 512K elements
-// in L2/L3, AdamW): bf16 1.00 -> 0.80 ns/element, fp16 0.79 -> 0.57 (fp32: 0.42).
+// divider); here the conversions' integer work runs beside them. bf16 widens 32 bits at
+// a time: shifting left by 16 gives the even elements, masking off the low half the odd
+// ones; narrowing blends the two back. The math is element-wise, so which lanes hold
+// which elements never matters. fp16 converts with F16C as the blocks did. Tails of
+// fewer than 16 elements convert one element at a time. Measured (AVX2, 1 thread, 512K
+// elements in L2/L3, AdamW): bf16 1.00 -> 0.80 ns/element, fp16 0.79 -> 0.57 (fp32:
+// 0.42); the next note took bf16 on to 0.64 (the kernel alone, 32K elements in L2).
+//
+// [note: NaN in bf16 rounding]
+// Rounding to bf16 is (u + 0x7fff + lsb) >> 16 on the float's bits u, lsb being bit 16:
+// nearest even for every number, infinities included. Checking for NaN on top of that
+// is a compare and a blend per vector, 12 of the AdamW loop's ~90 instructions per 16
+// elements; without them (and widening by shift and mask rather than unpacking) the
+// kernel went from 0.75 to 0.64 ns/element (AVX2, 1 thread, in L2). They are not
+// needed, because every NaN that reaches a rounding has a zero low half, and then the
+// sum cannot carry into the high half: the result is the NaN's own high half, a NaN.
+// The invariant holds because
+//   - values loaded from bf16 storage have a zero low half;
+//   - x86 arithmetic returns either one of its operands' NaNs, quieted (bit 22 set), or
+//     the default NaN 0xffc00000, and selects (maximum, lerp) move values as they are;
+//     nothing else runs on the values;
+//   - the per-tensor scalars and the grad scale, the only values that come from
+//     elsewhere (doubles rounded to opmath, a float read from a tensor), pass through
+//     quiet_nans() when a chunk's op is built.
+// Without it a NaN lr whose float has a set low half, 0x7fffffff, would round to -0.
+// tests/cpp checks every bf16 pattern through the kernels, and NaN scalars with such
+// payloads. Which NaN comes out is not part of the contract (c10::BFloat16 makes 0x7fc0,
+// ATen's vectorized conversion 0xffff); that it is a NaN is.
 #pragma once
 
 #include "cpu/kernel_api.h"
@@ -70,12 +91,30 @@ FO_INLINE float bf16_to_float(uint16_t h) {
   return bits_float(static_cast<uint32_t>(h) << 16);
 }
 
-// Branch-free, so it vectorizes inside the element loop.
+// Nearest even. A NaN must have a zero low half (see [note: NaN in bf16 rounding]); it
+// then comes back as its own high half.
 FO_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = float_bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
-  return static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded);  // NaN as c10::BFloat16 rounds it
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The opmath value of x, with any NaN replaced by the default quiet NaN (zero payload).
+template <typename T>
+FO_INLINE T quiet_nan_of(T x) {
+  return x != x ? static_cast<T>(__builtin_nan("")) : x;
+}
+
+// Applies quiet_nan_of to every field of a struct of opmath scalars
+// (AdamTensorScalars, SgdScalars): [note: NaN in bf16 rounding].
+template <typename opmath, typename Scalars>
+FO_INLINE Scalars quiet_nans(Scalars s) {
+  static_assert(sizeof(Scalars) % sizeof(opmath) == 0, "a struct of opmath fields");
+  constexpr std::size_t kFields = sizeof(Scalars) / sizeof(opmath);
+  opmath fields[kFields];
+  __builtin_memcpy(fields, &s, sizeof(s));
+  for (std::size_t i = 0; i < kFields; ++i) fields[i] = quiet_nan_of(fields[i]);
+  __builtin_memcpy(&s, fields, sizeof(s));
+  return s;
 }
 
 FO_INLINE float half_to_float(uint16_t h) {
@@ -237,25 +276,22 @@ struct Vec16;
 
 template <>
 struct Vec16<DType::kBFloat16> {
+  // a: elements 0, 2, ..., 14; b: elements 1, 3, ..., 15 (each the high half of a lane).
   static FO_INLINE void load(const uint16_t* src, vfloat8& a, vfloat8& b) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    const __m256i zero = _mm256_setzero_si256();
-    a = reinterpret_cast<vfloat8>(_mm256_unpacklo_epi16(zero, h));  // elements 0-3, 8-11
-    b = reinterpret_cast<vfloat8>(_mm256_unpackhi_epi16(zero, h));  // elements 4-7, 12-15
+    a = reinterpret_cast<vfloat8>(_mm256_slli_epi32(h, 16));
+    b = reinterpret_cast<vfloat8>(_mm256_and_si256(h, _mm256_set1_epi32(0xffff0000)));
   }
-  // float_to_bf16 on eight lanes; the result in the low 16 bits of each 32-bit lane.
+  // float_to_bf16 on eight lanes, the result in the high half of each lane.
   static FO_INLINE __m256i round(vfloat8 f) {
     const __m256i u = reinterpret_cast<__m256i>(f);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256 nan = _mm256_cmp_ps(reinterpret_cast<__m256>(f), reinterpret_cast<__m256>(f),
-                                     _CMP_UNORD_Q);
-    return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), reinterpret_cast<__m256i>(nan));
+    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
   }
   static FO_INLINE void store(uint16_t* dst, vfloat8 a, vfloat8 b) {
-    // Per 128-bit half: a's four elements, then b's: 0-7 and 8-15, in order again.
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_packus_epi32(round(a), round(b)));
+    // Low halves from a, high halves from b: elements 0-15 in order again.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_blend_epi16(_mm256_srli_epi32(round(a), 16), round(b), 0xaa));
   }
 };
 
@@ -395,9 +431,11 @@ void adam_chunks_typed(const TensorTable& table, const AdamCall& call, const Chu
           for (int64_t c = begin; c < end; ++c) {
             const Chunk& chunk = chunks[c];
             Op op;
-            op.s = math::adam_tensor_scalars<opmath>(eff, call.steps[chunk.tensor]);
+            op.s = quiet_nans<opmath>(
+                math::adam_tensor_scalars<opmath>(eff, call.steps[chunk.tensor]));
             op.grad_sign = h.maximize ? opmath(-1) : opmath(1);
-            op.grad_scale = UNSCALE ? static_cast<opmath>(*call.grad_scale) : opmath(1);
+            op.grad_scale =
+                UNSCALE ? quiet_nan_of(static_cast<opmath>(*call.grad_scale)) : opmath(1);
             for (int k = 0; k < Op::kLists; ++k) {
               base[k] = table.ptrs[k * table.n_tensors + chunk.tensor];
             }
@@ -460,10 +498,11 @@ void sgd_chunks_typed(const TensorTable& table, const SgdCall& call, const Chunk
                 using Op = SgdOp<opmath, MOMENTUM, NESTEROV, FIRST, decltype(wd_c)::value,
                                  decltype(unscale_c)::value>;
                 Op op;
-                op.s = math::sgd_scalars<opmath>(h);
+                op.s = quiet_nans<opmath>(math::sgd_scalars<opmath>(h));
                 op.grad_sign = h.maximize ? opmath(-1) : opmath(1);
-                op.grad_scale =
-                    decltype(unscale_c)::value ? static_cast<opmath>(*call.grad_scale) : opmath(1);
+                op.grad_scale = decltype(unscale_c)::value
+                                    ? quiet_nan_of(static_cast<opmath>(*call.grad_scale))
+                                    : opmath(1);
                 void* base[Op::kLists];
                 for (int64_t c = begin; c < end; ++c) {
                   const Chunk& chunk = chunks[c];

@@ -71,7 +71,8 @@ inline float oracle_half_to_float(uint16_t h) { return static_cast<float>(bits_h
 // next one away from zero; pick the nearer, the even one on a tie. Overflow follows IEEE:
 // a value at or beyond max + half an ulp rounds to inf (inf sits at 2^128 in that
 // comparison, as the next step of the exponent ladder). NaN becomes 0x7fc0, the quiet NaN
-// that c10::BFloat16 produces.
+// that c10::BFloat16 produces (the kernels keep a NaN's own high half instead: callers
+// compare NaNs by NaN-ness).
 inline uint16_t oracle_float_to_bf16(float f) {
   if (std::isnan(f)) return 0x7fc0;
   const uint32_t u = f32_bits(f);
