@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -38,18 +39,37 @@ std::vector<cpu::Chunk> make_chunks(const std::vector<int64_t>& numels) {
   return chunks;
 }
 
+// Runs fn(chunks, begin, end) over all chunks: one contiguous range of chunks per
+// thread, cut at the chunk boundaries nearest to t / threads of the elements. (Splitting
+// the chunk count evenly, as parallel_for over the chunks would, gave one thread 20%
+// more elements than the other on ResNet-50, whose chunks range from one element to
+// 16K; the compute-bound half-precision kernels waited for it.)
 template <typename Fn>
 void run_chunks(const std::vector<cpu::Chunk>& chunks, const std::vector<int64_t>& numels,
                 Fn fn) {
   int64_t total = 0;
   for (int64_t n : numels) total += n;
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  if (total < kSerialElements || n_chunks < 2) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_chunks);
+  if (total < kSerialElements || threads < 2) {
     fn(chunks.data(), int64_t{0}, n_chunks);
     return;
   }
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    fn(chunks.data(), begin, end);
+  // cuts[t]: the first chunk of range t. Range t starts at chunk c once the elements
+  // before c's middle reach t / threads of the total.
+  std::vector<int64_t> cuts(threads + 1, n_chunks);
+  cuts[0] = 0;
+  int64_t before = 0;  // elements in chunks [0, c)
+  int64_t t = 1;
+  for (int64_t c = 0; c < n_chunks && t < threads; ++c) {
+    const int64_t size = chunks[c].end - chunks[c].begin;
+    while (t < threads && (2 * before + size) * threads >= 2 * total * t) cuts[t++] = c;
+    before += size;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (cuts[r] < cuts[r + 1]) fn(chunks.data(), cuts[r], cuts[r + 1]);
+    }
   });
 }
 
