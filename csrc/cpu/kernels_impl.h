@@ -108,7 +108,9 @@ FO_INLINE T quiet_nan_of(T x) {
 // (AdamTensorScalars, SgdScalars): [note: NaN in bf16 rounding].
 template <typename opmath, typename Scalars>
 FO_INLINE Scalars quiet_nans(Scalars s) {
-  static_assert(sizeof(Scalars) % sizeof(opmath) == 0, "a struct of opmath fields");
+  static_assert(std::is_standard_layout<Scalars>::value && alignof(Scalars) == alignof(opmath) &&
+                    sizeof(Scalars) % sizeof(opmath) == 0,
+                "a struct of opmath fields only");
   constexpr std::size_t kFields = sizeof(Scalars) / sizeof(opmath);
   opmath fields[kFields];
   __builtin_memcpy(fields, &s, sizeof(s));

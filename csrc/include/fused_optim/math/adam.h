@@ -21,7 +21,9 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
-// Everything the element-wise update needs for one tensor at one step.
+// Everything the element-wise update needs for one tensor at one step. Fields of
+// opmath_t only: the CPU engine's quiet_nans() (csrc/cpu/kernels_impl.h) walks the struct
+// as an array of them.
 template <typename opmath_t>
 struct AdamTensorScalars {
   opmath_t beta2;

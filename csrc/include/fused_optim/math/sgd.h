@@ -18,6 +18,7 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
+// Fields of opmath_t only (see AdamTensorScalars).
 template <typename opmath_t>
 struct SgdScalars {
   opmath_t neg_lr;
