@@ -44,6 +44,16 @@ def _want_cuda(torch_version_cuda):
     return able
 
 
+def _generate_cuda_units():
+    import importlib.util
+
+    path = os.path.join(ROOT, "csrc", "cuda", "instantiate.py")
+    spec = importlib.util.spec_from_file_location("fused_optim_instantiate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write(os.path.join(ROOT, "csrc", "cuda", "generated"))
+
+
 def _extensions():
     if os.environ.get("FUSED_OPTIM_NO_EXTENSION") == "1":
         return []
@@ -73,7 +83,9 @@ def _extensions():
     sources = _sources("*.cpp", "cpu/*.cpp")
 
     if _want_cuda(torch.version.cuda):
-        sources += _sources("cuda/*.cu", "cuda/*.cpp")
+        # The kernels: one generated unit per optimizer and dtype (csrc/cuda/instantiate.py).
+        _generate_cuda_units()
+        sources += _sources("cuda/*.cu", "cuda/*.cpp", "cuda/generated/*.cu")
         # No --use_fast_math: sqrt and division must round as torch's do. The target
         # architectures come from TORCH_CUDA_ARCH_LIST (default: the visible GPUs).
         nvcc_flags = ["-O3"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu with `nvcc -c` for sm_80 and sm_90, the way
+# Compiles every csrc/cuda/*.cu and the generated kernel units with `nvcc -c` for sm_80 and sm_90, the way
 # torch.utils.cpp_extension would (torch's include paths, its common nvcc flags, its
 # C++ ABI), without linking and without a GPU. Works with a CPU-only torch wheel: when
 # torch lacks c10/cuda/impl/cuda_cmake_macros.h (CUDA builds of torch generate it), the
@@ -70,10 +70,14 @@ NVCC_FLAGS=(-c "-std=$CXX_STD" -O3 "${GENCODE[@]}" "${FLAGS[@]}"
 
 OBJ_DIR="${KEEP_OBJECTS:-$(mktemp -d)}"
 LOG_DIR="$(mktemp -d)"
-if [[ -z "${KEEP_OBJECTS:-}" ]]; then trap 'rm -rf "$OBJ_DIR" "$LOG_DIR"' EXIT; else
-  mkdir -p "$OBJ_DIR"; trap 'rm -rf "$LOG_DIR"' EXIT; fi
+GEN_DIR="$(mktemp -d)"
+if [[ -z "${KEEP_OBJECTS:-}" ]]; then trap 'rm -rf "$OBJ_DIR" "$LOG_DIR" "$GEN_DIR"' EXIT; else
+  mkdir -p "$OBJ_DIR"; trap 'rm -rf "$LOG_DIR" "$GEN_DIR"' EXIT; fi
 
-mapfile -t SOURCES < <(ls csrc/cuda/*.cu | sort)
+# The hand-written units and the generated kernel units (one per optimizer and dtype,
+# csrc/cuda/instantiate.py), written to a temporary directory.
+"$PY" csrc/cuda/instantiate.py "$GEN_DIR" >/dev/null
+mapfile -t SOURCES < <({ ls csrc/cuda/*.cu; ls "$GEN_DIR"/*.cu; } | sort)
 NVCC_RELEASE="$("$NVCC" --version | grep -o 'release [0-9.]*')"
 echo "compile_cuda: ${#SOURCES[@]} files, sm_{${CUDA_ARCHS// /,}}, $CXX_STD, $JOBS jobs," \
   "torch ${TORCH_VERSION:-?}, nvcc $NVCC_RELEASE, $SHIM"

@@ -5,8 +5,8 @@
 // that bookkeeping cost ~4 ms per step on the dev machine (Python lists ~2 ms, op entry
 // ~2 ms), about 15% of the whole streaming step, and it grows with the param count
 // while the bytes do not. Here the same rows are read straight from the Python objects
-// (group["params"], self.state) and handed to the op's own kernel for the params'
-// device through the dispatcher's redispatch: same kernel, same checks, same numbers.
+// (group["params"], self.state) and handed to the op's own implementation for the
+// params' device (the function its dispatcher kernel calls): same checks, same numbers.
 //
 // The entry takes only the common case and otherwise says "not mine" (returns False,
 // having changed nothing); the optimizer then runs its general Python path, which owns
@@ -19,9 +19,10 @@
 //   * the caller checked that nothing traces or intercepts torch calls (torch.compile,
 //     dispatch or torch-function modes): those must see the op itself.
 // What the dispatcher would add between Python and the kernel, the entry does itself:
-// the ADInplaceOrView version bumps of everything the schema marks written (every
-// tensor list of adam_ and sgd_, see csrc/ops.cpp), and the GIL is released around the
-// kernel as it is around any torch op.
+// the ADInplaceOrView version bumps of everything the call wrote (see csrc/ops.cpp), and
+// the GIL is released around the kernel as it is around any torch op. The entry names
+// no optimizer: it reads the op's binding (csrc/ops_common.h) and the state keys the
+// Python side passes from the optimizer's spec.
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -33,10 +34,12 @@
 #include <memory>
 #include <optional>
 #include <stdexcept>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "eager.h"
+#include "ops_common.h"
 #include "parallel_rows.h"
 #include "versions.h"
 
@@ -45,12 +48,8 @@ namespace py = pybind11;
 namespace fused_optim {
 namespace {
 
-using TensorVec = std::vector<at::Tensor>;
-
 // Tensors borrowed from Python objects this list keeps alive (one Py_INCREF each: a
-// reference to the object holds its tensor). A copied at::Tensor would bump the
-// TensorImpl's atomic count and, with a Python object attached, the object's too; at
-// ~10,000 tensors a step that was a fifth of the entry's time. Built and destroyed
+// reference to the object holds its tensor; see BorrowedTensors). Built and destroyed
 // with the GIL held; the tensors stay valid while the kernel runs without it, whatever
 // another thread does to the objects meanwhile.
 class BorrowedList {
@@ -59,7 +58,6 @@ class BorrowedList {
   BorrowedList(const BorrowedList&) = delete;
   BorrowedList& operator=(const BorrowedList&) = delete;
   ~BorrowedList() {
-    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
     for (PyObject* o : owners_) Py_DECREF(o);
   }
   void reserve(size_t n) {
@@ -69,30 +67,23 @@ class BorrowedList {
   void push(PyObject* owner) {
     Py_INCREF(owner);
     owners_.push_back(owner);
-    tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(owner)));
+    tensors_.push(THPVariable_Unpack(owner));
   }
-  const TensorVec& tensors() const { return tensors_; }
+  at::TensorList list() const { return tensors_.list(); }
 
  private:
-  TensorVec tensors_;
+  BorrowedTensors tensors_;
   std::vector<PyObject*> owners_;
 };
 
 // The rows of one group: params, grads (owned: a grad belongs to no Python object we
-// can hold, p.grad may be replaced), one list per element-wise state key, and the step
-// counters (when the algorithm has them).
+// can hold, p.grad may be replaced), one list per element-wise state key the call has,
+// and one per per-tensor state key.
 struct Rows {
   BorrowedList params;
-  TensorVec grads;
-  std::vector<std::unique_ptr<BorrowedList>> states;
-  BorrowedList steps;
-
-  std::vector<const TensorVec*> all() const {
-    std::vector<const TensorVec*> out{&params.tensors(), &grads};
-    for (const auto& s : states) out.push_back(&s->tensors());
-    out.push_back(&steps.tensors());
-    return out;
-  }
+  std::vector<at::Tensor> grads;
+  std::vector<std::unique_ptr<BorrowedList>> lists;   // per list key
+  std::vector<std::unique_ptr<BorrowedList>> states;  // per state key
 };
 
 bool plain_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
@@ -134,20 +125,23 @@ PyObject* state_tensor(PyObject* param_state, PyObject* key) {
 
 // Reads the rows of `params` (a list) from the objects. False when any row needs the
 // Python path (see the top of this file); nothing is changed either way.
-bool gather(PyObject* params, PyObject* state, const std::vector<PyObject*>& keys,
-            PyObject* step_key, Rows* rows) {
+bool gather(PyObject* params, PyObject* state, const std::vector<PyObject*>& list_keys,
+            const std::vector<PyObject*>& state_keys, Rows* rows) {
   if (!PyList_CheckExact(params) || !PyDict_Check(state)) return false;
   const Py_ssize_t n = PyList_GET_SIZE(params);
   if (n == 0 || !plain_tensor(PyList_GET_ITEM(params, 0))) return false;
-  const bool with_state = !keys.empty() || step_key != nullptr;
+  const bool with_state = !list_keys.empty() || !state_keys.empty();
   const bool identity_hash = with_state && hash_is_identity(PyList_GET_ITEM(params, 0));
   rows->params.reserve(n);
   rows->grads.reserve(n);
-  for (size_t k = 0; k < keys.size(); ++k) {
+  for (size_t k = 0; k < list_keys.size(); ++k) {
+    rows->lists.push_back(std::make_unique<BorrowedList>());
+    rows->lists.back()->reserve(n);
+  }
+  for (size_t k = 0; k < state_keys.size(); ++k) {
     rows->states.push_back(std::make_unique<BorrowedList>());
     rows->states.back()->reserve(n);
   }
-  if (step_key != nullptr) rows->steps.reserve(n);
 
   const at::Tensor& first = THPVariable_Unpack(PyList_GET_ITEM(params, 0));
   const c10::Device device = first.device();
@@ -166,15 +160,15 @@ bool gather(PyObject* params, PyObject* state, const std::vector<PyObject*>& key
     if (with_state) {
       PyObject* param_state = lookup(state, obj, identity_hash);
       if (param_state == nullptr || !PyDict_Check(param_state)) return false;
-      for (size_t k = 0; k < keys.size(); ++k) {
-        PyObject* t = state_tensor(param_state, keys[k]);
+      for (size_t k = 0; k < list_keys.size(); ++k) {
+        PyObject* t = state_tensor(param_state, list_keys[k]);
+        if (t == nullptr) return false;
+        rows->lists[k]->push(t);
+      }
+      for (size_t k = 0; k < state_keys.size(); ++k) {
+        PyObject* t = state_tensor(param_state, state_keys[k]);
         if (t == nullptr) return false;
         rows->states[k]->push(t);
-      }
-      if (step_key != nullptr) {
-        PyObject* s = state_tensor(param_state, step_key);
-        if (s == nullptr) return false;
-        rows->steps.push(s);
       }
     }
     rows->params.push(obj);
@@ -183,12 +177,12 @@ bool gather(PyObject* params, PyObject* state, const std::vector<PyObject*>& key
   return true;
 }
 
-c10::optional<at::Tensor> optional_tensor(py::handle obj, const char* name) {
-  if (obj.is_none()) return c10::nullopt;
+const at::Tensor* optional_tensor(py::handle obj, const char* name) {
+  if (obj.is_none()) return nullptr;
   if (!THPVariable_Check(obj.ptr())) {
     throw py::type_error(std::string(name) + " must be a Tensor or None");
   }
-  return THPVariable_Unpack(obj.ptr());
+  return &THPVariable_Unpack(obj.ptr());
 }
 
 const at::Tensor& tensor_arg(py::handle obj, const char* name) {
@@ -197,22 +191,21 @@ const at::Tensor& tensor_arg(py::handle obj, const char* name) {
 }
 
 // [note: version counters of mutated tensors] in csrc/ops.cpp: the entry skips the
-// dispatcher's ADInplaceOrView kernel, so it bumps what that kernel would (every list
-// of adam_ and sgd_ is marked written).
-void bump_all(const std::vector<const TensorVec*>& lists) {
+// dispatcher's ADInplaceOrView kernel, so it bumps what that kernel would.
+void bump_all(const std::vector<at::TensorList>& lists) {
   // Every list has one tensor per row (or none); rows split over threads as the checks.
-  parallel_rows(lists[0]->size(), [&](size_t begin, size_t end) {
-    for (const TensorVec* l : lists) {
-      if (l->empty()) continue;
+  parallel_rows(lists[0].size(), [&](size_t begin, size_t end) {
+    for (const at::TensorList& l : lists) {
+      if (l.empty()) continue;
       bump_versions(end - begin,
-                    [l, begin](size_t i) -> const at::Tensor& { return (*l)[begin + i]; });
+                    [&l, begin](size_t i) -> const at::Tensor& { return l[begin + i]; });
     }
   });
 }
 
-// Runs `fn` (the redispatch to the device kernel) without the GIL, and turns a C++
-// check failure into the RuntimeError (message without the C++ backtrace) that the op
-// raises through torch.ops.
+// Runs `fn` (the device's implementation) without the GIL, and turns a C++ check
+// failure into the RuntimeError (message without the C++ backtrace) that the op raises
+// through torch.ops.
 template <typename Fn>
 void run_kernel(Fn fn) {
   try {
@@ -223,96 +216,81 @@ void run_kernel(Fn fn) {
   }
 }
 
-c10::DispatchKeySet kernel_keys(const at::Tensor& any_param) {
-  return c10::DispatchKeySet(c10::computeDispatchKey(
-      c10::nullopt, c10::kStrided, any_param.device()));
+// Interned Python strings for the state keys (a handful, looked up per param).
+PyObject* interned(const std::string& key) {
+  static std::map<std::string, PyObject*>* keys = new std::map<std::string, PyObject*>();
+  PyObject*& k = (*keys)[key];
+  if (k == nullptr) k = PyUnicode_InternFromString(key.c_str());
+  return k;
 }
 
-using OptionalTensor = c10::optional<at::Tensor>;
-
-// What both entries do around their op: gather the rows; unless no param has a grad
-// (then, as in torch.optim, nothing happens), call `redispatch(keys, rows, lr,
-// grad_scale, found_inf)` without the GIL; bump the versions.
-// The step is recorded for torch.profiler under the op's name, as a dispatcher call
-// would be (free while no profiler runs).
-template <typename Redispatch>
-bool step_group(const char* op_name, py::handle params, py::handle state,
-                const std::vector<PyObject*>& keys, PyObject* step_key, py::handle lr,
-                py::handle grad_scale, py::handle found_inf, Redispatch redispatch) {
+// One eager step of a param group of the op `op` ("adam_"): `list_keys` are the state
+// keys of the op's element-wise lists after params and grads (None where the group's
+// options leave a list out), `state_keys` those of its per-tensor state lists, `floats`
+// and `flags` its arguments in schema order. Unless no param has a grad (then, as in
+// torch.optim, nothing happens), the device's implementation runs without the GIL, then
+// the versions are bumped. The step is recorded for torch.profiler under the op's name,
+// as a dispatcher call would be (free while no profiler runs).
+bool step_group(const std::string& op, py::handle params, py::handle state,
+                const py::sequence& list_keys, const py::sequence& state_keys, py::handle lr,
+                const py::sequence& floats, const py::sequence& flags, py::handle grad_scale,
+                py::handle found_inf) {
+  const OpBinding* b = find_op(op);
+  if (b == nullptr) throw py::value_error("fused_optim: no registered op " + op);
+  const OptimInfo& info = *b->info;
+  if (py::len(list_keys) + 2 != info.lists.size() || py::len(state_keys) != info.states.size() ||
+      py::len(floats) != info.floats.size() || py::len(flags) != info.flags.size()) {
+    throw py::type_error("fused_optim: step_group_ arguments do not match " + b->name);
+  }
+  std::vector<PyObject*> keys;                  // of the lists present
+  std::vector<int> key_list;                    // their list index
+  for (size_t k = 0; k < py::len(list_keys); ++k) {
+    py::handle key = list_keys[k];
+    if (key.is_none()) continue;
+    keys.push_back(interned(key.cast<std::string>()));
+    key_list.push_back(static_cast<int>(k) + 2);
+  }
+  std::vector<PyObject*> skeys;
+  for (size_t k = 0; k < py::len(state_keys); ++k) {
+    skeys.push_back(interned(state_keys[k].cast<std::string>()));
+  }
   Rows rows;
-  if (!gather(params.ptr(), state.ptr(), keys, step_key, &rows)) return false;
-  if (rows.params.tensors().empty()) return true;
-  RECORD_FUNCTION(op_name, std::vector<c10::IValue>());
-  const at::Tensor& lr_t = tensor_arg(lr, "lr");
-  const OptionalTensor gs = optional_tensor(grad_scale, "grad_scale");
-  const OptionalTensor fi = optional_tensor(found_inf, "found_inf");
-  const c10::DispatchKeySet device_keys = kernel_keys(rows.params.tensors()[0]);
-  run_kernel([&] { redispatch(device_keys, rows, lr_t, gs, fi); });
-  bump_all(rows.all());
+  if (!gather(params.ptr(), state.ptr(), keys, skeys, &rows)) return false;
+  if (rows.params.list().empty()) return true;
+  RECORD_FUNCTION(b->name.c_str(), std::vector<c10::IValue>());
+
+  OpCall call;
+  call.op = b;
+  call.lists.assign(info.lists.size(), at::TensorList());
+  call.lists[0] = rows.params.list();
+  call.lists[1] = rows.grads;
+  for (size_t k = 0; k < key_list.size(); ++k) call.lists[key_list[k]] = rows.lists[k]->list();
+  for (const auto& s : rows.states) call.states.push_back(s->list());
+  call.lr = &tensor_arg(lr, "lr");
+  for (size_t k = 0; k < info.floats.size(); ++k) call.args.floats[k] = floats[k].cast<double>();
+  for (size_t k = 0; k < info.flags.size(); ++k) call.args.flags[k] = flags[k].cast<bool>();
+  call.maximize = b->maximize_flag >= 0 && call.args.flags[b->maximize_flag];
+  call.grad_scale = optional_tensor(grad_scale, "grad_scale");
+  call.found_inf = optional_tensor(found_inf, "found_inf");
+  const DeviceStep device = device_step(rows.params.list()[0].device().type());
+  if (device == nullptr) return false;
+  run_kernel([&] { device(call); });
+  std::vector<at::TensorList> written = call.lists;
+  if (call.grad_scale == nullptr) written[1] = at::TensorList();  // grads untouched
+  for (const at::TensorList& s : call.states) written.push_back(s);
+  bump_all(written);
   return true;
-}
-
-bool adam_group(py::handle params, py::handle state, bool amsgrad, py::handle lr, double beta1,
-                double beta2, double weight_decay, double eps, bool maximize,
-                bool decoupled_weight_decay, py::handle grad_scale, py::handle found_inf) {
-  static PyObject* const state_keys[] = {PyUnicode_InternFromString("exp_avg"),
-                                         PyUnicode_InternFromString("exp_avg_sq"),
-                                         PyUnicode_InternFromString("max_exp_avg_sq")};
-  static PyObject* const step_key = PyUnicode_InternFromString("step");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_optim::adam_", "")
-                             .typed<AdamOpSignature>();
-  const std::vector<PyObject*> keys(state_keys, state_keys + (amsgrad ? 3 : 2));
-  return step_group("fused_optim::adam_", params, state, keys, step_key, lr, grad_scale,
-                    found_inf,
-                    [&](c10::DispatchKeySet ks, const Rows& rows, const at::Tensor& lr_t,
-                        const OptionalTensor& gs, const OptionalTensor& fi) {
-                      const TensorVec none;
-                      op.redispatch(ks, rows.params.tensors(), rows.grads,
-                                    rows.states[0]->tensors(), rows.states[1]->tensors(),
-                                    amsgrad ? rows.states[2]->tensors() : none,
-                                    rows.steps.tensors(), lr_t, beta1, beta2, weight_decay, eps,
-                                    amsgrad, maximize, decoupled_weight_decay, gs, fi);
-                    });
-}
-
-bool sgd_group(py::handle params, py::handle state, py::handle lr, double momentum,
-               double dampening, double weight_decay, bool nesterov, bool maximize,
-               py::handle grad_scale, py::handle found_inf) {
-  static PyObject* const buffer_key = PyUnicode_InternFromString("momentum_buffer");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_optim::sgd_", "")
-                             .typed<SgdOpSignature>();
-  std::vector<PyObject*> keys;
-  if (momentum != 0.0) keys.push_back(buffer_key);
-  return step_group("fused_optim::sgd_", params, state, keys, nullptr, lr, grad_scale,
-                    found_inf,
-                    [&](c10::DispatchKeySet ks, const Rows& rows, const at::Tensor& lr_t,
-                        const OptionalTensor& gs, const OptionalTensor& fi) {
-                      const TensorVec none;
-                      op.redispatch(ks, rows.params.tensors(), rows.grads,
-                                    momentum != 0.0 ? rows.states[0]->tensors() : none, lr_t,
-                                    momentum, dampening, weight_decay, nesterov, maximize,
-                                    /*is_first_step=*/false, gs, fi);
-                    });
 }
 
 }  // namespace
 
 void bind_eager(py::module_& m) {
-  m.def("adam_group_", &adam_group, py::arg("params"), py::arg("state"), py::arg("amsgrad"),
-        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
-        py::arg("eps"), py::arg("maximize"), py::arg("decoupled_weight_decay"),
-        py::arg("grad_scale"), py::arg("found_inf"),
-        "One Adam step of a param group (its params list and the optimizer's state dict) "
-        "gathered in C++; False, with nothing changed, when the group needs the Python "
-        "path. See csrc/eager.cpp.");
-  m.def("sgd_group_", &sgd_group, py::arg("params"), py::arg("state"), py::arg("lr"),
-        py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
-        py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale"),
-        py::arg("found_inf"),
-        "One SGD step of a param group whose momentum buffers all exist, gathered in "
-        "C++; False, with nothing changed, when the group needs the Python path.");
+  m.def("step_group_", &step_group, py::arg("op"), py::arg("params"), py::arg("state"),
+        py::arg("list_keys"), py::arg("state_keys"), py::arg("lr"), py::arg("floats"),
+        py::arg("flags"), py::arg("grad_scale"), py::arg("found_inf"),
+        "One step of a param group (its params list and the optimizer's state dict) "
+        "gathered in C++ and run by the op's kernel for the params' device; False, with "
+        "nothing changed, when the group needs the Python path. See csrc/eager.cpp.");
 }
 
 }  // namespace fused_optim

@@ -1,10 +1,10 @@
 // The Python extension module fused_optim._C.
 //
-// Loading it registers the ops (TORCH_LIBRARY in csrc/ops.cpp and the per-device
-// TORCH_LIBRARY_IMPL blocks). Every tensor op is a dispatcher op, torch.ops.fused_optim.*,
-// which torch.compile and torch.library.opcheck understand; pybind11 serves small
-// helpers and the eager entry (csrc/eager.cpp), which gathers a param group in C++ and
-// calls those ops' own kernels.
+// The ops are registered from Python, one per optimizer spec (register_op, csrc/ops.cpp).
+// Every tensor op is a dispatcher op, torch.ops.fused_optim.*, which torch.compile and
+// torch.library.opcheck understand; pybind11 serves small helpers, the registration and
+// the eager entry (csrc/eager.cpp), which gathers a param group in C++ and calls those
+// ops' own implementations.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +12,7 @@
 
 #include "cpu/dispatch.h"
 #include "eager.h"
+#include "ops.h"
 
 namespace py = pybind11;
 
@@ -24,6 +25,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_capability", &fused_optim::cpu::set_capability, py::arg("name"),
         "Use the named CPU kernel variant; ValueError if this CPU cannot run it.");
   fused_optim::bind_eager(m);
+  m.def("register_op", &fused_optim::register_op, py::arg("schema"), py::arg("when"),
+        "Defines torch.ops.fused_optim.<name> from a schema generated from an optimizer's "
+        "spec and registers its C++ kernels; ValueError if the schema and the C++ math "
+        "disagree, False if the op exists already (see csrc/ops.cpp).");
+  m.def("compiled_ops", &fused_optim::compiled_ops,
+        "The ops the C++ backends have math for (fused_optim/optimizers.h).");
   m.def("build_info", []() {
     py::dict info;
 #if defined(__VERSION__)

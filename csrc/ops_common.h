@@ -1,16 +1,20 @@
-// Input checks and bucket flattening shared by the CPU and CUDA implementations of the
-// fused_optim ops. Every check is a TORCH_CHECK that names the op, the list and the
-// index, so bad input raises a Python RuntimeError instead of corrupting memory.
+// What the CPU and CUDA implementations of every fused_optim op share: the call as both
+// receive it (OpCall, from the dispatcher in csrc/ops.cpp or from the eager entry in
+// csrc/eager.cpp), and its checks. Every check is a TORCH_CHECK that names the op, the
+// list and the index, so bad input raises a Python RuntimeError instead of corrupting
+// memory.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include <c10/util/MaybeOwned.h>
 
 #include <string>
 #include <vector>
 
 #include "cpu/kernel_api.h"
+#include "fused_optim/math/args.h"
 #include "parallel_rows.h"
+#include "registry.h"
 
 namespace fused_optim {
 
@@ -25,6 +29,84 @@ inline cpu::DType to_kernel_dtype(const char* op, c10::ScalarType t) {
                   t);
   }
 }
+
+// How one op's schema maps onto its optimizer (csrc/ops.cpp binds it when the op is
+// registered): the argument positions of the schema and, per list, the argument whose
+// value makes it present (an option: "amsgrad", "momentum").
+struct OpBinding {
+  const OptimInfo* info = nullptr;
+  std::string name;                 // "fused_optim::adam_", for messages
+  std::string schema;
+  size_t n_args = 0;
+  std::vector<int> list_args;       // per optimizer list
+  std::vector<int> state_args;      // per state list
+  int lr_arg = -1;
+  std::vector<int> float_args;
+  std::vector<int> flag_args;
+  int grad_scale_arg = -1;
+  int found_inf_arg = -1;
+  // Per optimizer list: -1 (always present), else the float (when_is_flag false) or
+  // bool argument, by its index among the floats / flags, that must be non-zero.
+  std::vector<int> list_when;
+  std::vector<bool> list_when_is_flag;
+  int maximize_flag = -1;           // index among the flags, or -1
+
+  // Whether a call with these arguments has list k.
+  bool has_list(const math::Args& args, size_t k) const {
+    const int w = list_when[k];
+    if (w < 0) return true;
+    return list_when_is_flag[k] ? args.flags[w] : args.floats[w] != 0.0;
+  }
+};
+
+// The bound op of each registered name (csrc/ops.cpp); nullptr if none.
+const OpBinding* find_op(const std::string& op);
+
+// Tensors borrowed, without touching their reference counts, from tensors that outlive
+// this object (a dispatcher stack's IValues, Python objects held by the caller). A copy
+// of an at::Tensor bumps an atomic count and, for a tensor with a Python object, takes
+// the GIL to bump the object's too; ~10,000 of those cost ~0.7 ms a step.
+class BorrowedTensors {
+ public:
+  BorrowedTensors() = default;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  BorrowedTensors(BorrowedTensors&& other) noexcept : tensors_(std::move(other.tensors_)) {}
+  ~BorrowedTensors() {
+    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+  void reserve(size_t n) { tensors_.reserve(n); }
+  void push(const at::Tensor& t) {
+    tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
+  }
+  at::TensorList list() const { return tensors_; }
+  size_t size() const { return tensors_.size(); }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+};
+
+// One call of an op, as every device's implementation receives it. Views of the
+// caller's tensors, valid for the call.
+struct OpCall {
+  const OpBinding* op = nullptr;
+  std::vector<at::TensorList> lists;   // per optimizer list, op order; absent ones empty
+  std::vector<at::TensorList> states;  // per state list
+  const at::Tensor* lr = nullptr;
+  math::Args args{};                   // floats and flags; lr is read by the device code
+  bool maximize = false;
+  const at::Tensor* grad_scale = nullptr;  // nullptr: not given
+  const at::Tensor* found_inf = nullptr;
+
+  const char* name() const { return op->name.c_str(); }
+  at::TensorList params() const { return lists[0]; }
+};
+
+// The implementation of every op for one device type (ops_cpu.cpp, cuda/ops_cuda.cu
+// register theirs when the library loads).
+using DeviceStep = void (*)(const OpCall& call);
+void set_device_step(c10::DeviceType type, DeviceStep step);
+DeviceStep device_step(c10::DeviceType type);  // nullptr: not built
 
 struct NamedList {
   const char* name;
@@ -61,23 +143,6 @@ inline void prefetch_metadata(at::TensorList l, size_t i) {
     const c10::TensorImpl* impl = l[near].unsafeGetTensorImpl();
     if (impl->has_storage()) prefetch_lines(impl->unsafe_storage().unsafeGetStorageImpl(), 2);
   }
-}
-
-// The hyperparameters of one adam_ call as every device's kernels take them: the
-// weight-decay mode from the schema's flag, and none at all when weight_decay is 0.
-inline math::AdamHyper adam_hyper(double lr, double beta1, double beta2, double weight_decay,
-                                  double eps, bool amsgrad, bool maximize,
-                                  bool decoupled_weight_decay) {
-  return math::AdamHyper{lr,
-                         beta1,
-                         beta2,
-                         weight_decay,
-                         eps,
-                         amsgrad,
-                         maximize,
-                         weight_decay == 0.0      ? math::WeightDecay::kNone
-                         : decoupled_weight_decay ? math::WeightDecay::kDecoupled
-                                                  : math::WeightDecay::kL2};
 }
 
 // One row of check_bucket: row i of every list checked, its pointers written to `flat`.
@@ -141,6 +206,38 @@ inline void check_bucket(const char* op, const std::vector<NamedList>& lists, Fl
                                  flat->ptrs.data(), flat->numels.data(), kernel_dtype};
 }
 
+// The element-wise lists of one call, checked (check_bucket), with their pointer table:
+// the lists the call's options keep, in op order. A list the options leave out must be
+// empty ("max_exp_avg_sqs must be empty when amsgrad=False").
+struct CheckedLists {
+  std::vector<NamedList> present;
+  uint32_t mask = 0;  // the optimizer's lists present, a bit each
+  FlatTable flat;
+
+  CheckedLists(const OpCall& c, RowRunner run_rows) {
+    const OpBinding& b = *c.op;
+    const std::vector<std::string>& names = b.info->lists;
+    for (size_t k = 0; k < names.size(); ++k) {
+      if (b.has_list(c.args, k)) {
+        present.push_back({names[k].c_str(), c.lists[k]});
+        mask |= uint32_t{1} << k;
+        continue;
+      }
+      if (c.lists[k].empty()) continue;
+      const int w = b.list_when[k];
+      if (b.list_when_is_flag[k]) {
+        TORCH_CHECK(false, c.name(), ": ", names[k], " must be empty when ", b.info->flags[w],
+                    "=False, got ", c.lists[k].size());
+      }
+      TORCH_CHECK(false, c.name(), ": ", names[k], " must be empty when ", b.info->floats[w],
+                  "=", c.args.floats[w], ", got ", c.lists[k].size());
+    }
+    check_bucket(c.name(), present, &flat, run_rows);
+  }
+  CheckedLists(const CheckedLists&) = delete;
+  CheckedLists& operator=(const CheckedLists&) = delete;
+};
+
 // Checks a list of one-element scalar tensors (state steps) against the params.
 inline void check_scalars(const char* op, const char* name, at::TensorList ts,
                           size_t expected, bool allow_cpu, const at::Device& device) {
@@ -159,9 +256,17 @@ inline void check_scalars(const char* op, const char* name, at::TensorList ts,
   }
 }
 
-inline void check_optional_scalar(const char* op, const char* name,
-                                  const c10::optional<at::Tensor>& t, const at::Device& device) {
-  if (!t.has_value()) return;
+// Checks every state list of a call (check_scalars).
+inline void check_states(const OpCall& c, bool allow_cpu, const at::Device& device) {
+  for (size_t j = 0; j < c.states.size(); ++j) {
+    check_scalars(c.name(), c.op->info->states[j].c_str(), c.states[j], c.params().size(),
+                  allow_cpu, device);
+  }
+}
+
+inline void check_optional_scalar(const char* op, const char* name, const at::Tensor* t,
+                                  const at::Device& device) {
+  if (t == nullptr) return;
   TORCH_CHECK(t->numel() == 1, op, ": ", name, " must be a one-element tensor, got shape ",
               t->sizes());
   TORCH_CHECK(t->scalar_type() == c10::ScalarType::Float, op, ": ", name,
@@ -170,68 +275,21 @@ inline void check_optional_scalar(const char* op, const char* name,
               " but the params are on ", device);
 }
 
-// The tensor lists of one adam_ call, as every backend receives them first: the
-// element-wise lists in kernel order (max_exp_avg_sqs only with amsgrad), checked by
-// check_bucket, which also fills their pointer table. Views of the op's arguments, valid
-// for the call: nothing here copies a tensor (a copy bumps an atomic count and, for a
-// tensor with a Python object, takes the GIL to bump the object's too; ~10,000 of those
-// cost ~0.7 ms a step).
-struct AdamLists {
-  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
-  std::vector<NamedList> elementwise;
-  FlatTable flat;  // the element-wise lists' pointers, for the kernels
+inline void check_lr_shape(const OpCall& c) {
+  TORCH_CHECK(c.lr->numel() == 1, c.name(), ": lr must be a one-element tensor, got shape ",
+              c.lr->sizes());
+}
 
-  AdamLists(const char* op, at::TensorList params_, at::TensorList grads_,
-            at::TensorList exp_avgs_, at::TensorList exp_avg_sqs_,
-            at::TensorList max_exp_avg_sqs_, at::TensorList state_steps_, bool amsgrad,
-            RowRunner run_rows = nullptr)
-      : params(params_),
-        grads(grads_),
-        exp_avgs(exp_avgs_),
-        exp_avg_sqs(exp_avg_sqs_),
-        max_exp_avg_sqs(max_exp_avg_sqs_),
-        state_steps(state_steps_),
-        elementwise{{"params", params},
-                    {"grads", grads},
-                    {"exp_avgs", exp_avgs},
-                    {"exp_avg_sqs", exp_avg_sqs}} {
-    if (amsgrad) {
-      elementwise.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
-    } else {
-      TORCH_CHECK(max_exp_avg_sqs.empty(), op,
-                  ": max_exp_avg_sqs must be empty when amsgrad=False, got ",
-                  max_exp_avg_sqs.size());
-    }
-    check_bucket(op, elementwise, &flat, run_rows);
+// The dtype lr's arithmetic rounds to ([note: lr arithmetic] in math/stages.h).
+inline math::LrDType lr_dtype(const char* op, const at::Tensor& lr) {
+  switch (lr.scalar_type()) {
+    case c10::ScalarType::Double: return math::LrDType::kFloat64;
+    case c10::ScalarType::Float: return math::LrDType::kFloat32;
+    case c10::ScalarType::Half: return math::LrDType::kFloat16;
+    case c10::ScalarType::BFloat16: return math::LrDType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": lr must be a floating-point tensor, got ", lr.scalar_type());
   }
-  AdamLists(const AdamLists&) = delete;
-  AdamLists& operator=(const AdamLists&) = delete;
-};
-
-// The tensor lists of one sgd_ call (momentum_buffers only with momentum != 0), checked;
-// views of the op's arguments, as AdamLists.
-struct SgdLists {
-  at::TensorList params, grads, momentum_buffers;
-  std::vector<NamedList> elementwise;
-  FlatTable flat;
-
-  SgdLists(const char* op, at::TensorList params_, at::TensorList grads_,
-           at::TensorList momentum_buffers_, double momentum, RowRunner run_rows = nullptr)
-      : params(params_),
-        grads(grads_),
-        momentum_buffers(momentum_buffers_),
-        elementwise{{"params", params}, {"grads", grads}} {
-    if (momentum != 0.0) {
-      elementwise.push_back({"momentum_buffers", momentum_buffers});
-    } else {
-      TORCH_CHECK(momentum_buffers.empty(), op,
-                  ": momentum_buffers must be empty when momentum=0, got ",
-                  momentum_buffers.size());
-    }
-    check_bucket(op, elementwise, &flat, run_rows);
-  }
-  SgdLists(const SgdLists&) = delete;
-  SgdLists& operator=(const SgdLists&) = delete;
-};
+}
 
 }  // namespace fused_optim

@@ -1,14 +1,13 @@
-// CPU implementations of the fused_optim ops.
+// The CPU implementation of every fused_optim op.
 //
 // One call = one bucket (one device, one dtype). The op checks its inputs, applies the
-// found_inf skip and the step increments (cheap, serial: one scalar per tensor), builds
-// the chunk table of every tensor in the bucket, and runs ONE parallel region over all
-// chunks with the kernels of the instruction set chosen at run time. torch's fused CPU
-// Adam runs one parallel_for per tensor instead, which leaves threads idle on models
-// with many small tensors.
+// found_inf skip and advances the per-tensor state (cheap, serial: a few scalars per
+// tensor), builds the chunk table of every tensor in the bucket, and runs ONE parallel
+// region over all chunks with the kernels of the instruction set chosen at run time.
+// torch's fused CPU Adam runs one parallel_for per tensor instead, which leaves threads
+// idle on models with many small tensors.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <functional>
@@ -73,105 +72,83 @@ void run_chunks(const std::vector<cpu::Chunk>& chunks, const std::vector<int64_t
   });
 }
 
-bool skip_step(const c10::optional<at::Tensor>& found_inf) {
-  return found_inf.has_value() && found_inf->item<float>() != 0.0f;
+bool skip_step(const at::Tensor* found_inf) {
+  return found_inf != nullptr && found_inf->item<float>() != 0.0f;
 }
 
-// Adds one to every step counter and returns their new values.
-std::vector<double> increment_steps(at::TensorList state_steps) {
-  std::vector<double> steps;
-  steps.reserve(state_steps.size());
-  for (size_t i = 0; i < state_steps.size(); ++i) {
-    // The counters' metadata and values are cold: see [note: cold tensor metadata].
-    prefetch_metadata(state_steps, i);
-    if (i + 2 < state_steps.size()) __builtin_prefetch(state_steps[i + 2].data_ptr());
-    const at::Tensor& s = state_steps[i];
-    if (s.scalar_type() == c10::ScalarType::Float) {
-      float* v = s.data_ptr<float>();
-      *v += 1.0f;
-      steps.push_back(*v);
-    } else {
-      double* v = s.data_ptr<double>();
-      *v += 1.0;
-      steps.push_back(*v);
-    }
+double read_value(const at::Tensor& s) {
+  return s.scalar_type() == c10::ScalarType::Float ? static_cast<double>(*s.data_ptr<float>())
+                                                   : *s.data_ptr<double>();
+}
+
+// Writes v, rounded to the tensor's dtype, and returns the rounded value.
+double write_value(const at::Tensor& s, double v) {
+  if (s.scalar_type() == c10::ScalarType::Float) {
+    float* p = s.data_ptr<float>();
+    *p = static_cast<float>(v);
+    return *p;
   }
-  return steps;
+  *s.data_ptr<double>() = v;
+  return v;
 }
 
-double read_lr(const char* op, const at::Tensor& lr) {
-  TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ", lr.sizes());
-  TORCH_CHECK(lr.device().is_cpu(), op, ": lr for CPU params must be a CPU tensor, got ",
-              lr.device());
-  return lr.item<double>();
+// Advances every tensor's per-tensor state (step += 1, ...) and returns the new values,
+// rounded as stored: tensor-major, n_states per tensor.
+std::vector<double> advance_states(const OpCall& c) {
+  const size_t n = c.params().size();
+  const size_t ns = c.states.size();
+  std::vector<double> out(n * ns);
+  if (ns == 0) return out;
+  double buf[math::kMaxStates];
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j < ns; ++j) {
+      // The counters' metadata and values are cold: see [note: cold tensor metadata].
+      prefetch_metadata(c.states[j], i);
+      if (i + 2 < n) __builtin_prefetch(c.states[j][i + 2].data_ptr());
+      buf[j] = read_value(c.states[j][i]);
+    }
+    c.op->info->advance(c.args, buf);
+    for (size_t j = 0; j < ns; ++j) out[i * ns + j] = write_value(c.states[j][i], buf[j]);
+  }
+  return out;
 }
 
-void adam_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avgs_,
-               at::TensorList exp_avg_sqs_, at::TensorList max_exp_avg_sqs_,
-               at::TensorList state_steps_, const at::Tensor& lr, double beta1, double beta2,
-               double weight_decay, double eps, bool amsgrad, bool maximize,
-               bool decoupled_weight_decay, const c10::optional<at::Tensor>& grad_scale,
-               const c10::optional<at::Tensor>& found_inf) {
-  static const char* op = "fused_optim::adam_";
-  const AdamLists a(op, params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
-                    state_steps_, amsgrad, &parallel_rows);
-  const at::TensorList params = a.params;
-  const double lr_value = read_lr(op, lr);
+void cpu_step(const OpCall& c) {
+  const CheckedLists lists(c, &parallel_rows);
+  check_lr_shape(c);
+  TORCH_CHECK(c.lr->device().is_cpu(), c.name(), ": lr for CPU params must be a CPU tensor, got ",
+              c.lr->device());
+  const at::TensorList params = c.params();
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cpu(), op, ": CPU kernel called with tensors on ", device);
-  check_scalars(op, "state_steps", a.state_steps, params.size(), /*allow_cpu=*/true, device);
-  check_optional_scalar(op, "grad_scale", grad_scale, device);
-  check_optional_scalar(op, "found_inf", found_inf, device);
-  if (skip_step(found_inf)) return;
+  TORCH_CHECK(device.is_cpu(), c.name(), ": CPU kernel called with tensors on ", device);
+  check_states(c, /*allow_cpu=*/true, device);
+  check_optional_scalar(c.name(), "grad_scale", c.grad_scale, device);
+  check_optional_scalar(c.name(), "found_inf", c.found_inf, device);
+  if (skip_step(c.found_inf)) return;
 
-  const std::vector<double> steps = increment_steps(a.state_steps);
-  const FlatTable& flat = a.flat;
+  cpu::StepCall call;
+  call.args = c.args;
+  call.args.lr = c.lr->item<double>();
+  call.args.lr_dtype = lr_dtype(c.name(), *c.lr);
+  call.lists = lists.mask;
+  call.maximize = c.maximize;
+  const float grad_scale_value = c.grad_scale != nullptr ? c.grad_scale->item<float>() : 1.0f;
+  call.grad_scale = c.grad_scale != nullptr ? &grad_scale_value : nullptr;
+  const std::vector<double> tensor_state = advance_states(c);
+  call.tensor_state = tensor_state.data();
 
-  cpu::AdamCall call;
-  call.hyper = adam_hyper(lr_value, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-                          decoupled_weight_decay);
-  call.steps = steps.data();
-  const float grad_scale_value = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
-  call.grad_scale = grad_scale.has_value() ? &grad_scale_value : nullptr;
-
-  const cpu::KernelSet& kernels = cpu::active_kernels();
+  const FlatTable& flat = lists.flat;
+  const cpu::ChunksFn kernel = cpu::active_kernels().chunks[c.op->info->id];
   const std::vector<cpu::Chunk> chunks = make_chunks(flat.numels);
-  run_chunks(chunks, flat.numels, [&](const cpu::Chunk* c, int64_t begin, int64_t end) {
-    kernels.adam(flat.table, call, c, begin, end);
+  run_chunks(chunks, flat.numels, [&](const cpu::Chunk* ch, int64_t begin, int64_t end) {
+    kernel(flat.table, call, ch, begin, end);
   });
 }
 
-void sgd_cpu_(at::TensorList params_, at::TensorList grads_, at::TensorList momentum_buffers_,
-              const at::Tensor& lr, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool is_first_step,
-              const c10::optional<at::Tensor>& grad_scale,
-              const c10::optional<at::Tensor>& found_inf) {
-  static const char* op = "fused_optim::sgd_";
-  const SgdLists a(op, params_, grads_, momentum_buffers_, momentum, &parallel_rows);
-  const at::TensorList params = a.params;
-  const double lr_value = read_lr(op, lr);
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cpu(), op, ": CPU kernel called with tensors on ", device);
-  check_optional_scalar(op, "grad_scale", grad_scale, device);
-  check_optional_scalar(op, "found_inf", found_inf, device);
-  if (skip_step(found_inf)) return;
-
-  const FlatTable& flat = a.flat;
-
-  cpu::SgdCall call;
-  call.hyper = math::SgdHyper{lr_value, momentum, dampening, weight_decay,
-                              nesterov, maximize, is_first_step};
-  const float grad_scale_value = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
-  call.grad_scale = grad_scale.has_value() ? &grad_scale_value : nullptr;
-
-  const cpu::KernelSet& kernels = cpu::active_kernels();
-  const std::vector<cpu::Chunk> chunks = make_chunks(flat.numels);
-  run_chunks(chunks, flat.numels, [&](const cpu::Chunk* c, int64_t begin, int64_t end) {
-    kernels.sgd(flat.table, call, c, begin, end);
-  });
-}
+struct RegisterCpu {
+  RegisterCpu() { set_device_step(c10::DeviceType::CPU, &cpu_step); }
+} register_cpu;
 
 }  // namespace
 
@@ -187,8 +164,3 @@ void parallel_rows(size_t n, const std::function<void(size_t, size_t)>& fn) {
 }
 
 }  // namespace fused_optim
-
-TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  m.impl("adam_", &fused_optim::adam_cpu_);
-  m.impl("sgd_", &fused_optim::sgd_cpu_);
-}

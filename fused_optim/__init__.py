@@ -7,7 +7,7 @@ Backends: "cpu" (C++ SIMD), "cuda" (CUDA C++), "triton", "reference" (plain torc
 see fused_optim.backends.
 """
 
-from fused_optim import _extension, _fake  # noqa: F401  (loads _C, registers fake kernels)
+from fused_optim import _extension  # noqa: F401  (loads _C)
 from fused_optim.adam import Adam, AdamW
 from fused_optim.backends import available_backends
 from fused_optim.optimizer import FusedOptimizer

@@ -1,6 +1,7 @@
 """Loads the compiled extension fused_optim._C, or records why it is missing.
 
-Importing _C registers the C++ ops (torch.ops.fused_optim.*). Without it (a source
+_C holds the C++ kernels; the ops themselves (torch.ops.fused_optim.*) are registered
+from the optimizers' specs when their classes are defined (_ops.py). Without _C (a source
 checkout never built, or a build for another torch), the package still imports and runs
 on the reference backend; the first optimizer step says so once (see backends.py).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
+import torch
 
 C = None
 LOAD_ERROR: str | None = None
@@ -20,24 +21,22 @@ except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = f"fused_optim._C is not available ({exc})"
 
 
-# op_has_kernel answers from this table: torch.compile cannot trace the dispatcher query
-# itself, and a step compiled with fullgraph=True may be the first to select a backend.
-_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+# Read once, here: torch.compile cannot trace these calls, and a step compiled with
+# fullgraph=True may be the first to select a backend.
+_KERNELS = {
+    "CPU": C is not None,
+    "CUDA": C is not None and bool(C.build_info()["cuda"]),
+}
+
+
+def has_kernels(dispatch_key: str) -> bool:
+    """Whether _C holds kernels for dispatch_key ("CPU", "CUDA")."""
+    return _KERNELS.get(dispatch_key, False)
 
 
 def op_has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether torch.ops.fused_optim.<op_name> has a kernel for dispatch_key."""
     if C is None:
         return False
-    key = (op_name, dispatch_key)
-    known = _HAS_KERNEL.get(key)
-    if known is None:
-        known = _HAS_KERNEL[key] = torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"fused_optim::{op_name}", dispatch_key)
-    return known
-
-
-if C is not None:
-    for _op in ("adam_", "sgd_"):
-        for _key in ("CPU", "CUDA"):
-            op_has_kernel(_op, _key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op_name}",
+                                                          dispatch_key)

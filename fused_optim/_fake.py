@@ -2,20 +2,23 @@
 
 The ops mutate their list arguments and return nothing, so under FakeTensors there is
 nothing to compute: the schema's alias annotations already tell the compiler what
-changes. What the fake kernels do is check the inputs the way the C++ kernels do
+changes. What a fake kernel does is check the inputs the way the C++ kernels do
 (csrc/ops_common.h, same messages), so that bad input raises the same RuntimeError when
 traced, and when a call mixes devices: the dispatcher sends a call with any 'meta'
-tensor to this kernel, never to the C++ one.
+tensor to this kernel, never to the C++ one. One kernel serves every op: it reads the
+op's spec.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from fused_optim import _extension
+from fused_optim.spec import Spec
+
+__all__ = ["register_fake_kernel", "check_call"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -79,38 +82,35 @@ def _check_common(op: str, params: Sequence[Tensor], lr: Tensor, grad_scale: Ten
             f"{op}: {name} is on {t.device} but the params are on {device}"))
 
 
-if _extension.C is not None:
-
-    @torch.library.register_fake("fused_optim::adam_")
-    def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                   lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-                   decoupled_weight_decay, grad_scale=None, found_inf=None) -> None:
-        op = "fused_optim::adam_"
-        lists = [("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
-                 ("exp_avg_sqs", exp_avg_sqs)]
-        if amsgrad:
-            lists.append(("max_exp_avg_sqs", max_exp_avg_sqs))
+def check_call(spec: Spec, op: str, lists: Sequence[Sequence[Tensor]], lr: Tensor,
+               grad_scale: Tensor | None, found_inf: Tensor | None, h: dict[str, Any]) -> None:
+    """The checks of csrc/ops_common.h on one call of spec's op, with its messages."""
+    args = spec.list_args()
+    by_arg = dict(zip(args, lists))
+    checked = [("params", by_arg["params"]), ("grads", by_arg["grads"])]
+    for s in spec.lists:
+        if spec.has(s, h):
+            checked.append((s.arg, by_arg[s.arg]))
         else:
-            torch._check(len(max_exp_avg_sqs) == 0, lambda: (
-                f"{op}: max_exp_avg_sqs must be empty when amsgrad=False, got "
-                f"{len(max_exp_avg_sqs)}"))
-        _check_bucket(op, lists)
-        _check_common(op, params, lr, grad_scale, found_inf)
-        if params:
-            _check_scalars(op, "state_steps", state_steps, len(params), params[0].device)
+            value = h[s.when]
+            shown = "False" if isinstance(value, bool) else f"{value:g}"
+            torch._check(len(by_arg[s.arg]) == 0, lambda: (
+                f"{op}: {s.arg} must be empty when {s.when}={shown}, got {len(by_arg[s.arg])}"))
+    _check_bucket(op, checked)
+    params = by_arg["params"]
+    _check_common(op, params, lr, grad_scale, found_inf)
+    if params:
+        for s, tensors in zip(spec.scalars, lists[len(args):]):
+            _check_scalars(op, s.arg, tensors, len(params), params[0].device)
+
+
+def register_fake_kernel(spec: Spec) -> None:
+    """Registers the fake kernel of torch.ops.fused_optim.<spec.op>."""
+    n_lists = len(spec.list_args()) + len(spec.scalars)
+    op = f"fused_optim::{spec.op}"
+
+    def fake(*lists, lr, grad_scale=None, found_inf=None, **h) -> None:
+        check_call(spec, op, lists[:n_lists], lr, grad_scale, found_inf, h)
         return None
 
-    @torch.library.register_fake("fused_optim::sgd_")
-    def _sgd_fake(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-                  nesterov, maximize, is_first_step, grad_scale=None, found_inf=None) -> None:
-        op = "fused_optim::sgd_"
-        lists = [("params", params), ("grads", grads)]
-        if momentum != 0.0:
-            lists.append(("momentum_buffers", momentum_buffers))
-        else:
-            torch._check(len(momentum_buffers) == 0, lambda: (
-                f"{op}: momentum_buffers must be empty when momentum=0, got "
-                f"{len(momentum_buffers)}"))
-        _check_bucket(op, lists)
-        _check_common(op, params, lr, grad_scale, found_inf)
-        return None
+    torch.library.register_fake(op, fake)

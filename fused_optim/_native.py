@@ -1,8 +1,9 @@
 """The C++ backends: "cpu" (csrc/cpu) and "cuda" (csrc/cuda).
 
-Both call the same dispatcher ops, torch.ops.fused_optim.adam_ / sgd_; the dispatcher
-picks the CPU or CUDA kernel from the tensors' device. They are two registry entries so
-a user can ask for one explicitly and get a clear error where it cannot run.
+Both call the same dispatcher ops, torch.ops.fused_optim.<name>_ (registered from each
+optimizer's spec, _ops.py); the dispatcher picks the CPU or CUDA kernel from the
+tensors' device. They are two registry entries so a user can ask for one explicitly and
+get a clear error where it cannot run.
 """
 
 from __future__ import annotations
@@ -15,14 +16,10 @@ from fused_optim.backends import Backend, register_backend
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _adam_(*args, **kwargs) -> None:
+def _step(spec, *lists, **kwargs) -> None:
     # The op bumps the version counters of what it mutates (csrc/ops.cpp, [note:
     # version counters of mutated tensors]).
-    torch.ops.fused_optim.adam_(*args, **kwargs)
-
-
-def _sgd_(*args, **kwargs) -> None:
-    torch.ops.fused_optim.sgd_(*args, **kwargs)
+    getattr(torch.ops.fused_optim, spec.op)(*lists, **kwargs)
 
 
 def _unavailable_for(device_type: str, dispatch_key: str):
@@ -33,16 +30,16 @@ def _unavailable_for(device_type: str, dispatch_key: str):
             return f"runs {device_type} tensors only"
         if dtype not in _DTYPES:
             return f"dtype {dtype} is not supported (float32, float64, float16, bfloat16 are)"
-        if not _extension.op_has_kernel("adam_", dispatch_key):
+        if not _extension.has_kernels(dispatch_key):
             return f"fused_optim._C was built without {device_type.upper()} kernels"
         return None
 
     return unavailable
 
 
-# The eager group entries (csrc/eager.cpp) run the same dispatcher kernels as _adam_ /
-# _sgd_, for whichever device the group's params are on.
-_ENTRIES = {name: getattr(_extension.C, name, None) for name in ("adam_group_", "sgd_group_")}
+# The eager group entry (csrc/eager.cpp) runs the same implementation as the ops, for
+# whichever device the group's params are on.
+_ENTRY = getattr(_extension.C, "step_group_", None)
 
-register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _adam_, _sgd_, **_ENTRIES))
-register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _adam_, _sgd_, **_ENTRIES))
+register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY))
+register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY))

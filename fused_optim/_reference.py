@@ -1,29 +1,74 @@
-"""The "reference" backend: plain torch, one tensor at a time.
+"""The "reference" backend: plain torch, one tensor at a time, for every optimizer.
 
-This is the definition of what every other backend computes (the C++ math in
-csrc/include/fused_optim/math/ and the Triton math in triton_kernels/ follow it
-operation by operation), the oracle of the low-precision tests, and the last fallback
-when no compiled backend can run a bucket. It takes the ops' arguments (csrc/ops.cpp):
+Each optimizer's math in plain torch is its spec's ``reference`` function (next to its
+class, e.g. fused_optim/adam.py); this module runs it over a bucket the way the fused
+kernels run theirs. It is the definition of what every other backend computes (the C++
+math in csrc/include/fused_optim/math/ and the Triton math in triton_kernels/ follow
+it operation by operation), the oracle of the low-precision tests, the last fallback
+when no compiled backend can run a bucket, and the path of ``differentiable=True``
+(every operation is an autograd op). It takes the ops' arguments (fused_optim/spec.py):
 
   * compute in opmath (float64 for float64 storage, float32 otherwise), round once when
     storing, as the fused kernels do;
-  * per-tensor bias corrections from each tensor's own step, in float64, as torch.optim
-    computes them in Python floats;
-  * found_inf != 0 leaves every tensor untouched, steps included, without a host sync
+  * per-tensor scalars from each tensor's own state, in float64, as torch.optim computes
+    them in Python floats; arithmetic with lr in lr's dtype ([note: lr arithmetic] in
+    csrc/include/fused_optim/math/stages.h: ``lr_mul``, ``lr_div`` below);
+  * found_inf != 0 leaves every tensor untouched, state included, without a host sync
     (the update is computed and then selected away with torch.where);
-  * grads are divided by grad_scale and left unscaled.
+  * grads are divided by grad_scale and left unscaled, then negated for maximize.
+
+A spec's reference function is called per param as
+``reference(x, grad, state, lr, h)``: ``x`` maps "param" and the key of each state list
+the call has ("exp_avg") to opmath copies, ``grad`` is the unscaled, signed grad,
+``state`` maps each per-tensor state key ("step") to its tensor, ``lr`` is a 0-dim
+tensor of lr's dtype, ``h`` the float and bool arguments by name. It replaces the
+entries of ``x`` and ``state`` with their new values.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fused_optim.backends import Backend, register_backend
+from fused_optim.spec import Spec
+
+__all__ = ["step", "lr_mul", "lr_div", "lr_sub_from", "opmath_of"]
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
+def opmath_of(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lr_opmath(lr: Tensor) -> torch.dtype:
+    return torch.float64 if lr.dtype == torch.float64 else torch.float32
+
+
+def lr_mul(lr: Tensor, x: float | Tensor) -> Tensor:
+    """lr * x as torch.optim computes it with this lr: in lr's dtype (a Python float x
+    rounded to it first, as a tensor-scalar op does)."""
+    om = _lr_opmath(lr)
+    return (lr.to(om) * _as(x, om, lr)).to(lr.dtype)
+
+
+def lr_div(lr: Tensor, x: float | Tensor) -> Tensor:
+    """lr / x in lr's dtype (see lr_mul)."""
+    om = _lr_opmath(lr)
+    return (lr.to(om) / _as(x, om, lr)).to(lr.dtype)
+
+
+def lr_sub_from(a: float, t: Tensor) -> Tensor:
+    """a - t for a tensor t of lr's dtype, in that dtype (torch's ``1 - lr * wd``)."""
+    om = _lr_opmath(t)
+    return (a - t.to(om)).to(t.dtype)
+
+
+def _as(x: float | Tensor, dtype: torch.dtype, like: Tensor) -> Tensor | float:
+    if isinstance(x, Tensor):
+        return x.to(device=like.device, dtype=dtype)
+    return torch.tensor(x, dtype=dtype, device=like.device)
 
 
 def _store(dst: Tensor, value: Tensor, keep: Tensor | None) -> None:
@@ -31,7 +76,7 @@ def _store(dst: Tensor, value: Tensor, keep: Tensor | None) -> None:
     if keep is None:
         dst.copy_(value)
     else:
-        dst.copy_(torch.where(keep, value, dst.to(value.dtype)))
+        dst.copy_(torch.where(keep.to(dst.device), value, dst.to(value.dtype)))
 
 
 def _skip_mask(found_inf: Tensor | None) -> Tensor | None:
@@ -47,74 +92,32 @@ def _unscaled_grad(grad: Tensor, opmath: torch.dtype, grad_scale: Tensor | None,
     return g
 
 
-def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor],
-          *, lr: Tensor, beta1: float, beta2: float, weight_decay: float, eps: float,
-          amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-          grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None = None,
+         found_inf: Tensor | None = None, **h: Any) -> None:
+    """One step of `spec`'s optimizer over one bucket, with the op's arguments."""
+    list_args = spec.list_args()
+    n = len(list_args)
+    by_arg = dict(zip(list_args, lists[:n]))
+    states = [(s.key, t) for s, t in zip(spec.scalars, lists[n:])]
+    present = [(s.key, by_arg[s.arg]) for s in spec.lists if spec.has(s, h)]
+    params, grads = by_arg["params"], by_arg["grads"]
     keep = _skip_mask(found_inf)
+    maximize = bool(h.get("maximize", False))
     for i, param in enumerate(params):
-        opmath = _opmath(param.dtype)
-        lr64 = lr.reshape(()).to(device=param.device, dtype=torch.float64)
-        p = param.to(opmath, copy=True)
-        g = _unscaled_grad(grads[i], opmath, grad_scale, keep)
-        m = exp_avgs[i].to(opmath, copy=True)
-        v = exp_avg_sqs[i].to(opmath, copy=True)
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p = p * (1 - lr64 * weight_decay).to(opmath)
-            else:
-                g = g + weight_decay * p
-        m = torch.lerp(m, g, 1 - beta1)
-        v = v * beta2 + (1 - beta2) * (g * g)
-        second_moment = v
-        if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].to(opmath), v)
-            second_moment = vmax
-        step = state_steps[i] + 1
-        step64 = step.to(device=param.device, dtype=torch.float64)
-        bias_correction1 = 1 - beta1**step64
-        bias_correction2 = 1 - beta2**step64
-        neg_step_size = (-(lr64 / bias_correction1)).to(opmath)
-        # torch.optim divides by sqrt(1 - beta2^t); the kernels multiply by its
-        # reciprocal, computed in double (one division less per element, <= 1 ulp).
-        inv_bias_correction2_sqrt = (1 / bias_correction2.sqrt()).to(opmath)
-        denom = second_moment.sqrt() * inv_bias_correction2_sqrt + eps
-        p = p + neg_step_size * (m / denom)
-
-        _store(param, p, keep)
-        _store(exp_avgs[i], m, keep)
-        _store(exp_avg_sqs[i], v, keep)
-        if amsgrad:
-            _store(max_exp_avg_sqs[i], vmax, keep)
-        _store(state_steps[i], step, None if keep is None else keep.to(step.device))
-
-
-def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *,
-         lr: Tensor, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-         maximize: bool, is_first_step: bool, grad_scale: Tensor | None = None,
-         found_inf: Tensor | None = None) -> None:
-    keep = _skip_mask(found_inf)
-    for i, param in enumerate(params):
-        opmath = _opmath(param.dtype)
-        neg_lr = (-lr.reshape(()).to(device=param.device, dtype=torch.float64)).to(opmath)
-        p = param.to(opmath, copy=True)
+        opmath = opmath_of(param.dtype)
+        x = {"param": param.to(opmath, copy=True)}
+        for key, tensors in present:
+            x[key] = tensors[i].to(opmath, copy=True)
         g = _unscaled_grad(grads[i], opmath, grad_scale, keep)
         if maximize:
             g = -g
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        if momentum != 0:
-            if is_first_step:
-                buf = g.clone()
-            else:
-                buf = momentum_buffers[i].to(opmath) * momentum + (1 - dampening) * g
-            g = g + momentum * buf if nesterov else buf
-            _store(momentum_buffers[i], buf, keep)
-        p = p + neg_lr * g
-        _store(param, p, keep)
+        state = {key: tensors[i] for key, tensors in states}
+        spec.reference(x, g, state, lr.reshape(()).to(param.device), h)
+        _store(param, x["param"], keep)
+        for key, tensors in present:
+            _store(tensors[i], x[key], keep)
+        for key, tensors in states:
+            _store(tensors[i], state[key], keep)
 
 
 def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -123,4 +126,4 @@ def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-register_backend(Backend("reference", _unavailable, adam_, sgd_))
+register_backend(Backend("reference", _unavailable, step))

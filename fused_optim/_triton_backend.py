@@ -97,7 +97,7 @@ def _kernels_interpreted() -> bool | None:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return None
-    return isinstance(launcher._adam_table_kernel, InterpretedFunction)
+    return isinstance(launcher._table_kernel, InterpretedFunction)
 
 
 def _driver_unavailable(device_type: str) -> str | None:
@@ -151,12 +151,8 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _adam_(*args, **kwargs) -> None:
-    load_kernels().adam_(*args, **kwargs)
+def _step(spec, *lists, **kwargs) -> None:
+    load_kernels().step(spec, *lists, **kwargs)
 
 
-def _sgd_(*args, **kwargs) -> None:
-    load_kernels().sgd_(*args, **kwargs)
-
-
-register_backend(Backend("triton", unavailable, _adam_, _sgd_))
+register_backend(Backend("triton", unavailable, _step))

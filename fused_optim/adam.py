@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_optim._reference import lr_div, lr_mul, lr_sub_from
 from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
 def _to_scalar(x: Any) -> Any:
@@ -17,10 +19,35 @@ def _to_scalar(x: Any) -> Any:
     return x
 
 
-def _as_float(x: Any) -> float:
-    # Beta tensors are read once per step; on a GPU that is a sync, as in torch.optim's
-    # non-capturable path. Floats (the common case) cost nothing.
-    return float(x)
+def adam_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor], lr: Tensor,
+                   h: dict[str, Any]) -> None:
+    """One Adam step of one tensor in plain torch (see fused_optim/_reference.py); the
+    kernels' math (math/adam.h, triton_kernels/math.py) follows it op by op."""
+    p, g, m, v = x["param"], grad, x["exp_avg"], x["exp_avg_sq"]
+    opmath = p.dtype
+    beta1, beta2, weight_decay, eps = h["beta1"], h["beta2"], h["weight_decay"], h["eps"]
+    if weight_decay != 0:
+        if h["decoupled_weight_decay"]:
+            p = p * lr_sub_from(1, lr_mul(lr, weight_decay)).to(opmath)
+        else:
+            g = g + weight_decay * p
+    m = torch.lerp(m, g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * (g * g)
+    second_moment = v
+    if "max_exp_avg_sq" in x:
+        x["max_exp_avg_sq"] = second_moment = torch.maximum(x["max_exp_avg_sq"], v)
+    step = state["step"] + 1
+    step64 = step.to(torch.float64)
+    bias_correction1 = 1 - beta1**step64
+    bias_correction2 = 1 - beta2**step64
+    neg_step_size = (-lr_div(lr, bias_correction1)).to(opmath)
+    # torch.optim divides by sqrt(1 - beta2^t); the kernels multiply by its
+    # reciprocal, computed in double (one division less per element, <= 1 ulp).
+    inv_bias_correction2_sqrt = (1 / bias_correction2.sqrt()).to(opmath)
+    denom = second_moment.sqrt() * inv_bias_correction2_sqrt + eps
+    x["param"] = p + neg_step_size * (m / denom)
+    x["exp_avg"], x["exp_avg_sq"] = m, v
+    state["step"] = step
 
 
 class Adam(FusedOptimizer):
@@ -56,8 +83,8 @@ class Adam(FusedOptimizer):
             kept in the param groups; every fused_optim step is fused and needs no host
             sync, so they change nothing.
         maximize (bool, optional): maximize the objective (default: False).
-        differentiable (bool, optional): must be False; the fused kernels are not
-            differentiable (use torch.optim for that).
+        differentiable (bool, optional): record the step for autograd, as torch.optim
+            does (default: False); such groups run the reference math in torch ops.
         decoupled_weight_decay (bool, optional): AdamW's decoupled decay (default: False).
         {backend}
 
@@ -71,6 +98,19 @@ class Adam(FusedOptimizer):
     Reddi et al., "On the Convergence of Adam and Beyond" (2018);
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2017).
     """
+
+    spec = Spec(
+        name="adam",
+        lists=(StateList("exp_avgs", "exp_avg"), StateList("exp_avg_sqs", "exp_avg_sq"),
+               StateList("max_exp_avg_sqs", "max_exp_avg_sq", when="amsgrad")),
+        scalars=(ScalarState("state_steps", "step"),),
+        hypers=(Hyper("beta1", float, "betas", 0), Hyper("beta2", float, "betas", 1),
+                Hyper("weight_decay"), Hyper("eps"), Hyper("amsgrad", bool),
+                Hyper("maximize", bool), Hyper("decoupled_weight_decay", bool)),
+        reference=adam_reference,
+    )
+    _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+    _foreach_capturable_first = True
 
     def __init__(
         self,
@@ -125,11 +165,6 @@ class Adam(FusedOptimizer):
             raise RuntimeError("`fused` does not support `differentiable`")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if differentiable:
-            raise RuntimeError(
-                f"fused_optim.{type(self).__name__} does not support differentiable=True: "
-                f"its kernels are not differentiable; use torch.optim.{type(self).__name__}"
-            )
         betas = tuple(map(_to_scalar, betas))
         defaults = {
             "lr": lr,
@@ -156,82 +191,6 @@ class Adam(FusedOptimizer):
             "fused": None,
             "decoupled_weight_decay": False,
         }
-
-    def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        keys = ["step", "exp_avg", "exp_avg_sq"]
-        if group["amsgrad"]:
-            keys.append("max_exp_avg_sq")
-        return keys
-
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                    state_steps) -> None:
-        """Fills the lists with the group's params that have grads and their state,
-        creating the state on first use with torch.optim.Adam's keys and dtypes (the
-        step counter on the param's device, as torch's fused Adam keeps it). This loop
-        runs per param per step, so it is kept lean (complex params are found later,
-        from the bucket's dtype)."""
-        amsgrad = group["amsgrad"]
-        state_of = self.state
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(
-                    "Adam does not support sparse gradients, please consider SparseAdam instead"
-                )
-            params.append(p)
-            grads.append(grad)
-            state = state_of[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if amsgrad:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            state_steps.append(state["step"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model and
-                returns the loss.
-        """
-        loss = self._evaluate_closure(closure)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                beta1=_as_float(beta1),
-                beta2=_as_float(beta2),
-                weight_decay=float(group["weight_decay"]),
-                eps=float(group["eps"]),
-                amsgrad=bool(group["amsgrad"]),
-                maximize=bool(group["maximize"]),
-                decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-            )
-            if self._step_group_eager(group, "adam_", **hyper):
-                continue
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
-                [], [], [], [], [], []
-            )
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                             state_steps)
-            self._run_buckets(
-                group,
-                "adam_",
-                [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
-                [state_steps],
-                **hyper,
-            )
-        return loss
 
 
 class AdamW(Adam):

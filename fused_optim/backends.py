@@ -1,9 +1,9 @@
 """One registry of backends, and the rule that picks one per (device, dtype) bucket.
 
 A backend runs one optimizer step over one bucket: lists of tensors that share a device
-and a dtype. Every backend implements the same functions with the same signatures as the
-ops in csrc/ops.cpp (``adam_``, ``sgd_``), so the optimizer classes never know which one
-ran. Backends:
+and a dtype. Every backend implements one function, ``step(spec, *lists, lr=..., **args)``,
+with the arguments of the optimizer's op (its schema, fused_optim/spec.py), for every
+optimizer, so the optimizer classes never know which one ran. Backends:
 
   "cpu"        csrc/cpu: C++, one OpenMP-style parallel region + SIMD, CPU tensors
   "cuda"       csrc/cuda: C++/CUDA multi-tensor engine, CUDA tensors
@@ -47,24 +47,22 @@ DEFAULT_AUTO_ORDER = ["reference"]
 
 @dataclass(frozen=True)
 class Backend:
-    """A backend: a name, an availability check and one function per algorithm.
+    """A backend: a name, an availability check and one step function for every
+    optimizer.
 
     ``unavailable`` returns None when the backend can run a bucket of this device and
-    dtype, else a one-line reason. The algorithm functions have the signatures of the
-    torch.ops.fused_optim ops (see csrc/ops.cpp) and mutate their list arguments; the
-    group entries are a shortcut to the same kernels (csrc/eager.cpp).
+    dtype, else a one-line reason. ``step(spec, *lists, lr=..., grad_scale=...,
+    found_inf=..., **hyper)`` takes the arguments of the spec's op (the lists in schema
+    order, then its keyword arguments) and mutates the lists. ``step_group`` is an
+    optional whole-group entry (csrc/eager.cpp): one eager step of a param group read
+    straight from its params list and the optimizer's state, or False (nothing
+    changed) when the group needs the list path; see FusedOptimizer._step_group_eager.
     """
 
     name: str
     unavailable: Callable[[torch.device, torch.dtype], str | None]
-    adam_: Callable[..., None]
-    sgd_: Callable[..., None]
-    # Optional whole-group entries (``adam_group_(params, state, **args) -> bool``): one
-    # eager step of a param group read straight from its params list and the optimizer's
-    # state, or False (nothing changed) when the group needs the list path above. See
-    # FusedOptimizer._step_group_eager.
-    adam_group_: Callable[..., bool] | None = None
-    sgd_group_: Callable[..., bool] | None = None
+    step: Callable[..., None]
+    step_group: Callable[..., bool] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -1,10 +1,11 @@
 """The base class of fused_optim's optimizers: torch.optim bookkeeping, fused dispatch.
 
-A subclass (Adam, SGD, ...) provides what torch.optim's class provides: validation,
-defaults, ``_init_group`` (lazy state with torch.optim's keys) and a ``step`` that
-gathers the group's flat tensor lists. This class does the rest, once for every
-algorithm:
+A subclass (Adam, SGD, ...) provides what torch.optim's class provides: its signature,
+validation and defaults, and its spec (fused_optim/spec.py: state lists and keys,
+per-tensor state, arguments). This class does the rest, once for every optimizer, by
+reading the spec:
 
+  * creates each param's state lazily with torch.optim's keys (``_init_group``),
   * turns complex tensors into real views and DTensors into their local shards,
   * groups the rows (one param with its grad and state) by (device, dtype),
   * picks a backend per bucket (fused_optim.backends) and makes ONE call per bucket,
@@ -17,13 +18,15 @@ algorithm:
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fused_optim import _ops  # noqa: F401  (registers each spec's op as it is registered)
 from fused_optim.backends import get_backend, select_backend
+from fused_optim.spec import Spec, register
 
 _BACKEND_DOC = """backend (str, optional): which implementation runs the step: "auto" (default:
             the environment variable FUSED_OPTIM_BACKEND if set, else the fastest backend
@@ -67,7 +70,23 @@ def _same_dense_layout(row: list[Tensor]) -> bool:
 
 
 class FusedOptimizer(Optimizer):
-    """torch.optim.Optimizer plus the fused, backend-dispatched step machinery."""
+    """torch.optim.Optimizer plus the fused, backend-dispatched step machinery, driven by
+    the subclass's ``spec``."""
+
+    spec: ClassVar[Spec]
+    # The RuntimeError a sparse grad raises (torch's message where torch raises one).
+    _sparse_error: ClassVar[str | None] = None
+    # How torch.optim's single-tensor and foreach paths of this optimizer check
+    # capturable=True (whether "xla" is in the devices they name, and whether its foreach
+    # path checks capturable before differentiable): see _check_torch_paths.
+    _capturable_xla: ClassVar[tuple[bool, bool]] = (True, False)
+    _foreach_capturable_first: ClassVar[bool] = False
+    _foreach_rejects_differentiable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            register(cls.spec)  # defines its op (fused_optim/_ops.py)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto") -> None:
         _check_backend_name(backend)
@@ -77,6 +96,11 @@ class FusedOptimizer(Optimizer):
         # torch.amp.GradScaler then passes grad_scale / found_inf instead of unscaling
         # grads and syncing on found_inf itself.
         self._step_supports_amp_scaling = True
+        if self.spec.state_at_init:
+            # As torch.optim (Adagrad): every param's state exists from the start.
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._create_state(group, p, self.state[p])
 
     # -- torch.optim contract ----------------------------------------------------
 
@@ -142,12 +166,15 @@ class FusedOptimizer(Optimizer):
                 f"{sorted(state)} but {type(self).__name__} needs {expected} "
                 f"(missing {missing}); is the state_dict from another optimizer?"
             )
+        scalar_keys = {s.key for s in self.spec.scalars}
         for key in expected:
             value = state[key]
-            if key == "step":
+            if key in scalar_keys:
                 if not isinstance(value, Tensor):
-                    value = torch.tensor(float(value))
-                state["step"] = value.to(device=p.device, dtype=torch.float32)
+                    value = torch.tensor(float(value), dtype=_scalar_dtype())
+                dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else (
+                    torch.float32)
+                state[key] = value.to(device=p.device, dtype=dtype)
                 continue
             if not isinstance(value, Tensor) or value.shape != p.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -161,15 +188,73 @@ class FusedOptimizer(Optimizer):
                 # the param's layout, once, here.
                 state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
-    # -- what subclasses provide ---------------------------------------------------
-
     def _group_defaults(self) -> dict[str, Any]:
-        """Keys a group loaded from an older state_dict may lack, with their defaults."""
+        """Keys a group loaded from an older state_dict may lack, with their defaults
+        (torch.optim's ``__setstate__`` defaults)."""
         return {}
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         """The per-param state keys this optimizer keeps under the group's options."""
-        raise NotImplementedError
+        return self.spec.state_keys(group)
+
+    # -- state -------------------------------------------------------------------------
+
+    def _create_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        """Fills a param's missing state with torch.optim's keys, dtypes and initial
+        values (the step counters on the param's device: the kernels read them there
+        without a host sync)."""
+        spec = self.spec
+        for s in spec.scalars:
+            if s.key not in state:
+                state[s.key] = torch.full((), s.init, dtype=_scalar_dtype(group), device=p.device)
+        hyper = self._hyper(group)
+        for s in spec.lists:
+            if s.key in state or not spec.has(s, hyper):
+                continue
+            init = self.defaults[s.init] if isinstance(s.init, str) else s.init
+            if init == 0:
+                state[s.key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                value = complex(init, init) if p.is_complex() else init
+                state[s.key] = torch.full_like(p, value, memory_format=torch.preserve_format)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The op's float and bool arguments for a param group (spec order)."""
+        return {h.name: h.value(group) for h in self.spec.hypers if h.group_key != ""}
+
+    def _init_group(self, group: dict[str, Any], *lists: list[Tensor]) -> bool:
+        """Fills `lists`, one empty list per op list argument (spec.list_args()) and per
+        per-tensor state list, with the group's params that have grads, their grads and
+        state (a list the group's options leave out stays empty), creating state on
+        first use. Every grad is checked first, so a rejected step creates no state.
+
+        torch.optim's protocol (the lists filled in place, a constant returned):
+        torch.compile runs ``_init_group`` eagerly instead of tracing it, and installs
+        guards on what it read."""
+        spec = self.spec
+        hyper = self._hyper(group)
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        for p in with_grad:
+            if p.grad.is_sparse:
+                raise RuntimeError(self._sparse_error
+                                   or f"{type(self).__name__} does not support sparse gradients")
+        present = [(s.key, lists[2 + i]) for i, s in enumerate(spec.lists) if spec.has(s, hyper)]
+        states = [(s.key, lists[len(spec.lists) + 2 + j]) for j, s in enumerate(spec.scalars)]
+        keys = [key for key, _ in (*states, *present)]
+        if group.get("fused"):
+            self._check_fused(group, with_grad, keys)
+        lists[0].extend(with_grad)
+        lists[1].extend(p.grad for p in with_grad)
+        state_of = self.state
+        for p in with_grad:
+            state = state_of[p]
+            if any(key not in state for key in keys):
+                self._create_state(group, p, state)
+            for key, lst in present:
+                lst.append(state[key])
+            for key, lst in states:
+                lst.append(state[key])
+        return False
 
     # -- the fused step ------------------------------------------------------------
 
@@ -181,22 +266,106 @@ class FusedOptimizer(Optimizer):
         with torch.enable_grad():
             return closure()
 
-    def _step_group_eager(self, group: dict[str, Any], algorithm: str, **hyper: Any) -> bool:
+    def step(self, closure=None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and
+                returns the loss.
+        """
+        loss = self._evaluate_closure(closure)
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            for group in self.param_groups:
+                self._step_group(group)
+        return loss
+
+    def _check_torch_paths(self, group: dict[str, Any]) -> None:
+        """What torch.optim checks on the implementation `foreach` / `fused` select, and
+        raises for, with its messages (fused_optim runs one implementation whatever they
+        say, so it accepts what torch accepts and rejects what torch rejects):
+
+          * fused=True: every param a floating-point tensor of a device with fused
+            kernels (torch's own check), on a param's first step (in _init_group, as
+            torch does it);
+          * foreach=True: no differentiable=True, and with capturable=True params on a
+            device torch can capture;
+          * otherwise (the single-tensor path) with capturable=True the same devices.
+        Not while compiling: torch.compile decides capturable itself, as in torch.optim
+        ([note: torch.compile x capturable] there).
+        """
+        if group.get("fused") or not (group.get("foreach") or group.get("capturable")
+                                      or group.get("differentiable")):
+            return
+        if torch.compiler.is_compiling():
+            return
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        from torch.optim import optimizer as torch_optimizer
+
+        def check_capturable(supports_xla: bool) -> None:
+            if not group.get("capturable"):
+                return
+            devices = torch_optimizer._get_capturable_supported_devices(supports_xla)
+            if not all(p.device.type in devices for p in params):
+                raise AssertionError(
+                    "If capturable=True, params and state_steps must be on supported "
+                    f"devices: {devices}.")
+
+        single_xla, foreach_xla = self._capturable_xla
+        if group.get("foreach"):
+            if self._foreach_capturable_first:
+                check_capturable(foreach_xla)
+            if group.get("differentiable") and self._foreach_rejects_differentiable:
+                raise AssertionError("_foreach ops don't support autograd")
+            check_capturable(foreach_xla)
+        else:
+            check_capturable(single_xla)
+
+    def _check_fused(self, group: dict[str, Any], params: list[Tensor], keys: list[str]) -> None:
+        """fused=True: torch's own device and dtype check, on each param's first step."""
+        from torch.optim import optimizer as torch_optimizer
+
+        for p in params:
+            state = self.state.get(p, {})
+            if not self._fused_checked or any(k not in state for k in keys):
+                torch_optimizer._device_dtype_check_for_fused(p)
+        self._fused_checked = True
+
+    _fused_checked = False
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """One step of one param group: the eager entry, else lists, buckets, backends."""
+        self._check_torch_paths(group)
+        hyper = self._hyper(group)
+        if self._step_group_eager(group, hyper):
+            return
+        lists, states = self._group_lists(group)
+        self._run_buckets(group, lists, states, hyper)
+
+    def _group_lists(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+        """(the op's lists, the per-tensor state lists) of a group (_init_group)."""
+        n = len(self.spec.list_args())
+        lists: list[list[Tensor]] = [[] for _ in range(n + len(self.spec.scalars))]
+        self._init_group(group, *lists)
+        return lists[:n], lists[n:]
+
+    def _step_group_eager(self, group: dict[str, Any], hyper: dict[str, Any]) -> bool:
         """Runs the group's step through its backend's C++ group entry, if it has one and
         the group is the common case; False (nothing changed) sends the group down the
         list path (``_init_group`` + ``_run_buckets``).
 
         The entry (csrc/eager.cpp) reads each param's grad and state straight from the
-        objects and calls the same kernel the list path's op would: the list path spends
-        ~1 us per param in Python and op entry (4 ms a step at 2,048 params on the dev
-        machine), the entry ~0.7 us without building a Python object. It takes plain
-        tensors on one device with one real dtype, contiguous, with all their state;
-        everything else (first steps, complex, DTensor, other layouts, sparse grads and
-        every error message) stays on the list path. Never while tracing or under a
-        torch-function or dispatch mode: those must see the op itself.
+        objects and runs the op's own implementation: the list path spends ~1 us per
+        param in Python and op entry (4 ms a step at 2,048 params on the dev machine),
+        the entry ~0.7 us without building a Python object. It takes plain tensors on
+        one device with one real dtype, contiguous, with all their state; everything
+        else (first steps, complex, DTensor, other layouts, sparse grads and every error
+        message) stays on the list path. Never while tracing or under a torch-function
+        or dispatch mode: those must see the op itself.
         """
         params = group["params"]
-        if not params or not _eager_possible():
+        if not params or not _eager_possible() or group.get("differentiable"):
             return False
         p0 = params[0]
         dtype = p0.dtype
@@ -207,38 +376,43 @@ class FusedOptimizer(Optimizer):
             backend = select_backend(group["backend"], device, dtype)
         except ValueError:
             return False  # the list path raises it, for the bucket it concerns
-        entry = getattr(backend, algorithm + "group_")
+        entry = backend.step_group
         if entry is None:
             return False
+        spec = self.spec
         return entry(
+            spec.op,
             params,
             self.state,
-            lr=_lr_tensor(group["lr"], device),
-            grad_scale=_on_device(getattr(self, "grad_scale", None), device),
-            found_inf=_on_device(getattr(self, "found_inf", None), device),
-            **hyper,
+            [s.key if spec.has(s, hyper) else None for s in spec.lists],
+            [s.key for s in spec.scalars],
+            _lr_tensor(group["lr"], device),
+            [hyper[h.name] for h in spec.floats],
+            [hyper[h.name] for h in spec.flags],
+            _on_device(getattr(self, "grad_scale", None), device),
+            _on_device(getattr(self, "found_inf", None), device),
         )
 
-    def _run_buckets(self, group: dict[str, Any], algorithm: str,
-                     elementwise: list[list[Tensor]], per_tensor: list[list[Tensor]],
-                     **hyper: Any) -> None:
-        """Calls the backend's `algorithm` once per (device, dtype) bucket.
+    def _run_buckets(self, group: dict[str, Any], lists: list[list[Tensor]],
+                     states: list[list[Tensor]], hyper: dict[str, Any]) -> None:
+        """Calls the backend's step once per (device, dtype) bucket.
 
-        `elementwise` are parallel lists of tensors shaped like the params (params
+        `lists` are the op's element-wise lists, tensors shaped like the params (params
         first); a list may be empty (e.g. max_exp_avg_sqs without amsgrad) and then stays
-        empty in every bucket. `per_tensor` are lists of one-element tensors, one per
-        param (step counters). The backend gets `*elementwise, *per_tensor` in order.
+        empty in every bucket. `states` are lists of one-element tensors, one per param
+        (step counters). The backend gets `*lists, *states` in order.
         """
-        params = elementwise[0]
+        params = lists[0]
         if not params:
             return
-        buckets = self._single_bucket(elementwise, per_tensor)
+        buckets = self._single_bucket(lists, states)
         if buckets is None:
-            buckets = self._split_buckets(elementwise, per_tensor)
+            buckets = self._split_buckets(lists, states)
 
         lr = group["lr"]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        differentiable = bool(group.get("differentiable", False))
         per_device: dict[torch.device, tuple] = {}
         for (device, dtype, dense), bucket in buckets.items():
             if device not in per_device:
@@ -249,20 +423,20 @@ class FusedOptimizer(Optimizer):
                 )
             gs, fi, lr_t = per_device[device]
             backend = select_backend(group["backend"], device, dtype)
-            if not dense and backend.name != "reference":
+            if (not dense or differentiable) and backend.name != "reference":
                 # Rows whose tensors do not share one dense layout (e.g. a strided view
                 # as a param): the compiled kernels index flat memory, the reference
-                # uses torch ops and handles any strides.
+                # uses torch ops and handles any strides. differentiable=True: the
+                # reference's torch ops record the step for autograd.
                 backend = get_backend("reference")
-            fn: Callable[..., None] = getattr(backend, algorithm)
-            fn(*bucket, lr=lr_t, grad_scale=gs, found_inf=fi, **hyper)
+            backend.step(self.spec, *bucket, lr=lr_t, grad_scale=gs, found_inf=fi, **hyper)
 
     @staticmethod
-    def _single_bucket(elementwise: list[list[Tensor]], per_tensor: list[list[Tensor]]):
+    def _single_bucket(lists: list[list[Tensor]], states: list[list[Tensor]]):
         """The common case in one cheap pass: every param on one device with one real
         dtype, plain tensors, params and grads contiguous. Returns None otherwise.
         (At 2048 params this costs ~1 ms here; torch._C's grouping costs ~2.4 ms.)"""
-        params, grads = elementwise[0], elementwise[1]
+        params, grads = lists[0], lists[1]
         keys = {(p.device, p.dtype) for p in params}
         if len(keys) != 1:
             return None
@@ -276,21 +450,20 @@ class FusedOptimizer(Optimizer):
             return None
         # States are created like their params (preserve_format); the ops check every
         # tensor's layout in C++ and raise rather than misread memory.
-        return {(device, dtype, True): [*elementwise, *per_tensor]}
+        return {(device, dtype, True): [*lists, *states]}
 
     @staticmethod
-    def _split_buckets(elementwise: list[list[Tensor]], per_tensor: list[list[Tensor]]):
+    def _split_buckets(lists: list[list[Tensor]], states: list[list[Tensor]]):
         """Rows grouped by (device, dtype, dense layout), through real views and local
         shards."""
-        params = elementwise[0]
+        params = lists[0]
         dtensor_type = _dtensor_type()
         n = len(params)
-        used = [len(lst) == n for lst in elementwise]
-        n_lists = len(elementwise) + len(per_tensor)
+        used = [len(lst) == n for lst in lists]
+        n_lists = len(lists) + len(states)
         buckets: dict[tuple[torch.device, torch.dtype, bool], list[list[Tensor]]] = {}
         for i in range(n):
-            row = [_kernel_view(lst[i], dtensor_type)
-                   for lst, u in zip(elementwise, used) if u]
+            row = [_kernel_view(lst[i], dtensor_type) for lst, u in zip(lists, used) if u]
             p = row[0]
             key = (p.device, p.dtype, _same_dense_layout(row))
             bucket = buckets.get(key)
@@ -301,9 +474,18 @@ class FusedOptimizer(Optimizer):
                 if u:
                     bucket[k].append(row[j])
                     j += 1
-            for k, lst in enumerate(per_tensor):
-                bucket[len(elementwise) + k].append(lst[i])
+            for k, lst in enumerate(states):
+                bucket[len(lists) + k].append(lst[i])
         return buckets
+
+
+def _scalar_dtype(group: dict[str, Any] | None = None) -> torch.dtype:
+    """The dtype torch.optim gives a new step counter: float32, or float64 when the
+    default dtype is float64 (torch.optim.optimizer._get_scalar_dtype), float32 with
+    fused=True."""
+    if group is not None and group.get("fused"):
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _eager_possible() -> bool:

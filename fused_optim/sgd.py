@@ -9,6 +9,25 @@ import torch
 from torch import Tensor
 
 from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.spec import Hyper, Spec, StateList
+
+
+def sgd_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor], lr: Tensor,
+                  h: dict[str, Any]) -> None:
+    """One SGD step of one tensor in plain torch (see fused_optim/_reference.py)."""
+    p, g = x["param"], grad
+    opmath = p.dtype
+    momentum = h["momentum"]
+    if h["weight_decay"] != 0:
+        g = g + h["weight_decay"] * p
+    if "momentum_buffer" in x:
+        if h["is_first_step"]:
+            buf = g.clone()
+        else:
+            buf = x["momentum_buffer"] * momentum + (1 - h["dampening"]) * g
+        g = g + momentum * buf if h["nesterov"] else buf
+        x["momentum_buffer"] = buf
+    x["param"] = p + (-lr).to(opmath) * g
 
 
 def _is_nan(x: Any) -> bool:
@@ -46,7 +65,8 @@ class SGD(FusedOptimizer):
         maximize (bool, optional): maximize the objective (default: False).
         foreach, fused (optional): accepted for torch.optim compatibility and kept in the
             param groups; every fused_optim step is fused.
-        differentiable (bool, optional): must be False.
+        differentiable (bool, optional): record the step for autograd, as torch.optim
+            does (default: False); such groups run the reference math in torch ops.
         {backend}
 
     Example:
@@ -58,6 +78,20 @@ class SGD(FusedOptimizer):
     References: Sutskever et al., "On the importance of initialization and momentum in
     deep learning" (2013).
     """
+
+    spec = Spec(
+        name="sgd",
+        lists=(StateList("momentum_buffers", "momentum_buffer", when="momentum"),),
+        scalars=(),
+        hypers=(Hyper("momentum"), Hyper("dampening"), Hyper("weight_decay"),
+                Hyper("nesterov", bool), Hyper("maximize", bool),
+                Hyper("is_first_step", bool, group_key="")),
+        reference=sgd_reference,
+        bench={"momentum": 0.9},
+    )
+    _sparse_error = ("fused_optim.SGD does not support sparse gradients yet; use "
+                     "torch.optim.SGD for sparse gradients")
+    _foreach_rejects_differentiable = False  # torch.optim.SGD's foreach path has no check
 
     def __init__(
         self,
@@ -102,11 +136,6 @@ class SGD(FusedOptimizer):
             raise RuntimeError("`fused` does not support `differentiable`")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if differentiable:
-            raise RuntimeError(
-                "fused_optim.SGD does not support differentiable=True: its kernels are not "
-                "differentiable; use torch.optim.SGD"
-            )
         super().__init__(params, defaults, backend=backend)
 
     def _group_defaults(self) -> dict[str, Any]:
@@ -118,9 +147,6 @@ class SGD(FusedOptimizer):
             "fused": None,
         }
 
-    def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        return ["momentum_buffer"] if group["momentum"] != 0 else []
-
     def _check_loaded_state(self, group, p, state, where) -> None:
         # torch.optim.SGD may save momentum_buffer=None for a param that never stepped.
         if state.get("momentum_buffer", 0) is None:
@@ -129,82 +155,62 @@ class SGD(FusedOptimizer):
                 return
         super()._check_loaded_state(group, p, state, where)
 
-    def _init_group(self, group, params, grads, momentum_buffer_list) -> bool:
-        """Fills the lists with the group's params that have grads; momentum buffers are
-        None until a param's first step, as in torch.optim.SGD."""
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "fused_optim.SGD does not support sparse gradients; "
-                    "use torch.optim.SGD for sparse gradients"
-                )
-            params.append(p)
-            grads.append(p.grad)
-            if group["momentum"] != 0:
-                momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
-        return False
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model and
-                returns the loss.
-        """
-        loss = self._evaluate_closure(closure)
-        for group in self.param_groups:
-            hyper = dict(
-                momentum=float(group["momentum"]),
-                dampening=float(group["dampening"]),
-                weight_decay=float(group["weight_decay"]),
-                nesterov=bool(group["nesterov"]),
-                maximize=bool(group["maximize"]),
-            )
-            # Every buffer exists (or none is needed): one call from C++. A param's first
-            # momentum step takes the path below.
-            if self._step_group_eager(group, "sgd_", **hyper):
-                continue
-            params, grads, momentum_buffer_list = [], [], []
-            self._init_group(group, params, grads, momentum_buffer_list)
-            if not params:
-                continue
-            if group["momentum"] == 0:
-                self._run_buckets(group, "sgd_", [params, grads, []], [],
-                                  is_first_step=False, **hyper)
-                continue
-            # A buffer's first step copies the gradient into it (torch.optim.SGD's
-            # clone): the kernels take that as a flag, so new and existing buffers go in
-            # separate calls (both only when params gain grads mid-training).
-            first = [i for i, b in enumerate(momentum_buffer_list) if b is None]
-            for i in first:
-                buf = torch.zeros_like(params[i], memory_format=torch.preserve_format)
-                momentum_buffer_list[i] = buf
-                self.state[params[i]]["momentum_buffer"] = buf
-            first_set = set(first)
-            later = [i for i in range(len(params)) if i not in first_set]
-            for indices, is_first in ((first, True), (later, False)):
-                if not indices:
+    def _init_group(self, group: dict[str, Any], *lists) -> bool:
+        """FusedOptimizer's, plus, when given one more list, whether each param with a
+        grad takes its buffer's first step (no buffer yet, or torch.optim.SGD's None
+        marker) in it."""
+        op_lists, first = lists, []
+        if len(lists) > len(self.spec.list_args()):
+            *op_lists, first = lists
+        if group["momentum"] != 0:
+            for p in group["params"]:
+                if p.grad is None:
                     continue
-                if len(indices) == len(params):
-                    lists = [params, grads, momentum_buffer_list]
-                else:
-                    lists = [[lst[i] for i in indices]
-                             for lst in (params, grads, momentum_buffer_list)]
-                self._run_buckets(group, "sgd_", lists, [], is_first_step=is_first, **hyper)
-            found_inf = getattr(self, "found_inf", None)
-            if first and found_inf is not None and hyper["dampening"] != 0.0:
-                # A skipped first step (GradScaler found an inf) must leave the params
-                # without a buffer, as torch.optim.SGD never steps then: a zero buffer
-                # would make the next step b = (1 - dampening) * g instead of b = g.
-                # (With dampening 0 the two agree, so no sync there.) This reads
-                # found_inf on the host, once, on a param's first step only.
-                if bool(found_inf.reshape(()).item() != 0):
-                    for i in first:
-                        del self.state[params[i]]["momentum_buffer"]
-        return loss
+                state = self.state[p]
+                first.append(state.get("momentum_buffer") is None)
+                if "momentum_buffer" in state and state["momentum_buffer"] is None:
+                    del state["momentum_buffer"]
+        return super()._init_group(group, *op_lists)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """As FusedOptimizer's, except that a momentum buffer is created on its param's
+        first step as a copy of the (decayed) grad, as torch.optim.SGD does: the kernels
+        take that as a flag (is_first_step), so new and existing buffers go in separate
+        calls (both only when params gain grads mid-training)."""
+        self._check_torch_paths(group)
+        hyper = {**self._hyper(group), "is_first_step": False}
+        # Every buffer exists (or none is needed): one call from C++. A param's first
+        # momentum step takes the path below.
+        if self._step_group_eager(group, hyper):
+            return
+        lists: list[list[Tensor]] = [[] for _ in self.spec.list_args()]
+        is_first: list[bool] = []
+        self._init_group(group, *lists, is_first)  # checks grads, creates buffers
+        if not lists[0]:
+            return
+        if not is_first:
+            self._run_buckets(group, lists, [], hyper)
+            return
+        for flag in (True, False):
+            indices = [i for i, f in enumerate(is_first) if f == flag]
+            if not indices:
+                continue
+            if len(indices) == len(is_first):
+                part = lists
+            else:
+                part = [[lst[i] for i in indices] for lst in lists]
+            self._run_buckets(group, part, [], {**hyper, "is_first_step": flag})
+        found_inf = getattr(self, "found_inf", None)
+        if any(is_first) and found_inf is not None and hyper["dampening"] != 0.0:
+            # A skipped first step (GradScaler found an inf) must leave the params
+            # without a buffer, as torch.optim.SGD never steps then: a zero buffer
+            # would make the next step b = (1 - dampening) * g instead of b = g.
+            # (With dampening 0 the two agree, so no sync there.) This reads
+            # found_inf on the host, once, on a param's first step only.
+            if bool(found_inf.reshape(()).item() != 0):
+                for p, f in zip(lists[0], is_first):
+                    if f:
+                        del self.state[p]["momentum_buffer"]
 
 
 SGD.__doc__ = SGD.__doc__.replace("{backend}", _BACKEND_DOC)

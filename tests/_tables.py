@@ -16,7 +16,8 @@ import fused_optim
 from fused_optim import _extension
 
 # ---------------------------------------------------------------------------------------
-# Optimizers under test: (fused_optim class, torch.optim class, options).
+# Optimizers under test: one row per fused_optim class, with its torch.optim namesake, the
+# lr of its tests and its option cases.
 
 
 @dataclass(frozen=True)
@@ -35,62 +36,73 @@ class OptCase:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "lr")
         return f"{self.name}-{opts or 'default'}"
 
+    @property
+    def spec(self):
+        return self.fused.spec
+
+
+@dataclass(frozen=True)
+class OptimizerRow:
+    """An optimizer's cases. ``cases``: every option alone, then the combinations that
+    select different kernels (each a compile-time variant: a list an option adds, a term
+    an option adds or skips); ``full``: the cases with every option on, which also run
+    the expensive shapes and the contract tests; ``default``: the plain case of the
+    contract tests (torch's defaults, or the one that keeps state)."""
+
+    fused: type
+    torch: type
+    lr: float
+    cases: tuple[dict[str, Any], ...]
+    full: tuple[dict[str, Any], ...]
+    default: dict[str, Any] = field(default_factory=dict)
+
+    def case(self, options: dict[str, Any]) -> OptCase:
+        return OptCase(self.fused.__name__, self.fused, self.torch, {"lr": self.lr, **options})
+
 
 # lr is larger than torch's default so that every step moves the params by many ulps
 # even in bf16; weight decay is large enough that a wrong decay mode is visible.
 ADAM_LR = 1e-2
 SGD_LR = 5e-2
 
-
-def _adam(**kw) -> OptCase:
-    return OptCase("Adam", fused_optim.Adam, torch.optim.Adam, {"lr": ADAM_LR, **kw})
-
-
-def _adamw(**kw) -> OptCase:
-    return OptCase("AdamW", fused_optim.AdamW, torch.optim.AdamW, {"lr": ADAM_LR, **kw})
-
-
-def _sgd(**kw) -> OptCase:
-    return OptCase("SGD", fused_optim.SGD, torch.optim.SGD, {"lr": SGD_LR, **kw})
-
-
-OPTIMIZER_CASES: list[OptCase] = [
-    # Adam: every option alone, then the combinations that select different kernels
-    # (amsgrad x weight-decay mode x maximize).
-    _adam(),
-    _adam(amsgrad=True),
-    _adam(maximize=True),
-    _adam(weight_decay=0.1),
-    _adam(weight_decay=0.1, decoupled_weight_decay=True),
-    _adam(betas=(0.8, 0.99), eps=1e-6),
-    _adam(weight_decay=0.1, amsgrad=True, maximize=True),
-    _adam(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True),
-    # AdamW: default decay (1e-2), options, and no decay at all.
-    _adamw(),
-    _adamw(amsgrad=True),
-    _adamw(maximize=True),
-    _adamw(weight_decay=0.1, amsgrad=True, maximize=True),
-    _adamw(weight_decay=0.0),
-    # SGD: plain, momentum with and without dampening / nesterov, decay, maximize, all.
-    _sgd(),
-    _sgd(momentum=0.9),
-    _sgd(momentum=0.9, dampening=0.5),
-    _sgd(momentum=0.9, nesterov=True),
-    _sgd(weight_decay=0.1),
-    _sgd(maximize=True),
-    _sgd(momentum=0.9, dampening=0.3, weight_decay=0.1, maximize=True),
-    _sgd(momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+OPTIMIZERS: list[OptimizerRow] = [
+    OptimizerRow(
+        fused_optim.Adam, torch.optim.Adam, ADAM_LR,
+        cases=({}, {"amsgrad": True}, {"maximize": True}, {"weight_decay": 0.1},
+               {"weight_decay": 0.1, "decoupled_weight_decay": True},
+               {"betas": (0.8, 0.99), "eps": 1e-6},
+               {"weight_decay": 0.1, "amsgrad": True, "maximize": True},
+               {"weight_decay": 0.1, "decoupled_weight_decay": True, "amsgrad": True,
+                "maximize": True}),
+        full=({"weight_decay": 0.1, "amsgrad": True, "maximize": True},),
+    ),
+    OptimizerRow(
+        fused_optim.AdamW, torch.optim.AdamW, ADAM_LR,
+        cases=({}, {"amsgrad": True}, {"maximize": True},
+               {"weight_decay": 0.1, "amsgrad": True, "maximize": True}, {"weight_decay": 0.0}),
+        full=({"weight_decay": 0.1, "amsgrad": True, "maximize": True},),
+    ),
+    OptimizerRow(
+        fused_optim.SGD, torch.optim.SGD, SGD_LR,
+        cases=({}, {"momentum": 0.9}, {"momentum": 0.9, "dampening": 0.5},
+               {"momentum": 0.9, "nesterov": True}, {"weight_decay": 0.1}, {"maximize": True},
+               {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1, "maximize": True},
+               {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "maximize": True}),
+        full=({"momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "maximize": True},
+              {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
+        default={"momentum": 0.9},
+    ),
 ]
 
+OPTIMIZER_CASES: list[OptCase] = [row.case(o) for row in OPTIMIZERS for o in row.cases]
 # The case per algorithm with every option on, and the defaults: the subset that runs the
 # expensive shapes (chunk + 1, 100+ tensors) and the contract tests.
-FULL_CASES: list[OptCase] = [
-    _adam(weight_decay=0.1, amsgrad=True, maximize=True),
-    _adamw(weight_decay=0.1, amsgrad=True, maximize=True),
-    _sgd(momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
-    _sgd(momentum=0.9, dampening=0.3, weight_decay=0.1),
-]
-DEFAULT_CASES: list[OptCase] = [_adam(), _adamw(), _sgd(momentum=0.9)]
+FULL_CASES: list[OptCase] = [row.case(o) for row in OPTIMIZERS for o in row.full]
+DEFAULT_CASES: list[OptCase] = [row.case(row.default) for row in OPTIMIZERS]
+
+
+def cases_of(name: str, cases: list[OptCase]) -> list[OptCase]:
+    return [c for c in cases if c.name == name]
 
 
 def case_ids(cases: list[OptCase]) -> list[str]:

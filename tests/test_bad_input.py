@@ -115,14 +115,6 @@ def test_hyperparameter_errors_match_torch(item):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
-def test_differentiable_rejected_clearly(name):
-    """torch.optim accepts differentiable=True; the fused kernels are not differentiable."""
-    assert _outcome(lambda: getattr(torch.optim, name)(_p(), differentiable=True)) is None
-    with pytest.raises(RuntimeError, match="does not support differentiable=True"):
-        getattr(fused_optim, name)(_p(), differentiable=True)
-
-
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
 def test_foreach_fused_capturable_accepted_and_kept(name):
     """Accepted for compatibility, kept in the groups as torch keeps them, no effect on
     the numbers."""
@@ -712,29 +704,27 @@ def _spy_reference(monkeypatch):
     calls = []
     ref = backends_mod.get_backend("reference")
 
-    def spy(fn_name):
-        def call(*args, **kwargs):
-            calls.append(fn_name)
-            return getattr(ref, fn_name)(*args, **kwargs)
-        return call
+    def spy(spec, *args, **kwargs):
+        calls.append(spec.op)
+        return ref.step(spec, *args, **kwargs)
 
     monkeypatch.setitem(backends_mod._REGISTRY, "reference",
-                        backends_mod.Backend("reference", ref.unavailable, spy("adam_"),
-                                             spy("sgd_")))
+                        backends_mod.Backend("reference", ref.unavailable, spy))
     backends_mod._SELECTED.clear()
     return calls
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
-def test_env_var_selects_backend(monkeypatch, name):
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=case_ids(DEFAULT_CASES))
+def test_env_var_selects_backend(monkeypatch, case):
     calls = _spy_reference(monkeypatch)
     monkeypatch.setenv("FUSED_OPTIM_BACKEND", "reference")
     backends_mod._SELECTED.clear()
     params = _p()
-    opt = getattr(fused_optim, name)(params, lr=0.1)
+    opt = case.fused(params, **case.options)
     params[0].grad = torch.ones(3)
     opt.step()
-    assert calls == [name.lower().replace("adamw", "adam") + "_"]
+    assert calls == [case.spec.op]
+    name = case.name
     # an explicit backend is not overridden by the environment
     explicit = getattr(fused_optim, name)(_p(), backend="cpu" if _extension.C else "reference")
     explicit.param_groups[0]["params"][0].grad = torch.ones(3)

@@ -30,15 +30,13 @@ from fused_optim import _extension, optimizer
 from fused_optim.backends import select_backend
 
 pytestmark = pytest.mark.skipif(
-    _extension.C is None or getattr(_extension.C, "adam_group_", None) is None,
+    _extension.C is None or getattr(_extension.C, "step_group_", None) is None,
     reason=f"the C++ extension is not built ({_extension.LOAD_ERROR})",
 )
 
-ENTRY = {"Adam": "adam_group_", "AdamW": "adam_group_", "SGD": "sgd_group_"}
-
 
 class EntryCalls:
-    """Wraps the cpu backend's group entries and records what each call returned."""
+    """Wraps the cpu backend's group entry and records what each call returned."""
 
     def __init__(self, monkeypatch):
         self.results: list[bool] = []
@@ -46,12 +44,9 @@ class EntryCalls:
 
         def select(requested, device, dtype):
             backend = real_select(requested, device, dtype)
-            wrapped = {}
-            for name in ("adam_group_", "sgd_group_"):
-                entry = getattr(backend, name)
-                if entry is not None:
-                    wrapped[name] = self._recording(entry)
-            return dataclasses.replace(backend, **wrapped)
+            if backend.step_group is None:
+                return backend
+            return dataclasses.replace(backend, step_group=self._recording(backend.step_group))
 
         monkeypatch.setattr(optimizer, "select_backend", select)
 
@@ -108,7 +103,11 @@ def test_eager_entry_matches_list_path_bit_for_bit(case, dtype, monkeypatch):
     taken = list(calls.results)
     listed = run_steps(case, dtype, SMALL_SHAPES, 4, 0, False, monkeypatch)
     assert_bitwise_equal(*eager, *listed)
-    needs_state = case.name != "SGD" or case.options.get("momentum", 0) != 0
+    # The first step creates the state, unless the optimizer keeps none (SGD without
+    # momentum) or creates it at construction (Adagrad).
+    fresh = case.fused([torch.zeros(2, requires_grad=True)], **case.options)
+    p = fresh.param_groups[0]["params"][0]
+    needs_state = not set(fresh._state_keys(fresh.param_groups[0])) <= set(fresh.state.get(p, {}))
     assert taken == ([False] + [True] * 3 if needs_state else [True] * 4)
 
 
@@ -136,9 +135,12 @@ def _versions(params, opt):
 @pytest.mark.parametrize("case", FULL_CASES + [c for c in OPTIMIZER_CASES if c.name == "SGD"][:1],
                          ids=case_ids(FULL_CASES + [c for c in OPTIMIZER_CASES
                                                     if c.name == "SGD"][:1]))
-def test_eager_entry_bumps_what_the_op_bumps(case, monkeypatch):
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+def test_eager_entry_bumps_what_the_op_bumps(case, scaled, monkeypatch):
     """The entry skips the dispatcher's ADInplaceOrView kernel and bumps the versions
-    itself: every param, grad and state tensor moves as much as through the op."""
+    itself: every param and state tensor moves as much as through the op; a grad moves
+    only when the step writes it (unscaled, with grad_scale), as torch.optim never
+    changes a grad's version."""
     deltas = []
     for eager in (True, False):
         with monkeypatch.context() as m:
@@ -151,11 +153,17 @@ def test_eager_entry_bumps_what_the_op_bumps(case, monkeypatch):
                 p.grad = torch.randn_like(p)
             opt.step()  # creates the state
             before = _versions(params, opt)
+            if scaled:
+                opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
             opt.step()
             after = _versions(params, opt)
             assert calls.results[-1:] == ([True] if eager else [])
-        deltas.append([[a - b for a, b in zip(ra, rb)] for ra, rb in zip(after, before)])
-        assert all(d >= 1 for row in deltas[-1] for d in row), deltas[-1]
+        rows = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(after, before)]
+        deltas.append(rows)
+        for row in rows:
+            param, grad, *states = row
+            assert param >= 1 and all(d >= 1 for d in states), rows
+            assert (grad >= 1) if scaled else (grad == 0), rows
     assert deltas[0] == deltas[1]
 
 
@@ -187,12 +195,12 @@ def _adam_state(p):
             "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _entry_args(params, state, **over):
-    args = dict(amsgrad=False, lr=torch.tensor(0.1, dtype=torch.float64), beta1=0.9,
-                beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False,
-                decoupled_weight_decay=False, grad_scale=None, found_inf=None)
-    args.update(over)
-    return params, state, args
+def _adam_entry(params, state, amsgrad=False, grad_scale=None, found_inf=None):
+    """The eager entry of the adam_ op, called as FusedOptimizer calls it."""
+    return _extension.C.step_group_(
+        "adam_", params, state, ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None],
+        ["step"], torch.tensor(0.1, dtype=torch.float64), [0.9, 0.999, 0.0, 1e-8],
+        [amsgrad, False, False], grad_scale, found_inf)
 
 
 class _SubTensor(torch.Tensor):
@@ -244,8 +252,7 @@ def test_eager_entry_declines_and_changes_nothing(name, params, state):
     before = [(p.detach().clone(), p._version) for p in params]
     states_before = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
                      for p, s in state.items()}
-    p_args, s_args, kw = _entry_args(params, state)
-    assert _extension.C.adam_group_(p_args, s_args, **kw) is False
+    assert _adam_entry(params, state) is False
     for (value, version), p in zip(before, params):
         assert torch.equal(p.detach(), value) and p._version == version, name
     for p, s in state.items():
@@ -257,30 +264,45 @@ def test_eager_entry_declines_and_changes_nothing(name, params, state):
 def test_eager_entry_declines_amsgrad_without_max_state():
     p = torch.randn(3)
     p.grad = torch.ones(3)
-    params, state, kw = _entry_args([p], {p: _adam_state(p)}, amsgrad=True)
-    assert _extension.C.adam_group_(params, state, **kw) is False
+    assert _adam_entry([p], {p: _adam_state(p)}, amsgrad=True) is False
 
 
 def test_eager_entry_sgd_needs_every_momentum_buffer():
     a, b = torch.randn(3), torch.randn(3)
     a.grad, b.grad = torch.ones(3), torch.ones(3)
-    kw = dict(lr=torch.tensor(0.1, dtype=torch.float64), momentum=0.9, dampening=0.0,
-              weight_decay=0.0, nesterov=False, maximize=False, grad_scale=None,
-              found_inf=None)
+
+    def entry(state):
+        return _extension.C.step_group_(
+            "sgd_", [a, b], state, ["momentum_buffer"], [],
+            torch.tensor(0.1, dtype=torch.float64), [0.9, 0.0, 0.0], [False, False, False],
+            None, None)
+
     state = {a: {"momentum_buffer": torch.zeros(3)}}
-    assert _extension.C.sgd_group_([a, b], state, **kw) is False
+    assert entry(state) is False
     state[b] = {"momentum_buffer": None}  # torch.optim.SGD's marker for "not yet"
-    assert _extension.C.sgd_group_([a, b], state, **kw) is False
+    assert entry(state) is False
     state[b] = {"momentum_buffer": torch.zeros(3)}
-    assert _extension.C.sgd_group_([a, b], state, **kw) is True
+    assert entry(state) is True
     assert torch.equal(state[a]["momentum_buffer"], torch.ones(3))
 
 
 def test_eager_entry_no_grads_is_a_no_op():
     p = torch.randn(3)
-    params, state, kw = _entry_args([p], {p: _adam_state(p)})
-    assert _extension.C.adam_group_(params, state, **kw) is True
+    state = {p: _adam_state(p)}
+    assert _adam_entry([p], state) is True
     assert state[p]["step"].item() == 1.0
+
+
+def test_eager_entry_rejects_arguments_of_another_op():
+    p = torch.randn(3)
+    p.grad = torch.ones(3)
+    with pytest.raises(TypeError, match="do not match fused_optim::sgd_"):
+        _extension.C.step_group_("sgd_", [p], {}, ["exp_avg", "exp_avg_sq", None], ["step"],
+                                 torch.tensor(0.1), [0.9, 0.999, 0.0, 1e-8],
+                                 [False, False, False], None, None)
+    with pytest.raises(ValueError, match="no registered op"):
+        _extension.C.step_group_("nope_", [p], {}, [], [], torch.tensor(0.1), [], [],
+                                 None, None)
 
 
 class _OpNames(TorchDispatchMode):
@@ -349,12 +371,12 @@ def test_grad_scaler_arguments_reach_the_kernel(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-@pytest.mark.parametrize("cls,name", [(fused_optim.AdamW, "fused_optim::adam_"),
-                                      (fused_optim.SGD, "fused_optim::sgd_")])
-def test_profiler_sees_the_eager_step_under_the_op_name(cls, name, monkeypatch):
+@pytest.mark.parametrize("case", FULL_CASES, ids=case_ids(FULL_CASES))
+def test_profiler_sees_the_eager_step_under_the_op_name(case, monkeypatch):
     calls = EntryCalls(monkeypatch)
     p = torch.randn(4, requires_grad=True)
-    opt = cls([p], lr=0.1)
+    opt = case.fused([p], **case.options)
+    name = f"fused_optim::{opt.spec.op}"
     p.grad = torch.randn(4)
     opt.step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -1,34 +1,37 @@
-"""The Triton multi-tensor engine: one launch per (device, dtype) bucket.
+"""The Triton multi-tensor engine: one launch per (device, dtype) bucket, every optimizer.
 
-What it computes: one optimizer step (math.py) over every tensor of a bucket, in ONE
-kernel launch, with each program handling one chunk of one tensor.
+What it computes: one optimizer step (its math in math.py) over every tensor of a
+bucket, in ONE kernel launch, with each program handling one chunk of one tensor. The
+optimizer is its spec (fused_optim/spec.py): its lists, per-tensor state and arguments;
+its math is found in math.py under its name (``<name>_variant``, ``<name>_advance``,
+``<name>_scalars``, ``<name>_update``) and passed to the kernels as constexpr
+functions. Nothing here names an optimizer.
 
 Preconditions (checked when a table is built, see `_build_table`): every list as long
 as params; every tensor on params' device, of params' dtype, shape and strides, and
-non-overlapping and dense (element i of each list sits at offset i); step counters are
-one-element float32 or float64 tensors on params' device; grad_scale and found_inf are
-one-element float32 tensors on params' device.
+non-overlapping and dense (element i of each list sits at offset i); per-tensor state
+is one-element float32 (or, all of it, float64) tensors on params' device; grad_scale
+and found_inf are one-element float32 tensors on params' device.
 
-Bytes per element (read + write), fp32 storage; half for fp16/bf16, double for fp64;
-+4 B written when grad_scale is given (the grad is written back unscaled):
-    Adam / AdamW   16 + 12 B   (+4 + 4 B with amsgrad)
-    SGD            12 +  8 B with momentum (8 + 8 B on the buffer's first step),
-                    8 +  4 B without
-Per program on top: a few 8-byte table loads, the step counter, lr, grad_scale,
-found_inf and one atomic; small against CHUNK elements per program (unmeasured).
+Bytes per element: each list the optimizer reads, once, and each it writes, once, in
+the storage dtype (fp32 AdamW: reads param, grad, exp_avg, exp_avg_sq = 16 B, writes
+12 B; + the grad with grad_scale, written back unscaled). Per program on top: a few
+8-byte table loads, the per-tensor state, lr, grad_scale, found_inf and one atomic;
+small against CHUNK elements per program (unmeasured).
 
 [note: the resident table]
 A bucket's tensors are described by ONE int64 device tensor, built when a parameter set
 is first seen and cached under a key of every data_ptr, numel, dtype and device (and the
 chunking). Later steps with the same tensors reuse it: nothing is copied host-to-device
 per step, so a step can be captured in a CUDA graph (lr, grad_scale, found_inf and the
-steps are read from device memory too). Layout, each a view of the one tensor:
-    list_offsets [N_LISTS * n]  list k, tensor t at k * n + t: its address minus
-                                params[0]'s, in elements
-    step_ptrs    [n]            data_ptr of tensor t's step counter
+state are read from device memory too). Layout, each a view of the one tensor:
+    list_offsets [N_LISTS * n]  list k (every list of the optimizer; a list the call
+                                leaves out repeats the params), tensor t at k * n + t:
+                                its address minus params[0]'s, in elements
+    state_ptrs   [N_STATES * n] data_ptr of tensor t's state j at j * n + t
     numels       [n]
     n_chunks     [n]            programs of tensor t (at least 1, so that an empty tensor
-                                still counts its step)
+                                still advances its state)
     work         [2 * P]        program -> (tensor, first element of its chunk)
 The work list maps every program to a real chunk, so no program idles; the grid is P.
 The kernels address tensor t as params[0]'s pointer (an argument, whose 16-byte
@@ -37,25 +40,25 @@ alignment Triton specializes on) plus an element offset, and, when every address
 triton 3.6 and 3.9, this gives 128-bit loads and stores in the full blocks (the masked
 tail of a tensor stays 32-bit); a pointer made from an integer
 (`tl.load(t).to(tl.pointer_type(...))`) also works, but no alignment hint reaches it
-and every access stays 32-bit. Step counters, read once per program, are addressed that
-way.
+and every access stays 32-bit. State, read once per program, is addressed that way.
 
-[note: counting steps inside one launch]
-Every program of tensor t needs t's new step for its bias corrections, and the counter
-must be written exactly once and only after every program has read it. Each program
-reads the old value and uses old + 1; at its end, after a barrier (all its threads have
-read), it increments arrivals[t] (an atomic, acq_rel, GPU scope); the program that
-arrives last writes the new step and resets arrivals[t] to 0 for the next launch. This
-is the "last block" pattern of CUDA's threadFenceReduction sample; it is exercised by
-the interpreter (which runs programs one after another) but its memory ordering on a GPU
-is UNVERIFIED here. A skipped step (found_inf != 0) touches nothing, arrivals included.
+[note: advancing the state inside one launch]
+Every program of tensor t needs t's advanced state (its step + 1) for its scalars, and
+the state must be written exactly once and only after every program has read it. Each
+program reads the old values and advances them itself; at its end, after a barrier (all
+its threads have read), it increments arrivals[t] (an atomic, acq_rel, GPU scope); the
+program that arrives last writes the new state and resets arrivals[t] to 0 for the next
+launch. This is the "last block" pattern of CUDA's threadFenceReduction sample; it is
+exercised by the interpreter (which runs programs one after another) but its memory
+ordering on a GPU is UNVERIFIED here. A skipped step (found_inf != 0) touches nothing,
+arrivals included.
 
 [note: torch.compile]
 The table holds raw addresses, which a compiler tracing with FakeTensors cannot build
 and cannot see the mutations through. Traced calls (FakeTensor / FunctionalTensor
-arguments, see ops.py) therefore use `*_per_tensor`: the same math through kernels
-whose tensors are ordinary arguments, one launch per tensor, wrapped by
-torch.library.wrap_triton; the step counters are then incremented with torch ops.
+arguments, see ops.py) therefore use `step_per_tensor`: the same math through kernels
+whose tensors are ordinary arguments, one launch per tensor (and one more that stores
+its advanced state), wrapped by torch.library.wrap_triton.
 """
 
 from __future__ import annotations
@@ -65,38 +68,30 @@ import functools
 import math as _pymath
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .math import (
-    WD_DECOUPLED,
-    WD_L2,
-    WD_NONE,
-    adam_tensor_scalars,
-    adam_update,
-    sgd_scalars,
-    sgd_update,
-    to_storage,
-    unscale,
-)
+from . import math as _math
+from .math import to_storage, unscale
 
 __all__ = [
     "LaunchConfig",
     "CONFIG",
     "SUPPORTED_DTYPES",
-    "adam_table",
-    "sgd_table",
-    "adam_per_tensor",
-    "sgd_per_tensor",
+    "step_table",
+    "step_per_tensor",
     "split_f64",
     "table_cache_info",
     "clear_table_cache",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_LISTS = 8    # element-wise lists of one optimizer, params and grads included
+MAX_STATES = 4   # per-tensor state lists
 
 
 @dataclass(frozen=True)
@@ -125,7 +120,7 @@ def kernels_interpreted() -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return False
-    return isinstance(_adam_table_kernel, InterpretedFunction)
+    return isinstance(_table_kernel, InterpretedFunction)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -151,123 +146,102 @@ def _f32(v: float) -> float:
 
 
 # ---------------------------------------------------------------------------------
-# Kernels: per chunk helpers (load, math, store), then the table and per-tensor kernels.
+# Kernels: one block of one chunk (load, math, store), a chunk, the table kernel, the
+# per-tensor kernels torch.compile traces.
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, grad_scale,
-                beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor,
-                neg_step_size, inv_bias_correction2_sqrt, eps,
-                DTYPE: tl.constexpr, OPMATH: tl.constexpr, AMSGRAD: tl.constexpr,
-                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr):
-    """Adam on the elements `offs` (where `mask`, or all when mask is None)."""
-    p = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    g = tl.load(g_ptr + offs, mask=mask).to(OPMATH)
-    m = tl.load(m_ptr + offs, mask=mask).to(OPMATH)
-    v = tl.load(v_ptr + offs, mask=mask).to(OPMATH)
-    vmax = v
-    if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(OPMATH)
+def _block(ptrs, offs, mask, grad_scale, s, UPDATE: tl.constexpr, N_LISTS: tl.constexpr,
+           LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
+           VARIANT: tl.constexpr, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+           UNSCALE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """The optimizer's update on the elements `offs` (where `mask`, or all when mask is
+    None): x holds every list of the optimizer (list 0 params, 1 grads); lists the call
+    leaves out, or whose old values the update never reads, are zeros, never loaded."""
+    x = ()
+    for k in tl.static_range(N_LISTS):
+        if (READS >> k) & 1:
+            x = x + (tl.load(ptrs[k] + offs, mask=mask).to(OPMATH),)
+        else:
+            x = x + (tl.zeros([BLOCK], OPMATH),)
+    g = x[1]
     if UNSCALE:
         g = unscale(g, grad_scale)
-        tl.store(g_ptr + offs, to_storage(g, DTYPE), mask=mask)
-    p, m, v, vmax = adam_update(p, g, m, v, vmax, beta2, one_minus_beta1, one_minus_beta2,
-                                weight_decay, decay_factor, neg_step_size,
-                                inv_bias_correction2_sqrt, eps, AMSGRAD, MAXIMIZE, WEIGHT_DECAY)
-    tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
-    tl.store(m_ptr + offs, to_storage(m, DTYPE), mask=mask)
-    tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=mask)
-    if AMSGRAD:
-        tl.store(vmax_ptr + offs, to_storage(vmax, DTYPE), mask=mask)
+        tl.store(ptrs[1] + offs, to_storage(g, DTYPE), mask=mask)
+    if MAXIMIZE:
+        g = -g
+    x = UPDATE(x, g, s, LISTS, VARIANT)
+    for k in tl.static_range(N_LISTS):
+        if (WRITES >> k) & 1:
+            tl.store(ptrs[k] + offs, to_storage(x[k], DTYPE), mask=mask)
 
 
 @triton.jit
-def _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, begin, end, grad_scale,
-                beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor,
-                neg_step_size, inv_bias_correction2_sqrt, eps,
-                DTYPE: tl.constexpr, OPMATH: tl.constexpr, AMSGRAD: tl.constexpr,
-                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """Adam over elements [begin, end) of one tensor's lists; begin is a multiple of
-    BLOCK. Full blocks go unmasked (a mask of unknown alignment keeps the compiler from
-    vectorizing), then one masked tail. Alignment hints must be given where begin and the
-    pointers are computed: a tl.multiple_of on an argument of this function is lost."""
+def _chunk(ptrs, begin, end, grad_scale, s, UPDATE: tl.constexpr, N_LISTS: tl.constexpr,
+           LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
+           VARIANT: tl.constexpr, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+           UNSCALE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements [begin, end) of one tensor's lists; begin is a multiple of BLOCK. Full
+    blocks go unmasked (a mask of unknown alignment keeps the compiler from vectorizing),
+    then one masked tail. Alignment hints must be given where begin and the pointers are
+    computed: a tl.multiple_of on an argument of this function is lost."""
     full_end = end - (end - begin) % BLOCK
     for block_start in range(begin, full_end, BLOCK):
         offs = block_start + tl.arange(0, BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, grad_scale,
-                    beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor,
-                    neg_step_size, inv_bias_correction2_sqrt, eps,
-                    DTYPE, OPMATH, AMSGRAD, MAXIMIZE, WEIGHT_DECAY, UNSCALE)
+        _block(ptrs, offs, None, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES,
+               VARIANT, DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, grad_scale,
-                    beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor,
-                    neg_step_size, inv_bias_correction2_sqrt, eps,
-                    DTYPE, OPMATH, AMSGRAD, MAXIMIZE, WEIGHT_DECAY, UNSCALE)
+        _block(ptrs, offs, offs < end, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES,
+               VARIANT, DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, grad_scale,
-               neg_lr, momentum, one_minus_dampening, weight_decay,
-               DTYPE: tl.constexpr, OPMATH: tl.constexpr, MOMENTUM: tl.constexpr,
-               NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-               WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr):
-    """SGD on the elements `offs` (where `mask`, or all when mask is None)."""
-    p = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    g = tl.load(g_ptr + offs, mask=mask).to(OPMATH)
-    b = g
-    if MOMENTUM and not FIRST_STEP:
-        b = tl.load(b_ptr + offs, mask=mask).to(OPMATH)
-    if UNSCALE:
-        g = unscale(g, grad_scale)
-        tl.store(g_ptr + offs, to_storage(g, DTYPE), mask=mask)
-    p, b = sgd_update(p, g, b, neg_lr, momentum, one_minus_dampening, weight_decay,
-                      MOMENTUM, NESTEROV, FIRST_STEP, MAXIMIZE, WEIGHT_DECAY)
-    tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
-    if MOMENTUM:
-        tl.store(b_ptr + offs, to_storage(b, DTYPE), mask=mask)
-
-
-@triton.jit
-def _sgd_chunk(p_ptr, g_ptr, b_ptr, begin, end, grad_scale,
-               neg_lr, momentum, one_minus_dampening, weight_decay,
-               DTYPE: tl.constexpr, OPMATH: tl.constexpr, MOMENTUM: tl.constexpr,
-               NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-               WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """SGD over elements [begin, end) of one tensor's lists (see _adam_chunk)."""
-    full_end = end - (end - begin) % BLOCK
-    for block_start in range(begin, full_end, BLOCK):
-        offs = block_start + tl.arange(0, BLOCK)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, None, grad_scale,
-                   neg_lr, momentum, one_minus_dampening, weight_decay,
-                   DTYPE, OPMATH, MOMENTUM, NESTEROV, FIRST_STEP, MAXIMIZE, WEIGHT_DECAY,
-                   UNSCALE)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, grad_scale,
-                   neg_lr, momentum, one_minus_dampening, weight_decay,
-                   DTYPE, OPMATH, MOMENTUM, NESTEROV, FIRST_STEP, MAXIMIZE, WEIGHT_DECAY,
-                   UNSCALE)
+def _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE: tl.constexpr,
+                SCALARS: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
+                LISTS: tl.constexpr, VARIANT: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                LR_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, OPMATH: tl.constexpr):
+    """(the tensor's advanced state, rounded as stored; the optimizer's per-tensor
+    scalars), from its old state, lr (a device tensor of LR_DTYPE, or float32 parts of
+    its float64 value) and the float arguments (float32 parts, see split_f64)."""
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr = (tl.cast(lr_parts[0], tl.float64) + tl.cast(lr_parts[1], tl.float64)
+              + tl.cast(lr_parts[2], tl.float64))
+    h = ()
+    for k in tl.static_range(N_FLOATS):
+        # tl.cast, not .to: the interpreter passes float arguments as Python floats.
+        h = h + (tl.cast(hyper[3 * k], tl.float64) + tl.cast(hyper[3 * k + 1], tl.float64)
+                 + tl.cast(hyper[3 * k + 2], tl.float64),)
+    new_state = ()
+    if N_STATES > 0:
+        advanced = ADVANCE(state, lr, h)
+        for j in tl.static_range(N_STATES):
+            new_state = new_state + (advanced[j].to(STATE_DTYPE).to(tl.float64),)
+    return new_state, SCALARS(new_state, lr, h, LISTS, VARIANT, LR_DTYPE, OPMATH)
 
 
 @triton.jit(do_not_specialize=["n_tensors"])
-def _adam_table_kernel(
+def _table_kernel(
     # the resident table ([note: the resident table]); base is params[0]
-    base, list_offsets, step_ptrs, numels, n_chunks, work, arrivals, n_tensors,
+    base, list_offsets, state_ptrs, numels, n_chunks, work, arrivals, n_tensors,
     # device scalars (None when absent)
     lr_ptr, grad_scale_ptr, found_inf_ptr,
-    # float64 hyperparameters as float32 (hi, mid, lo); lr_* only when not LR_ON_DEVICE
-    lr_hi, lr_mid, lr_lo, beta1_hi, beta1_mid, beta1_lo, beta2_hi, beta2_mid, beta2_lo,
-    wd_hi, wd_mid, wd_lo, eps_hi, eps_mid, eps_lo,
+    # float64 lr (when not LR_ON_DEVICE) and float arguments, as float32 (hi, mid, lo)
+    lr_parts, hyper,
+    # the optimizer's math (math.py) and its shape
+    ADVANCE: tl.constexpr, SCALARS: tl.constexpr, UPDATE: tl.constexpr,
+    N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
+    VARIANT: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
     # meta-parameters
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, STEP_DTYPE: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    LR_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ELEM_ALIGN: tl.constexpr,
 ):
     # This program's chunk: tensor t, elements [begin, end); none if the step is skipped
-    # (alignment hints go here, where the values are loaded: see _adam_chunk).
+    # (alignment hints go here, where the values are loaded: see _chunk).
     pid = tl.program_id(0)
     t = tl.load(work + 2 * pid)
     begin = tl.multiple_of(tl.load(work + 2 * pid + 1), CHUNK)
@@ -276,155 +250,91 @@ def _adam_table_kernel(
     if HAS_FOUND_INF:
         go = tl.load(found_inf_ptr) == 0
     end = tl.where(go, end, begin)  # a skipped step runs no iteration: no memory traffic
-    # Tensor t's step after this one, rounded to the counter's dtype as `+= 1` rounds it.
-    step_ptr = tl.load(step_ptrs + t).to(tl.pointer_type(STEP_DTYPE))
-    step = (tl.load(step_ptr).to(tl.float64) + 1.0).to(STEP_DTYPE).to(tl.float64)
-    if LR_ON_DEVICE:
-        lr = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_mid, tl.float64) + tl.cast(lr_lo, tl.float64)
-    b2, omb1, omb2, wd, decay, neg_step, inv_bc2_sqrt, eps = adam_tensor_scalars(
-        step, lr, beta1_hi, beta1_mid, beta1_lo, beta2_hi, beta2_mid, beta2_lo,
-        wd_hi, wd_mid, wd_lo, eps_hi, eps_mid, eps_lo, OPMATH)
+    # Tensor t's state before this step, and where it lives.
+    state = ()
+    state_at = ()
+    for j in tl.static_range(N_STATES):
+        ptr = tl.load(state_ptrs + j * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
+        state_at = state_at + (ptr,)
+        state = state + (tl.load(ptr).to(tl.float64),)
+    new_state, s = _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE, SCALARS, N_FLOATS,
+                               N_STATES, LISTS, VARIANT, STATE_DTYPE, LR_DTYPE, LR_ON_DEVICE,
+                               OPMATH)
     grad_scale = 1.0
     if UNSCALE:
         grad_scale = tl.load(grad_scale_ptr).to(OPMATH)
     # Tensor t's lists: params[0]'s pointer plus element offsets.
-    row = list_offsets + t
-    p_ptr = base + tl.multiple_of(tl.load(row), ELEM_ALIGN)
-    g_ptr = base + tl.multiple_of(tl.load(row + n_tensors), ELEM_ALIGN)
-    m_ptr = base + tl.multiple_of(tl.load(row + 2 * n_tensors), ELEM_ALIGN)
-    v_ptr = base + tl.multiple_of(tl.load(row + 3 * n_tensors), ELEM_ALIGN)
-    vmax_ptr = v_ptr
-    if AMSGRAD:
-        vmax_ptr = base + tl.multiple_of(tl.load(row + 4 * n_tensors), ELEM_ALIGN)
-    _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, begin, end, grad_scale,
-                b2, omb1, omb2, wd, decay, neg_step, inv_bc2_sqrt, eps,
-                DTYPE, OPMATH, AMSGRAD, MAXIMIZE, WEIGHT_DECAY, UNSCALE, BLOCK)
-    # Count the step once, from the last of t's programs ([note: counting steps ...]).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals + t, 1, mask=go, sem="acq_rel", scope="gpu")
-    last = go & (arrived == tl.load(n_chunks + t) - 1)
-    tl.store(step_ptr, step.to(STEP_DTYPE), mask=last)
-    tl.store(arrivals + t, 0, mask=last)
-
-
-@triton.jit(do_not_specialize=["n_tensors"])
-def _sgd_table_kernel(
-    # the resident table ([note: the resident table]); base is params[0]. SGD keeps no
-    # step counters: the table's step_ptrs, n_chunks and arrivals are not passed.
-    base, list_offsets, numels, work, n_tensors,
-    # device scalars (None when absent)
-    lr_ptr, grad_scale_ptr, found_inf_ptr,
-    # float64 hyperparameters as float32 (hi, mid, lo); lr_* only when not LR_ON_DEVICE
-    lr_hi, lr_mid, lr_lo, momentum_hi, momentum_mid, momentum_lo,
-    dampening_hi, dampening_mid, dampening_lo, wd_hi, wd_mid, wd_lo,
-    # meta-parameters
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    ELEM_ALIGN: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(work + 2 * pid)
-    begin = tl.multiple_of(tl.load(work + 2 * pid + 1), CHUNK)
-    end = tl.minimum(begin + CHUNK, tl.load(numels + t))
-    if HAS_FOUND_INF:
-        end = tl.where(tl.load(found_inf_ptr) == 0, end, begin)
-    if LR_ON_DEVICE:
-        lr = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_mid, tl.float64) + tl.cast(lr_lo, tl.float64)
-    neg_lr, mom, omd, wd = sgd_scalars(lr, momentum_hi, momentum_mid, momentum_lo,
-                                       dampening_hi, dampening_mid, dampening_lo,
-                                       wd_hi, wd_mid, wd_lo, OPMATH)
-    grad_scale = 1.0
-    if UNSCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(OPMATH)
-    row = list_offsets + t
-    p_ptr = base + tl.multiple_of(tl.load(row), ELEM_ALIGN)
-    g_ptr = base + tl.multiple_of(tl.load(row + n_tensors), ELEM_ALIGN)
-    b_ptr = p_ptr
-    if MOMENTUM:
-        b_ptr = base + tl.multiple_of(tl.load(row + 2 * n_tensors), ELEM_ALIGN)
-    _sgd_chunk(p_ptr, g_ptr, b_ptr, begin, end, grad_scale, neg_lr, mom, omd, wd,
-               DTYPE, OPMATH, MOMENTUM, NESTEROV, FIRST_STEP, MAXIMIZE, WEIGHT_DECAY,
-               UNSCALE, BLOCK)
+    ptrs = ()
+    for k in tl.static_range(N_LISTS):
+        ptrs = ptrs + (base + tl.multiple_of(tl.load(list_offsets + k * n_tensors + t),
+                                             ELEM_ALIGN),)
+    _chunk(ptrs, begin, end, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES, VARIANT,
+           DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
+    if N_STATES > 0:
+        # Store the state once, from the last of t's programs ([note: advancing ...]).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals + t, 1, mask=go, sem="acq_rel", scope="gpu")
+        last = go & (arrived == tl.load(n_chunks + t) - 1)
+        for j in tl.static_range(N_STATES):
+            tl.store(state_at[j], new_state[j].to(STATE_DTYPE), mask=last)
+        tl.store(arrivals + t, 0, mask=last)
 
 
 @triton.jit
-def _adam_tensor_kernel(
-    # one tensor's lists (vmax_ptr is None unless AMSGRAD), its step counter (read, not
-    # written: see [note: torch.compile]) and its size
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, numel,
-    # device scalars (None when absent)
-    lr_ptr, grad_scale_ptr, found_inf_ptr,
-    # float64 hyperparameters as float32 (hi, mid, lo)
-    beta1_hi, beta1_mid, beta1_lo, beta2_hi, beta2_mid, beta2_lo,
-    wd_hi, wd_mid, wd_lo, eps_hi, eps_mid, eps_lo,
-    # meta-parameters
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+def _tensor_kernel(
+    # one tensor's lists (list k of the optimizer at x<k>; None where absent), its state
+    # (s<j>: read, not written: see [note: torch.compile]) and its size
+    x0, x1, x2, x3, x4, x5, x6, x7, s0, s1, s2, s3, numel,
+    # device scalars (None when absent), the float arguments as float32 parts
+    lr_ptr, grad_scale_ptr, found_inf_ptr, hyper,
+    ADVANCE: tl.constexpr, SCALARS: tl.constexpr, UPDATE: tl.constexpr,
+    N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
+    VARIANT: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
+    DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    LR_DTYPE: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     begin = tl.program_id(0).to(tl.int64) * CHUNK
     end = tl.minimum(begin + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(tl.load(found_inf_ptr) == 0, end, begin)
-    old_step = tl.load(step_ptr)
-    step = (old_step.to(tl.float64) + 1.0).to(old_step.dtype).to(tl.float64)
-    lr = tl.load(lr_ptr).to(tl.float64)
-    b2, omb1, omb2, wd, decay, neg_step, inv_bc2_sqrt, eps = adam_tensor_scalars(
-        step, lr, beta1_hi, beta1_mid, beta1_lo, beta2_hi, beta2_mid, beta2_lo,
-        wd_hi, wd_mid, wd_lo, eps_hi, eps_mid, eps_lo, OPMATH)
+    all_states = (s0, s1, s2, s3)
+    state = ()
+    for j in tl.static_range(N_STATES):
+        state = state + (tl.load(all_states[j]).to(tl.float64),)
+    new_state, s = _scalars_of(state, lr_ptr, (0.0, 0.0, 0.0), hyper, ADVANCE, SCALARS,
+                               N_FLOATS, N_STATES, LISTS, VARIANT, STATE_DTYPE, LR_DTYPE,
+                               True, OPMATH)
     grad_scale = 1.0
     if UNSCALE:
         grad_scale = tl.load(grad_scale_ptr).to(OPMATH)
-    if AMSGRAD:
-        _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, begin, end, grad_scale,
-                    b2, omb1, omb2, wd, decay, neg_step, inv_bc2_sqrt, eps,
-                    DTYPE, OPMATH, AMSGRAD, MAXIMIZE, WEIGHT_DECAY, UNSCALE, BLOCK)
-    else:
-        _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, v_ptr, begin, end, grad_scale,
-                    b2, omb1, omb2, wd, decay, neg_step, inv_bc2_sqrt, eps,
-                    DTYPE, OPMATH, AMSGRAD, MAXIMIZE, WEIGHT_DECAY, UNSCALE, BLOCK)
+    all_ptrs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    ptrs = ()
+    for k in tl.static_range(N_LISTS):
+        ptrs = ptrs + (all_ptrs[k],)
+    _chunk(ptrs, begin, end, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES, VARIANT,
+           DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
 
 
 @triton.jit
-def _sgd_tensor_kernel(
-    # one tensor's lists (b_ptr is None unless MOMENTUM) and its size
-    p_ptr, g_ptr, b_ptr, numel,
-    # device scalars (None when absent)
-    lr_ptr, grad_scale_ptr, found_inf_ptr,
-    # float64 hyperparameters as float32 (hi, mid, lo)
-    momentum_hi, momentum_mid, momentum_lo, dampening_hi, dampening_mid, dampening_lo,
-    wd_hi, wd_mid, wd_lo,
-    # meta-parameters
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-):
-    begin = tl.program_id(0).to(tl.int64) * CHUNK
-    end = tl.minimum(begin + CHUNK, numel)
+def _state_kernel(s0, s1, s2, s3, lr_ptr, found_inf_ptr, hyper,
+                  ADVANCE: tl.constexpr, SCALARS: tl.constexpr, N_FLOATS: tl.constexpr,
+                  N_STATES: tl.constexpr, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                  STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+                  HAS_FOUND_INF: tl.constexpr):
+    """Stores one tensor's advanced state (after its _tensor_kernel, same stream)."""
+    all_states = (s0, s1, s2, s3)
+    state = ()
+    for j in tl.static_range(N_STATES):
+        state = state + (tl.load(all_states[j]).to(tl.float64),)
+    new_state, _ = _scalars_of(state, lr_ptr, (0.0, 0.0, 0.0), hyper, ADVANCE, SCALARS,
+                               N_FLOATS, N_STATES, LISTS, VARIANT, STATE_DTYPE, LR_DTYPE,
+                               True, OPMATH)
+    go = True
     if HAS_FOUND_INF:
-        end = tl.where(tl.load(found_inf_ptr) == 0, end, begin)
-    lr = tl.load(lr_ptr).to(tl.float64)
-    neg_lr, mom, omd, wd = sgd_scalars(lr, momentum_hi, momentum_mid, momentum_lo,
-                                       dampening_hi, dampening_mid, dampening_lo,
-                                       wd_hi, wd_mid, wd_lo, OPMATH)
-    grad_scale = 1.0
-    if UNSCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(OPMATH)
-    if MOMENTUM:
-        _sgd_chunk(p_ptr, g_ptr, b_ptr, begin, end, grad_scale, neg_lr, mom, omd, wd,
-                   DTYPE, OPMATH, MOMENTUM, NESTEROV, FIRST_STEP, MAXIMIZE, WEIGHT_DECAY,
-                   UNSCALE, BLOCK)
-    else:
-        _sgd_chunk(p_ptr, g_ptr, p_ptr, begin, end, grad_scale, neg_lr, mom, omd, wd,
-                   DTYPE, OPMATH, MOMENTUM, NESTEROV, FIRST_STEP, MAXIMIZE, WEIGHT_DECAY,
-                   UNSCALE, BLOCK)
+        go = tl.load(found_inf_ptr) == 0
+    for j in tl.static_range(N_STATES):
+        tl.store(all_states[j], new_state[j].to(STATE_DTYPE), mask=go)
 
 
 # ---------------------------------------------------------------------------------
@@ -435,7 +345,7 @@ def _sgd_tensor_kernel(
 class _Table:
     meta: torch.Tensor          # the one int64 device tensor; the fields below view it
     list_offsets: torch.Tensor
-    step_ptrs: torch.Tensor
+    state_ptrs: torch.Tensor
     numels: torch.Tensor
     n_chunks: torch.Tensor
     work: torch.Tensor
@@ -443,7 +353,7 @@ class _Table:
     n_tensors: int
     n_programs: int
     elem_align: int             # every address is a multiple of this many elements
-    step_dtype: torch.dtype | None
+    state_dtype: torch.dtype | None
 
 
 _TABLES: collections.OrderedDict[tuple, _Table] = collections.OrderedDict()
@@ -465,7 +375,7 @@ def _op_error(op: str, msg: str) -> RuntimeError:
 
 
 def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
-                  steps: list[torch.Tensor] | None) -> None:
+                  states: list[tuple[str, list[torch.Tensor]]]) -> None:
     """The checks of csrc/ops_common.h check_bucket / check_scalars, run once per
     table (not per step)."""
     params = lists[0]
@@ -495,18 +405,19 @@ def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
                 raise _op_error(op, f"{where} has strides {t.stride()} but params[{i}] has "
                                     f"strides {p.stride()}; every tensor of a row must share "
                                     "one memory layout")
-    if steps is not None:
-        step_dtype = steps[0].dtype
-        for i, s in enumerate(steps):
-            if s.numel() != 1:
-                raise _op_error(op, f"state_steps[{i}] must be a one-element tensor")
-            if s.dtype not in (torch.float32, torch.float64) or s.dtype != step_dtype:
-                raise _op_error(op, f"state_steps must all be float32 or all float64, "
-                                    f"state_steps[{i}] is {s.dtype}")
-            if s.device != device:
-                raise _op_error(op, f"state_steps[{i}] is on {s.device} but the params are "
-                                    f"on {device}; the Triton backend reads steps on the "
-                                    "params' device (as torch's fused Adam keeps them)")
+    if states:
+        state_dtype = states[0][1][0].dtype
+        for name, tensors in states:
+            for i, s in enumerate(tensors):
+                if s.numel() != 1:
+                    raise _op_error(op, f"{name}[{i}] must be a one-element tensor")
+                if s.dtype not in (torch.float32, torch.float64) or s.dtype != state_dtype:
+                    raise _op_error(op, f"state must be all float32 or all float64, "
+                                        f"{name}[{i}] is {s.dtype}")
+                if s.device != device:
+                    raise _op_error(op, f"{name}[{i}] is on {s.device} but the params are "
+                                        f"on {device}; the Triton backend reads state on the "
+                                        "params' device (as torch's fused Adam keeps it)")
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -524,22 +435,29 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
-               steps: list[torch.Tensor] | None, config: LaunchConfig) -> _Table:
+               slots: list[int], n_slots: int, states: list[tuple[str, list[torch.Tensor]]],
+               config: LaunchConfig) -> _Table:
+    """The table of `lists` (the call's lists, optimizer list `slots[i]` each)."""
     params = lists[0]
     ptrs = [t.data_ptr() for lst in lists for t in lst]
-    step_ptrs = [s.data_ptr() for s in steps] if steps is not None else []
+    state_ptrs = [s.data_ptr() for _, tensors in states for s in tensors]
     numels = [p.numel() for p in params]
-    key = (params[0].device, params[0].dtype, len(lists), config.chunk,
-           tuple(ptrs), tuple(step_ptrs), tuple(numels))
+    key = (params[0].device, params[0].dtype, tuple(slots), n_slots, config.chunk,
+           tuple(ptrs), tuple(state_ptrs), tuple(numels))
     table = _TABLES.get(key)
     if table is not None:
         _TABLES.move_to_end(key)
         _STATS["hits"] += 1
         return table
-    _check_bucket(op, names, lists, steps)
-    table = _build_table(op, params[0].device, ptrs, step_ptrs, numels, config,
-                         steps[0].dtype if steps is not None else None,
-                         params[0].element_size())
+    _check_bucket(op, names, lists, states)
+    n = len(params)
+    # Every optimizer list gets a row; a list the call leaves out repeats the params'.
+    slot_ptrs = [ptrs[:n]] * n_slots
+    for i, slot in enumerate(slots):
+        slot_ptrs[slot] = ptrs[i * n:(i + 1) * n]
+    table = _build_table(op, params[0].device, [p for row in slot_ptrs for p in row],
+                         state_ptrs, numels, config,
+                         states[0][1][0].dtype if states else None, params[0].element_size())
     _TABLES[key] = table
     if len(_TABLES) > _TABLE_CACHE_SIZE:
         _TABLES.popitem(last=False)
@@ -547,8 +465,8 @@ def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
     return table
 
 
-def _build_table(op: str, device: torch.device, ptrs: list[int], step_ptrs: list[int],
-                 numels: list[int], config: LaunchConfig, step_dtype: torch.dtype | None,
+def _build_table(op: str, device: torch.device, ptrs: list[int], state_ptrs: list[int],
+                 numels: list[int], config: LaunchConfig, state_dtype: torch.dtype | None,
                  elem_size: int) -> _Table:
     n = len(numels)
     base = ptrs[0]  # params[0], passed to the kernel as a typed pointer
@@ -565,15 +483,14 @@ def _build_table(op: str, device: torch.device, ptrs: list[int], step_ptrs: list
     first_program = torch.cumsum(n_chunks, 0) - n_chunks
     chunk_of = torch.arange(n_programs, dtype=torch.int64) - first_program[tensor_of]
     work = torch.stack([tensor_of, chunk_of * config.chunk], dim=1).reshape(-1)
-    steps_t = torch.tensor(step_ptrs if step_ptrs else [0] * n, dtype=torch.int64)
-    host = torch.cat([torch.tensor(offsets, dtype=torch.int64), steps_t, numel_t, n_chunks,
-                      work])
+    host = torch.cat([torch.tensor(offsets, dtype=torch.int64),
+                      torch.tensor(state_ptrs, dtype=torch.int64), numel_t, n_chunks, work])
     meta = host.to(device)  # the one host-to-device copy, per new parameter set
-    sizes = [len(ptrs), n, n, n, 2 * n_programs]
-    list_offsets, step_ptrs_t, numels_t, n_chunks_t, work_t = torch.split(meta, sizes)
-    return _Table(meta, list_offsets, step_ptrs_t, numels_t, n_chunks_t, work_t,
+    sizes = [len(ptrs), len(state_ptrs), n, n, 2 * n_programs]
+    list_offsets, state_ptrs_t, numels_t, n_chunks_t, work_t = torch.split(meta, sizes)
+    return _Table(meta, list_offsets, state_ptrs_t, numels_t, n_chunks_t, work_t,
                   torch.zeros(n, dtype=torch.int32, device=device), n, n_programs,
-                  elem_align, step_dtype)
+                  elem_align, state_dtype)
 
 
 # ---------------------------------------------------------------------------------
@@ -618,182 +535,154 @@ def _lr_args(op: str, lr: torch.Tensor, device: torch.device, host_value: bool =
     return lr.to(device), (0.0, 0.0, 0.0), True
 
 
-def _check_lists(op: str, names: list[str], lists: list[list[torch.Tensor]]) -> None:
-    n = len(lists[0])
-    for name, lst in zip(names, lists):
+@dataclass(frozen=True)
+class _Call:
+    """One call's lists and compile-time shape, from the spec and the arguments."""
+
+    names: list[str]                 # the call's lists (present ones), op order
+    lists: list[list[torch.Tensor]]
+    slots: list[int]                 # optimizer list of each
+    states: list[tuple[str, list[torch.Tensor]]]
+    constexprs: dict[str, Any]       # ADVANCE ... N_STATES
+    hyper: tuple[float, ...]         # float arguments as float32 parts
+
+
+def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale) -> _Call:
+    args = spec.list_args()
+    n_lists = len(args)
+    if len(lists) != n_lists + len(spec.scalars):
+        raise _op_error(op, f"expected {n_lists + len(spec.scalars)} lists, got {len(lists)}")
+    if n_lists > MAX_LISTS or len(spec.scalars) > MAX_STATES:
+        raise _op_error(op, "more lists than the kernels take")
+    by_arg = dict(zip(args, lists[:n_lists]))
+    names, present, slots = ["params", "grads"], [list(by_arg["params"]), list(by_arg["grads"])], [0, 1]
+    mask = 0b11
+    for k, s in enumerate(spec.lists, start=2):
+        if spec.has(s, h):
+            names.append(s.arg)
+            present.append(list(by_arg[s.arg]))
+            slots.append(k)
+            mask |= 1 << k
+        elif len(by_arg[s.arg]) != 0:
+            value = h[s.when]
+            shown = "False" if isinstance(value, bool) else f"{value:g}"
+            raise _op_error(op, f"{s.arg} must be empty when {s.when}={shown}, got "
+                                f"{len(by_arg[s.arg])}")
+    n = len(present[0])
+    for name, lst in zip(names, present):
         if len(lst) != n:
             raise _op_error(op, f"expected {n} {name} (one per param), got {len(lst)}")
-
-
-def _adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad):
-    names = ["params", "grads", "exp_avgs", "exp_avg_sqs"]
-    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)]
-    if amsgrad:
-        names.append("max_exp_avg_sqs")
-        lists.append(list(max_exp_avg_sqs))
-    elif len(max_exp_avg_sqs) != 0:
-        raise _op_error(op, f"max_exp_avg_sqs must be empty when amsgrad=False, got "
-                            f"{len(max_exp_avg_sqs)}")
-    _check_lists(op, names, lists)
-    return names, lists
-
-
-def _sgd_lists(op, params, grads, momentum_buffers, momentum):
-    names = ["params", "grads"]
-    lists = [list(params), list(grads)]
-    if momentum != 0.0:
-        names.append("momentum_buffers")
-        lists.append(list(momentum_buffers))
-    elif len(momentum_buffers) != 0:
-        raise _op_error(op, f"momentum_buffers must be empty when momentum=0, got "
-                            f"{len(momentum_buffers)}")
-    _check_lists(op, names, lists)
-    return names, lists
-
-
-def _weight_decay_mode(weight_decay: float, decoupled: bool):
-    if weight_decay == 0.0:
-        return WD_NONE
-    return WD_DECOUPLED if decoupled else WD_L2
-
-
-def adam_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-               lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-               decoupled_weight_decay, grad_scale=None, found_inf=None,
-               config: LaunchConfig | None = None, _host_lr: bool = False) -> None:
-    """One Adam / AdamW step over a bucket: one launch of the table kernel."""
-    op = "adam_"
-    config = config or CONFIG
-    names, lists = _adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                               amsgrad)
-    if len(state_steps) != len(params):
-        raise _op_error(op, f"expected {len(params)} state_steps (one per param), got "
-                            f"{len(state_steps)}")
-    if not params:
-        return
-    device, dtype = params[0].device, params[0].dtype
-    lr_ptr, lr_parts, lr_on_device = _lr_args(op, lr, device, _host_lr)
-    _check_scalar(op, "grad_scale", grad_scale, device)
-    _check_scalar(op, "found_inf", found_inf, device)
-    table = _get_table(op, names, lists, list(state_steps), config)
-    _adam_table_kernel[(table.n_programs,)](
-        params[0], table.list_offsets, table.step_ptrs, table.numels, table.n_chunks,
-        table.work,
-        table.arrivals, table.n_tensors,
-        lr_ptr, grad_scale, found_inf,
-        *lr_parts, *split_f64(beta1), *split_f64(beta2), *split_f64(weight_decay),
-        *split_f64(eps),
-        DTYPE=_TL_DTYPE[dtype], OPMATH=_opmath(dtype), STEP_DTYPE=_TL_DTYPE[table.step_dtype],
-        AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-        WEIGHT_DECAY=_weight_decay_mode(weight_decay, decoupled_weight_decay),
-        LR_ON_DEVICE=lr_on_device, UNSCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        CHUNK=config.chunk, BLOCK=config.block, ELEM_ALIGN=table.elem_align,
-        num_warps=config.num_warps, enable_fp_fusion=False,
+    states = [(s.arg, list(t)) for s, t in zip(spec.scalars, lists[n_lists:])]
+    for name, lst in states:
+        if len(lst) != n:
+            raise _op_error(op, f"expected {n} {name} (one per param), got {len(lst)}")
+    variant, advance, scalars, update = _math_of(spec)
+    reads = 0
+    for k in range(n_lists):
+        if (mask >> k) & 1 and k != 1:
+            reads |= 1 << k
+    reads &= ~_math_skip_reads(spec, h)
+    reads |= 0b10  # the grad
+    constexprs = dict(
+        ADVANCE=advance, SCALARS=scalars, UPDATE=update, N_LISTS=n_lists, LISTS=mask,
+        READS=reads, WRITES=mask & ~0b10, VARIANT=variant(h), N_FLOATS=len(spec.floats),
+        N_STATES=len(spec.scalars),
     )
+    hyper = tuple(part for f in spec.floats for part in split_f64(h[f.name]))
+    return _Call(names, present, slots, states, constexprs, hyper)
 
 
-def sgd_table(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-              nesterov, maximize, is_first_step, grad_scale=None, found_inf=None,
-              config: LaunchConfig | None = None, _host_lr: bool = False) -> None:
-    """One SGD step over a bucket: one launch of the table kernel."""
-    op = "sgd_"
+@functools.lru_cache(maxsize=None)
+def _math_of(spec):
+    """The optimizer's math in math.py: (variant, advance, scalars, update)."""
+    try:
+        return (getattr(_math, f"{spec.name}_variant"),
+                getattr(_math, f"{spec.name}_advance", _math.count_step),
+                getattr(_math, f"{spec.name}_scalars"),
+                getattr(_math, f"{spec.name}_update"))
+    except AttributeError as exc:
+        raise NotImplementedError(
+            f"fused_optim_triton: no Triton math for {spec.name!r} in "
+            f"fused_optim.triton_kernels.math ({exc})") from None
+
+
+def _math_skip_reads(spec, h: dict[str, Any]) -> int:
+    """Lists whose old values this call's update never reads (math.<name>_skip_reads,
+    e.g. SGD's buffer on its first step), as a mask."""
+    fn = getattr(_math, f"{spec.name}_skip_reads", None)
+    return fn(h) if fn is not None else 0
+
+
+def step_table(spec, *lists, lr, grad_scale=None, found_inf=None,
+               config: LaunchConfig | None = None, _host_lr: bool = False, **h) -> None:
+    """One step of `spec`'s optimizer over a bucket: one launch of the table kernel.
+    Arguments as the op's (fused_optim/spec.py)."""
+    op = spec.op
     config = config or CONFIG
-    names, lists = _sgd_lists(op, params, grads, momentum_buffers, momentum)
+    call = _prepare(op, spec, lists, h, grad_scale)
+    params = call.lists[0]
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
     lr_ptr, lr_parts, lr_on_device = _lr_args(op, lr, device, _host_lr)
     _check_scalar(op, "grad_scale", grad_scale, device)
     _check_scalar(op, "found_inf", found_inf, device)
-    table = _get_table(op, names, lists, None, config)
-    has_momentum = momentum != 0.0
-    _sgd_table_kernel[(table.n_programs,)](
-        params[0], table.list_offsets, table.numels, table.work, table.n_tensors,
-        lr_ptr, grad_scale, found_inf,
-        *lr_parts, *split_f64(momentum), *split_f64(dampening), *split_f64(weight_decay),
-        DTYPE=_TL_DTYPE[dtype], OPMATH=_opmath(dtype), MOMENTUM=has_momentum,
-        NESTEROV=bool(nesterov) and has_momentum,
-        FIRST_STEP=bool(is_first_step) and has_momentum, MAXIMIZE=bool(maximize),
-        WEIGHT_DECAY=weight_decay != 0.0, LR_ON_DEVICE=lr_on_device,
+    table = _get_table(op, call.names, call.lists, call.slots,
+                       call.constexprs["N_LISTS"], call.states, config)
+    _table_kernel[(table.n_programs,)](
+        params[0], table.list_offsets, table.state_ptrs, table.numels, table.n_chunks,
+        table.work, table.arrivals, table.n_tensors,
+        lr_ptr, grad_scale, found_inf, lr_parts, call.hyper,
+        **call.constexprs,
+        DTYPE=_TL_DTYPE[dtype], OPMATH=_opmath(dtype),
+        STATE_DTYPE=_TL_DTYPE[table.state_dtype or torch.float32],
+        LR_DTYPE=_TL_DTYPE.get(lr.dtype, tl.float64), LR_ON_DEVICE=lr_on_device,
         UNSCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        MAXIMIZE=bool(h.get("maximize", False)),
         CHUNK=config.chunk, BLOCK=config.block, ELEM_ALIGN=table.elem_align,
         num_warps=config.num_warps, enable_fp_fusion=False,
     )
 
 
-def _count_steps(state_steps, found_inf) -> None:
-    """state_steps += 1 unless found_inf != 0, with torch ops (traceable, no sync)."""
-    if not state_steps:
-        return
-    if found_inf is None:
-        torch._foreach_add_(list(state_steps), 1)
-    else:
-        for s in state_steps:
-            s.add_((found_inf.reshape(()) == 0).to(s.dtype))
-
-
-def adam_per_tensor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                    lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-                    decoupled_weight_decay, grad_scale=None, found_inf=None,
-                    config: LaunchConfig | None = None) -> None:
-    """Adam with one launch per tensor and tensors as kernel arguments: the form that
-    torch.compile can trace (see [note: torch.compile])."""
-    op = "adam_"
+def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None,
+                    config: LaunchConfig | None = None, **h) -> None:
+    """The same step with one launch per tensor and tensors as kernel arguments, then
+    one launch per tensor that stores its state: the form torch.compile can trace (see
+    [note: torch.compile])."""
+    op = spec.op
     config = config or CONFIG
-    _, lists = _adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                           amsgrad)
+    call = _prepare(op, spec, lists, h, grad_scale)
+    params = call.lists[0]
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
     lr_t = lr if lr.device == device else lr.to(device)
+    c = call.constexprs
+    state_dtype = call.states[0][1][0].dtype if call.states else torch.float32
+    common = dict(N_FLOATS=c["N_FLOATS"], N_STATES=c["N_STATES"], LISTS=c["LISTS"],
+                  VARIANT=c["VARIANT"], STATE_DTYPE=_TL_DTYPE[state_dtype],
+                  LR_DTYPE=_TL_DTYPE.get(lr_t.dtype, tl.float64), OPMATH=_opmath(dtype),
+                  ADVANCE=c["ADVANCE"], SCALARS=c["SCALARS"])
     # wrap_triton: a traced call becomes a graph node; eager calls get the kernel back.
-    kernel = wrap_triton(_adam_tensor_kernel)
-    hyper = (*split_f64(beta1), *split_f64(beta2), *split_f64(weight_decay),
-             *split_f64(eps))
+    kernel = wrap_triton(_tensor_kernel)
+    state_kernel = wrap_triton(_state_kernel)
     for i, p in enumerate(params):
+        xs = [None] * MAX_LISTS
+        for slot, lst in zip(call.slots, call.lists):
+            xs[slot] = lst[i]
+        ss = [None] * MAX_STATES
+        for j, (_, tensors) in enumerate(call.states):
+            ss[j] = tensors[i]
         n = p.numel()
-        if n == 0:
-            continue
-        kernel[(triton.cdiv(n, config.chunk),)](
-            p, grads[i], exp_avgs[i], exp_avg_sqs[i],
-            max_exp_avg_sqs[i] if amsgrad else None, state_steps[i], n,
-            lr_t, grad_scale, found_inf, *hyper,
-            DTYPE=_TL_DTYPE[dtype], OPMATH=_opmath(dtype), AMSGRAD=bool(amsgrad),
-            MAXIMIZE=bool(maximize),
-            WEIGHT_DECAY=_weight_decay_mode(weight_decay, decoupled_weight_decay),
-            UNSCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            CHUNK=config.chunk, BLOCK=config.block, num_warps=config.num_warps,
-        )
-    _count_steps(state_steps, found_inf)
-
-
-def sgd_per_tensor(params, grads, momentum_buffers, *, lr, momentum, dampening,
-                   weight_decay, nesterov, maximize, is_first_step, grad_scale=None,
-                   found_inf=None, config: LaunchConfig | None = None) -> None:
-    """SGD with one launch per tensor (see adam_per_tensor)."""
-    op = "sgd_"
-    config = config or CONFIG
-    _sgd_lists(op, params, grads, momentum_buffers, momentum)
-    if not params:
-        return
-    device, dtype = params[0].device, params[0].dtype
-    lr_t = lr if lr.device == device else lr.to(device)
-    # wrap_triton: a traced call becomes a graph node; eager calls get the kernel back.
-    kernel = wrap_triton(_sgd_tensor_kernel)
-    has_momentum = momentum != 0.0
-    hyper = (*split_f64(momentum), *split_f64(dampening), *split_f64(weight_decay))
-    for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        kernel[(triton.cdiv(n, config.chunk),)](
-            p, grads[i], momentum_buffers[i] if has_momentum else None, n,
-            lr_t, grad_scale, found_inf, *hyper,
-            DTYPE=_TL_DTYPE[dtype], OPMATH=_opmath(dtype), MOMENTUM=has_momentum,
-            NESTEROV=bool(nesterov) and has_momentum,
-            FIRST_STEP=bool(is_first_step) and has_momentum, MAXIMIZE=bool(maximize),
-            WEIGHT_DECAY=weight_decay != 0.0, UNSCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            CHUNK=config.chunk, BLOCK=config.block, num_warps=config.num_warps,
-        )
+        if n > 0:
+            kernel[(triton.cdiv(n, config.chunk),)](
+                *xs, *ss, n, lr_t, grad_scale, found_inf, call.hyper,
+                UPDATE=c["UPDATE"], N_LISTS=c["N_LISTS"], READS=c["READS"],
+                WRITES=c["WRITES"], DTYPE=_TL_DTYPE[dtype], UNSCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None, MAXIMIZE=bool(h.get("maximize", False)),
+                CHUNK=config.chunk, BLOCK=config.block, num_warps=config.num_warps,
+                **common,
+            )
+        if call.states:
+            state_kernel[(1,)](*ss, lr_t, found_inf, call.hyper,
+                               HAS_FOUND_INF=found_inf is not None, **common)

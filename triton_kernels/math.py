@@ -1,22 +1,31 @@
 """The element-wise optimizer math in Triton, written once for every Triton kernel.
 
-What it computes: one Adam / AdamW step and one SGD step per element, the same
-operations in the same order as the C++ math (csrc/include/fused_optim/math/adam.h,
-sgd.h, stages.h), which follows torch.optim's single-tensor implementations:
+Each optimizer of fused_optim (its spec, fused_optim/spec.py, names it) has here, under
+its name, the same operations in the same order as its C++ math
+(csrc/include/fused_optim/math/<name>.h), which follows torch.optim's single-tensor
+implementation:
 
-    Adam   g = -grad (maximize) ; g += wd * p (L2)  or  p *= 1 - lr * wd (decoupled)
-           m = lerp(m, g, 1 - beta1) ; v = beta2 * v + (1 - beta2) * (g * g)
-           vmax = maximum(vmax, v) (amsgrad)
-           p += -lr / (1 - beta1^t) * m / (sqrt(v or vmax) * (1 / sqrt(1 - beta2^t)) + eps)
-    SGD    g = -grad (maximize) ; g += wd * p
-           b = g (first step)  or  b = momentum * b + (1 - dampening) * g
-           g = g + momentum * b (nesterov)  or  b ; p += -lr * g
+  <name>_variant(h) -> tuple      plain Python: the compile-time variant of a call from
+                                  its float / bool arguments `h` (a dict by name), a
+                                  tuple of ints or bools (VARIANT in the kernels)
+  <name>_skip_reads(h) -> int     optional, plain Python: lists (a bit each) whose old
+                                  values the call's update never reads
+  <name>_advance(state, lr, h)    the tensor's per-tensor state after this step (a tuple
+                                  of float64; default `count_step`: step + 1)
+  <name>_scalars(state, lr, h, LISTS, VARIANT, LR_DTYPE, OPMATH)
+                                  the per-tensor scalars of one step (a tuple), from the
+                                  advanced state (rounded as stored), lr and `h` (tuples
+                                  of float64), computed in float64 and rounded once to
+                                  OPMATH, as the C++ code computes them in double and casts
+  <name>_update(x, grad, s, LISTS, VARIANT) -> x
+                                  one block of elements: x holds every list of the
+                                  optimizer in op order (x[0] params, x[1] grads; lists
+                                  the call leaves out, LISTS being a bit per list present,
+                                  are zeros to be ignored), grad the unscaled, signed
+                                  grad, s the scalars; returns x updated
 
-Preconditions: element values arrive in opmath (float32, or float64 for float64
-storage); the per-tensor scalars come from `adam_tensor_scalars` / `sgd_scalars`,
-computed in float64 from exact float64 hyperparameters and rounded once to opmath, as
-the C++ code computes them in double and casts. Memory traffic is the kernels' business
-(launcher.py); nothing here loads or stores.
+Element values arrive in opmath (float32, or float64 for float64 storage). Memory
+traffic is the kernels' business (launcher.py); nothing here loads or stores.
 
 [note: exact float64 hyperparameters]
 A Python float passed to a Triton kernel becomes a float32 argument (the interpreter
@@ -37,9 +46,14 @@ converts float32 to bfloat16 by truncation, so bfloat16 is rounded explicitly
 
 [note: few, larger functions]
 The interpreter re-patches triton.language on every call of a @triton.jit function
-(~1.5 ms each), which dominates CI time; the stages of stages.h (maybe_negate,
-add_l2_penalty, decay_weights, bias_correct) are therefore inlined in the algorithm
-functions, with lerp and maximum kept as functions where torch's exact formula matters.
+(~1.5 ms each), which dominates CI time; the stages of stages.h (add_l2_penalty,
+decay_weights, bias_correct) are therefore inlined in the optimizers' functions, with
+lerp and maximum kept as functions where torch's exact formula matters.
+
+[note: lr arithmetic]
+As in csrc/include/fused_optim/math/stages.h: torch.optim computes with a tensor lr in
+the tensor's dtype (a Python float operand rounded to it first), so `lr_mul`, `lr_div`
+and `lr_sub_from` compute in LR_DTYPE's opmath and round the result to LR_DTYPE.
 """
 
 import triton
@@ -89,6 +103,87 @@ def unscale(grad, grad_scale):
         return tl.div_rn(grad, grad_scale)
 
 
+
+@triton.jit
+def div(a, b):
+    """a / b, IEEE-rounded in float32 and float64."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def sqrt(x):
+    """IEEE square root in float32 and float64."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _lr_round(x, LR_DTYPE: tl.constexpr):
+    """A float64 result rounded as a tensor of LR_DTYPE stores it, back in float64."""
+    if LR_DTYPE == tl.float64:
+        return x
+    else:
+        return to_storage(x.to(tl.float32), LR_DTYPE).to(tl.float64)
+
+
+@triton.jit
+def lr_mul(lr, x, LR_DTYPE: tl.constexpr):
+    """lr * x as torch.optim computes it with an lr tensor of LR_DTYPE."""
+    if LR_DTYPE == tl.float64:
+        return lr * x
+    else:
+        return _lr_round((lr.to(tl.float32) * x.to(tl.float32)).to(tl.float64), LR_DTYPE)
+
+
+@triton.jit
+def lr_div(lr, x, LR_DTYPE: tl.constexpr):
+    """lr / x as torch.optim computes it with an lr tensor of LR_DTYPE."""
+    if LR_DTYPE == tl.float64:
+        return lr / x
+    else:
+        return _lr_round(tl.div_rn(lr.to(tl.float32), x.to(tl.float32)).to(tl.float64),
+                         LR_DTYPE)
+
+
+@triton.jit
+def lr_sub_from(a, t, LR_DTYPE: tl.constexpr):
+    """a - t for a value t of LR_DTYPE, in that dtype (torch's `1 - lr * wd`)."""
+    if LR_DTYPE == tl.float64:
+        return a - t
+    else:
+        return _lr_round((a - t.to(tl.float32)).to(tl.float64), LR_DTYPE)
+
+
+@triton.jit
+def pow_int(base, step):
+    """base ** step for float64 base and a whole-number float64 step, by binary
+    exponentiation (libdevice's pow does not run in the interpreter): at most
+    2 * log2(step) float64 roundings; rounded to float32, the results equal those from C's
+    pow for every step in 1..20000 and base in {0.5, 0.9, 0.95, 0.98, 0.99, 0.999,
+    0.9999} (checked on the host with the same operations). A non-integer step is
+    truncated."""
+    n = step.to(tl.int64)
+    result = base * 0.0 + 1.0
+    b = base
+    while n > 0:
+        if (n & 1) == 1:
+            result = result * b
+        b = b * b
+        n = n >> 1
+    return result
+
+
+@triton.jit
+def count_step(state, lr, h):
+    """The advance of an optimizer whose only per-tensor state is its step count."""
+    return (state[0] + 1.0,)
+
+
 # ---------------------------------------------------------------------------------
 # Adam / AdamW
 
@@ -97,136 +192,113 @@ WD_L2: tl.constexpr = tl.constexpr(1)
 WD_DECOUPLED: tl.constexpr = tl.constexpr(2)
 
 
+def adam_variant(h) -> tuple[int]:
+    """(weight-decay mode,)."""
+    if h["weight_decay"] == 0.0:
+        return (WD_NONE.value,)
+    return (WD_DECOUPLED.value if h["decoupled_weight_decay"] else WD_L2.value,)
+
+
 @triton.jit
-def adam_tensor_scalars(step, lr,
-                        beta1_hi, beta1_mid, beta1_lo, beta2_hi, beta2_mid, beta2_lo,
-                        wd_hi, wd_mid, wd_lo, eps_hi, eps_mid, eps_lo,
-                        OPMATH: tl.constexpr):
-    """The per-tensor scalars of one Adam step (math/adam.h adam_tensor_scalars).
-
-    step is this step's count (1 on the first step) and lr, both float64; the
-    hyperparameters arrive as float32 parts (see [note: exact float64 ...]). Everything
-    is computed in float64 and rounded once to OPMATH.
-
-    beta^step is computed by binary exponentiation (libdevice's pow does not run in the
-    interpreter): at most 2 * log2(step) float64 roundings; rounded to float32, the
-    results equal those from C's pow for every step in 1..20000 and beta in {0.5, 0.9,
-    0.95, 0.98, 0.99, 0.999, 0.9999} (checked on the host with the same operations).
-    A non-integer step is truncated.
-    """
-    # tl.cast, not .to: the interpreter passes float arguments as Python floats.
-    beta1 = (tl.cast(beta1_hi, tl.float64) + tl.cast(beta1_mid, tl.float64)
-             + tl.cast(beta1_lo, tl.float64))
-    beta2 = (tl.cast(beta2_hi, tl.float64) + tl.cast(beta2_mid, tl.float64)
-             + tl.cast(beta2_lo, tl.float64))
-    weight_decay = (tl.cast(wd_hi, tl.float64) + tl.cast(wd_mid, tl.float64)
-                    + tl.cast(wd_lo, tl.float64))
-    eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_mid, tl.float64) + tl.cast(eps_lo, tl.float64)
-    n = step.to(tl.int64)
-    beta1_pow = beta1 * 0.0 + 1.0
-    beta2_pow = beta1_pow
-    b1 = beta1
-    b2 = beta2
-    while n > 0:
-        if (n & 1) == 1:
-            beta1_pow = beta1_pow * b1
-            beta2_pow = beta2_pow * b2
-        b1 = b1 * b1
-        b2 = b2 * b2
-        n = n >> 1
-    bias_correction1 = 1.0 - beta1_pow
-    bias_correction2 = 1.0 - beta2_pow
+def adam_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                 LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """The per-tensor scalars of one Adam step (math/adam.h Adam::scalars): state[0] is
+    this step's count (1 on the first step); h = (beta1, beta2, weight_decay, eps)."""
+    beta1 = h[0]
+    beta2 = h[1]
+    weight_decay = h[2]
+    step = state[0]
+    bias_correction1 = 1.0 - pow_int(beta1, step)
+    bias_correction2 = 1.0 - pow_int(beta2, step)
     return (
         beta2.to(OPMATH),
         (1.0 - beta1).to(OPMATH),                      # one_minus_beta1
         (1.0 - beta2).to(OPMATH),                      # one_minus_beta2
         weight_decay.to(OPMATH),
-        (1.0 - lr * weight_decay).to(OPMATH),          # decay_factor
-        (-(lr / bias_correction1)).to(OPMATH),         # neg_step_size
+        lr_sub_from(1.0, lr_mul(lr, weight_decay, LR_DTYPE), LR_DTYPE).to(OPMATH),  # decay
+        (-lr_div(lr, bias_correction1, LR_DTYPE)).to(OPMATH),   # neg_step_size
         (1.0 / tl.sqrt(bias_correction2)).to(OPMATH),  # inv_bias_correction2_sqrt
-        eps.to(OPMATH),
+        h[3].to(OPMATH),                               # eps
     )
 
 
 @triton.jit
-def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor,
-                neg_step_size, inv_bias_correction2_sqrt, eps,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
-    """One Adam step on a block of opmath values (math/adam.h adam_update).
-
-    WEIGHT_DECAY is WD_NONE, WD_L2 (Adam) or WD_DECOUPLED (AdamW). max_exp_avg_sq is
-    only read and returned updated when AMSGRAD.
-    """
-    if MAXIMIZE:                                       # maybe_negate
-        grad = -grad
-    if WEIGHT_DECAY == WD_L2:                          # add_l2_penalty
+def adam_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """One Adam step on a block (math/adam.h adam_update): x = (param, grad, exp_avg,
+    exp_avg_sq, max_exp_avg_sq), the last only with amsgrad (LISTS bit 4)."""
+    beta2, one_minus_beta1, one_minus_beta2 = s[0], s[1], s[2]
+    weight_decay, decay_factor, neg_step_size = s[3], s[4], s[5]
+    inv_bias_correction2_sqrt, eps = s[6], s[7]
+    param = x[0]
+    if VARIANT[0] == WD_L2:                            # add_l2_penalty
         grad = grad + weight_decay * param
-    elif WEIGHT_DECAY == WD_DECOUPLED:                 # decay_weights
+    elif VARIANT[0] == WD_DECOUPLED:                   # decay_weights
         param = param * decay_factor
     # update_moments
-    exp_avg = lerp(exp_avg, grad, one_minus_beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (grad * grad)
+    exp_avg = lerp(x[2], grad, one_minus_beta1)
+    exp_avg_sq = x[3] * beta2 + one_minus_beta2 * (grad * grad)
     second_moment = exp_avg_sq
-    if AMSGRAD:
+    max_exp_avg_sq = x[4]
+    if (LISTS >> 4) & 1:
         max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
         second_moment = max_exp_avg_sq
     # bias_correct + apply_update: param.addcdiv_(exp_avg, denom, value=-step_size), with
     # sqrt(v) / sqrt(1 - beta2^t) as sqrt(v) * (1 / sqrt(1 - beta2^t)) as adam.h does.
-    if param.dtype == tl.float64:
-        denom = tl.sqrt(second_moment) * inv_bias_correction2_sqrt + eps
-        param = param + neg_step_size * (exp_avg / denom)
-    else:
-        denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + eps
-        param = param + neg_step_size * tl.div_rn(exp_avg, denom)
-    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+    denom = sqrt(second_moment) * inv_bias_correction2_sqrt + eps
+    param = param + neg_step_size * div(exp_avg, denom)
+    return param, x[1], exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+adam_advance = count_step
 
 
 # ---------------------------------------------------------------------------------
 # SGD
 
+def sgd_variant(h) -> tuple[bool, bool, bool]:
+    """(nesterov, the buffer's first step, weight decay): the first two only with
+    momentum; an L2 term is skipped rather than multiplied by 0, so inf / NaN params
+    behave as in torch."""
+    momentum = h["momentum"] != 0.0
+    return (momentum and bool(h["nesterov"]), momentum and bool(h["is_first_step"]),
+            h["weight_decay"] != 0.0)
+
+
+def sgd_skip_reads(h) -> int:
+    # On the buffer's first step its old contents are never used (list 2).
+    return 1 << 2 if h["momentum"] != 0.0 and h["is_first_step"] else 0
+
 
 @triton.jit
-def sgd_scalars(lr, momentum_hi, momentum_mid, momentum_lo,
-                dampening_hi, dampening_mid, dampening_lo, wd_hi, wd_mid, wd_lo,
-                OPMATH: tl.constexpr):
-    """The scalars of one SGD step (math/sgd.h sgd_scalars): lr float64, the
-    hyperparameters as float32 parts; computed in float64, rounded once to OPMATH."""
-    momentum = (tl.cast(momentum_hi, tl.float64) + tl.cast(momentum_mid, tl.float64)
-                + tl.cast(momentum_lo, tl.float64))
-    dampening = (tl.cast(dampening_hi, tl.float64) + tl.cast(dampening_mid, tl.float64)
-                 + tl.cast(dampening_lo, tl.float64))
-    weight_decay = (tl.cast(wd_hi, tl.float64) + tl.cast(wd_mid, tl.float64)
-                    + tl.cast(wd_lo, tl.float64))
+def sgd_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """The scalars of one SGD step (math/sgd.h Sgd::scalars); h = (momentum, dampening,
+    weight_decay)."""
     return (
         (-lr).to(OPMATH),                              # neg_lr
-        momentum.to(OPMATH),
-        (1.0 - dampening).to(OPMATH),                  # one_minus_dampening
-        weight_decay.to(OPMATH),
+        h[0].to(OPMATH),                               # momentum
+        (1.0 - h[1]).to(OPMATH),                       # one_minus_dampening
+        h[2].to(OPMATH),                               # weight_decay
     )
 
 
 @triton.jit
-def sgd_update(param, grad, momentum_buffer,
-               neg_lr, momentum, one_minus_dampening, weight_decay,
-               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
-               MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
-    """One SGD step on a block of opmath values (math/sgd.h sgd_update).
-
-    momentum_buffer is only read and returned updated when MOMENTUM.
-    """
-    if MAXIMIZE:
-        grad = -grad
-    if WEIGHT_DECAY:
+def sgd_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """One SGD step on a block (math/sgd.h sgd_update): x = (param, grad,
+    momentum_buffer), the buffer only with momentum (LISTS bit 2)."""
+    neg_lr, momentum, one_minus_dampening, weight_decay = s[0], s[1], s[2], s[3]
+    param = x[0]
+    if VARIANT[2]:
         grad = grad + weight_decay * param
-    if MOMENTUM:
-        if FIRST_STEP:
+    momentum_buffer = x[2]
+    if (LISTS >> 2) & 1:
+        if VARIANT[1]:
             momentum_buffer = grad
         else:
             momentum_buffer = momentum_buffer * momentum + one_minus_dampening * grad
-        if NESTEROV:
+        if VARIANT[0]:
             grad = grad + momentum * momentum_buffer
         else:
             grad = momentum_buffer
     param = param + neg_lr * grad
-    return param, momentum_buffer
+    return param, x[1], momentum_buffer

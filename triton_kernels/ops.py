@@ -1,13 +1,14 @@
-"""The Triton backend's operators: torch.ops.fused_optim_triton.adam_ / sgd_.
+"""The Triton backend's operators: torch.ops.fused_optim_triton.<name>_, one per optimizer.
 
-Same schemas and semantics as the C++ ops (csrc/ops.cpp): one call = one bucket (one
-device, one dtype); lists are mutated in place; lr, the step counters, grad_scale and
-found_inf are tensors read by the kernels; found_inf != 0 changes nothing, steps
-included; grads are divided by grad_scale and written back unscaled.
+Same schemas and semantics as the C++ ops (fused_optim/spec.py generates both from an
+optimizer's spec): one call = one bucket (one device, one dtype); lists are mutated in
+place; lr, the per-tensor state, grad_scale and found_inf are tensors read by the
+kernels; found_inf != 0 changes nothing, state included; grads are divided by
+grad_scale and written back unscaled.
 
 They are torch.library.triton_op, so torch.compile traces into them (see
 [note: torch.compile] in launcher.py):
-  * eager calls with real tensors launch ONE table kernel per call (launcher.adam_table);
+  * eager calls with real tensors launch ONE table kernel per call (launcher.step_table);
   * functionalized calls (torch.compile / torch.export: FunctionalTensor arguments)
     launch the per-tensor kernels through torch.library.wrap_triton, whose tensor
     arguments the compiler can see;
@@ -15,16 +16,20 @@ They are torch.library.triton_op, so torch.compile traces into them (see
     its schema declares what it mutates.
 """
 
+from __future__ import annotations
+
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from .launcher import (adam_per_tensor, adam_table, kernels_interpreted, sgd_per_tensor,
-                       sgd_table)
+from fused_optim.spec import Spec, on_register
 
-__all__ = ["adam_", "sgd_"]
+from .launcher import kernels_interpreted, step_per_tensor, step_table
+
+__all__ = ["step"]
 
 
 def _tracing_mode(tensors: list[Tensor]) -> str | None:
@@ -48,65 +53,44 @@ def _tracing_mode(tensors: list[Tensor]) -> str | None:
     return None
 
 
-# The ops take lr, grad_scale and found_inf positionally (custom ops cannot have
-# keyword-only tensors); adam_ / sgd_ below keep the C++ ops' keyword signature.
+# The ops take every argument positionally (custom ops cannot have keyword-only
+# tensors): the lists, lr, grad_scale, found_inf, then the spec's float and bool
+# arguments; step() below keeps the C++ ops' keyword signature.
+_ORDER: dict[str, list[str]] = {}
 
 
-@triton_op(
-    "fused_optim_triton::adam_",
-    mutates_args={"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
-                  "state_steps"},
-)
-def _adam_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-             exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor],
-             state_steps: list[Tensor], lr: Tensor, grad_scale: Optional[Tensor],
-             found_inf: Optional[Tensor], beta1: float, beta2: float, weight_decay: float,
-             eps: float, amsgrad: bool, maximize: bool,
-             decoupled_weight_decay: bool) -> None:
-    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                  amsgrad=amsgrad, maximize=maximize,
-                  decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale,
-                  found_inf=found_inf)
-    mode = _tracing_mode(params)
-    if mode == "functional":
-        adam_per_tensor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                        **kwargs)
-    elif mode is None:
-        adam_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   **kwargs)
+def _register(spec: Spec) -> None:
+    """Defines torch.ops.fused_optim_triton.<spec.op> from the spec: triton_op infers
+    the schema from a signature, which is built here from the spec's arguments."""
+    lists = [*spec.list_args(), *(s.arg for s in spec.scalars)]
+    names = [h.name for h in (*spec.floats, *spec.flags)]
+    _ORDER[spec.op] = names
+
+    def impl(*args) -> None:
+        mode = _tracing_mode(args[0])
+        if mode is not None and mode != "functional":
+            return
+        kwargs = dict(zip(("lr", "grad_scale", "found_inf", *names), args[len(lists):]))
+        fn = step_per_tensor if mode == "functional" else step_table
+        fn(spec, *args[:len(lists)], **kwargs)
+
+    P = inspect.Parameter
+    params = [P(a, P.POSITIONAL_OR_KEYWORD, annotation=list[Tensor]) for a in lists]
+    params += [P("lr", P.POSITIONAL_OR_KEYWORD, annotation=Tensor)]
+    params += [P(a, P.POSITIONAL_OR_KEYWORD, annotation=Optional[Tensor])
+               for a in ("grad_scale", "found_inf")]
+    params += [P(h.name, P.POSITIONAL_OR_KEYWORD, annotation=h.kind)
+               for h in (*spec.floats, *spec.flags)]
+    impl.__signature__ = inspect.Signature(params, return_annotation=None)
+    impl.__name__ = spec.op
+    triton_op(f"fused_optim_triton::{spec.op}", impl, mutates_args=lists)
 
 
-@triton_op(
-    "fused_optim_triton::sgd_",
-    mutates_args={"params", "grads", "momentum_buffers"},
-)
-def _sgd_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
-            lr: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-            momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-            maximize: bool, is_first_step: bool) -> None:
-    kwargs = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                  nesterov=nesterov, maximize=maximize, is_first_step=is_first_step,
-                  grad_scale=grad_scale, found_inf=found_inf)
-    mode = _tracing_mode(params)
-    if mode == "functional":
-        sgd_per_tensor(params, grads, momentum_buffers, **kwargs)
-    elif mode is None:
-        sgd_table(params, grads, momentum_buffers, **kwargs)
+on_register(_register)
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr,
-          beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
-          grad_scale=None, found_inf=None) -> None:
-    """One Adam / AdamW step over one bucket (the signature of torch.ops.fused_optim.adam_)."""
-    torch.ops.fused_optim_triton.adam_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, grad_scale,
-        found_inf, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-        decoupled_weight_decay)
-
-
-def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-         nesterov, maximize, is_first_step, grad_scale=None, found_inf=None) -> None:
-    """One SGD step over one bucket (the signature of torch.ops.fused_optim.sgd_)."""
-    torch.ops.fused_optim_triton.sgd_(
-        params, grads, momentum_buffers, lr, grad_scale, found_inf, momentum, dampening,
-        weight_decay, nesterov, maximize, is_first_step)
+def step(spec: Spec, *lists, lr, grad_scale=None, found_inf=None, **h) -> None:
+    """One step of `spec`'s optimizer over one bucket, through its Triton op (the
+    signature of torch.ops.fused_optim.<name>_)."""
+    getattr(torch.ops.fused_optim_triton, spec.op)(
+        *lists, lr, grad_scale, found_inf, *(h[name] for name in _ORDER[spec.op]))

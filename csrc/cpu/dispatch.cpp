@@ -14,11 +14,11 @@ bool cpu_runs(const std::string& name) {
   // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
-  if (name == "avx2") return avx2 && kernels_avx2().adam != nullptr;
+  if (name == "avx2") return avx2 && kernels_avx2().chunks[0] != nullptr;
   if (name == "avx512") {
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           kernels_avx512().adam != nullptr;
+           kernels_avx512().chunks[0] != nullptr;
   }
 #endif
   return false;

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "fused_optim/math/hyper.h"
+#include "fused_optim/math/args.h"
 
 namespace fused_optim {
 namespace cpu {
@@ -30,6 +30,8 @@ struct Chunk {
 
 // The tensors of one (device, dtype) bucket, list-major: ptrs[list * n_tensors + t].
 // All lists share one storage dtype; tensor t of every list has numels[t] elements.
+// The lists are those of the call, in op order: the optimizer's lists without the
+// optional ones the call leaves out.
 struct TensorTable {
   int64_t n_tensors;
   int n_lists;
@@ -38,34 +40,30 @@ struct TensorTable {
   DType dtype;
 };
 
-// Lists of the Adam table, in order; kMaxExpAvgSq is present only with amsgrad.
-enum AdamList : int { kAdamParam = 0, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, kAdamMaxExpAvgSq };
-// Lists of the SGD table; kSgdMomentumBuffer is present only with momentum != 0.
-enum SgdList : int { kSgdParam = 0, kSgdGrad, kSgdMomentumBuffer };
-
-struct AdamCall {
-  math::AdamHyper hyper;
-  const double* steps;       // per tensor, already incremented for this step
-  const float* grad_scale;   // nullptr: grads are not scaled; else grads /= *grad_scale
+// One call of an optimizer's kernels.
+struct StepCall {
+  math::Args args;
+  uint32_t lists;               // the optimizer's lists present in the table (a bit each)
+  bool maximize;                // grads are negated before the optimizer's math
+  const float* grad_scale;      // nullptr: grads are not scaled; else grads /= *grad_scale
+  // Per tensor, the optimizer's per-tensor state after this step's advance, rounded to
+  // the state tensors' dtypes: tensor_state[t * n_states + j] (nullptr without state).
+  const double* tensor_state;
 };
 
-struct SgdCall {
-  math::SgdHyper hyper;
-  const float* grad_scale;
-};
+// Processes chunks[begin, end) of one optimizer's call. Called concurrently from one
+// parallel region; chunks never overlap, so no two threads touch the same element.
+using ChunksFn = void (*)(const TensorTable&, const StepCall&, const Chunk* chunks,
+                          int64_t begin, int64_t end);
 
-// Process chunks[begin, end). Called concurrently from one parallel region; chunks
-// never overlap, so no two threads touch the same element.
-using AdamChunksFn = void (*)(const TensorTable&, const AdamCall&, const Chunk* chunks,
-                              int64_t begin, int64_t end);
-using SgdChunksFn = void (*)(const TensorTable&, const SgdCall&, const Chunk* chunks,
-                             int64_t begin, int64_t end);
+// The number of optimizers of fused_optim/optimizers.h (checked there by the kernels).
+constexpr int kMaxOptimizers = 32;
 
-// The kernels of one instruction set.
+// The kernels of one instruction set: chunks[id], id being the optimizer's position in
+// FO_FOR_EACH_OPTIMIZER.
 struct KernelSet {
   const char* name;  // "default", "avx2", "avx512"
-  AdamChunksFn adam;
-  SgdChunksFn sgd;
+  ChunksFn chunks[kMaxOptimizers];
 };
 
 // Defined by each kernels_<isa>.cpp.

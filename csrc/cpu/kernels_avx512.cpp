@@ -33,9 +33,9 @@ namespace cpu {
 
 const KernelSet& kernels_avx512() {
 #if defined(FO_ISA_SUPPORTED)
-  static const KernelSet set{"avx512", &FO_CPU_CAPABILITY::adam_chunks, &FO_CPU_CAPABILITY::sgd_chunks};
+  static const KernelSet set{"avx512", {FO_FOR_EACH_OPTIMIZER(FO_CHUNKS_OF)}};
 #else
-  static const KernelSet set{"avx512", nullptr, nullptr};  // not built for this architecture
+  static const KernelSet set{"avx512", {}};  // not built for this architecture
 #endif
   return set;
 }

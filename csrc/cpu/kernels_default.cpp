@@ -23,9 +23,9 @@ namespace cpu {
 
 const KernelSet& kernels_default() {
 #if defined(FO_ISA_SUPPORTED)
-  static const KernelSet set{"default", &FO_CPU_CAPABILITY::adam_chunks, &FO_CPU_CAPABILITY::sgd_chunks};
+  static const KernelSet set{"default", {FO_FOR_EACH_OPTIMIZER(FO_CHUNKS_OF)}};
 #else
-  static const KernelSet set{"default", nullptr, nullptr};  // not built for this architecture
+  static const KernelSet set{"default", {}};  // not built for this architecture
 #endif
   return set;
 }

@@ -1,4 +1,4 @@
-// The CPU multi-tensor engine and the Adam / SGD kernels built on it.
+// The CPU multi-tensor engine and every optimizer's kernels built on it.
 //
 // Included by kernels_default.cpp, kernels_avx2.cpp and kernels_avx512.cpp after each
 // has set FO_CPU_CAPABILITY and `#pragma GCC target` (see [note: one instruction set
@@ -64,8 +64,7 @@
 #pragma once
 
 #include "cpu/kernel_api.h"
-#include "fused_optim/math/adam.h"
-#include "fused_optim/math/sgd.h"
+#include "fused_optim/optimizers.h"
 
 namespace fused_optim {
 namespace cpu {
@@ -105,7 +104,7 @@ FO_INLINE T quiet_nan_of(T x) {
 }
 
 // Applies quiet_nan_of to every field of a struct of opmath scalars
-// (AdamTensorScalars, SgdScalars): [note: NaN in bf16 rounding].
+// (each optimizer's Scalars): [note: NaN in bf16 rounding].
 template <typename opmath, typename Scalars>
 FO_INLINE Scalars quiet_nans(Scalars s) {
   static_assert(std::is_standard_layout<Scalars>::value && alignof(Scalars) == alignof(opmath) &&
@@ -257,7 +256,7 @@ FO_INLINE void element_loop(std::index_sequence<Is...>, int64_t n, const Op& op,
   const Op local_op = op;  // a local copy cannot alias the stores: its fields stay in registers
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    opmath x[sizeof...(Is)] = {S::to_opmath(ptrs[i])...};
+    opmath x[sizeof...(Is)] = {(Op::reads(Is) ? S::to_opmath(ptrs[i]) : opmath(0))...};
     local_op(x);
     (store_if<Op::writes(Is), S>(ptrs + i, x[Is]), ...);
   }
@@ -313,6 +312,17 @@ struct Vec16<DType::kFloat16> {
   }
 };
 
+// Loads 16 elements (READ) or zeros (a list whose old values the op never reads).
+template <bool READ, DType D>
+FO_INLINE void load16(const uint16_t* src, vfloat8& a, vfloat8& b) {
+  if constexpr (READ) {
+    Vec16<D>::load(src, a, b);
+  } else {
+    a = vfloat8{};
+    b = vfloat8{};
+  }
+}
+
 // The element loop of half-precision storage in registers: 16 elements per iteration,
 // the op applied to two vectors of each list, then the tail element by element. Each
 // iteration stores the previous iteration's results after starting its own math, so
@@ -328,13 +338,13 @@ FO_INLINE void vector_loop(std::index_sequence<Is...> lists, int64_t n, const Op
   if (n >= 16) {
     vfloat8 ready_a[N];  // results for elements [i - 16, i), not stored yet
     vfloat8 ready_b[N];
-    (Vec16<D>::load(ptrs, ready_a[Is], ready_b[Is]), ...);
+    (load16<Op::reads(Is), D>(ptrs, ready_a[Is], ready_b[Is]), ...);
     local_op(ready_a);
     local_op(ready_b);
     for (i = 16; i + 16 <= n; i += 16) {
       vfloat8 a[N];
       vfloat8 b[N];
-      (Vec16<D>::load(ptrs + i, a[Is], b[Is]), ...);
+      (load16<Op::reads(Is), D>(ptrs + i, a[Is], b[Is]), ...);
       local_op(a);
       local_op(b);
       ((Op::writes(Is) ? Vec16<D>::store(ptrs + i - 16, ready_a[Is], ready_b[Is]) : void()), ...);
@@ -346,8 +356,14 @@ FO_INLINE void vector_loop(std::index_sequence<Is...> lists, int64_t n, const Op
 }
 #endif
 
+template <typename opmath>
+FO_INLINE void fill_zero(opmath* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = opmath(0);
+}
+
 // Applies `op` to elements [begin, end) of the lists whose base pointers are `base`.
-// Op provides: static constexpr int kLists; static constexpr bool writes(int list);
+// Op provides: static constexpr int kLists; static constexpr bool reads(int list),
+// writes(int list);
 // void operator()(opmath (&x)[kLists]) const, which updates x in place.
 template <DType D, typename Op, std::size_t... Is>
 void apply_chunk_impl(std::index_sequence<Is...> lists, void* const* base, int64_t begin,
@@ -366,7 +382,9 @@ void apply_chunk_impl(std::index_sequence<Is...> lists, void* const* base, int64
     alignas(64) opmath buf[N][kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
-      (Storage<D>::load(static_cast<T*>(base[Is]) + begin + b, buf[Is], m), ...);
+      ((Op::reads(Is) ? Storage<D>::load(static_cast<T*>(base[Is]) + begin + b, buf[Is], m)
+                      : fill_zero(buf[Is], m)),
+       ...);
       element_loop<Op, OpmathBlock>(lists, m, op, static_cast<opmath*>(buf[Is])...);
       ((Op::writes(Is) ? Storage<D>::store(buf[Is], static_cast<T*>(base[Is]) + begin + b, m)
                        : void()),
@@ -401,145 +419,101 @@ void dispatch_dtype(DType dtype, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------
-// Adam / AdamW
+// Every optimizer: the op the loops above apply, and the template dispatch of a call.
 
-template <typename opmath, bool AMSGRAD, math::WeightDecay WD, bool UNSCALE>
-struct AdamOp {
-  static constexpr int kLists = AMSGRAD ? 5 : 4;
-  static constexpr bool writes(int list) { return list != kAdamGrad || UNSCALE; }
+// One optimizer's update as the loops take it: x[list] for every list of the optimizer
+// (absent lists: never loaded or stored), the grad unscaled (and written back) and, for
+// maximize, multiplied by -1 (exact) before the optimizer's own math.
+template <typename Optim, typename opmath, uint32_t LISTS, uint32_t V, bool UNSCALE>
+struct OptimOp {
+  static constexpr int kLists = Optim::kLists;
+  static constexpr bool reads(int list) {
+    return math::has<LISTS>(list) && Optim::template reads<LISTS, V>(list);
+  }
+  static constexpr bool writes(int list) {
+    return list == Optim::kGrad ? UNSCALE : math::has<LISTS>(list);
+  }
+  using Scalars = typename Optim::template Scalars<opmath>;
 
-  math::AdamTensorScalars<opmath> s;
+  Scalars s;
   opmath grad_sign;   // -1 for maximize: multiplying by +-1 is exact
   opmath grad_scale;  // only read when UNSCALE
 
   // V: opmath, or math::vfloat8 lanes of it ([note: half precision in registers]).
-  template <typename V>
-  FO_INLINE void operator()(V (&x)[kLists]) const {
-    const V grad = math::unscale_grad<UNSCALE>(x[kAdamGrad], grad_scale);
-    V unused{};  // a reference target without AMSGRAD: never read or stored
-    V& max_exp_avg_sq = AMSGRAD ? x[kLists - 1] : unused;
-    math::adam_update<AMSGRAD, /*MAXIMIZE=*/false, WD>(
-        x[kAdamParam], grad * grad_sign, x[kAdamExpAvg], x[kAdamExpAvgSq], max_exp_avg_sq, s);
+  template <typename Vt>
+  FO_INLINE void operator()(Vt (&x)[kLists]) const {
+    const Vt grad = math::unscale_grad<UNSCALE>(x[Optim::kGrad], grad_scale);
+    Optim::template update<LISTS, V>(x, grad * grad_sign, s);
   }
 };
 
-template <DType D>
-void adam_chunks_typed(const TensorTable& table, const AdamCall& call, const Chunk* chunks,
-                       int64_t begin, int64_t end) {
+// Calls f(std::integral_constant<uint32_t, subset>) for the subset of the bits OPTIONAL
+// that `mask` holds: one template per subset, selected at run time.
+template <uint32_t OPTIONAL, uint32_t CHOSEN = 0, typename F>
+FO_INLINE void dispatch_subset(uint32_t mask, F&& f) {
+  if constexpr (OPTIONAL == 0) {
+    f(std::integral_constant<uint32_t, CHOSEN>{});
+  } else {
+    constexpr uint32_t low = OPTIONAL & (~OPTIONAL + 1u);
+    if (mask & low) {
+      dispatch_subset<OPTIONAL & ~low, CHOSEN | low>(mask, f);
+    } else {
+      dispatch_subset<OPTIONAL & ~low, CHOSEN>(mask, f);
+    }
+  }
+}
+
+template <typename Optim, DType D>
+void chunks_typed(const TensorTable& table, const StepCall& call, const Chunk* chunks,
+                  int64_t begin, int64_t end) {
   using opmath = typename Storage<D>::opmath;
-  const math::AdamHyper& h = call.hyper;
-  // No weight decay is decoupled decay by a factor of exactly 1: one fewer template.
-  const bool decoupled = h.weight_decay_mode != math::WeightDecay::kL2 || h.weight_decay == 0.0;
-  {
-    dispatch_bool(h.amsgrad, [&](auto amsgrad_c) {
-      dispatch_bool(decoupled, [&](auto decoupled_c) {
-        dispatch_bool(call.grad_scale != nullptr, [&](auto unscale_c) {
-          constexpr bool AMSGRAD = decltype(amsgrad_c)::value;
-          constexpr auto WD = decltype(decoupled_c)::value ? math::WeightDecay::kDecoupled
-                                                           : math::WeightDecay::kL2;
-          constexpr bool UNSCALE = decltype(unscale_c)::value;
-          using Op = AdamOp<opmath, AMSGRAD, WD, UNSCALE>;
-          math::AdamHyper eff = h;
-          if (h.weight_decay_mode != math::WeightDecay::kDecoupled) {
-            eff.weight_decay = WD == math::WeightDecay::kL2 ? h.weight_decay : 0.0;
+  constexpr int kStates = math::num_states<Optim>();
+  constexpr uint32_t kVariants = (1u << Optim::kVariantBits) - 1u;
+  const uint32_t optional = call.lists & Optim::kOptionalLists;
+  dispatch_subset<Optim::kOptionalLists>(optional, [&](auto optional_c) {
+    dispatch_subset<kVariants>(Optim::variant(call.args), [&](auto variant_c) {
+      dispatch_bool(call.grad_scale != nullptr, [&](auto unscale_c) {
+        constexpr uint32_t LISTS = math::required_lists<Optim>() | decltype(optional_c)::value;
+        constexpr uint32_t V = decltype(variant_c)::value;
+        constexpr bool UNSCALE = decltype(unscale_c)::value;
+        if constexpr (Optim::template valid<LISTS, V>()) {
+          using Op = OptimOp<Optim, opmath, LISTS, V, UNSCALE>;
+          // Where each of the optimizer's lists sits in the table (absent lists read
+          // the params' pointer, never dereferenced).
+          int row[Op::kLists];
+          for (int k = 0, present = 0; k < Op::kLists; ++k) {
+            row[k] = math::has<LISTS>(k) ? present++ : 0;
+          }
+          Op op;
+          op.grad_sign = call.maximize ? opmath(-1) : opmath(1);
+          op.grad_scale = UNSCALE ? quiet_nan_of(static_cast<opmath>(*call.grad_scale)) : opmath(1);
+          if constexpr (kStates == 0) {
+            op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(call.args, nullptr));
           }
           void* base[Op::kLists];
           for (int64_t c = begin; c < end; ++c) {
             const Chunk& chunk = chunks[c];
-            Op op;
-            op.s = quiet_nans<opmath>(
-                math::adam_tensor_scalars<opmath>(eff, call.steps[chunk.tensor]));
-            op.grad_sign = h.maximize ? opmath(-1) : opmath(1);
-            op.grad_scale =
-                UNSCALE ? quiet_nan_of(static_cast<opmath>(*call.grad_scale)) : opmath(1);
+            if constexpr (kStates > 0) {
+              op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(
+                  call.args, call.tensor_state + chunk.tensor * kStates));
+            }
             for (int k = 0; k < Op::kLists; ++k) {
-              base[k] = table.ptrs[k * table.n_tensors + chunk.tensor];
+              base[k] = table.ptrs[row[k] * table.n_tensors + chunk.tensor];
             }
             apply_chunk<D>(base, chunk.begin, chunk.end, op);
           }
-        });
+        }
       });
     });
-  }
-}
-
-void adam_chunks(const TensorTable& table, const AdamCall& call, const Chunk* chunks,
-                 int64_t begin, int64_t end) {
-  dispatch_dtype(table.dtype, [&](auto dtype_c) {
-    adam_chunks_typed<decltype(dtype_c)::value>(table, call, chunks, begin, end);
   });
 }
 
-// ---------------------------------------------------------------------------------
-// SGD
-
-template <typename opmath, bool MOMENTUM, bool NESTEROV, bool FIRST_STEP, bool WEIGHT_DECAY,
-          bool UNSCALE>
-struct SgdOp {
-  static constexpr int kLists = MOMENTUM ? 3 : 2;
-  static constexpr bool writes(int list) { return list != kSgdGrad || UNSCALE; }
-
-  math::SgdScalars<opmath> s;
-  opmath grad_sign;
-  opmath grad_scale;
-
-  template <typename V>
-  FO_INLINE void operator()(V (&x)[kLists]) const {
-    const V grad = math::unscale_grad<UNSCALE>(x[kSgdGrad], grad_scale);
-    V unused{};  // a reference target without MOMENTUM: never read or stored
-    V& buffer = MOMENTUM ? x[kLists - 1] : unused;
-    math::sgd_update<MOMENTUM, NESTEROV, FIRST_STEP, /*MAXIMIZE=*/false, WEIGHT_DECAY>(
-        x[kSgdParam], grad * grad_sign, buffer, s);
-  }
-};
-
-template <DType D>
-void sgd_chunks_typed(const TensorTable& table, const SgdCall& call, const Chunk* chunks,
-                      int64_t begin, int64_t end) {
-  using opmath = typename Storage<D>::opmath;
-  const math::SgdHyper& h = call.hyper;
-  {
-    dispatch_bool(h.momentum != 0.0, [&](auto momentum_c) {
-      dispatch_bool(h.nesterov && h.momentum != 0.0, [&](auto nesterov_c) {
-        dispatch_bool(h.is_first_step && h.momentum != 0.0, [&](auto first_c) {
-          dispatch_bool(h.weight_decay != 0.0, [&](auto wd_c) {
-            dispatch_bool(call.grad_scale != nullptr, [&](auto unscale_c) {
-              constexpr bool MOMENTUM = decltype(momentum_c)::value;
-              constexpr bool NESTEROV = decltype(nesterov_c)::value;
-              constexpr bool FIRST = decltype(first_c)::value;
-              // Flags that cannot matter without momentum collapse to one instantiation.
-              if constexpr (!MOMENTUM && (NESTEROV || FIRST)) {
-                return;
-              } else {
-                using Op = SgdOp<opmath, MOMENTUM, NESTEROV, FIRST, decltype(wd_c)::value,
-                                 decltype(unscale_c)::value>;
-                Op op;
-                op.s = quiet_nans<opmath>(math::sgd_scalars<opmath>(h));
-                op.grad_sign = h.maximize ? opmath(-1) : opmath(1);
-                op.grad_scale = decltype(unscale_c)::value
-                                    ? quiet_nan_of(static_cast<opmath>(*call.grad_scale))
-                                    : opmath(1);
-                void* base[Op::kLists];
-                for (int64_t c = begin; c < end; ++c) {
-                  const Chunk& chunk = chunks[c];
-                  for (int k = 0; k < Op::kLists; ++k) {
-                    base[k] = table.ptrs[k * table.n_tensors + chunk.tensor];
-                  }
-                  apply_chunk<D>(base, chunk.begin, chunk.end, op);
-                }
-              }
-            });
-          });
-        });
-      });
-    });
-  }
-}
-
-void sgd_chunks(const TensorTable& table, const SgdCall& call, const Chunk* chunks,
-                int64_t begin, int64_t end) {
+// The kernel of one optimizer: ChunksFn in kernel_api.h.
+template <typename Optim>
+void chunks(const TensorTable& table, const StepCall& call, const Chunk* chunks, int64_t begin,
+            int64_t end) {
   dispatch_dtype(table.dtype, [&](auto dtype_c) {
-    sgd_chunks_typed<decltype(dtype_c)::value>(table, call, chunks, begin, end);
+    chunks_typed<Optim, decltype(dtype_c)::value>(table, call, chunks, begin, end);
   });
 }
 
@@ -547,3 +521,8 @@ void sgd_chunks(const TensorTable& table, const SgdCall& call, const Chunk* chun
 }  // namespace FO_CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fused_optim
+
+// The entries of this unit's KernelSet, in FO_FOR_EACH_OPTIMIZER order (kernels_<isa>.cpp).
+#define FO_CHUNKS_OF(Name) &::fused_optim::cpu::FO_CPU_CAPABILITY::chunks<::fused_optim::math::Name>,
+static_assert(::fused_optim::kNumOptimizers <= ::fused_optim::cpu::kMaxOptimizers,
+              "raise kMaxOptimizers in csrc/cpu/kernel_api.h");

@@ -1,5 +1,7 @@
 // The interface between the torch-facing CUDA ops (csrc/cuda/ops_cuda.cu) and the CUDA
-// kernel translation units (csrc/cuda/adam_*.cu, sgd_*.cu, steps.cu).
+// kernel translation units, which the build generates, one per optimizer and storage
+// dtype (csrc/cuda/instantiate.py: `<name>_<dtype>.cu`, each instantiating launch<> of
+// csrc/cuda/engine.cuh for one optimizer of fused_optim/optimizers.h).
 //
 // Plain data and the CUDA runtime's stream type only: the kernel units include no torch
 // header, which keeps each of them a short compile, and the ops unit is the only place
@@ -17,7 +19,7 @@
 #include <cstdint>
 
 #include "cpu/kernel_api.h"
-#include "fused_optim/math/hyper.h"
+#include "fused_optim/math/args.h"
 
 namespace fused_optim {
 namespace cuda {
@@ -33,42 +35,31 @@ struct DeviceScalar {
   double value;
 };
 
-struct AdamLaunch {
-  cpu::TensorTable rows;         // lists in cpu::AdamList order; device pointers
-  math::AdamHyper hyper;         // hyper.lr is ignored when lr.ptr is set
+// One call of an optimizer over a bucket.
+struct Launch {
+  cpu::TensorTable rows;         // the call's lists, op order (cpu::StepCall); device pointers
+  uint32_t lists;                // the optimizer's lists present in rows, a bit each
+  math::Args args;               // args.lr and args.lr_dtype are set from `lr` on the device
   DeviceScalar lr;
-  void* const* steps;            // host array of n_tensors device pointers (one element each)
-  bool steps_are_double;         // else float
+  bool maximize;
+  // Per state list j: a host array of rows.n_tensors device pointers (one element each),
+  // and whether they are doubles (else floats).
+  void* const* states[math::kMaxStates];
+  bool states_are_double[math::kMaxStates];
   const float* grad_scale;       // device; nullptr: grads are not scaled
   const float* found_inf;        // device; nullptr: never skip
 };
 
-struct SgdLaunch {
-  cpu::TensorTable rows;         // lists in cpu::SgdList order; device pointers
-  math::SgdHyper hyper;          // hyper.lr is ignored when lr.ptr is set
-  DeviceScalar lr;
-  const float* grad_scale;
-  const float* found_inf;
-};
+// One step of Optim over the bucket, every tensor with its per-tensor state advanced as
+// advance_states will store it ([note: per-tensor state] in csrc/cuda/engine.cuh). D is
+// the storage dtype of rows.
+template <typename Optim, cpu::DType D>
+cudaError_t launch(const Launch& launch, cudaStream_t stream);
 
-// One Adam step over the bucket: every tensor is updated with its step counter + 1
-// (see [note: step counters] in csrc/cuda/steps.cu); the counters themselves are
-// incremented afterwards by increment_steps. One function per storage dtype, each in
-// its own translation unit (adam_f32.cu, adam_f64.cu, adam_f16.cu, adam_bf16.cu).
-cudaError_t launch_adam_f32(const AdamLaunch& launch, cudaStream_t stream);
-cudaError_t launch_adam_f64(const AdamLaunch& launch, cudaStream_t stream);
-cudaError_t launch_adam_f16(const AdamLaunch& launch, cudaStream_t stream);
-cudaError_t launch_adam_bf16(const AdamLaunch& launch, cudaStream_t stream);
-
-cudaError_t launch_sgd_f32(const SgdLaunch& launch, cudaStream_t stream);
-cudaError_t launch_sgd_f64(const SgdLaunch& launch, cudaStream_t stream);
-cudaError_t launch_sgd_f16(const SgdLaunch& launch, cudaStream_t stream);
-cudaError_t launch_sgd_bf16(const SgdLaunch& launch, cudaStream_t stream);
-
-// Adds 1 to each of the n one-element counters (float or double), unless *found_inf
-// is non-zero. Launched after the algorithm's kernels on the same stream.
-cudaError_t increment_steps(void* const* steps, int64_t n, bool are_double,
-                            const float* found_inf, cudaStream_t stream);
+// Stores every tensor's advanced per-tensor state, unless *found_inf is non-zero.
+// Enqueued after launch<> on the same stream.
+template <typename Optim>
+cudaError_t advance_states(const Launch& launch, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fused_optim

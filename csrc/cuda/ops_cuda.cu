@@ -1,22 +1,20 @@
-// CUDA implementations of the fused_optim ops (schemas in csrc/ops.cpp).
+// The CUDA implementation of every fused_optim op (schemas: csrc/ops.cpp).
 //
 // One call = one bucket (one device, one dtype). The op checks its inputs with the
 // same TORCH_CHECKs as the CPU op (csrc/ops_common.h), builds the bucket's list-major
-// pointer table, and enqueues on the current stream of the params' device:
-//   adam_: the Adam launches (one per ~600 tensors, see multi_tensor_apply.cuh), then
-//          one step-counter launch per ~4,000 tensors (see [note: step counters]);
-//   sgd_:  the SGD launches (one per ~900-1,100 tensors).
-// Semantics are the CPU op's: found_inf non-zero => nothing changes, steps included;
-// grads are divided by grad_scale and written back unscaled; max_exp_avg_sqs is empty
-// unless amsgrad, momentum_buffers empty unless momentum != 0; is_first_step => the
-// momentum buffer is set to the (unscaled, maximize-signed, decayed) grad.
+// pointer table, and enqueues on the current stream of the params' device: the
+// optimizer's launches (one per ~500-1,100 tensors, see multi_tensor_apply.cuh), then,
+// when it keeps per-tensor state, one state launch per ~4,000 tensors (see [note:
+// per-tensor state] in engine.cuh). Semantics are the CPU op's: found_inf non-zero =>
+// nothing changes, state included; grads are divided by grad_scale and written back
+// unscaled; a list the call's options leave out is empty.
 //
 // [note: no host sync]
-// step, found_inf, grad_scale and a device lr are read by the kernels from device
-// memory; nothing here reads a device tensor on the host. A CPU lr is read on the host
-// (lr.item() of a CPU tensor does not touch the GPU). So a step enqueues work and
-// returns, and can be captured into a CUDA graph: replaying the graph re-reads lr,
-// found_inf, grad_scale and the counters from their (fixed) addresses. The launch
+// The per-tensor state, found_inf, grad_scale and a device lr are read by the kernels
+// from device memory; nothing here reads a device tensor on the host. A CPU lr is read
+// on the host (lr.item() of a CPU tensor does not touch the GPU). So a step enqueues
+// work and returns, and can be captured into a CUDA graph: replaying the graph re-reads
+// lr, found_inf, grad_scale and the state from their (fixed) addresses. The launch
 // metadata is a kernel argument (no allocation, no host-to-device copy).
 //
 // [note: host-only translation unit]
@@ -31,11 +29,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "cuda/kernel_api.h"
+#include "fused_optim/optimizers.h"
 #include "ops_common.h"
 
 namespace fused_optim {
@@ -55,143 +53,100 @@ void check_driver() {
               version / 1000, ".", (version % 1000) / 10);
 }
 
-cuda::DeviceScalar read_lr(const char* op, const at::Tensor& lr, const at::Device& device) {
-  TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ", lr.sizes());
+cuda::DeviceScalar read_lr(const OpCall& c, const at::Device& device, math::Args* args) {
+  const at::Tensor& lr = *c.lr;
+  args->lr_dtype = lr_dtype(c.name(), lr);
   if (lr.device().is_cpu()) {
-    return cuda::DeviceScalar{nullptr, false, lr.item<double>()};  // host memory: no sync
+    args->lr = lr.item<double>();  // host memory: no sync
+    return cuda::DeviceScalar{nullptr, false, args->lr};
   }
-  TORCH_CHECK(lr.device() == device, op, ": lr is on ", lr.device(), " but the params are on ",
-              device, "; pass a CPU tensor or one on the params' device");
+  TORCH_CHECK(lr.device() == device, c.name(), ": lr is on ", lr.device(),
+              " but the params are on ", device, "; pass a CPU tensor or one on the params' device");
   TORCH_CHECK(lr.scalar_type() == c10::ScalarType::Float ||
                   lr.scalar_type() == c10::ScalarType::Double,
-              op, ": a CUDA lr must be float32 or float64, got ", lr.scalar_type());
+              c.name(), ": a CUDA lr must be float32 or float64, got ", lr.scalar_type());
   return cuda::DeviceScalar{lr.data_ptr(), lr.scalar_type() == c10::ScalarType::Double, 0.0};
 }
 
-// The kernels index a chunk as int32 (2^31 - 1 chunks of 64K elements per launch).
-// The one of four per-dtype launchers (one .cu file each) that runs `dtype`.
-template <typename Launcher>
-Launcher for_dtype(cpu::DType dtype, Launcher f32, Launcher f64, Launcher f16, Launcher bf16) {
-  switch (dtype) {
-    case cpu::DType::kFloat32: return f32;
-    case cpu::DType::kFloat64: return f64;
-    case cpu::DType::kFloat16: return f16;
-    case cpu::DType::kBFloat16: return bf16;
-  }
-  TORCH_CHECK(false, "fused_optim: no CUDA launcher for this dtype");
-}
-
 void check_numels(const char* op, at::TensorList params) {
+  // The kernels index a chunk as int32 (2^31 - 1 chunks of 64K elements per launch).
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].numel() <= cuda::kChunkSize * int64_t{INT32_MAX}, op, ": params[", i,
                 "] has ", params[i].numel(), " elements, more than the kernels index");
   }
 }
 
-const float* optional_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
+const float* optional_ptr(const at::Tensor* t) {
+  return t != nullptr ? t->data_ptr<float>() : nullptr;
 }
 
-void adam_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avgs_,
-                at::TensorList exp_avg_sqs_, at::TensorList max_exp_avg_sqs_,
-                at::TensorList state_steps_, const at::Tensor& lr, double beta1, double beta2,
-                double weight_decay, double eps, bool amsgrad, bool maximize,
-                bool decoupled_weight_decay, const c10::optional<at::Tensor>& grad_scale,
-                const c10::optional<at::Tensor>& found_inf) {
-  static const char* op = "fused_optim::adam_";
-  const AdamLists a(op, params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
-                    state_steps_, amsgrad);
-  const at::TensorList params = a.params;
-  const at::TensorList state_steps = a.state_steps;
-  if (params.empty()) {
-    TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ",
-                lr.sizes());
-    return;
-  }
+// The launchers of every optimizer (generated units, csrc/cuda/instantiate.py), by the
+// id of fused_optim/optimizers.h and the storage dtype.
+using LaunchFn = cudaError_t (*)(const cuda::Launch&, cudaStream_t);
+struct Launchers {
+  LaunchFn by_dtype[4];  // cpu::DType order: f32, f64, f16, bf16
+  LaunchFn advance;
+};
+
+#define FO_LAUNCHERS(Name)                                                         \
+  Launchers{{&cuda::launch<math::Name, cpu::DType::kFloat32>,                      \
+             &cuda::launch<math::Name, cpu::DType::kFloat64>,                      \
+             &cuda::launch<math::Name, cpu::DType::kFloat16>,                      \
+             &cuda::launch<math::Name, cpu::DType::kBFloat16>},                    \
+            &cuda::advance_states<math::Name>},
+const Launchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_LAUNCHERS)};
+#undef FO_LAUNCHERS
+
+void cuda_step(const OpCall& c) {
+  const CheckedLists lists(c, nullptr);
+  check_lr_shape(c);
+  const at::TensorList params = c.params();
+  if (params.empty()) return;
   const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": CUDA kernel called with tensors on ", device);
-  check_scalars(op, "state_steps", state_steps, params.size(), /*allow_cpu=*/false, device);
-  const bool steps_are_double = state_steps[0].scalar_type() == c10::ScalarType::Double;
-  for (size_t i = 1; i < state_steps.size(); ++i) {
-    TORCH_CHECK(state_steps[i].scalar_type() == state_steps[0].scalar_type(), op,
-                ": all state_steps of one call must have one dtype; state_steps[", i, "] is ",
-                state_steps[i].scalar_type(), ", state_steps[0] is ",
-                state_steps[0].scalar_type());
+  TORCH_CHECK(device.is_cuda(), c.name(), ": CUDA kernel called with tensors on ", device);
+  check_states(c, /*allow_cpu=*/false, device);
+  for (size_t j = 0; j < c.states.size(); ++j) {
+    const at::TensorList s = c.states[j];
+    for (size_t i = 1; i < s.size(); ++i) {
+      TORCH_CHECK(s[i].scalar_type() == s[0].scalar_type(), c.name(), ": all ",
+                  c.op->info->states[j], " of one call must have one dtype; ",
+                  c.op->info->states[j], "[", i, "] is ", s[i].scalar_type(), ", ",
+                  c.op->info->states[j], "[0] is ", s[0].scalar_type());
+    }
   }
-  check_optional_scalar(op, "grad_scale", grad_scale, device);
-  check_optional_scalar(op, "found_inf", found_inf, device);
-  const cuda::DeviceScalar lr_scalar = read_lr(op, lr, device);
-  check_numels(op, params);
+  check_optional_scalar(c.name(), "grad_scale", c.grad_scale, device);
+  check_optional_scalar(c.name(), "found_inf", c.found_inf, device);
+  cuda::Launch launch{};
+  launch.args = c.args;
+  launch.lr = read_lr(c, device, &launch.args);
+  check_numels(c.name(), params);
   check_driver();
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const cpu::DType dtype = to_kernel_dtype(op, params[0].scalar_type());
-  const FlatTable& flat = a.flat;
-  std::vector<void*> steps;
-  steps.reserve(state_steps.size());
-  for (const at::Tensor& s : state_steps) steps.push_back(s.data_ptr());
-
-  cuda::AdamLaunch launch;
-  launch.rows = flat.table;
-  launch.hyper = adam_hyper(lr_scalar.value, beta1, beta2, weight_decay, eps, amsgrad,
-                            maximize, decoupled_weight_decay);
-  launch.lr = lr_scalar;
-  launch.steps = steps.data();
-  launch.steps_are_double = steps_are_double;
-  launch.grad_scale = optional_ptr(grad_scale);
-  launch.found_inf = optional_ptr(found_inf);
-
-  C10_CUDA_CHECK(for_dtype(dtype, &cuda::launch_adam_f32, &cuda::launch_adam_f64,
-                           &cuda::launch_adam_f16, &cuda::launch_adam_bf16)(launch, stream));
-  C10_CUDA_CHECK(cuda::increment_steps(steps.data(), static_cast<int64_t>(steps.size()),
-                                       steps_are_double, launch.found_inf, stream));
-}
-
-void sgd_cuda_(at::TensorList params_, at::TensorList grads_, at::TensorList momentum_buffers_,
-               const at::Tensor& lr, double momentum, double dampening, double weight_decay,
-               bool nesterov, bool maximize, bool is_first_step,
-               const c10::optional<at::Tensor>& grad_scale,
-               const c10::optional<at::Tensor>& found_inf) {
-  static const char* op = "fused_optim::sgd_";
-  const SgdLists a(op, params_, grads_, momentum_buffers_, momentum);
-  const at::TensorList params = a.params;
-  if (params.empty()) {
-    TORCH_CHECK(lr.numel() == 1, op, ": lr must be a one-element tensor, got shape ",
-                lr.sizes());
-    return;
+  std::vector<std::vector<void*>> states(c.states.size());
+  for (size_t j = 0; j < c.states.size(); ++j) {
+    states[j].reserve(params.size());
+    for (const at::Tensor& s : c.states[j]) states[j].push_back(s.data_ptr());
+    launch.states[j] = states[j].data();
+    launch.states_are_double[j] = c.states[j][0].scalar_type() == c10::ScalarType::Double;
   }
-  const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": CUDA kernel called with tensors on ", device);
-  check_optional_scalar(op, "grad_scale", grad_scale, device);
-  check_optional_scalar(op, "found_inf", found_inf, device);
-  const cuda::DeviceScalar lr_scalar = read_lr(op, lr, device);
-  check_numels(op, params);
-  check_driver();
+  launch.rows = lists.flat.table;
+  launch.lists = lists.mask;
+  launch.maximize = c.maximize;
+  launch.grad_scale = optional_ptr(c.grad_scale);
+  launch.found_inf = optional_ptr(c.found_inf);
 
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const cpu::DType dtype = to_kernel_dtype(op, params[0].scalar_type());
-  const FlatTable& flat = a.flat;
-
-  cuda::SgdLaunch launch;
-  launch.rows = flat.table;
-  launch.hyper = math::SgdHyper{lr_scalar.value, momentum, dampening, weight_decay,
-                                nesterov, maximize, is_first_step};
-  launch.lr = lr_scalar;
-  launch.grad_scale = optional_ptr(grad_scale);
-  launch.found_inf = optional_ptr(found_inf);
-
-  C10_CUDA_CHECK(for_dtype(dtype, &cuda::launch_sgd_f32, &cuda::launch_sgd_f64,
-                           &cuda::launch_sgd_f16, &cuda::launch_sgd_bf16)(launch, stream));
+  const Launchers& l = kLaunchers[c.op->info->id];
+  C10_CUDA_CHECK(l.by_dtype[static_cast<int>(launch.rows.dtype)](launch, stream));
+  C10_CUDA_CHECK(l.advance(launch, stream));
 }
+
+struct RegisterCuda {
+  RegisterCuda() { set_device_step(c10::DeviceType::CUDA, &cuda_step); }
+} register_cuda;
 
 }  // namespace
 }  // namespace fused_optim
-
-TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
-  m.impl("adam_", &fused_optim::adam_cuda_);
-  m.impl("sgd_", &fused_optim::sgd_cuda_);
-}
 
 #endif  // !defined(__CUDA_ARCH__)

@@ -12,14 +12,20 @@
 //
 // Per-tensor scalars (bias corrections depend on each tensor's own step) are computed
 // in double, as torch.optim computes them in Python floats, then rounded to opmath.
+// The spec (lists, state keys, arguments) is fused_optim/adam.py's.
 #pragma once
 
 #include "fused_optim/macros.h"
+#include "fused_optim/math/optimizer.h"
 #include "fused_optim/math/stages.h"
 
 namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
+
+// How weight decay enters Adam: torch.optim.Adam's L2 penalty adds weight_decay * param
+// to the gradient; AdamW's decoupled decay shrinks the param by 1 - lr * weight_decay.
+enum class WeightDecay : int { kNone = 0, kL2 = 1, kDecoupled = 2 };
 
 // Everything the element-wise update needs for one tensor at one step. Fields of
 // opmath_t only: the CPU engine's quiet_nans() (csrc/cpu/kernels_impl.h) walks the struct
@@ -35,24 +41,6 @@ struct AdamTensorScalars {
   opmath_t inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
   opmath_t eps;
 };
-
-// `step` is the tensor's step count after this step's increment (1 on the first step).
-template <typename opmath_t>
-FO_HOST_DEVICE inline AdamTensorScalars<opmath_t> adam_tensor_scalars(
-    const AdamHyper& h, double step) {
-  const double bias_correction1 = 1.0 - ::pow(h.beta1, step);
-  const double bias_correction2 = 1.0 - ::pow(h.beta2, step);
-  AdamTensorScalars<opmath_t> s;
-  s.beta2 = static_cast<opmath_t>(h.beta2);
-  s.one_minus_beta1 = static_cast<opmath_t>(1.0 - h.beta1);
-  s.one_minus_beta2 = static_cast<opmath_t>(1.0 - h.beta2);
-  s.weight_decay = static_cast<opmath_t>(h.weight_decay);
-  s.decay_factor = static_cast<opmath_t>(1.0 - h.lr * h.weight_decay);
-  s.neg_step_size = static_cast<opmath_t>(-(h.lr / bias_correction1));
-  s.inv_bias_correction2_sqrt = static_cast<opmath_t>(1.0 / sqrt_op(bias_correction2));
-  s.eps = static_cast<opmath_t>(h.eps);
-  return s;
-}
 
 // One element of one Adam step. `max_exp_avg_sq` is only touched when AMSGRAD.
 // V: element values, S: scalars (see stages.h).
@@ -86,6 +74,67 @@ FO_HOST_DEVICE FO_INLINE void adam_update(
   const V denom = sqrt_op(second_moment) * s.inv_bias_correction2_sqrt + s.eps;
   param = param + s.neg_step_size * (exp_avg / denom);
 }
+
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h).
+// Adam and AdamW are one op: AdamW passes decoupled_weight_decay=True.
+struct Adam : OptimizerBase {
+  static constexpr const char* kOp = "adam_";
+  enum List : int { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kLists };
+  static constexpr std::array<const char*, kLists> kListNames = {
+      "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
+  static constexpr uint32_t kOptionalLists = bit(kMaxExpAvgSq);  // amsgrad
+  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
+  enum Float : int { kBeta1, kBeta2, kWeightDecay, kEps, kFloats };
+  static constexpr std::array<const char*, kFloats> kFloatNames = {"beta1", "beta2",
+                                                                   "weight_decay", "eps"};
+  enum Flag : int { kAmsgrad, kMaximize, kDecoupledWeightDecay, kFlags };
+  static constexpr std::array<const char*, kFlags> kFlagNames = {"amsgrad", "maximize",
+                                                                 "decoupled_weight_decay"};
+
+  // The one variant bit: Adam's L2 penalty. Otherwise the decay is decoupled, and
+  // without weight decay it is decoupled decay by a factor of exactly 1: one template
+  // fewer.
+  static constexpr uint32_t kL2 = 1;
+  static constexpr int kVariantBits = 1;
+  static uint32_t variant(const Args& a) {
+    return !a.flags[kDecoupledWeightDecay] && a.floats[kWeightDecay] != 0.0 ? kL2 : 0;
+  }
+
+  template <typename S>
+  using Scalars = AdamTensorScalars<S>;
+
+  // state[0]: the step count.
+  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
+
+  // `state[0]` is the tensor's step count after this step's increment (1 on the first).
+  template <uint32_t LISTS, uint32_t V, typename S>
+  FO_HOST_DEVICE static Scalars<S> scalars(const Args& a, const double* state) {
+    const double step = state[0];
+    const double beta1 = a.floats[kBeta1];
+    const double beta2 = a.floats[kBeta2];
+    const double weight_decay = a.floats[kWeightDecay];
+    const LrMath lr = lr_math(a);
+    const double bias_correction1 = 1.0 - ::pow(beta1, step);
+    const double bias_correction2 = 1.0 - ::pow(beta2, step);
+    Scalars<S> s;
+    s.beta2 = static_cast<S>(beta2);
+    s.one_minus_beta1 = static_cast<S>(1.0 - beta1);
+    s.one_minus_beta2 = static_cast<S>(1.0 - beta2);
+    s.weight_decay = static_cast<S>(weight_decay);
+    s.decay_factor = static_cast<S>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
+    s.neg_step_size = static_cast<S>(-lr.div(a.lr, bias_correction1));
+    s.inv_bias_correction2_sqrt = static_cast<S>(1.0 / sqrt_op(bias_correction2));
+    s.eps = static_cast<S>(a.floats[kEps]);
+    return s;
+  }
+
+  template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
+  FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
+    constexpr WeightDecay kMode = (V & kL2) ? WeightDecay::kL2 : WeightDecay::kDecoupled;
+    adam_update<has<LISTS>(kMaxExpAvgSq), /*MAXIMIZE=*/false, kMode>(
+        x[kParam], grad, x[kExpAvg], x[kExpAvgSq], x[kMaxExpAvgSq], s);
+  }
+};
 
 }  // namespace FO_CPU_CAPABILITY
 }  // namespace math

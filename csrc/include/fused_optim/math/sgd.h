@@ -9,9 +9,11 @@
 //
 // Per element, with momentum: reads param, grad, momentum_buffer (12 B fp32), writes
 // param and momentum_buffer (8 B). Without momentum: reads 8 B, writes 4 B.
+// The spec (lists, state keys, arguments) is fused_optim/sgd.py's.
 #pragma once
 
 #include "fused_optim/macros.h"
+#include "fused_optim/math/optimizer.h"
 #include "fused_optim/math/stages.h"
 
 namespace fused_optim {
@@ -26,16 +28,6 @@ struct SgdScalars {
   opmath_t one_minus_dampening;
   opmath_t weight_decay;
 };
-
-template <typename opmath_t>
-FO_HOST_DEVICE inline SgdScalars<opmath_t> sgd_scalars(const SgdHyper& h) {
-  SgdScalars<opmath_t> s;
-  s.neg_lr = static_cast<opmath_t>(-h.lr);
-  s.momentum = static_cast<opmath_t>(h.momentum);
-  s.one_minus_dampening = static_cast<opmath_t>(1.0 - h.dampening);
-  s.weight_decay = static_cast<opmath_t>(h.weight_decay);
-  return s;
-}
 
 // One element of one SGD step. `momentum_buffer` is only touched when MOMENTUM.
 // V: element values, S: scalars (see stages.h).
@@ -60,6 +52,64 @@ FO_HOST_DEVICE FO_INLINE void sgd_update(
   }
   param = param + s.neg_lr * grad;
 }
+
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h).
+// The momentum buffer exists with momentum != 0 only; torch.optim creates it on a
+// param's first step as a copy of the (decayed) grad, which the Python class asks for
+// with is_first_step.
+struct Sgd : OptimizerBase {
+  static constexpr const char* kOp = "sgd_";
+  enum List : int { kParam, kGrad, kMomentumBuffer, kLists };
+  static constexpr std::array<const char*, kLists> kListNames = {"params", "grads",
+                                                                 "momentum_buffers"};
+  static constexpr uint32_t kOptionalLists = bit(kMomentumBuffer);  // momentum != 0
+  enum Float : int { kMomentum, kDampening, kWeightDecay, kFloats };
+  static constexpr std::array<const char*, kFloats> kFloatNames = {"momentum", "dampening",
+                                                                   "weight_decay"};
+  enum Flag : int { kNesterov, kMaximize, kIsFirstStep, kFlags };
+  static constexpr std::array<const char*, kFlags> kFlagNames = {"nesterov", "maximize",
+                                                                 "is_first_step"};
+
+  // Variant bits. Nesterov and the first step only matter with momentum; an L2 term is
+  // skipped rather than multiplied by 0, so inf / NaN params behave as in torch.
+  static constexpr uint32_t kNesterovBit = 1, kFirstStepBit = 2, kWeightDecayBit = 4;
+  static constexpr int kVariantBits = 3;
+  static uint32_t variant(const Args& a) {
+    const bool momentum = a.floats[kMomentum] != 0.0;
+    return (momentum && a.flags[kNesterov] ? kNesterovBit : 0) |
+           (momentum && a.flags[kIsFirstStep] ? kFirstStepBit : 0) |
+           (a.floats[kWeightDecay] != 0.0 ? kWeightDecayBit : 0);
+  }
+  template <uint32_t LISTS, uint32_t V>
+  FO_HOST_DEVICE static constexpr bool valid() {
+    return has<LISTS>(kMomentumBuffer) || (V & (kNesterovBit | kFirstStepBit)) == 0;
+  }
+  // On the buffer's first step its old contents are never used: not loaded.
+  template <uint32_t LISTS, uint32_t V>
+  FO_HOST_DEVICE static constexpr bool reads(int list) {
+    return !((V & kFirstStepBit) && list == kMomentumBuffer);
+  }
+
+  template <typename S>
+  using Scalars = SgdScalars<S>;
+
+  template <uint32_t LISTS, uint32_t V, typename S>
+  FO_HOST_DEVICE static Scalars<S> scalars(const Args& a, const double*) {
+    Scalars<S> s;
+    s.neg_lr = static_cast<S>(-a.lr);
+    s.momentum = static_cast<S>(a.floats[kMomentum]);
+    s.one_minus_dampening = static_cast<S>(1.0 - a.floats[kDampening]);
+    s.weight_decay = static_cast<S>(a.floats[kWeightDecay]);
+    return s;
+  }
+
+  template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
+  FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
+    sgd_update<has<LISTS>(kMomentumBuffer), (V & kNesterovBit) != 0, (V & kFirstStepBit) != 0,
+               /*MAXIMIZE=*/false, (V & kWeightDecayBit) != 0>(x[kParam], grad,
+                                                               x[kMomentumBuffer], s);
+  }
+};
 
 }  // namespace FO_CPU_CAPABILITY
 }  // namespace math

@@ -1,0 +1,95 @@
+// What every optimizer's math header provides, and the defaults it may keep.
+//
+// [note: an optimizer is its spec and its math]
+// The generic engines (csrc/cpu, csrc/cuda, the ops in csrc/ops*.cpp, the eager entry)
+// name no optimizer: each reads a struct like this one, which fused_optim/math/<name>.h
+// defines by deriving from OptimizerBase and declaring
+//
+//   static constexpr const char* kOp;           the op's name: "adam_" is
+//                                               torch.ops.fused_optim.adam_
+//   enum List { kParam, kGrad, ..., kLists };    the element-wise lists, in op order;
+//   kListNames                                   their op argument names ("exp_avgs")
+//   kOptionalLists                               the lists an option may leave out (a bit
+//                                               per list): their presence is a
+//                                               compile-time variant of every kernel
+//   kStateNames                                  the per-tensor scalar state lists
+//                                               ("state_steps"): one one-element float
+//                                               tensor per param
+//   enum Float / kFloatNames, enum Flag / kFlagNames
+//                                               the op's float and bool arguments
+//   kVariantBits, variant(args)                  further compile-time variants, computed
+//                                               from the arguments (Adam's L2 penalty)
+//   valid<LISTS, V>()                            false for combinations never called
+//   reads<LISTS, V>(list)                        false for a list whose old values the
+//                                               update never reads (SGD's first step)
+//   advance(args, state)                         a tensor's scalar state after this step
+//                                               (step + 1), in double; the engines round
+//                                               it to each state tensor's dtype
+//   Scalars<S>, scalars<LISTS, V, S>(args, state)
+//                                               the per-tensor values of one step, from
+//                                               the advanced (rounded) state, in double,
+//                                               rounded once to the opmath type S
+//   update<LISTS, V>(x, grad, scalars)           one element: x[list] holds every list's
+//                                               value (absent lists: unused), grad is
+//                                               unscaled and, with maximize, negated
+//
+// The engines do the rest for every optimizer alike: grads divided by grad_scale and
+// written back, maximize (grad * -1, exact), found_inf (nothing changes), the state
+// rounding, loads and stores in the storage dtype. The names are the op's schema, which
+// fused_optim/<name>.py generates from its spec; csrc/ops.cpp checks that they agree
+// when it registers the op. fused_optim/optimizers.h lists the optimizers.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+#include "fused_optim/macros.h"
+#include "fused_optim/math/args.h"
+
+namespace fused_optim {
+namespace math {
+inline namespace FO_CPU_CAPABILITY {
+
+FO_HOST_DEVICE constexpr uint32_t bit(int i) { return uint32_t{1} << i; }
+
+// Whether list `list` is present in a call whose present lists are LISTS.
+template <uint32_t LISTS>
+FO_HOST_DEVICE constexpr bool has(int list) {
+  return (LISTS & bit(list)) != 0;
+}
+
+struct OptimizerBase {
+  static constexpr uint32_t kOptionalLists = 0;
+  static constexpr std::array<const char*, 0> kStateNames{};
+  static constexpr int kVariantBits = 0;
+
+  static uint32_t variant(const Args&) { return 0; }
+
+  template <uint32_t LISTS, uint32_t V>
+  FO_HOST_DEVICE static constexpr bool valid() {
+    return true;
+  }
+
+  template <uint32_t LISTS, uint32_t V>
+  FO_HOST_DEVICE static constexpr bool reads(int) {
+    return true;
+  }
+
+  FO_HOST_DEVICE static void advance(const Args&, double*) {}
+};
+
+// The number of per-tensor state lists of an optimizer.
+template <typename Optim>
+FO_HOST_DEVICE constexpr int num_states() {
+  return static_cast<int>(Optim::kStateNames.size());
+}
+
+// Every list a call of Optim may have: the required ones plus the optional ones present.
+template <typename Optim>
+FO_HOST_DEVICE constexpr uint32_t required_lists() {
+  return (bit(Optim::kLists) - 1) & ~Optim::kOptionalLists;
+}
+
+}  // namespace FO_CPU_CAPABILITY
+}  // namespace math
+}  // namespace fused_optim

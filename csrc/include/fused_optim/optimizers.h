@@ -1,0 +1,21 @@
+// Every optimizer the C++ backends run: its math header, and its name in the list the
+// generic engines instantiate (the CPU kernel table of each instruction set, the CUDA
+// kernels the build generates per optimizer and dtype, the op registry). Adding an
+// optimizer adds one line to each (see README.md, "Adding an optimizer").
+#pragma once
+
+#include "fused_optim/math/adam.h"
+#include "fused_optim/math/sgd.h"
+
+// X(Struct): the structs of fused_optim::math, in a fixed order (their ids).
+#define FO_FOR_EACH_OPTIMIZER(X) \
+  X(Adam)                        \
+  X(Sgd)
+
+namespace fused_optim {
+
+#define FO_COUNT_OPTIMIZER(Name) +1
+constexpr int kNumOptimizers = 0 FO_FOR_EACH_OPTIMIZER(FO_COUNT_OPTIMIZER);
+#undef FO_COUNT_OPTIMIZER
+
+}  // namespace fused_optim

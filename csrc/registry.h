@@ -1,0 +1,33 @@
+// The optimizers compiled into the C++ backends, described as plain data for the ops
+// layer: the names of each one's lists, state lists and arguments (to bind an op's
+// schema to them) and its per-tensor state update. Built from fused_optim/optimizers.h.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fused_optim/math/args.h"
+
+namespace fused_optim {
+
+struct OptimInfo {
+  int id;                   // position in FO_FOR_EACH_OPTIMIZER: the kernel tables' index
+  std::string op;           // the op's name in the fused_optim namespace ("adam_")
+  std::vector<std::string> lists;   // element-wise lists, op order; params and grads first
+  uint32_t optional_lists;  // lists an option may leave out, a bit per list
+  std::vector<std::string> states;  // per-tensor scalar state lists
+  std::vector<std::string> floats;  // float arguments, schema order
+  std::vector<std::string> flags;   // bool arguments, schema order
+  // A tensor's per-tensor state after this step, in double (before rounding to the
+  // state tensors' dtypes); state has states.size() values.
+  void (*advance)(const math::Args& args, double* state);
+};
+
+// Every C++ optimizer, in FO_FOR_EACH_OPTIMIZER order.
+const std::vector<OptimInfo>& optimizers();
+
+// The optimizer whose op is `op` ("adam_"), or nullptr.
+const OptimInfo* find_optimizer(const std::string& op);
+
+}  // namespace fused_optim

@@ -1,0 +1,167 @@
+"""An optimizer's spec: what every generic part of fused_optim reads instead of naming it.
+
+An element-wise optimizer is its math and a declarative spec (DESIGN.md, "An optimizer
+is its spec and its math"). The spec says
+
+  * its element-wise lists: one tensor per param, shaped like it, each kept in the
+    param's state under a torch.optim key (``exp_avg``), some only under an option
+    (``max_exp_avg_sq`` with amsgrad, ``momentum_buffer`` with momentum);
+  * its per-tensor scalar state: one one-element float tensor per param (``step``);
+  * its float and bool arguments, and where each is read from a param group;
+
+and from it come the op schema (torch.ops.fused_optim.<name>_, csrc/ops.cpp), the fake
+kernel (_fake.py), the eager entry's keys (csrc/eager.cpp), the reference dispatch
+(_reference.py), the Triton launcher's lists (triton_kernels/launcher.py), the state
+FusedOptimizer creates and checks (optimizer.py), the test tables and the benchmark's
+byte model. The math is written once per kernel language, under the spec's name:
+``csrc/include/fused_optim/math/<name>.h`` (C++), ``<name>_update`` and friends in
+``triton_kernels/math.py``, and the ``reference`` function given here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["StateList", "ScalarState", "Hyper", "Spec", "register", "specs", "get"]
+
+
+@dataclass(frozen=True)
+class StateList:
+    """An element-wise state list: ``arg`` in the op, ``key`` in each param's state.
+
+    ``when`` names the hyperparameter that keeps the list: present when it is true or
+    non-zero (``"amsgrad"``, ``"momentum"``), always when None. ``init`` is the value a
+    new state tensor is filled with, or the name of the defaults key that holds it
+    (Adagrad's ``initial_accumulator_value``).
+    """
+
+    arg: str
+    key: str
+    when: str | None = None
+    init: float | str = 0.0
+
+
+@dataclass(frozen=True)
+class ScalarState:
+    """Per-tensor scalar state: ``arg`` in the op (a list of one-element tensors), ``key``
+    in each param's state, a float32 tensor on the param's device starting at ``init``."""
+
+    arg: str
+    key: str
+    init: float = 0.0
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A float or bool argument of the op. Read from the param group's ``group_key``
+    (default: ``name``), element ``index`` of it when given (``betas``); with
+    ``group_key=""`` the optimizer supplies it per call (SGD's ``is_first_step``)."""
+
+    name: str
+    kind: type = float
+    group_key: str | None = None
+    index: int | None = None
+
+    def value(self, group: dict[str, Any]) -> Any:
+        v = group[self.group_key or self.name]
+        if self.index is not None:
+            v = v[self.index]
+        return self.kind(v)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The spec of one element-wise optimizer (one op: Adam and AdamW share ``adam``).
+
+    ``reference`` is the optimizer's math in plain torch (see _reference.py for its
+    signature); ``state_at_init`` says that torch.optim creates the state of every param
+    in ``__init__`` (Adagrad) rather than at its first step; ``bench`` holds the
+    options the benchmark runs it with (e.g. momentum, so SGD keeps a buffer).
+    """
+
+    name: str
+    lists: tuple[StateList, ...]
+    scalars: tuple[ScalarState, ...]
+    hypers: tuple[Hyper, ...]
+    reference: Callable[..., Any]
+    state_at_init: bool = False
+    bench: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def op(self) -> str:
+        return self.name + "_"
+
+    @property
+    def floats(self) -> tuple[Hyper, ...]:
+        return tuple(h for h in self.hypers if h.kind is float)
+
+    @property
+    def flags(self) -> tuple[Hyper, ...]:
+        return tuple(h for h in self.hypers if h.kind is bool)
+
+    def list_args(self) -> list[str]:
+        """Every list argument of the op, in order: params, grads, the state lists."""
+        return ["params", "grads", *(s.arg for s in self.lists)]
+
+    def has(self, lst: StateList, hyper: dict[str, Any]) -> bool:
+        """Whether a call with these hyperparameters keeps list ``lst``."""
+        return lst.when is None or bool(hyper[lst.when])
+
+    def state_keys(self, group: dict[str, Any]) -> list[str]:
+        """The per-param state keys kept under a param group's options."""
+        hyper = {h.name: group[h.group_key or h.name] for h in self.hypers if h.group_key != ""}
+        return [s.key for s in self.scalars] + [
+            s.key for s in self.lists if s.when is None or bool(hyper[s.when])]
+
+    def schema(self, namespace: str = "fused_optim") -> str:
+        """The op's schema: lists (mutated), then keyword-only lr, floats, flags, and
+        torch.amp.GradScaler's grad_scale / found_inf."""
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        lists = [f"Tensor({next(letters)}!)[] {a}"
+                 for a in [*self.list_args(), *(s.arg for s in self.scalars)]]
+        args = (["Tensor lr"] + [f"float {h.name}" for h in self.floats]
+                + [f"bool {h.name}" for h in self.flags]
+                + ["Tensor? grad_scale=None", "Tensor? found_inf=None"])
+        return f"{namespace}::{self.op}({', '.join(lists)}, *, {', '.join(args)}) -> ()"
+
+    def when(self) -> dict[str, str]:
+        """Optional list -> the hyperparameter that keeps it (for csrc/ops.cpp)."""
+        return {s.arg: s.when for s in self.lists if s.when is not None}
+
+
+_SPECS: dict[str, Spec] = {}
+_HOOKS: list[Callable[[Spec], None]] = []
+
+
+def register(spec: Spec) -> Spec:
+    """Adds a spec (idempotent) and runs every registration hook on it: the C++ op and
+    its fake kernel (_ops.py), the Triton op when that backend loads."""
+    if spec.name in _SPECS:
+        if _SPECS[spec.name] is not spec:
+            raise ValueError(f"fused_optim: a different spec named {spec.name!r} exists")
+        return spec
+    _SPECS[spec.name] = spec
+    for hook in _HOOKS:
+        hook(spec)
+    return spec
+
+
+def on_register(hook: Callable[[Spec], None]) -> None:
+    """Runs hook(spec) for every spec registered, now and later."""
+    _HOOKS.append(hook)
+    for spec in list(_SPECS.values()):
+        hook(spec)
+
+
+def specs() -> list[Spec]:
+    """Every registered spec, in registration order."""
+    return list(_SPECS.values())
+
+
+def get(name: str) -> Spec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ValueError(f"fused_optim: no optimizer spec {name!r}; known: "
+                         f"{', '.join(_SPECS)}") from None
