@@ -117,6 +117,22 @@ def row_scale(tensors: Sequence[Tensor]) -> Tensor:
     return scale
 
 
+def initial_state_value(opt, key: str) -> float:
+    """The value a new state tensor `key` of fused_optim optimizer `opt` starts at (its
+    spec's init: 0 for moments and steps, Adagrad's initial_accumulator_value)."""
+    for s in (*opt.spec.lists, *opt.spec.scalars):
+        if s.key == key:
+            return opt.defaults[s.init] if isinstance(s.init, str) else s.init
+    raise KeyError(key)
+
+
+def assert_initial_state(opt, p: Tensor, what: str) -> None:
+    """Every state tensor of p still holds its initial value."""
+    for key, value in tensor_state(opt, p).items():
+        expected = initial_state_value(opt, key)
+        assert bool((value == expected).all()), f"{what} changed {key}"
+
+
 def tensor_state(opt: torch.optim.Optimizer, p: Tensor) -> dict[str, Tensor]:
     return {k: v for k, v in opt.state.get(p, {}).items() if isinstance(v, Tensor)}
 
@@ -154,7 +170,7 @@ def check_parity(case: OptCase, dtype: torch.dtype, backend: str, cap: str | Non
     oracle_dtype = torch.float64 if lowp else dtype
     fused_params = make_params(shapes, dtype, gen)
     oracle_params = clone_leaves(fused_params, oracle_dtype)
-    ulps = tolerance(dtype).ulps
+    ulps = tolerance(dtype, case.fused).ulps
     with cpu_capability(cap):
         fused = case.fused(fused_params, backend=backend, **case.options)
         oracle = case.torch(oracle_params, foreach=False, **case.options)
@@ -221,7 +237,7 @@ def assert_same_trajectory(fused, oracle, fused_params, oracle_params, steps,
         for key, a, b in pairs:
             assert a.dtype == b.dtype, f"{label} param {i} {key}: {a.dtype} != torch {b.dtype}"
             assert_row_close(f"{label} param {i} {key}", a, b, scale, pf.dtype,
-                             tolerance(pf.dtype).ulps * steps)
+                             tolerance(pf.dtype, type(fused)).ulps * steps)
 
 
 class StateView:

@@ -17,6 +17,7 @@ import torch
 import fused_optim
 from _oracle import (
     StateView,
+    assert_initial_state,
     assert_same_trajectory,
     clone_leaves,
     cpu_capability,
@@ -185,7 +186,16 @@ def test_lr_scheduler(case, scheduler, tensor_lr):
                                              torch_kw={"lr": torch.tensor(case.options["lr"])})
     else:
         fused, oracle, fp, tp, grads = _pair(case)
-    fs, ts = SCHEDULERS[scheduler](fused), SCHEDULERS[scheduler](oracle)
+    made = []
+    for opt in (fused, oracle):
+        try:
+            made.append(SCHEDULERS[scheduler](opt))
+        except Exception as exc:  # noqa: BLE001  (OneCycleLR needs momentum or betas)
+            made.append((type(exc), str(exc)))
+    if not all(isinstance(m, torch.optim.lr_scheduler.LRScheduler) for m in made):
+        assert made[0] == made[1], f"torch: {made[1]}, fused_optim: {made[0]}"
+        return
+    fs, ts = made
     for g in grads:
         _set_grads(fp, g)
         _set_grads(tp, g)
@@ -516,8 +526,7 @@ def test_found_inf_skips_everything(case, variant):
             if step == 0:
                 # lazily created state stays at its initial values
                 for p in fp:
-                    for key, value in tensor_state(fused, p).items():
-                        assert not bool(value.any()), f"first skipped step changed {key}"
+                    assert_initial_state(fused, p, "the first skipped step")
             else:
                 _assert_untouched(fused, fp, snapshot, f"skipped step {step}")
             _set_grads(fp, grads[step + 3])
@@ -576,10 +585,16 @@ def test_grad_scaler_cpu(case, inf_step):
             scaler.update()
             if i == inf_step and i > 0:
                 _assert_untouched(opt, list(m.parameters()), snapshot, f"{type(opt)} inf step")
-            elif i == inf_step:  # the first step: no state, or only its zero initial values
+            elif i == inf_step:  # the first step: no state, or only its initial values
                 assert all(torch.equal(p.detach(), b) for p, b in zip(m.parameters(), snapshot[0]))
-                for p in m.parameters():
-                    assert all(not bool(v.any()) for v in tensor_state(opt, p).values())
+                if opt is fused:
+                    for p in m.parameters():
+                        assert_initial_state(opt, p, "the first skipped step")
+                else:
+                    for p, before in zip(m.parameters(), snapshot[1]):
+                        now = tensor_state(opt, p)
+                        assert sorted(now) == sorted(before)
+                        assert all(torch.equal(now[k], before[k]) for k in now)
             assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
         assert fs.get_scale() == ts.get_scale()
     assert_same_trajectory(fused, oracle, list(model.parameters()), list(twin.parameters()),

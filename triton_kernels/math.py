@@ -302,3 +302,159 @@ def sgd_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
             grad = momentum_buffer
     param = param + neg_lr * grad
     return param, x[1], momentum_buffer
+
+
+# ---------------------------------------------------------------------------------
+# Adagrad
+
+
+def adagrad_variant(h) -> tuple[bool]:
+    """(weight decay,)."""
+    return (h["weight_decay"] != 0.0,)
+
+
+@triton.jit
+def adagrad_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                    LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/adagrad.h Adagrad::scalars); h = (lr_decay, weight_decay, eps)."""
+    return (
+        (-lr_div(lr, 1.0 + (state[0] - 1.0) * h[0], LR_DTYPE)).to(OPMATH),  # neg_clr
+        h[1].to(OPMATH),                               # weight_decay
+        h[2].to(OPMATH),                               # eps
+    )
+
+
+@triton.jit
+def adagrad_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/adagrad.h Adagrad::update): x = (param, grad, sum)."""
+    neg_clr, weight_decay, eps = s[0], s[1], s[2]
+    param = x[0]
+    if VARIANT[0]:
+        grad = grad + weight_decay * param
+    state_sum = x[2] + grad * grad
+    std = sqrt(state_sum) + eps
+    param = param + div(neg_clr * grad, std)
+    return param, x[1], state_sum
+
+
+# ---------------------------------------------------------------------------------
+# RMSprop
+
+
+def rmsprop_variant(h) -> tuple[bool]:
+    """(weight decay,); centered and momentum are lists (LISTS bits 3 and 4)."""
+    return (h["weight_decay"] != 0.0,)
+
+
+@triton.jit
+def rmsprop_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                    LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/rmsprop.h RMSprop::scalars); h = (alpha, eps, weight_decay, momentum)."""
+    return (
+        h[0].to(OPMATH),                               # alpha
+        (1.0 - h[0]).to(OPMATH),                       # one_minus_alpha
+        h[1].to(OPMATH),                               # eps
+        h[2].to(OPMATH),                               # weight_decay
+        h[3].to(OPMATH),                               # momentum
+        (-lr).to(OPMATH),                              # neg_lr
+    )
+
+
+@triton.jit
+def rmsprop_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/rmsprop.h RMSprop::update): x = (param, grad, square_avg, grad_avg,
+    momentum_buffer), grad_avg with centered (LISTS bit 3), the buffer with momentum
+    (bit 4)."""
+    alpha, one_minus_alpha, eps = s[0], s[1], s[2]
+    weight_decay, momentum, neg_lr = s[3], s[4], s[5]
+    param = x[0]
+    if VARIANT[0]:
+        grad = grad + weight_decay * param
+    square_avg = x[2] * alpha + (one_minus_alpha * grad) * grad
+    grad_avg = x[3]
+    if (LISTS >> 3) & 1:
+        grad_avg = lerp(grad_avg, grad, one_minus_alpha)
+        avg = sqrt(square_avg - grad_avg * grad_avg)
+    else:
+        avg = sqrt(square_avg)
+    avg = avg + eps
+    buf = x[4]
+    if (LISTS >> 4) & 1:
+        buf = buf * momentum + div(grad, avg)
+        param = param + neg_lr * buf
+    else:
+        param = param + div(neg_lr * grad, avg)
+    return param, x[1], square_avg, grad_avg, buf
+
+
+# ---------------------------------------------------------------------------------
+# Adadelta
+
+
+def adadelta_variant(h) -> tuple[bool]:
+    """(weight decay,)."""
+    return (h["weight_decay"] != 0.0,)
+
+
+@triton.jit
+def adadelta_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                     LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/adadelta.h Adadelta::scalars); h = (rho, eps, weight_decay)."""
+    return (
+        h[0].to(OPMATH),                               # rho
+        (1.0 - h[0]).to(OPMATH),                       # one_minus_rho
+        h[1].to(OPMATH),                               # eps
+        h[2].to(OPMATH),                               # weight_decay
+        (-lr).to(OPMATH),                              # neg_lr
+    )
+
+
+@triton.jit
+def adadelta_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/adadelta.h Adadelta::update): x = (param, grad, square_avg, acc_delta)."""
+    rho, one_minus_rho, eps, weight_decay, neg_lr = s[0], s[1], s[2], s[3], s[4]
+    param = x[0]
+    if VARIANT[0]:
+        grad = grad + weight_decay * param
+    square_avg = x[2] * rho + (one_minus_rho * grad) * grad
+    std = sqrt(square_avg + eps)
+    delta = div(sqrt(x[3] + eps), std) * grad
+    acc_delta = x[3] * rho + (one_minus_rho * delta) * delta
+    param = param + neg_lr * delta
+    return param, x[1], square_avg, acc_delta
+
+
+# ---------------------------------------------------------------------------------
+# Adamax
+
+
+def adamax_variant(h) -> tuple[bool]:
+    """(weight decay,)."""
+    return (h["weight_decay"] != 0.0,)
+
+
+@triton.jit
+def adamax_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                   LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/adamax.h Adamax::scalars); h = (beta1, beta2, eps, weight_decay)."""
+    bias_correction = 1.0 - pow_int(h[0], state[0])
+    return (
+        (1.0 - h[0]).to(OPMATH),                       # one_minus_beta1
+        h[1].to(OPMATH),                               # beta2
+        h[2].to(OPMATH),                               # eps
+        h[3].to(OPMATH),                               # weight_decay
+        (-lr_div(lr, bias_correction, LR_DTYPE)).to(OPMATH),   # neg_clr
+    )
+
+
+@triton.jit
+def adamax_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/adamax.h Adamax::update): x = (param, grad, exp_avg, exp_inf)."""
+    one_minus_beta1, beta2, eps, weight_decay, neg_clr = s[0], s[1], s[2], s[3], s[4]
+    param = x[0]
+    if VARIANT[0]:
+        grad = grad + weight_decay * param
+    exp_avg = lerp(x[2], grad, one_minus_beta1)
+    exp_inf = maximum(x[3] * beta2, tl.abs(grad) + eps)
+    param = param + div(neg_clr * exp_avg, exp_inf)
+    return param, x[1], exp_avg, exp_inf

@@ -4,13 +4,21 @@
 // optimizer adds one line to each (see README.md, "Adding an optimizer").
 #pragma once
 
+#include "fused_optim/math/adadelta.h"
+#include "fused_optim/math/adagrad.h"
 #include "fused_optim/math/adam.h"
+#include "fused_optim/math/adamax.h"
+#include "fused_optim/math/rmsprop.h"
 #include "fused_optim/math/sgd.h"
 
 // X(Struct): the structs of fused_optim::math, in a fixed order (their ids).
 #define FO_FOR_EACH_OPTIMIZER(X) \
   X(Adam)                        \
-  X(Sgd)
+  X(Sgd)                         \
+  X(Adagrad)                     \
+  X(RMSprop)                     \
+  X(Adadelta)                    \
+  X(Adamax)
 
 namespace fused_optim {
 

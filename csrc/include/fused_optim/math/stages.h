@@ -136,12 +136,31 @@ FO_HOST_DEVICE FO_INLINE double sqrt_op(double x) {
 #endif
 }
 
-// torch.maximum: propagates NaN from either side.
+// |x| (torch.abs: the sign bit cleared, NaN stays NaN), on host and device.
+FO_HOST_DEVICE FO_INLINE float abs_op(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::fabsf(x);
+#else
+  return __builtin_fabsf(x);
+#endif
+}
+FO_HOST_DEVICE FO_INLINE double abs_op(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::fabs(x);
+#else
+  return __builtin_fabs(x);
+#endif
+}
+
 #if defined(FO_CPU_VEC8)
 typedef float vfloat8 __attribute__((vector_size(32)));
 FO_INLINE vfloat8 sqrt_op(vfloat8 x) { return (vfloat8)_mm256_sqrt_ps((__m256)x); }
+FO_INLINE vfloat8 abs_op(vfloat8 x) {
+  return (vfloat8)_mm256_andnot_ps(_mm256_set1_ps(-0.0f), (__m256)x);
+}
 #endif
 
+// torch.maximum: propagates NaN from either side.
 template <typename V>
 FO_HOST_DEVICE FO_INLINE V maximum(V a, V b) {
   return (a != a) ? a : ((b != b) ? b : (a > b ? a : b));

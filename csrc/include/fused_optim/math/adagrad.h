@@ -1,0 +1,76 @@
+// Adagrad: the element-wise math, written once for every C++ backend.
+//
+//   g_t     = -grad (maximize) ; g_t += weight_decay * p (weight decay)
+//   clr     = lr / (1 + (t - 1) * lr_decay)             per tensor, t its step count
+//   sum_t   = sum_{t-1} + g_t * g_t
+//   p_t     = p_{t-1} + (-clr * g_t) / (sqrt(sum_t) + eps)
+//
+// as torch.optim.Adagrad's single-tensor path computes it (addcmul_, sqrt().add_(eps),
+// addcdiv_(value=-clr)), operation by operation. Per element: reads param, grad, sum
+// (12 B fp32), writes param and sum (8 B). The spec is fused_optim/adagrad.py's.
+#pragma once
+
+#include "fused_optim/macros.h"
+#include "fused_optim/math/optimizer.h"
+#include "fused_optim/math/stages.h"
+
+namespace fused_optim {
+namespace math {
+inline namespace FO_CPU_CAPABILITY {
+
+// Fields of opmath_t only (see AdamTensorScalars in adam.h).
+template <typename opmath_t>
+struct AdagradScalars {
+  opmath_t neg_clr;  // -lr / (1 + (step - 1) * lr_decay)
+  opmath_t weight_decay;
+  opmath_t eps;
+};
+
+struct Adagrad : OptimizerBase {
+  static constexpr const char* kOp = "adagrad_";
+  enum List : int { kParam, kGrad, kSum, kLists };
+  static constexpr std::array<const char*, kLists> kListNames = {"params", "grads",
+                                                                 "state_sums"};
+  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
+  enum Float : int { kLrDecay, kWeightDecay, kEps, kFloats };
+  static constexpr std::array<const char*, kFloats> kFloatNames = {"lr_decay", "weight_decay",
+                                                                   "eps"};
+  enum Flag : int { kMaximize, kFlags };
+  static constexpr std::array<const char*, kFlags> kFlagNames = {"maximize"};
+
+  // The one variant bit: weight decay, skipped rather than multiplied by 0 (inf / NaN
+  // params then behave as in torch).
+  static constexpr uint32_t kWeightDecayBit = 1;
+  static constexpr int kVariantBits = 1;
+  static uint32_t variant(const Args& a) {
+    return a.floats[kWeightDecay] != 0.0 ? kWeightDecayBit : 0;
+  }
+
+  template <typename S>
+  using Scalars = AdagradScalars<S>;
+
+  // state[0]: the step count.
+  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
+
+  template <uint32_t LISTS, uint32_t V, typename S>
+  FO_HOST_DEVICE static Scalars<S> scalars(const Args& a, const double* state) {
+    const LrMath lr = lr_math(a);
+    Scalars<S> s;
+    s.neg_clr = static_cast<S>(-lr.div(a.lr, 1.0 + (state[0] - 1.0) * a.floats[kLrDecay]));
+    s.weight_decay = static_cast<S>(a.floats[kWeightDecay]);
+    s.eps = static_cast<S>(a.floats[kEps]);
+    return s;
+  }
+
+  template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
+  FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
+    if constexpr ((V & kWeightDecayBit) != 0) grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
+    x[kSum] = x[kSum] + grad * grad;                         // addcmul_(grad, grad, value=1)
+    const Vt std = sqrt_op(x[kSum]) + s.eps;                  // sqrt().add_(eps)
+    x[kParam] = x[kParam] + (s.neg_clr * grad) / std;         // addcdiv_(grad, std, value=-clr)
+  }
+};
+
+}  // namespace FO_CPU_CAPABILITY
+}  // namespace math
+}  // namespace fused_optim

@@ -1,0 +1,145 @@
+"""Adagrad: a drop-in for torch.optim.Adagrad."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fused_optim._reference import lr_div
+from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.spec import Hyper, ScalarState, Spec, StateList
+
+
+def adagrad_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor], lr: Tensor,
+                      h: dict[str, Any]) -> None:
+    """One Adagrad step of one tensor in plain torch (see fused_optim/_reference.py); the
+    kernels' math (math/adagrad.h, triton_kernels/math.py) follows it op by op."""
+    p, g = x["param"], grad
+    if h["weight_decay"] != 0:
+        g = g + h["weight_decay"] * p
+    step = state["step"] + 1
+    clr = lr_div(lr, 1 + (step.to(torch.float64) - 1) * h["lr_decay"])
+    state_sum = x["sum"] + g * g
+    std = state_sum.sqrt() + h["eps"]
+    x["param"] = p + ((-clr).to(p.dtype) * g) / std
+    x["sum"] = state_sum
+    state["step"] = step
+
+
+class Adagrad(FusedOptimizer):
+    r"""Implements Adagrad, with every bucket of tensors updated by one fused kernel call.
+
+    The numbers, arguments, defaults, validation errors and state (``step``, ``sum``,
+    created for every param at construction, as torch does) are those of
+    :class:`torch.optim.Adagrad`, and ``state_dict()`` loads both ways with it.
+    Sparse gradients are not supported yet (use torch.optim.Adagrad for those).
+
+    .. math::
+       \begin{aligned}
+            & g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1}
+              \qquad \tilde\gamma \leftarrow \gamma / (1 + (t - 1)\eta)              \\
+            & s_t \leftarrow s_{t-1} + g_t^2 \quad (s_0 = \tau) \qquad
+              \theta_t \leftarrow \theta_{t-1} - \tilde\gamma\, g_t / (\sqrt{s_t} + \epsilon)
+       \end{aligned}
+
+    with :math:`s` the ``sum`` state, :math:`\tau` the initial accumulator value and
+    :math:`\eta` the lr decay.
+
+    Args:
+        params (iterable): parameters or param groups to optimize.
+        lr (float or Tensor, optional): learning rate (default: 1e-2).
+        lr_decay (float, optional): learning rate decay (default: 0).
+        weight_decay (float, optional): L2 penalty (default: 0).
+        initial_accumulator_value (float, optional): initial value of every ``sum``
+            (default: 0); as in torch.optim, the constructor's value applies to every
+            group.
+        eps (float, optional): added to the denominator (default: 1e-10).
+        foreach, fused (optional): accepted and checked as torch.optim checks them, and
+            kept in the param groups; every fused_optim step is fused.
+        maximize (bool, optional): maximize the objective (default: False).
+        differentiable (bool, optional): record the step for autograd, as torch.optim
+            does (default: False); such groups run the reference math in torch ops.
+        {backend}
+
+    Example:
+        >>> model = torch.nn.Linear(8, 2)
+        >>> opt = Adagrad(model.parameters(), lr=0.1)
+        >>> model(torch.randn(4, 8)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+
+    References: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning
+    and Stochastic Optimization" (JMLR 2011).
+    """
+
+    spec = Spec(
+        name="adagrad",
+        lists=(StateList("state_sums", "sum", init="initial_accumulator_value"),),
+        scalars=(ScalarState("state_steps", "step"),),
+        hypers=(Hyper("lr_decay"), Hyper("weight_decay"), Hyper("eps"),
+                Hyper("maximize", bool)),
+        reference=adagrad_reference,
+        state_at_init=True,
+    )
+    _sparse_error = ("fused_optim.Adagrad does not support sparse gradients yet; use "
+                     "torch.optim.Adagrad for sparse gradients")
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        # The checks and messages of torch.optim.Adagrad, in its order.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(
+                f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults, backend=backend)
+
+    def _group_defaults(self) -> dict[str, Any]:
+        return {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
+
+    def share_memory(self) -> None:
+        """Moves every ``sum`` state to shared memory, as torch.optim.Adagrad does."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
+
+Adagrad.__doc__ = Adagrad.__doc__.replace("{backend}", _BACKEND_DOC)
