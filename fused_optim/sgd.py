@@ -166,7 +166,7 @@ class SGD(FusedOptimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
+                state = self.state.get(p, {})
                 first.append(state.get("momentum_buffer") is None)
                 if "momentum_buffer" in state and state["momentum_buffer"] is None:
                     del state["momentum_buffer"]

@@ -7,6 +7,7 @@ raise RuntimeError and change nothing; no input crashes the process.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -28,6 +29,7 @@ from _tables import (
     DTYPES,
     FULL_CASES,
     LOW_PRECISION,
+    OPTIMIZERS,
     STEPS,
     case_ids,
     dtype_id,
@@ -89,7 +91,28 @@ STRICTER = {
     ("SGD", "dampening", "nan"): (ValueError, "Invalid dampening value: nan"),
 }
 
-HYPER_CASES = ([("Adam", kw) for kw in ADAM_BAD] + [("AdamW", kw) for kw in ADAM_BAD]
+
+
+def _generic_bad(cls) -> list[dict]:
+    """Out-of-range and non-finite values of every numeric argument of a torch.optim
+    class's signature, the lr tensors torch refuses, and the flag pairs it refuses."""
+    sig = inspect.signature(cls)
+    out: list[dict] = [{"lr": torch.tensor([0.1, 0.2])}, {"lr": torch.tensor(NAN)},
+                       {"lr": torch.tensor(0.1), "foreach": True}, {"lr": math.inf}]
+    for name, param in sig.parameters.items():
+        default = param.default
+        if name == "betas":
+            out += [{"betas": b} for b in ((-0.1, 0.999), (1.0, 0.999), (NAN, 0.999),
+                                           (0.9, -0.1), (0.9, 1.0), (0.9, NAN))]
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out += [{name: -1.0}, {name: NAN}, {name: 2.0}, {name: math.inf}]
+    if "fused" in sig.parameters:
+        out += [{"fused": True, "foreach": True}, {"fused": True, "differentiable": True}]
+    return out
+
+
+HYPER_CASES = ([(row.fused.__name__, kw) for row in OPTIMIZERS for kw in _generic_bad(row.torch)]
+               + [("Adam", kw) for kw in ADAM_BAD] + [("AdamW", kw) for kw in ADAM_BAD]
                + [("SGD", kw) for kw in SGD_BAD])
 
 
@@ -103,7 +126,7 @@ def test_hyperparameter_errors_match_torch(item):
     name, kw = item
     theirs = _outcome(lambda: getattr(torch.optim, name)(_p(), **kw))
     ours = _outcome(lambda: getattr(fused_optim, name)(_p(), **kw))
-    if theirs is not None:
+    if theirs is not None or ours is None:
         assert ours == theirs, f"torch raises {theirs}, fused_optim {ours}"
         return
     key = (name, next(iter(kw)), "nan") if any(
@@ -114,13 +137,20 @@ def test_hyperparameter_errors_match_torch(item):
     assert ours == (exc_type, message.replace("nan", f"{kw[key[1]]}"))
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+ROW_NAMES = [row.fused.__name__ for row in OPTIMIZERS]
+
+
+@pytest.mark.parametrize("name", ROW_NAMES)
 def test_foreach_fused_capturable_accepted_and_kept(name):
-    """Accepted for compatibility, kept in the groups as torch keeps them, no effect on
-    the numbers."""
-    extra = {"foreach": False, "fused": True}
-    if name != "SGD":
-        extra["capturable"] = True
+    """Accepted where torch accepts them on CPU params (capturable only with fused: the
+    single-tensor path refuses CPU params, see test_torch_flags.py), kept in the groups
+    as torch keeps them, no effect on the numbers."""
+    sig = inspect.signature(getattr(torch.optim, name))
+    extra = {"foreach": False}
+    if "fused" in sig.parameters:
+        extra["fused"] = True
+        if "capturable" in sig.parameters:
+            extra["capturable"] = True
     gen = torch.Generator().manual_seed(0)
     fp = make_params([(9,)], torch.float32, gen)
     a = getattr(fused_optim, name)(fp, lr=0.01, **extra)
@@ -136,12 +166,25 @@ def test_foreach_fused_capturable_accepted_and_kept(name):
     assert torch.equal(fp[0], b_params[0])
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+@pytest.mark.parametrize("name", ROW_NAMES)
 def test_defaults_match_torch(name):
     ours = getattr(fused_optim, name)(_p()).defaults
     theirs = getattr(torch.optim, name)(_p()).defaults
     assert {k: v for k, v in ours.items() if k != "backend"} == theirs
     assert ours["backend"] == "auto"
+
+
+@pytest.mark.parametrize("name", ROW_NAMES)
+def test_signature_matches_torch(name):
+    """The same parameters, kinds and defaults as torch.optim's class, plus the
+    keyword-only backend."""
+    ours = inspect.signature(getattr(fused_optim, name)).parameters
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    assert list(ours)[:-1] == list(theirs) and list(ours)[-1] == "backend"
+    for key, param in theirs.items():
+        assert ours[key].kind == param.kind, key
+        assert ours[key].default == param.default, key
+    assert ours["backend"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_tensor_betas_match_torch():
@@ -161,30 +204,34 @@ def test_tensor_betas_match_torch():
 # Sparse grads
 
 
-def test_sparse_grad_adam_raises_torchs_error():
-    for name in ("Adam", "AdamW"):
-        errors = []
-        for module in (torch.optim, fused_optim):
-            p = torch.zeros(4, requires_grad=True)
-            opt = getattr(module, name)([p])
-            p.grad = torch.ones(4).to_sparse()
-            errors.append(_outcome(opt.step))
-            assert torch.equal(p.detach(), torch.zeros(4))
-        assert errors[1] == errors[0]
-        assert errors[0][0] is RuntimeError and "SparseAdam" in errors[0][1]
-
-
-def test_sparse_grad_sgd_raises_clear_error():
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=case_ids(DEFAULT_CASES))
+def test_sparse_grads(case):
+    """Where torch.optim refuses sparse grads, the same RuntimeError; where it takes
+    them (SGD, Adagrad: fused_optim's sparse engine is to come), a clear RuntimeError
+    naming the optimizer and torch.optim's class. Either way nothing changes (no state
+    is created) and a dense grad afterwards steps normally."""
     p, q = torch.zeros(4, requires_grad=True), torch.ones(2, requires_grad=True)
-    opt = fused_optim.SGD([p, q], lr=0.1, momentum=0.9)
-    p.grad = torch.ones(4)
+    tp, tq = clone_leaves([p, q])
+    opt = case.fused([p, q], **case.options)
+    oracle = case.torch([tp, tq], **case.options)
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    for a, b in ((p, tp), (q, tq)):
+        a.grad = b.grad = torch.ones(a.shape)
     q.grad = torch.ones(2).to_sparse()
-    with pytest.raises(RuntimeError, match="does not support sparse gradients.*torch.optim.SGD"):
-        opt.step()
+    tq.grad = torch.ones(2).to_sparse()
+    theirs, ours = _outcome(oracle.step), _outcome(opt.step)
+    if theirs is not None:
+        assert ours == theirs
+    else:
+        assert ours is not None and ours[0] is RuntimeError, ours
+        assert f"{case.name} does not support sparse gradients" in ours[1]
+        assert f"torch.optim.{case.name}" in ours[1]
     assert torch.equal(p.detach(), torch.zeros(4)) and torch.equal(q.detach(), torch.ones(2))
-    assert all(len(opt.state.get(t, {})) == 0 for t in (p, q)), "state created by a failed step"
+    after = opt.state_dict()["state"]
+    assert sorted(after) == sorted(state_before), "a failed step created state"
     q.grad = torch.ones(2)
     opt.step()  # recovers with a dense grad
+    assert not torch.equal(p.detach(), torch.zeros(4))
 
 
 # ---------------------------------------------------------------------------------------
