@@ -160,22 +160,46 @@ def assert_state_structure(fused: torch.optim.Optimizer, oracle: torch.optim.Opt
 # The parity runner
 
 
+def laid_out(t: Tensor, layout: str, device: torch.device | str = "cpu") -> Tensor:
+    """A copy of t on `device` with the given memory layout: "contiguous", "offset" (a
+    view one element into its storage: not 16-byte aligned) or "transposed" (dense, not
+    contiguous)."""
+    if layout == "contiguous":
+        out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    elif layout == "offset":
+        out = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)[1:].view(t.shape)
+    elif layout == "transposed":
+        out = torch.empty(t.shape[::-1], dtype=t.dtype, device=device).t()
+    else:
+        raise ValueError(layout)
+    return out.copy_(t.detach())
+
+
 def check_parity(case: OptCase, dtype: torch.dtype, backend: str, cap: str | None,
-                 shapes: Sequence[tuple[int, ...]], steps: int = STEPS, seed: int = 0) -> None:
+                 shapes: Sequence[tuple[int, ...]], steps: int = STEPS, seed: int = 0, *,
+                 device: str = "cpu", layouts: Sequence[str] | None = None,
+                 options: dict | None = None) -> None:
     """Runs case.fused for `steps` consecutive steps; before each step the torch.optim
     oracle (fp64 for bf16/fp16) is set to the fused optimizer's params and state, both
-    step on the same grads, and every tensor of every row is compared per element."""
+    step on the same grads, and every tensor of every row is compared per element.
+    Params (and their grads) live on `device` in `layouts` (see laid_out; default
+    contiguous); `options` override the case's (e.g. a CUDA tensor lr)."""
     gen = torch.Generator().manual_seed(seed)
     lowp = dtype in LOW_PRECISION
     oracle_dtype = torch.float64 if lowp else dtype
-    fused_params = make_params(shapes, dtype, gen)
-    oracle_params = clone_leaves(fused_params, oracle_dtype)
+    layouts = list(layouts) if layouts is not None else ["contiguous"] * len(shapes)
+    options = {**case.options, **(options or {})}
+    fused_params = [laid_out(p, lay, device).requires_grad_()
+                    for p, lay in zip(make_params(shapes, dtype, gen), layouts)]
+    oracle_params = [p.detach().to(oracle_dtype, copy=True).requires_grad_() for p in fused_params]
     ulps = tolerance(dtype, case.fused).ulps
+    oracle_options = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in options.items()}
     with cpu_capability(cap):
-        fused = case.fused(fused_params, backend=backend, **case.options)
-        oracle = case.torch(oracle_params, foreach=False, **case.options)
+        fused = case.fused(fused_params, backend=backend, **options)
+        oracle = case.torch(oracle_params, foreach=False, **oracle_options)
         for step in range(steps):
-            grads = make_grads(shapes, dtype, gen)
+            grads = [laid_out(g, lay, device) for g, lay in zip(make_grads(shapes, dtype, gen),
+                                                                layouts)]
             before = []
             with torch.no_grad():
                 for pf, po in zip(fused_params, oracle_params):
@@ -186,7 +210,7 @@ def check_parity(case: OptCase, dtype: torch.dtype, backend: str, cap: str | Non
                     before.append([pf.detach().clone(),
                                    *(v.clone() for k, v in state.items() if k != "step")])
             for pf, po, g in zip(fused_params, oracle_params, grads):
-                pf.grad = g.clone()
+                pf.grad = g.clone(memory_format=torch.preserve_format)
                 po.grad = g.to(oracle_dtype)
             # The reference backend is plain torch: one thread, like the oracle.
             with fused_threads() if backend == "cpu" else contextlib.nullcontext():
@@ -202,7 +226,8 @@ def check_parity(case: OptCase, dtype: torch.dtype, backend: str, cap: str | Non
                     assert a.dtype == dtype, f"{key} of param {i} is {a.dtype}, not {dtype}"
                     assert_row_close(
                         f"{case.id} {backend}{'/' + cap if cap else ''} {dtype} step {step + 1}"
-                        f" param {i} {tuple(pf.shape)} {key}", a, b, scale, dtype, ulps)
+                        f" param {i} {tuple(pf.shape)} {layouts[i]} {key}", a, b, scale, dtype,
+                        ulps)
 
 
 # ---------------------------------------------------------------------------------------

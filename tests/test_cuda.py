@@ -31,8 +31,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from _oracle import assert_row_close, make_grads, make_params, row_scale
-from _tables import ADAM_LR, LOW_PRECISION, SGD_LR, TOLERANCES
+from _oracle import assert_row_close, check_parity, make_grads, make_params, row_scale, tensor_state
+from _tables import (
+    ADAM_LR,
+    DEFAULT_CASES,
+    FULL_CASES,
+    LOW_PRECISION,
+    OPTIMIZER_CASES,
+    SGD_LR,
+    TOLERANCES,
+    case_ids,
+)
 from fused_optim import _extension
 
 
@@ -569,3 +578,105 @@ def test_rejects_lr_on_another_dtype():
     kwargs["lr"] = kwargs["lr"].half()
     with pytest.raises(RuntimeError, match="lr must be float32 or float64"):
         torch.ops.fused_optim.adam_(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Every optimizer of the table (tests/_tables.py), through its class: the CUDA C++
+# backend and, where Triton runs on this GPU, the Triton backend, against torch.optim
+# re-synced every step (tests/_oracle.py check_parity), on the layouts above.
+
+
+def _gpu_backends() -> list[str]:
+    if SKIP_REASON is not None:
+        return ["cuda"]
+    import fused_optim
+
+    ok = fused_optim.available_backends(DEVICE, torch.float32)
+    return [b for b in ("cuda", "triton") if ok.get(b) is None]
+
+
+GPU_BACKENDS = _gpu_backends()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=case_ids(OPTIMIZER_CASES))
+def test_every_optimizer_parity(case, dtype, backend):
+    check_parity(case, dtype, backend, None, [s for s, _ in SHAPES], steps=STEPS,
+                 device=DEVICE, layouts=[lay for _, lay in SHAPES])
+
+
+@pytest.mark.parametrize("lr_kind", ["cuda32", "cuda64"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", FULL_CASES, ids=case_ids(FULL_CASES))
+def test_every_optimizer_device_lr(case, backend, lr_kind):
+    """An lr tensor on the GPU (float32 / float64), read by the kernels: no host sync."""
+    check_parity(case, torch.float32, backend, None, [s for s, _ in SHAPES], steps=3,
+                 device=DEVICE, layouts=[lay for _, lay in SHAPES],
+                 options={"lr": _lr(case.options["lr"], lr_kind)})
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", FULL_CASES, ids=case_ids(FULL_CASES))
+def test_every_optimizer_many_tensors(case, backend):
+    """1,100 tensors in one bucket: several launches of the engine's tables."""
+    check_parity(case, torch.float32, backend, None, [s for s, _ in MANY], steps=2,
+                 device=DEVICE, layouts=[lay for _, lay in MANY])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", DEFAULT_CASES + FULL_CASES,
+                         ids=case_ids(DEFAULT_CASES + FULL_CASES))
+def test_every_optimizer_found_inf_and_cuda_graph(case, backend):
+    """A step captured in a CUDA graph after a warm-up step, replayed with a changing
+    device lr, grads and found_inf: every replay equals an eager optimizer's step on
+    the same inputs, bit for bit; a replay with found_inf set changes nothing."""
+    gen = torch.Generator().manual_seed(8)
+    sizes = [s for s, _ in SHAPES]
+    layouts = [lay for _, lay in SHAPES]
+    init = make_params(sizes, torch.float32, gen)
+    lr_value = case.options["lr"]
+    opts = {}
+    for name in ("graph", "eager"):
+        params = [_laid_out(p, lay).requires_grad_() for p, lay in zip(init, layouts)]
+        lr = torch.tensor(lr_value, device=DEVICE)
+        opt = case.fused(params, backend=backend, **{**case.options, "lr": lr})
+        opt.grad_scale = torch.tensor(GRAD_SCALE, device=DEVICE)
+        opt.found_inf = torch.zeros((), device=DEVICE)
+        for p, g, lay in zip(params, make_grads(sizes, torch.float32, gen), layouts):
+            p.grad = _laid_out(g * GRAD_SCALE, lay)
+        opts[name] = (opt, params, lr)
+    graph_opt, graph_params, graph_lr = opts["graph"]
+    eager_opt, eager_params, eager_lr = opts["eager"]
+    for p, q in zip(graph_params, eager_params):
+        q.grad.copy_(p.grad)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph_opt.step()  # warm-up: creates the state outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for k, (lr_new, inf) in enumerate([(lr_value / 2, 0.0), (lr_value * 2, 1.0),
+                                       (lr_value / 3, 0.0)]):
+        grads = make_grads(sizes, torch.float32, gen)
+        for p, q, g, lay in zip(graph_params, eager_params, grads, layouts):
+            p.grad.copy_(_laid_out(g * GRAD_SCALE, lay))
+            q.grad.copy_(p.grad)
+        for opt, lr in ((graph_opt, graph_lr), (eager_opt, eager_lr)):
+            lr.fill_(lr_new)
+            opt.found_inf.fill_(inf)
+        before = [t.clone() for p in graph_params for t in (p, *tensor_state(graph_opt, p).values())]
+        graph.replay()
+        eager_opt.step()
+        after = [t for p in graph_params for t in (p, *tensor_state(graph_opt, p).values())]
+        if inf:
+            assert all(torch.equal(a, b) for a, b in zip(before, after)), f"replay {k} with found_inf changed state"
+        for i, (p, q) in enumerate(zip(graph_params, eager_params)):
+            assert torch.equal(p.detach(), q.detach()), f"replay {k}: param {i} differs from eager"
+            sg, se = tensor_state(graph_opt, p), tensor_state(eager_opt, q)
+            assert sorted(sg) == sorted(se)
+            for key in sg:
+                assert torch.equal(sg[key], se[key]), f"replay {k}: {key} of param {i} differs"

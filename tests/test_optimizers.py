@@ -28,6 +28,7 @@ from _oracle import (
 )
 from _tables import (
     BIG_SHAPES,
+    CHUNK,
     DEFAULT_CASES,
     DTYPES,
     FULL_CASES,
@@ -79,6 +80,20 @@ def test_parity_chunk_boundary(case, dtype, variant):
 def test_parity_many_tensors(case, dtype, variant):
     """120 tensors of 1..600 elements in one bucket."""
     check_parity(case, dtype, variant[0], variant[1], MANY_SHAPES, steps=4)
+
+
+LAID_OUT = [((1,), "contiguous"), ((3,), "offset"), ((0,), "contiguous"),
+            ((CHUNK + 1,), "offset"), ((4099,), "contiguous"), ((13, 7), "transposed")]
+
+
+@pytest.mark.parametrize("variant", FAST_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("case", FULL_CASES, ids=case_ids(FULL_CASES))
+def test_parity_layouts(case, variant):
+    """Params (and grads) one element into their storage (not 16-byte aligned: the SIMD
+    loops' peeled and scalar paths) and transposed (dense, not contiguous: bucketed
+    apart), an empty param, chunk + 1 elements."""
+    check_parity(case, torch.float32, variant[0], variant[1], [s for s, _ in LAID_OUT],
+                 steps=3, layouts=[lay for _, lay in LAID_OUT])
 
 
 def test_auto_backend_is_cpu_when_built():
