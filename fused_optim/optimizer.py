@@ -1,6 +1,6 @@
 """The base class of fused_optim's optimizers: torch.optim bookkeeping, fused dispatch.
 
-A subclass (Adam, SGD, ...) provides what torch.optim's class provides: its signature,
+A subclass provides what torch.optim's class provides: its signature,
 validation and defaults, and its spec (fused_optim/spec.py: state lists and keys,
 per-tensor state, arguments). This class does the rest, once for every optimizer, by
 reading the spec:
@@ -97,7 +97,8 @@ class FusedOptimizer(Optimizer):
         # grads and syncing on found_inf itself.
         self._step_supports_amp_scaling = True
         if self.spec.state_at_init:
-            # As torch.optim (Adagrad): every param's state exists from the start.
+            # As torch.optim does for such optimizers: every param's state exists
+            # from the start.
             for group in self.param_groups:
                 for p in group["params"]:
                     self._create_state(group, p, self.state[p])

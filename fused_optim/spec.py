@@ -33,7 +33,7 @@ class StateList:
     ``when`` names the hyperparameter that keeps the list: present when it is true or
     non-zero (``"amsgrad"``, ``"momentum"``), always when None. ``init`` is the value a
     new state tensor is filled with, or the name of the defaults key that holds it
-    (Adagrad's ``initial_accumulator_value``).
+    (an ``initial_accumulator_value``).
     """
 
     arg: str
@@ -56,7 +56,7 @@ class ScalarState:
 class Hyper:
     """A float or bool argument of the op. Read from the param group's ``group_key``
     (default: ``name``), element ``index`` of it when given (``betas``); with
-    ``group_key=""`` the optimizer supplies it per call (SGD's ``is_first_step``)."""
+    ``group_key=""`` the optimizer supplies it per call (a first step's flag)."""
 
     name: str
     kind: type = float
@@ -76,8 +76,8 @@ class Spec:
 
     ``reference`` is the optimizer's math in plain torch (see _reference.py for its
     signature); ``state_at_init`` says that torch.optim creates the state of every param
-    in ``__init__`` (Adagrad) rather than at its first step; ``bench`` holds the
-    options the benchmark runs it with (e.g. momentum, so SGD keeps a buffer).
+    in ``__init__`` rather than at each param's first step; ``bench`` holds the
+    options the benchmark runs it with (e.g. a momentum, so that a buffer is kept).
     """
 
     name: str

@@ -1,4 +1,8 @@
-"""The Triton backend on the CPU, under the Triton interpreter.
+"""The Triton backend on the CPU, under the Triton interpreter, driven by the spec tables.
+
+Every test here is parametrized from tests/_tables.py (OPTIMIZERS, OPTIMIZER_CASES,
+FULL_CASES, DEFAULT_CASES) and reads the optimizer's spec (fused_optim/spec.py) for its
+lists, per-tensor state and arguments, so a new row there is covered without new code.
 
 [note: TRITON_INTERPRET ordering]
 @triton.jit decides at decoration time whether a kernel is compiled or interpreted, so
@@ -16,35 +20,51 @@ fresh interpreter (test_in_subprocess, TRITON_INTERPRET=1 in its environment) wh
   * something imported the kernels earlier in this process without the variable.
 Running pytest with TRITON_INTERPRET=1 already set keeps everything in one process.
 
-What is compared, per step:
-  * bit-exact against `_exact_adam` / `_exact_sgd` below, the operation sequence of the
-    C++ math (csrc/include/fused_optim/math/) spelled out with one torch op per
-    operation: every op rounds once, as in the kernels, so no tolerance applies;
-  * against torch.optim (foreach=False) with the tolerances of tests/_tables.py
-    (TOLERANCES, ulps per step; fp16/bf16 against an fp64 torch run).
-Sizes straddle the test launch configuration (BLOCK=32 elements per iteration,
-CHUNK=64 per program): 1, 3, BLOCK+1, CHUNK+1, 2*CHUNK+1, an empty and a 2-D tensor; one
-test uses the production configuration (BLOCK+1, CHUNK+1 of 1024 / 16384).
-The interpreter costs ~1.5 ms per @triton.jit call and ~10-30 ms per program: tensors
-stay small.
+What is compared:
+  * bit for bit against the C++ CPU backend (backend="cpu", its portable variant: every
+    CPU variant computes the same bits, tests/test_optimizers.py) on the same inputs,
+    params, grads (written back unscaled) and every state, per-tensor state included,
+    after every step. The C++ and Triton math are the same operation sequence with one
+    rounding per operation (csrc/include/fused_optim/math/, triton_kernels/math.py), so
+    no tolerance applies. Float64 storage is compared within TOLERANCES (ulps per step,
+    free-running) instead: Triton computes beta ** step by binary exponentiation
+    (math.pow_int: libdevice's pow does not run in the interpreter), C++ calls pow(); in
+    float64 opmath the two differ by an ulp of the bias corrections at some step counts,
+    which float32 opmath rounds away (test_step_dependent_scalars_*). Where the C++ op
+    is missing (extension not built, or built without that optimizer) these tests skip
+    and say so (see _needs_cpu_op for why not the reference backend instead);
+  * against torch.optim (foreach=False) through the optimizer classes, with the shared
+    parity runner and tolerances (tests/_oracle.py check_parity).
+Sizes straddle the test launch configuration (BLOCK=32 elements per iteration, CHUNK=64
+per program): 1, 3, BLOCK+1, CHUNK+1, 2*CHUNK+1, an empty and a 2-D tensor, BLOCK; one
+test per optimizer family uses the production configuration (BLOCK+1, CHUNK+1 of
+1024 / 16384).
+
+Cost: the interpreter costs ~1.5 ms per @triton.jit call and ~10-30 ms per program
+(a program is one chunk of one tensor), which is nearly all of this file's time, so
+tensors stay small and the programs per row are counted: the option matrix runs fp32 on
+SHAPES (11 programs) for 3 launches and bf16 / fp16 on 4 tensors (5 programs) for 2; the
+many-tensor (25 programs), float64 and production-size runs are for FULL_CASES or one
+case per family only; the parity runs (whose torch oracle is cheap) use 4 tensors for
+3 steps. ~80 s of CPU on the 2-core dev machine with 7 optimizer classes.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
 # In this process: on a machine without a GPU, or when the caller asked for interpreted
 # kernels everywhere (see [note: TRITON_INTERPRET ordering]).
 _IN_PROCESS = HAVE_TRITON and (_PREVIOUS_INTERPRET == "1" or not torch.cuda.is_available())
@@ -52,9 +72,26 @@ if _IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import fused_optim  # noqa: E402
-from _oracle import assert_row_close, check_parity, row_scale  # noqa: E402
-from _tables import DEFAULT_CASES, STEPS, case_ids, tolerance  # noqa: E402
-from fused_optim import _triton_backend, backends  # noqa: E402
+from _oracle import (  # noqa: E402
+    assert_row_close,
+    check_parity,
+    clone_leaves,
+    cpu_capability,
+    make_grads,
+    make_params,
+    row_scale,
+)
+from _tables import (  # noqa: E402
+    DEFAULT_CASES,
+    DTYPES,
+    FULL_CASES,
+    OPTIMIZER_CASES,
+    TOLERANCES,
+    OptCase,
+    case_ids,
+    dtype_id,
+)
+from fused_optim import _extension, _triton_backend, backends  # noqa: E402
 
 _INTERPRETED = False
 if _IN_PROCESS:
@@ -85,14 +122,49 @@ needs_interpreter = pytest.mark.skipif(
     "[note: TRITON_INTERPRET ordering])",
 )
 
-TEST_CONFIG = launcher.LaunchConfig(block=32, chunk=64) if _RUN_HERE else None
 BLOCK, CHUNK = 32, 64
-# 8 tensors for the option matrix, 20 for the many-tensor runs (25 programs per launch).
+TEST_CONFIG = launcher.LaunchConfig(block=BLOCK, chunk=CHUNK) if _RUN_HERE else None
+# 8 tensors (11 programs) for the option matrix, 20 (25 programs) for the many-tensor runs.
 SHAPES = [(1,), (3,), (BLOCK + 1,), (CHUNK + 1,), (2 * CHUNK + 1,), (0,), (5, 7), (BLOCK,)]
 MANY_SHAPES = SHAPES + [(2,), (31,), (CHUNK,), (7,), (96,), (40,), (1,), (17,), (63,),
                         (100,), (9,), (50,)]
+# bf16 / fp16 in the option matrix: a full block and a masked tail, two chunks, a 2-D
+# tensor; 5 programs instead of 11 (the dtype changes the loads, stores and rounding, not
+# the indexing, which fp32 covers on SHAPES).
+LOW_PRECISION_SHAPES = [(1,), (BLOCK + 1,), (CHUNK + 1,), (5, 7)]
+# The per-tensor kernels: one launch per tensor (and one per tensor for its state).
+PER_TENSOR_SHAPES = [(1,), (BLOCK + 1,), (2 * CHUNK + 1,), (0,), (5, 7)]
+PARITY_SHAPES = [(1,), (3,), (BLOCK + 1,), (CHUNK + 1,)]
 TEST_STEPS = 3
-LR = 1e-2
+LOW_AND_SINGLE = [torch.float32, torch.bfloat16, torch.float16]
+
+# (grad_scale, found_inf) of each launch of a run: grads scaled by 2^10 (exact, so the
+# unscaled grads are the drawn ones), a step GradScaler skips, a step without either.
+PLAN = ((1024.0, 0.0), (1024.0, 1.0), (None, None))
+TWO_STEPS = (PLAN[0], PLAN[2])
+
+
+def _one_per_op(cases: list[OptCase]) -> list[OptCase]:
+    """The first case of each op (Adam and AdamW share one): one per optimizer family."""
+    out: dict[str, OptCase] = {}
+    for c in cases:
+        out.setdefault(c.spec.name, c)
+    return list(out.values())
+
+
+def _unique(cases: list[OptCase]) -> list[OptCase]:
+    return list({c.id: c for c in cases}.values())
+
+
+# Each family's case with every option on; those with per-tensor state; the cases whose
+# per-tensor state holds a step count.
+FAMILIES = _one_per_op(FULL_CASES)
+STATEFUL = [c for c in FAMILIES if c.spec.scalars]
+STEP_CASES = [c for c in OPTIMIZER_CASES if any(s.key == "step" for s in c.spec.scalars)]
+
+
+def _family_ids(cases: list[OptCase]) -> list[str]:
+    return [c.spec.name for c in cases]
 
 
 @pytest.fixture(autouse=True)
@@ -108,485 +180,488 @@ def _interpreter(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# The exact oracle: csrc/include/fused_optim/math/{adam,sgd,stages}.h, one op at a time.
+# The oracle: the C++ op of the same optimizer (its portable CPU variant).
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _cpu_op_missing(spec) -> str | None:
+    """Why the C++ op of this optimizer cannot run here, or None."""
+    if _extension.C is None:
+        return _extension.LOAD_ERROR
+    if spec.op not in _extension.C.compiled_ops():
+        return f"fused_optim._C was built without {spec.op}"
+    return None
 
 
-def _round(x: float, opmath: torch.dtype) -> torch.Tensor:
-    """A double rounded once to opmath, as static_cast<opmath_t>(double)."""
-    return torch.tensor(x, dtype=torch.float64).to(opmath)
+def _needs_cpu_op(spec) -> None:
+    """Skips a test that compares with the C++ op when it is missing. (Not the reference
+    backend instead: it follows the same math op by op but with torch ops that are not
+    all correctly rounded or FMA-free, and ill-conditioned updates amplify that beyond
+    any fixed tolerance: centered RMSprop's sqrt(v - m^2) differs by 10-27 fp32 ulps in
+    one or two steps. The parity tests below compare with torch.optim either way.)"""
+    reason = _cpu_op_missing(spec)
+    if reason is not None:
+        pytest.skip(f"no C++ op to compare with: {reason}")
 
 
-def _sqrt(x: torch.Tensor) -> torch.Tensor:
-    """IEEE square root. torch.sqrt is not correctly rounded in every build: in torch
-    2.13.0+cpu on an AVX2 machine, ~20% of random fp32 inputs (1.4% in fp64) come out
-    1 ulp off numpy's (and the kernels') sqrt."""
-    return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
+def _exact(dtype: torch.dtype) -> bool:
+    """Whether Triton must equal the C++ op bit for bit (see the module docstring): not
+    in float64 storage, where beta ** step is pow_int in Triton and pow() in C++."""
+    return dtype != torch.float64
 
 
-def _lerp(start, end, w):
-    """stages.h lerp: base + coefficient * (end - start)."""
-    from_start = bool(w < 0.5)
-    coefficient = w if from_start else w - 1
-    return (start if from_start else end) + coefficient * (end - start)
+def _oracle_step(spec, *lists, **kwargs) -> None:
+    with cpu_capability("default"):
+        backends.get_backend("cpu").step(spec, *lists, **kwargs)
 
 
-def _exact_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr,
-                beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
-                grad_scale=None, found_inf=None):
-    if found_inf is not None and found_inf.item() != 0:
-        return
-    lr = lr.item()
-    for i, param in enumerate(params):
-        om = _opmath(param.dtype)
-        step = (state_steps[i] + 1).item()  # rounded in the counter's dtype
-        state_steps[i].fill_(step)
-        s = {
-            "beta2": _round(beta2, om),
-            "omb1": _round(1.0 - beta1, om),
-            "omb2": _round(1.0 - beta2, om),
-            "wd": _round(weight_decay, om),
-            "decay": _round(1.0 - lr * weight_decay, om),
-            "neg_step": _round(-(lr / (1.0 - beta1 ** step)), om),
-            "inv_bc2_sqrt": _round(1.0 / math.sqrt(1.0 - beta2 ** step), om),
-            "eps": _round(eps, om),
-        }
-        p, g = param.to(om), grads[i].to(om)
-        m, v = exp_avgs[i].to(om), exp_avg_sqs[i].to(om)
-        if grad_scale is not None:
-            g = g / grad_scale.to(om).expand_as(g)  # expanded: no reciprocal shortcut
-            grads[i].copy_(g)
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p = p * s["decay"]
+def _triton_step(spec, *lists, **kwargs) -> None:
+    """The backend's entry: torch.ops.fused_optim_triton.<op>, then launcher.step_table."""
+    backends.get_backend("triton").step(spec, *lists, **kwargs)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's values as integers of its width: NaN payloads and signed zeros count."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+    return t.detach().contiguous().view(ints[t.element_size()])
+
+
+def _compare(label: str, got: dict[str, list[torch.Tensor]],
+             want: dict[str, list[torch.Tensor]], *, exact: bool, steps: int = 1,
+             scalar_keys=()) -> None:
+    """Every tensor of `got` against `want`: bit for bit, or within the dtype's
+    TOLERANCES ulps times `steps` (free-running) at the magnitude of the row (an
+    element's values in every list, both sides); per-tensor state (scalar_keys) at its
+    own magnitude."""
+    assert got.keys() == want.keys(), f"{label}: lists {sorted(got)} != {sorted(want)}"
+    for key in got:
+        assert len(got[key]) == len(want[key]), f"{label}: {key} lengths differ"
+        for i, (a, b) in enumerate(zip(got[key], want[key])):
+            where = f"{label}: {key}[{i}] {tuple(a.shape)}"
+            assert a.dtype == b.dtype, f"{where}: dtype {a.dtype} != {b.dtype}"
+            assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+            if exact:
+                if not torch.equal(_bits(a), _bits(b)):
+                    diff = (a.detach().double() - b.detach().double()).abs()
+                    raise AssertionError(
+                        f"{where}: not bit-equal to the oracle ({_bits(a).ne(_bits(b)).sum()} "
+                        f"of {a.numel()} elements differ, max |diff| "
+                        f"{diff.nan_to_num(float('inf')).max().item():.3g})")
+                continue
+            if key in scalar_keys:
+                scale = row_scale([a, b])
             else:
-                g = g + s["wd"] * p
-        m = _lerp(m, g, s["omb1"])
-        v = v * s["beta2"] + s["omb2"] * (g * g)
-        second = v
-        if amsgrad:
-            vmax = max_exp_avg_sqs[i].to(om)
-            vmax = torch.where(vmax.isnan(), vmax,
-                               torch.where(v.isnan(), v, torch.where(vmax > v, vmax, v)))
-            max_exp_avg_sqs[i].copy_(vmax)
-            second = vmax
-        denom = _sqrt(second) * s["inv_bc2_sqrt"] + s["eps"]
-        p = p + s["neg_step"] * (m / denom)
-        param.copy_(p)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-
-
-def _exact_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-               nesterov, maximize, is_first_step, grad_scale=None, found_inf=None):
-    if found_inf is not None and found_inf.item() != 0:
-        return
-    lr = lr.item()
-    for i, param in enumerate(params):
-        om = _opmath(param.dtype)
-        p, g = param.to(om), grads[i].to(om)
-        if grad_scale is not None:
-            g = g / grad_scale.to(om).expand_as(g)
-            grads[i].copy_(g)
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            g = g + _round(weight_decay, om) * p
-        if momentum != 0:
-            mom = _round(momentum, om)
-            if is_first_step:
-                b = g
-            else:
-                b = momentum_buffers[i].to(om) * mom + _round(1.0 - dampening, om) * g
-            momentum_buffers[i].copy_(b)
-            g = g + mom * b if nesterov else b
-        param.copy_(p + _round(-lr, om) * g)
+                scale = row_scale([d[k][i] for d in (got, want) for k in d
+                                   if k not in scalar_keys and len(d[k]) > i])
+            assert_row_close(where, a, b, scale, a.dtype, TOLERANCES[a.dtype].ulps * steps)
 
 
 # ---------------------------------------------------------------------------------------
-# The runner: the Triton backend, the exact oracle and torch.optim on the same data.
-
-ADAM_OPTIONS = [
-    dict(),
-    dict(amsgrad=True),
-    dict(maximize=True),
-    dict(weight_decay=0.1),
-    dict(weight_decay=0.1, decoupled_weight_decay=True),
-    dict(betas=(0.8, 0.99), eps=1e-6),
-    dict(betas=(0.3, 0.95)),  # 1 - beta1 >= 0.5: lerp's second branch
-    dict(weight_decay=0.1, amsgrad=True, maximize=True),
-    dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True),
-]
-SGD_OPTIONS = [
-    dict(),
-    dict(momentum=0.9),
-    dict(momentum=0.9, dampening=0.5),
-    dict(momentum=0.9, nesterov=True),
-    dict(weight_decay=0.1),
-    dict(maximize=True),
-    dict(momentum=0.9, dampening=0.3, weight_decay=0.1, maximize=True),
-    dict(momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
-]
-ALL_ADAM = ADAM_OPTIONS[-1]
-ALL_SGD = SGD_OPTIONS[-1]
+# Runs through the optimizer classes: backend="triton" against the oracle backend.
 
 
-def _opts_id(opts: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
+def _class_tensors(opt, params) -> dict[str, list[torch.Tensor]]:
+    out = {"param": [p.detach() for p in params], "grad": [p.grad for p in params]}
+    keys = sorted({k for p in params for k, v in opt.state.get(p, {}).items()
+                   if isinstance(v, torch.Tensor)})
+    for key in keys:
+        out[key] = [opt.state[p][key] for p in params]
+    return out
 
 
-def _data(shapes, dtype, steps, seed=0):
+def _run_classes(case: OptCase, dtype: torch.dtype, shapes, plan=PLAN, seed: int = 0) -> None:
+    """case.fused(backend="triton") and case.fused(backend="cpu") step on the same params
+    and grads, with grad_scale / found_inf as torch.amp.GradScaler passes them (optimizer
+    attributes), one launch per `plan` entry; everything is compared after each launch,
+    and the grads are checked to be written back unscaled (or left as they were by a
+    skipped step)."""
+    spec = case.spec
+    _needs_cpu_op(spec)
+    oracle = "cpu"
+    exact = _exact(dtype)
+    scalar_keys = {s.key for s in spec.scalars}
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-    grads = []
-    for _ in range(steps):
-        step_grads = []
-        for s in shapes:
-            g = torch.randn(s, generator=gen, dtype=torch.float64)
-            if dtype == torch.float16:  # keep exp_avg_sq above fp16's subnormals
-                g = torch.where(g < 0, -1.0, 1.0) * g.abs().clamp_min(0.25)
-            step_grads.append(g.to(dtype))
-        grads.append(step_grads)
-    return params, grads
-
-
-def _adam_kwargs(opts):
-    beta1, beta2 = opts.get("betas", (0.9, 0.999))
-    return dict(beta1=beta1, beta2=beta2, weight_decay=opts.get("weight_decay", 0.0),
-                eps=opts.get("eps", 1e-8), amsgrad=opts.get("amsgrad", False),
-                maximize=opts.get("maximize", False),
-                decoupled_weight_decay=opts.get("decoupled_weight_decay", False))
-
-
-def _sgd_kwargs(opts):
-    return dict(momentum=opts.get("momentum", 0.0), dampening=opts.get("dampening", 0.0),
-                weight_decay=opts.get("weight_decay", 0.0), nesterov=opts.get("nesterov", False),
-                maximize=opts.get("maximize", False))
-
-
-class _Lists:
-    """One optimizer's state as the ops take it (lists per tensor)."""
-
-    def __init__(self, algo, opts, params):
-        self.algo, self.opts = algo, opts
-        self.params = [p.clone() for p in params]
-        if algo == "adam":
-            z = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
-            self.exp_avgs, self.exp_avg_sqs = z(), z()
-            self.max_exp_avg_sqs = z() if opts.get("amsgrad") else []
-            self.steps = [torch.zeros((), dtype=torch.float32) for _ in params]
-        else:
-            self.bufs = ([torch.zeros_like(p) for p in params]
-                         if opts.get("momentum", 0.0) != 0.0 else [])
-            self.first = True
-
-    def step(self, fn, grads, lr, grad_scale=None, found_inf=None):
-        lr_t = torch.tensor(lr, dtype=torch.float64)
-        if self.algo == "adam":
-            fn(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
-               self.steps, lr=lr_t, grad_scale=grad_scale, found_inf=found_inf,
-               **_adam_kwargs(self.opts))
-        else:
-            first = self.first and bool(self.bufs)
-            fn(self.params, grads, self.bufs, lr=lr_t, is_first_step=first,
-               grad_scale=grad_scale, found_inf=found_inf, **_sgd_kwargs(self.opts))
-            if found_inf is None or found_inf.item() == 0:
-                self.first = False
-
-    def tensors(self):
-        if self.algo == "adam":
-            return {"param": self.params, "exp_avg": self.exp_avgs,
-                    "exp_avg_sq": self.exp_avg_sqs, "max_exp_avg_sq": self.max_exp_avg_sqs}
-        return {"param": self.params, "momentum_buffer": self.bufs}
-
-
-def _torch_optimizer(algo, opts, params):
-    if algo == "adam":
-        opts = dict(opts)
-        cls = torch.optim.AdamW if opts.pop("decoupled_weight_decay", False) else torch.optim.Adam
-        if cls is torch.optim.AdamW:
-            opts.setdefault("weight_decay", 0.0)
-        return cls(params, lr=LR, foreach=False, **opts)
-    return torch.optim.SGD(params, lr=LR, foreach=False, **opts)
-
-
-def _torch_state(opt, params, key):
-    if key == "param":
-        return [p.detach() for p in params]
-    return [opt.state[p][key] for p in params]
-
-
-def _run_and_compare(algo, opts, dtype, shapes, steps=TEST_STEPS, grad_scale=None,
-                     compare_torch=True):
-    """Runs the Triton backend, the exact oracle and torch.optim (fp64 for fp16/bf16)
-    for `steps` steps on the same data; asserts bit-equality with the oracle and the
-    tolerance of tests/_tables.py (ulps x steps, free-running) against torch."""
-    backend = backends.get_backend("triton")
-    fn = backend.adam_ if algo == "adam" else backend.sgd_
-    exact = _exact_adam if algo == "adam" else _exact_sgd
-    params, grads = _data(shapes, dtype, steps)
-    tri, ora = _Lists(algo, opts, params), _Lists(algo, opts, params)
-    torch_dtype = torch.float64 if dtype in (torch.float16, torch.bfloat16) else dtype
-    ref_params = [p.to(torch_dtype).requires_grad_() for p in params]
-    ref = _torch_optimizer(algo, opts, ref_params)
-    scale_t = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
-    for step_grads in grads:
-        g_tri = [g * grad_scale if grad_scale else g.clone() for g in step_grads]
-        g_ora = [g.clone() for g in g_tri]
-        tri.step(fn, g_tri, LR, grad_scale=scale_t)
-        ora.step(exact, g_ora, LR, grad_scale=scale_t)
-        for p, g in zip(ref_params, step_grads):
-            p.grad = g.to(torch_dtype)
-        ref.step()
-        if grad_scale is not None:  # grads are written back unscaled (exactly: 2^k)
-            for a, g in zip(g_tri, step_grads):
-                assert torch.equal(a, g), "grads were not written back unscaled"
-    label = f"{algo} {_opts_id(opts)} {dtype}"
-    for key, tri_list in tri.tensors().items():
-        for i, (a, b) in enumerate(zip(tri_list, ora.tensors()[key])):
-            assert a.dtype == dtype
-            assert torch.equal(a, b), (
-                f"{label} {key}[{i}] {tuple(a.shape)}: not bit-equal to the C++ op "
-                f"sequence, max |diff| {(a.double() - b.double()).abs().max().item():.3g}")
-    if algo == "adam":
-        assert [s.item() for s in tri.steps] == [float(steps)] * len(shapes)
-    if not compare_torch:
-        return
-    ulps = tolerance(dtype).ulps * steps
-    grad_max = [torch.stack([g[i].double().abs() for g in grads]).amax(0)
-                for i in range(len(shapes))]
-    for key, tri_list in tri.tensors().items():
-        if not tri_list:
-            continue
-        torch_list = _torch_state(ref, ref_params, key)
-        for i, (a, b) in enumerate(zip(tri_list, torch_list)):
-            row = [b, grad_max[i]] + [lst[i] for lst in tri.tensors().values() if lst]
-            assert_row_close(f"{label} vs torch.optim {key}[{i}]", a, b, row_scale(row),
-                             dtype, ulps)
+    params = make_params(shapes, dtype, gen)
+    sides = {}
+    for name in ("triton", oracle):
+        ps = clone_leaves(params)
+        sides[name] = (case.fused(ps, backend=name, **case.options), ps)
+    real_steps = 0
+    for k, (scale, found) in enumerate(plan):
+        grads = make_grads(shapes, dtype, gen)
+        skipped = bool(found)
+        for name, (opt, ps) in sides.items():
+            for p, g in zip(ps, grads):
+                p.grad = g * scale if scale is not None else g.clone()
+            opt.grad_scale = None if scale is None else torch.tensor(scale)
+            opt.found_inf = None if found is None else torch.tensor(found)
+            with cpu_capability("default" if name == "cpu" else None):
+                opt.step()  # (the C++ one through its eager group entry after step 1)
+        real_steps += not skipped
+        label = (f"{case.id} {dtype_id(dtype)} launch {k + 1} (grad_scale={scale}, "
+                 f"found_inf={found}) vs {oracle}")
+        got, want = _class_tensors(*sides["triton"]), _class_tensors(*sides[oracle])
+        _compare(label, got, want, exact=exact, steps=max(real_steps, 1),
+                 scalar_keys=scalar_keys)
+        for i, (p, g) in enumerate(zip(sides["triton"][1], grads)):
+            expected = g * scale if skipped and scale is not None else g
+            assert torch.equal(_bits(p.grad), _bits(expected)), (
+                f"{label}: grad[{i}] was not " + ("left scaled" if skipped else "unscaled"))
 
 
 # ---------------------------------------------------------------------------------------
-# Parity
+# Runs of the op itself: one bucket's arguments, built through the optimizer class.
+
+
+class _Args:
+    """One bucket's op arguments for a case: the lists in spec.list_args() order (a list
+    the case leaves out is empty), the per-tensor state lists, the float and bool
+    arguments by name (a per-call one, SGD's is_first_step, False) and lr.
+
+    The state is the class's own (keys, dtypes, initial values), after one step (of the
+    C++ backend, or the reference one without it) so that it is not all initial values;
+    the grads are new."""
+
+    def __init__(self, spec, lists, h, lr):
+        self.spec, self.lists, self.h, self.lr = spec, lists, h, lr
+        self.names = [*spec.list_args(), *(s.arg for s in spec.scalars)]
+
+    @classmethod
+    def make(cls, case: OptCase, shapes, dtype: torch.dtype = torch.float32, seed: int = 0,
+             state_dtype: torch.dtype | None = None) -> "_Args":
+        spec = case.spec
+        oracle = "reference" if _cpu_op_missing(spec) else "cpu"
+        gen = torch.Generator().manual_seed(seed)
+        params = make_params(shapes, dtype, gen)
+        opt = case.fused(params, backend=oracle, **case.options)
+        for p, g in zip(params, make_grads(shapes, dtype, gen)):
+            p.grad = g
+        with cpu_capability("default" if oracle == "cpu" else None):
+            opt.step()
+        for p, g in zip(params, make_grads(shapes, dtype, gen)):
+            p.grad = g
+        group = opt.param_groups[0]
+        lists, states = opt._group_lists(group)
+        h = {x.name: x.kind() for x in spec.hypers if x.group_key == ""}
+        h.update(opt._hyper(group))
+        # Detached (the params are leaves that require grad) and copied: the optimizer
+        # keeps no alias of what the tests mutate.
+        lists = [[t.detach().clone() for t in lst] for lst in lists]
+        states = [[t.to(state_dtype or t.dtype, copy=True) for t in lst] for lst in states]
+        return cls(spec, lists + states, h, float(group["lr"]))
+
+    def clone(self) -> "_Args":
+        return _Args(self.spec, [[t.clone() for t in lst] for lst in self.lists], dict(self.h),
+                     self.lr)
+
+    @property
+    def n_lists(self) -> int:
+        return len(self.spec.list_args())
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.lists[0]
+
+    @property
+    def grads(self) -> list[torch.Tensor]:
+        return self.lists[1]
+
+    def states(self, key: str) -> list[torch.Tensor]:
+        """Per-tensor state list of the state key (e.g. "step")."""
+        j = [s.key for s in self.spec.scalars].index(key)
+        return self.lists[self.n_lists + j]
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        return dict(zip(self.names, self.lists))
+
+    def set_grads(self, grads: list[torch.Tensor], scale: float | None = None) -> None:
+        for dst, g in zip(self.grads, grads):
+            dst.copy_(g * scale if scale is not None else g)
+
+    def call(self, fn, *, lr: torch.Tensor | None = None, grad_scale=None, found_inf=None,
+             **kwargs) -> None:
+        if lr is None:
+            lr = torch.tensor(self.lr, dtype=torch.float64)  # as the classes pass a float lr
+        fn(self.spec, *self.lists, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+           **self.h, **kwargs)
+
+
+def _scalars_of(v) -> dict:
+    """grad_scale / found_inf keyword arguments of one PLAN entry, as tensors."""
+    scale, found = v
+    return dict(grad_scale=None if scale is None else torch.tensor(scale),
+                found_inf=None if found is None else torch.tensor(found))
+
+
+def _against_oracle(label: str, got: _Args, want: _Args, steps: int = 1) -> None:
+    """Triton's results `got` against the C++ op's `want` after `steps` calls: bit for
+    bit, or within tolerance in float64 (see _exact)."""
+    spec, dtype = got.spec, got.params[0].dtype
+    _compare(label, got.tensors(), want.tensors(), exact=_exact(dtype), steps=steps,
+             scalar_keys={s.arg for s in spec.scalars})
+
+
+def _same_bits(label: str, got: _Args, want: _Args) -> None:
+    _compare(label, got.tensors(), want.tensors(), exact=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Exactness against the C++ backend
 
 
 @needs_interpreter
-@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=_opts_id)
-def test_adam_options_fp32(opts):
-    _run_and_compare("adam", opts, torch.float32, SHAPES)
+@pytest.mark.parametrize("dtype", LOW_AND_SINGLE, ids=dtype_id)
+@pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=case_ids(OPTIMIZER_CASES))
+def test_matches_cpu_backend(case, dtype):
+    """Every option case, fp32 / bf16 / fp16 storage, tensors straddling BLOCK and CHUNK:
+    bit for bit the C++ backend's params, grads and state after every launch: in fp32 on
+    SHAPES a scaled step, a skipped one, a plain one; in bf16 / fp16 (fewer tensors) the
+    two steps."""
+    if dtype == torch.float32:
+        _run_classes(case, dtype, SHAPES)
+    else:
+        _run_classes(case, dtype, LOW_PRECISION_SHAPES, plan=TWO_STEPS)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=_opts_id)
-def test_sgd_options_fp32(opts):
-    _run_and_compare("sgd", opts, torch.float32, SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", FULL_CASES, ids=case_ids(FULL_CASES))
+def test_many_tensors_every_dtype(case, dtype):
+    """20 tensors (25 programs) in one launch per step, every option on, every dtype
+    (float64 within TOLERANCES: see the module docstring)."""
+    _run_classes(case, dtype, MANY_SHAPES, plan=TWO_STEPS)
+
+
+def _production_params():
+    return [pytest.param(c, (torch.float32, torch.bfloat16)[i % 2],
+                         id=f"{c.spec.name}-{dtype_id((torch.float32, torch.bfloat16)[i % 2])}")
+            for i, c in enumerate(FAMILIES)]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16,
-                                   torch.float16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("algo,opts", [("adam", ALL_ADAM), ("sgd", ALL_SGD)],
-                         ids=["adam", "sgd"])
-def test_many_tensors_every_dtype(algo, opts, dtype):
-    """20 tensors (25 programs) in one launch per step, every option on."""
-    _run_and_compare(algo, opts, dtype, MANY_SHAPES)
+@pytest.mark.parametrize("case,dtype", _production_params())
+def test_production_launch_config(case, dtype, monkeypatch):
+    """The default BLOCK / CHUNK (1024 / 16384): BLOCK + 1 and CHUNK + 1 elements, one
+    case per optimizer family (fp32 and bf16 in turn)."""
+    config = launcher.LaunchConfig()
+    monkeypatch.setattr(launcher, "CONFIG", config)
+    shapes = [(1,), (3,), (config.block + 1,), (config.chunk + 1,)]
+    _run_classes(case, dtype, shapes, plan=TWO_STEPS)
+    # (a table per launch: the grads are new tensors every step)
+    assert {t.n_programs for t in launcher._TABLES.values()} == {1 + 1 + 1 + 2}
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("algo,opts", [("adam", ALL_ADAM), ("sgd", ALL_SGD)],
-                         ids=["adam", "sgd"])
-def test_grad_scale(algo, opts, dtype):
-    """grads are divided by grad_scale (2^10: exact, so torch gets the same grads) and
-    written back unscaled."""
-    _run_and_compare(algo, opts, dtype, SHAPES, grad_scale=1024.0)
-
-
-@needs_interpreter
-def test_production_launch_config():
-    """The default BLOCK / CHUNK (1024 / 16384): BLOCK + 1 and CHUNK + 1 elements."""
-    launcher.CONFIG = launcher.LaunchConfig()
-    shapes = [(1,), (3,), (launcher.CONFIG.block + 1,), (launcher.CONFIG.chunk + 1,)]
-    _run_and_compare("adam", ALL_ADAM, torch.float32, shapes, steps=2)
-    _run_and_compare("sgd", ALL_SGD, torch.bfloat16, shapes, steps=2)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("case", DEFAULT_CASES, ids=case_ids(DEFAULT_CASES))
-def test_optimizer_classes(case):
-    """fused_optim.Adam / AdamW / SGD(backend="triton") against torch.optim with the
-    shared parity runner (re-synced every step, tests/_tables.py tolerances)."""
-    check_parity(case, torch.float32, "triton", None, [(1,), (3,), (BLOCK + 1,), (CHUNK + 1,)],
-                 steps=min(STEPS, TEST_STEPS))
-
-
-@needs_interpreter
-def test_bias_corrections_exact_over_many_steps():
-    """From step counts far into training, the bias corrections of float64
-    hyperparameters (see [note: exact float64 hyperparameters] in math.py) match the
-    double-precision formula: a beta rounded to float32 changes them by ~2 ulp."""
-    backend = backends.get_backend("triton")
+@pytest.mark.parametrize("case", STEP_CASES, ids=case_ids(STEP_CASES))
+def test_step_dependent_scalars_exact_over_many_steps(case):
+    """From step counts far into training, the scalars computed from the step (Adam's
+    and Adamax's bias corrections 1 - beta^t from float64 hyperparameters: see [note:
+    exact float64 hyperparameters] in math.py, a beta rounded to float32 changes them by
+    ~2 ulp; Adagrad's lr decay; ...) are those of the C++ op, which uses pow(): float32
+    params, one tensor per count, for every case whose per-tensor state is a step count.
+    float64 params within TOLERANCES: there pow_int and pow() differ by an ulp of the
+    bias corrections at some counts (Adam at steps 57 and 1234, for instance)."""
+    _needs_cpu_op(case.spec)
     counts = [0.0, 1.0, 9.0, 99.0, 999.0, 12344.0, 65535.0, 1e6]
-    for beta1, beta2, lr in [(0.9, 0.999, 1e-3), (0.95, 0.9999, 3e-4), (0.5, 0.98, 0.1)]:
-        lists = {}
-        for name, fn in [("triton", backend.adam_), ("exact", _exact_adam)]:
-            p = [torch.zeros(1) for _ in counts]
-            g = [torch.ones(1) for _ in counts]
-            m = [torch.zeros(1) for _ in counts]
-            v = [torch.zeros(1) for _ in counts]
-            st = [torch.tensor(c) for c in counts]
-            fn(p, g, m, v, [], st, lr=torch.tensor(lr, dtype=torch.float64), beta1=beta1,
-               beta2=beta2, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
-               decoupled_weight_decay=False)
-            lists[name] = (p, st)
-        for i, c in enumerate(counts):
-            assert torch.equal(lists["triton"][0][i], lists["exact"][0][i]), (beta1, c)
-            assert lists["triton"][1][i].item() == c + 1
+    for dtype in (torch.float32, torch.float64):
+        tri = _Args.make(case, [(1,)] * len(counts), dtype)
+        for s, c in zip(tri.states("step"), counts):
+            s.fill_(c)
+        ora = tri.clone()
+        tri.call(_triton_step)
+        ora.call(_oracle_step)
+        _against_oracle(f"{case.id} {dtype_id(dtype)} at steps {counts}", tri, ora)
+        assert [s.item() for s in tri.states("step")] == [c + 1 for c in counts]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_lr_tensor_dtypes(case):
+    """lr as a float64 (what the classes pass for a float lr) or float32 tensor: as the
+    C++ op (the arithmetic with lr rounds in lr's dtype: [note: lr arithmetic] in
+    math.py)."""
+    _needs_cpu_op(case.spec)
+    for lr_dtype in (torch.float64, torch.float32):
+        kwargs = dict(lr=torch.tensor(3e-3, dtype=lr_dtype), grad_scale=torch.tensor(4.0),
+                      found_inf=torch.tensor(0.0))
+        tri = _Args.make(case, [(3,), (BLOCK + 1,), (CHUNK + 1,)])
+        ora = tri.clone()
+        tri.call(_triton_step, **kwargs)
+        ora.call(_oracle_step, **kwargs)
+        _against_oracle(f"{case.id} lr {lr_dtype}", tri, ora)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_host_lr_matches_device_lr(case):
+    """An lr passed by value (a CPU lr for GPU params, forced here with _host_lr: on the
+    CPU both are "on the device") gives the same bits as one the kernel reads."""
+    for lr_dtype in (torch.float64, torch.float32):
+        kwargs = dict(lr=torch.tensor(3e-3, dtype=lr_dtype), grad_scale=torch.tensor(4.0),
+                      found_inf=torch.tensor(0.0))
+        device = _Args.make(case, [(3,), (BLOCK + 1,)])
+        host = device.clone()
+        device.call(launcher.step_table, **kwargs)
+        host.call(launcher.step_table, _host_lr=True, **kwargs)
+        _same_bits(f"{case.id} lr {lr_dtype} host vs device", host, device)
 
 
 # ---------------------------------------------------------------------------------------
-# found_inf, steps, the resident table
+# Parity with torch.optim through the optimizer classes (the shared runner)
 
 
-def _adam_state(shapes, dtype=torch.float32, amsgrad=True):
-    params, grads = _data(shapes, dtype, 1)
-    z = lambda: [torch.randn_like(p).abs() for p in params]  # noqa: E731
-    return dict(params=params, grads=grads[0], exp_avgs=z(), exp_avg_sqs=z(),
-                max_exp_avg_sqs=z() if amsgrad else [],
-                state_steps=[torch.tensor(float(i)) for i in range(len(shapes))])
-
-
-def _adam_call(state, **kw):
-    kwargs = dict(lr=torch.tensor(LR), beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8,
-                  amsgrad=bool(state["max_exp_avg_sqs"]), maximize=False,
-                  decoupled_weight_decay=True)
-    kwargs.update(kw)
-    backends.get_backend("triton").adam_(
-        state["params"], state["grads"], state["exp_avgs"], state["exp_avg_sqs"],
-        state["max_exp_avg_sqs"], state["state_steps"], **kwargs)
-
-
-def _snapshot(state):
-    return {k: [t.clone() for t in v] for k, v in state.items()}
+def _parity_params():
+    out = [pytest.param(c, torch.float32, id=f"{c.id}-float32")
+           for c in _unique(DEFAULT_CASES + FULL_CASES)]
+    out += [pytest.param(c, torch.bfloat16, id=f"{c.id}-bfloat16") for c in FULL_CASES]
+    return out
 
 
 @needs_interpreter
-def test_found_inf_changes_nothing():
-    for algo in ("adam", "sgd"):
-        state = _adam_state(SHAPES)
-        before = _snapshot(state)
-        found = torch.tensor(1.0)
-        if algo == "adam":
-            _adam_call(state, grad_scale=torch.tensor(1024.0), found_inf=found)
-        else:
-            backends.get_backend("triton").sgd_(
-                state["params"], state["grads"], state["exp_avgs"], lr=torch.tensor(LR),
-                momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=True, maximize=False,
-                is_first_step=False, grad_scale=torch.tensor(1024.0), found_inf=found)
-        for key, tensors in state.items():
-            for a, b in zip(tensors, before[key]):
-                assert torch.equal(a, b), f"{algo}: found_inf != 0 changed {key}"
-    # ...and found_inf == 0 runs the step, counting it once.
-    state = _adam_state(SHAPES)
-    _adam_call(state, found_inf=torch.tensor(0.0))
-    assert [s.item() for s in state["state_steps"]] == [i + 1.0 for i in range(len(SHAPES))]
+@pytest.mark.usefixtures("oracle_threads")
+@pytest.mark.parametrize("case,dtype", _parity_params())
+def test_parity_with_torch_optim(case, dtype):
+    """fused_optim's classes with backend="triton" against torch.optim (re-synced every
+    step, tests/_tables.py tolerances): DEFAULT and FULL cases in fp32, FULL in bf16."""
+    check_parity(case, dtype, "triton", None, PARITY_SHAPES, steps=TEST_STEPS)
+
+
+# ---------------------------------------------------------------------------------------
+# found_inf, per-tensor state, the resident table, the per-tensor kernels
 
 
 @needs_interpreter
-def test_step_counted_once_per_call_across_chunks():
-    """A tensor of many programs still counts its step once (the arrivals counter), an
-    empty one counts it too, and the counters are back to zero after each launch."""
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_found_inf_changes_nothing(case):
+    """found_inf != 0: every list and every state as it was, grads still scaled; then
+    found_inf == 0 runs the step as the C++ op does."""
+    _needs_cpu_op(case.spec)
+    args = _Args.make(case, SHAPES)
+    args.set_grads([g.clone() for g in args.grads], 1024.0)
+    before = args.clone()
+    args.call(_triton_step, grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(1.0))
+    _same_bits(f"{case.id} found_inf=1", args, before)
+    ora = args.clone()
+    kwargs = dict(grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0))
+    args.call(_triton_step, **kwargs)
+    ora.call(_oracle_step, **kwargs)
+    _against_oracle(f"{case.id} found_inf=0", args, ora)
+    assert any(not torch.equal(a, b) for a, b in zip(args.params, before.params))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", STATEFUL, ids=_family_ids(STATEFUL))
+def test_state_advanced_once_per_call_across_chunks(case):
+    """A tensor of many programs still advances its per-tensor state once per call (the
+    arrivals counter), an empty one advances it too, and the counters are back to zero
+    after each launch; the state is the C++ op's after every call."""
     shapes = [(7 * CHUNK + 5,), (0,), (1,), (3 * CHUNK,)]
-    state = _adam_state(shapes, amsgrad=False)
+    _needs_cpu_op(case.spec)
+    tri = _Args.make(case, shapes)
+    ora = tri.clone()
+    keys = [s.key for s in case.spec.scalars]
     for call in range(1, 4):
-        _adam_call(state)
-        assert [s.item() for s in state["state_steps"]] == [float(i + call) for i in range(4)]
+        previous = {key: [s.item() for s in tri.states(key)] for key in keys}
+        tri.call(_triton_step)
+        ora.call(_oracle_step)
+        _against_oracle(f"{case.id} call {call}", tri, ora, steps=call)
+        for key in keys:
+            now = [s.item() for s in tri.states(key)]
+            assert all(a != b for a, b in zip(now, previous[key])), f"{key} not advanced"
+            if key == "step":
+                assert now == [b + 1 for b in previous[key]]
+        assert len(launcher._TABLES) == 1
         table = next(iter(launcher._TABLES.values()))
         assert table.arrivals.tolist() == [0, 0, 0, 0]
         assert table.n_programs == 8 + 1 + 1 + 3
 
 
 @needs_interpreter
-def test_float64_step_counters():
-    state = _adam_state(SHAPES, amsgrad=False)
-    state["state_steps"] = [torch.tensor(5.0, dtype=torch.float64) for _ in SHAPES]
-    ref = _snapshot(state)
-    _adam_call(state)
-    _exact_adam(ref["params"], ref["grads"], ref["exp_avgs"], ref["exp_avg_sqs"], [],
-                ref["state_steps"], lr=torch.tensor(LR), beta1=0.9, beta2=0.999,
-                weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False,
-                decoupled_weight_decay=True)
-    for a, b in zip(state["params"], ref["params"]):
-        assert torch.equal(a, b)
-    assert all(s.dtype == torch.float64 and s.item() == 6.0 for s in state["state_steps"])
+@pytest.mark.parametrize("case", STATEFUL, ids=_family_ids(STATEFUL))
+def test_float64_state(case):
+    """Per-tensor state in float64 tensors (torch.optim's with a float64 default dtype):
+    read and stored in float64, as the C++ op does."""
+    _needs_cpu_op(case.spec)
+    tri = _Args.make(case, SHAPES, state_dtype=torch.float64)
+    ora = tri.clone()
+    for call in range(1, 3):
+        tri.call(_triton_step)
+        ora.call(_oracle_step)
+        _against_oracle(f"{case.id} call {call}", tri, ora, steps=call)
+    assert all(s.dtype == torch.float64 for lst in tri.lists[tri.n_lists:] for s in lst)
 
 
 @needs_interpreter
-def test_table_resident_across_steps_and_rebuilt_on_change():
-    state = _adam_state(SHAPES)
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_table_resident_across_steps_and_rebuilt_on_change(case):
+    """One table per parameter set, reused while lr, grad_scale and found_inf change;
+    rebuilt when a tensor is replaced or added."""
+    args = _Args.make(case, [(3,), (CHUNK + 1,), (0,)])
     launcher.clear_table_cache()
-    for _ in range(3):  # same tensors; lr, grad_scale and found_inf values change freely
-        _adam_call(state, lr=torch.tensor(LR * (1 + _)), grad_scale=torch.tensor(2.0 ** _),
-                   found_inf=torch.tensor(0.0))
-    assert launcher.table_cache_info()["builds"] == 1
-    assert launcher.table_cache_info()["hits"] == 2
+    for k in range(3):
+        args.call(_triton_step, lr=torch.tensor(args.lr * (1 + k), dtype=torch.float64),
+                  grad_scale=torch.tensor(2.0 ** k), found_inf=torch.tensor(0.0))
+    assert launcher.table_cache_info() == {"builds": 1, "hits": 2, "size": 1}
     table = next(iter(launcher._TABLES.values()))
-    assert table.meta.device == state["params"][0].device and table.meta.dtype == torch.int64
+    assert table.meta.device == args.params[0].device and table.meta.dtype == torch.int64
+    assert table.arrivals.tolist() == [0, 0, 0]
 
-    state["params"][2] = state["params"][2].clone()  # a param replaced: new address
-    _adam_call(state)
+    args.params[1] = args.params[1].clone()  # a param replaced: a new address
+    args.call(_triton_step)
     assert launcher.table_cache_info()["builds"] == 2
-    for key in state:  # a tensor added to the bucket
-        state[key] = state[key] + [state[key][0].clone()] if state[key] else []
-    _adam_call(state)
+    for lst in args.lists:  # a tensor added to the bucket
+        if lst:
+            lst.append(lst[0].clone())
+    args.call(_triton_step)
     assert launcher.table_cache_info()["builds"] == 3
-    _adam_call(state)
-    assert launcher.table_cache_info()["builds"] == 3
+    args.call(_triton_step)
+    assert launcher.table_cache_info() == {"builds": 3, "hits": 3, "size": 3}
 
 
 @needs_interpreter
-def test_host_lr_matches_device_lr():
-    """A CPU lr for GPU params is passed by value instead of read by the kernel: both
-    give the same step (forced here: on the CPU both are "on the device")."""
-    a = _adam_state(SHAPES)
-    b = _snapshot(a)
-    kwargs = dict(lr=torch.tensor(3e-3, dtype=torch.float64), beta1=0.9, beta2=0.999,
-                  weight_decay=0.1, eps=1e-8, amsgrad=True, maximize=True,
-                  decoupled_weight_decay=False)
-    launcher.adam_table(*a.values(), **kwargs)
-    launcher.adam_table(*b.values(), **kwargs, _host_lr=True)
-    for key in a:
-        for x, y in zip(a[key], b[key]):
-            assert torch.equal(x, y), key
+@pytest.mark.parametrize("case", STATEFUL, ids=_family_ids(STATEFUL))
+def test_table_keyed_by_state_dtype(case):
+    """A float64 state where a float32 one was (the same addresses, as reused memory may
+    give) gets a table of its own: the table fixes how the kernel reads the state."""
+    _needs_cpu_op(case.spec)
+    args = _Args.make(case, [(3,), (BLOCK + 1,)])
+    n = args.n_lists
+    memory = [[torch.zeros(1, dtype=torch.float64) for _ in lst] for lst in args.lists[n:]]
+    for lst, mem in zip(args.lists[n:], memory):
+        for i, m in enumerate(mem):
+            m.view(torch.float32)[0] = lst[i]
+            lst[i] = m.view(torch.float32)[0]  # float32, at m's address
+    ora = args.clone()
+    args.call(_triton_step)
+    ora.call(_oracle_step)
+    _against_oracle(f"{case.id} float32 state", args, ora)
+    for lst, mem in zip(args.lists[n:], memory):
+        for i, m in enumerate(mem):
+            m[0] = lst[i].item()
+            lst[i] = m[0]  # float64, at the same address
+    ora.lists[n:] = [[s.double() for s in lst] for lst in ora.lists[n:]]
+    args.call(_triton_step)
+    ora.call(_oracle_step)
+    _against_oracle(f"{case.id} float64 state", args, ora, steps=2)
+    assert launcher.table_cache_info()["builds"] == 2
 
 
 @needs_interpreter
-def test_per_tensor_kernels_match_table_kernels():
-    """The kernels torch.compile traces (one launch per tensor, tensors as arguments)
-    compute the same bits as the table kernels."""
-    for algo, opts in [("adam", ALL_ADAM), ("sgd", ALL_SGD)]:
-        for dtype in (torch.float32, torch.bfloat16):
-            params, grads = _data(SHAPES, dtype, 2)
-            table, per_tensor = _Lists(algo, opts, params), _Lists(algo, opts, params)
-            if algo == "adam":
-                fns = (launcher.adam_table, launcher.adam_per_tensor)
-            else:
-                fns = (launcher.sgd_table, launcher.sgd_per_tensor)
-            for step_grads in grads:
-                scale = torch.tensor(4.0)
-                table.step(fns[0], [g * 4 for g in step_grads], LR, grad_scale=scale,
-                           found_inf=torch.tensor(0.0))
-                per_tensor.step(fns[1], [g * 4 for g in step_grads], LR, grad_scale=scale,
-                                found_inf=torch.tensor(0.0))
-            for key, lst in table.tensors().items():
-                for x, y in zip(lst, per_tensor.tensors()[key]):
-                    assert torch.equal(x, y), (algo, dtype, key)
-            if algo == "adam":
-                assert [s.item() for s in per_tensor.steps] == [2.0] * len(SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_per_tensor_kernels_match_table_kernels(case, dtype):
+    """The kernels torch.compile traces (launcher.step_per_tensor: one launch per tensor,
+    tensors as arguments, then one that stores its state) compute the same bits as the
+    table kernel: a scaled step, then a skipped one."""
+    table = _Args.make(case, PER_TENSOR_SHAPES, dtype)
+    per_tensor = table.clone()
+    gen = torch.Generator().manual_seed(1)
+    for k, v in enumerate(PLAN[:2]):
+        grads = make_grads(PER_TENSOR_SHAPES, dtype, gen)
+        table.set_grads(grads, v[0])
+        per_tensor.set_grads(grads, v[0])
+        table.call(launcher.step_table, **_scalars_of(v))
+        per_tensor.call(launcher.step_per_tensor, **_scalars_of(v))
+        _same_bits(f"{case.id} {dtype_id(dtype)} launch {k + 1}", per_tensor, table)
 
 
 # ---------------------------------------------------------------------------------------
@@ -627,16 +702,15 @@ def test_bf16_step_rounds_ties_like_torch():
     # p - 1 * g lands exactly halfway: 1 + 2^-8 (tie between 1 and 1 + 2^-7) etc.
     p = torch.tensor([1.0, 1.0, 2.0, -1.0, 1.0078125], dtype=torch.bfloat16)
     g = torch.tensor([-2 ** -8, -3 * 2 ** -8, -2 ** -7, 2 ** -8, -2 ** -8], dtype=torch.bfloat16)
-    mine = [p.clone()]
-    backends.get_backend("triton").sgd_(
-        mine, [g.clone()], [], lr=torch.tensor(1.0), momentum=0.0, dampening=0.0,
-        weight_decay=0.0, nesterov=False, maximize=False, is_first_step=False)
+    mine = p.clone().requires_grad_()
+    mine.grad = g.clone()
+    fused_optim.SGD([mine], lr=1.0, backend="triton").step()
     ref = p.clone().requires_grad_()
     ref.grad = g.clone()
     torch.optim.SGD([ref], lr=1.0, foreach=False).step()
-    assert torch.equal(mine[0].view(torch.int16), ref.detach().view(torch.int16))
+    assert torch.equal(mine.detach().view(torch.int16), ref.detach().view(torch.int16))
     truncated = (p.float() - g.float()).view(torch.int32) >> 16 << 16
-    assert not torch.equal(mine[0].float(), truncated.view(torch.float32)), "no tie tested"
+    assert not torch.equal(mine.detach().float(), truncated.view(torch.float32)), "no tie"
 
 
 # ---------------------------------------------------------------------------------------
@@ -644,32 +718,75 @@ def test_bf16_step_rounds_ties_like_torch():
 
 
 @needs_interpreter
-def test_input_errors():
-    backend = backends.get_backend("triton")
-    state = _adam_state([(3,), (4,)])
-    with pytest.raises(RuntimeError, match="max_exp_avg_sqs must be empty"):
-        _adam_call({**state, "max_exp_avg_sqs": state["params"]}, amsgrad=False)
-    with pytest.raises(RuntimeError, match="expected 2 exp_avgs"):
-        _adam_call({**state, "exp_avgs": state["exp_avgs"][:1]})
-    with pytest.raises(RuntimeError, match="one dtype"):
-        _adam_call({**state, "exp_avgs": [t.double() for t in state["exp_avgs"]]})
-    with pytest.raises(RuntimeError, match="non-overlapping and dense"):
-        _adam_call({**state, "params": [torch.zeros(6)[::2], state["params"][1]],
-                    "grads": [torch.zeros(6)[::2], state["grads"][1]],
-                    "exp_avgs": [torch.zeros(6)[::2], state["exp_avgs"][1]],
-                    "exp_avg_sqs": [torch.zeros(6)[::2], state["exp_avg_sqs"][1]],
-                    "max_exp_avg_sqs": [torch.zeros(6)[::2], state["max_exp_avg_sqs"][1]]})
-    with pytest.raises(RuntimeError, match="float32 or all float64"):
-        _adam_call({**state, "state_steps": [torch.tensor(1), torch.tensor(2)]})
-    with pytest.raises(RuntimeError, match="momentum_buffers must be empty"):
-        backend.sgd_(state["params"], state["grads"], state["exp_avgs"], lr=torch.tensor(LR),
-                     momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                     maximize=False, is_first_step=False)
-    # channels_last rows are dense: accepted.
-    x = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last) for _ in range(4)]
-    _adam_call({"params": [x[0]], "grads": [x[1]], "exp_avgs": [x[2]],
-                "exp_avg_sqs": [x[3].abs()], "max_exp_avg_sqs": [],
-                "state_steps": [torch.tensor(0.0)]})
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_input_errors(case):
+    """The op's checks (launcher._prepare, _check_bucket, _check_scalar) and messages,
+    for every list and state list of the spec."""
+    spec = case.spec
+    args = _Args.make(case, [(3,), (4,)])
+    prefix = re.escape(f"fused_optim_triton::{spec.op}: ")
+    n_lists, n_all = args.n_lists, len(args.lists)
+
+    def expect(message, lists=None, h=None, fn=_triton_step, **kwargs):
+        launcher.clear_table_cache()  # the checks run when a table is built
+        with pytest.raises(RuntimeError, match=prefix + message):
+            fn(spec, *(args.lists if lists is None else lists),
+               lr=kwargs.pop("lr", torch.tensor(args.lr)), **(args.h if h is None else h),
+               **kwargs)
+
+    def replaced(k, tensors):
+        return [tensors if j == k else lst for j, lst in enumerate(args.lists)]
+
+    expect(f"expected {n_all} lists, got {n_all - 1}", args.lists[:-1], fn=launcher.step_table)
+    for k, s in enumerate(spec.lists, start=2):
+        if s.when is None or not args.lists[k]:
+            continue
+        off = {**args.h, s.when: type(args.h[s.when])(0)}
+        expect(f"{s.arg} must be empty when {s.when}=", h=off)
+    for k in range(1, n_all):
+        if args.lists[k]:
+            expect(rf"expected 2 {args.names[k]} \(one per param\), got 1",
+                   replaced(k, args.lists[k][:1]))
+    expect("all tensors of one call must have one dtype",
+           replaced(1, [t.double() for t in args.grads]))
+    expect(r"grads\[1\] has shape \(2, 2\)", replaced(1, [args.grads[0], args.grads[1].view(2, 2)]))
+    strided = [[torch.zeros(6, dtype=lst[0].dtype)[::2], lst[1]] if k < n_lists and lst else lst
+               for k, lst in enumerate(args.lists)]
+    expect(r"params\[0\] must be non-overlapping and dense", strided)
+    for j in range(n_lists, n_all):
+        expect("state must be all float32 or all float64",
+               replaced(j, [torch.tensor(1), torch.tensor(2)]))
+        expect(rf"{args.names[j]}\[0\] must be a one-element tensor",
+               replaced(j, [torch.zeros(2), args.lists[j][1]]))
+    expect("grad_scale must be float32", grad_scale=torch.tensor(2.0, dtype=torch.float64))
+    expect("found_inf must be a one-element tensor", found_inf=torch.zeros(2))
+    expect("lr must be a one-element tensor", lr=torch.tensor([1e-3, 1e-3]))
+
+    # A row must share one layout.
+    mixed = _channels_last(_Args.make(case, [(2, 3, 4, 5)]))
+    mixed.lists[1] = [t.contiguous() for t in mixed.lists[1]]
+    with pytest.raises(RuntimeError, match=prefix + r"grads\[0\] has strides"):
+        mixed.call(_triton_step)
+
+
+def _channels_last(args: _Args) -> _Args:
+    for lst in args.lists[:args.n_lists]:
+        lst[:] = [t.contiguous(memory_format=torch.channels_last) for t in lst]
+    return args
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_channels_last_rows(case):
+    """Rows of channels_last tensors are dense: accepted, and stepped as by the C++ op."""
+    _needs_cpu_op(case.spec)
+    row = _channels_last(_Args.make(case, [(2, 3, 4, 5), (1, 2, 3, 2)]))
+    ora = row.clone()
+    assert ora.params[0].is_contiguous(memory_format=torch.channels_last)
+    assert not ora.params[0].is_contiguous()
+    row.call(_triton_step)
+    ora.call(_oracle_step)
+    _against_oracle(f"{case.id} channels_last", row, ora)
 
 
 @needs_interpreter
@@ -699,22 +816,21 @@ def test_availability():
 
 
 @needs_interpreter
-def test_ops_registered_with_fake_kernels():
-    """torch.ops.fused_optim_triton.* are triton_ops: schema (mutations) and the fake
-    kernel check out. (torch.compile's trace needs a GPU: under the interpreter
-    wrap_triton cannot launch on FakeTensors, and the op says so.)"""
-    params, grads = _data([(3,), (BLOCK + 1,)], torch.float32, 1)
-    args = (params, grads[0], [torch.zeros_like(p) for p in params],
-            [torch.zeros_like(p) for p in params], [], [torch.zeros(()) for _ in params],
-            torch.tensor(LR), None, None, 0.9, 0.999, 0.0, 1e-8, False, False, False)
-    result = torch.library.opcheck(torch.ops.fused_optim_triton.adam_.default, args,
+@pytest.mark.parametrize("case", FAMILIES, ids=_family_ids(FAMILIES))
+def test_ops_registered_with_fake_kernels(case):
+    """torch.ops.fused_optim_triton.<op> of every spec is a triton_op: schema (mutations)
+    and the fake kernel check out. It takes every argument positionally: the lists, lr,
+    grad_scale, found_inf, then the spec's floats and flags (triton_kernels/ops.py).
+    (torch.compile's trace needs compiled kernels: test_torch_compile_traces_*.)"""
+    spec = case.spec
+    args = _Args.make(case, [(3,), (BLOCK + 1,)])
+    positional = (*args.lists, torch.tensor(args.lr, dtype=torch.float64), torch.tensor(2.0),
+                  torch.tensor(0.0), *(args.h[x.name] for x in spec.floats),
+                  *(args.h[x.name] for x in spec.flags))
+    op = getattr(torch.ops.fused_optim_triton, spec.op).default
+    result = torch.library.opcheck(op, positional,
                                    test_utils=("test_schema", "test_faketensor"))
-    assert set(result.values()) == {"SUCCESS"}
-    sgd_args = (params, grads[0], [torch.zeros_like(p) for p in params], torch.tensor(LR),
-                torch.tensor(2.0), torch.tensor(0.0), 0.9, 0.0, 0.0, False, False, False)
-    result = torch.library.opcheck(torch.ops.fused_optim_triton.sgd_.default, sgd_args,
-                                   test_utils=("test_schema", "test_faketensor"))
-    assert set(result.values()) == {"SUCCESS"}
+    assert set(result.values()) == {"SUCCESS"}, result
 
 
 _WITHOUT_TRITON = r"""
@@ -737,16 +853,48 @@ print("OK")
 """
 
 
-def test_package_imports_without_triton():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+def _subprocess_env(**extra) -> dict[str, str]:
+    return dict(os.environ, **extra, PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    res = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], env=env, cwd=str(ROOT),
+
+
+def test_package_imports_without_triton():
+    res = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON],
+                         env=_subprocess_env(TRITON_INTERPRET="1"), cwd=str(ROOT),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
 
 
-_COMPILE_FOR_SM90 = r"""
-import os, re, sys
+# The compile subprocesses read the cases from tests/_tables.py (argv[1] is tests/), and
+# the call's constexprs from launcher._prepare, as a real step makes them.
+_CASE_ARGS = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from _tables import FULL_CASES
+
+FAMILIES = {}
+for c in FULL_CASES:
+    FAMILIES.setdefault(c.spec.name, c)
+
+def hyper_of(case):
+    # The op's float and bool arguments of a case, as its optimizer class passes them.
+    opt = case.fused([torch.zeros(1, requires_grad=True)], **case.options)
+    h = {x.name: x.kind() for x in case.spec.hypers if x.group_key == ""}
+    h.update(opt._hyper(opt.param_groups[0]))
+    return h
+
+def lists_of(case, h, sizes, dtype=torch.float32):
+    spec = case.spec
+    lists = [[torch.randn(k, dtype=dtype) for k in sizes] for _ in spec.list_args()]
+    for k, s in enumerate(spec.lists, start=2):
+        if not spec.has(s, h):
+            lists[k] = []
+    return lists + [[torch.zeros(()) for _ in sizes] for _ in spec.scalars]
+"""
+
+_COMPILE_FOR_SM90 = _CASE_ARGS + r"""
+import os, re
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")  # silence triton 3.9's notice
 import triton, triton.language as tl
@@ -756,70 +904,104 @@ from fused_optim import _triton_backend
 _triton_backend.load_kernels()
 from fused_optim.triton_kernels import launcher as L
 
-def compile_ptx(kernel, args):
-    sig = {n: (args[n] if isinstance(args[n], str) else "constexpr") for n in kernel.arg_names}
-    consts = {n: v for n, v in args.items() if not isinstance(v, str)}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-               if isinstance(args[n], str) and args[n].startswith("*")}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=aligned)
+TYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
+
+def compile_ptx(kernel, types, constexprs):
+    names = kernel.arg_names
+    missing = [n for n in names if n not in types and n not in constexprs]
+    assert not missing, f"{kernel.__name__}: no type or value for {missing}"
+    sig = {n: types.get(n, "constexpr") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if isinstance(sig[n], str) and sig[n].startswith("*")}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
 
-def parts(*names):
-    return {f"{n}_{p}": "fp32" for n in names for p in ("hi", "mid", "lo")}
+def prepared(case, dtype):
+    h = hyper_of(case)
+    call = L._prepare(case.spec.op, case.spec, lists_of(case, h, [4], dtype), h, None)
+    consts = dict(call.constexprs, DTYPE=L._TL_DTYPE[dtype], OPMATH=L._opmath(dtype),
+                  STATE_DTYPE=tl.float32, MAXIMIZE=bool(h.get("maximize", False)),
+                  CHUNK=16384, BLOCK=1024)
+    return consts, {"hyper": ("fp32",) * len(call.hyper)}
 
-adam = dict(base="*fp32", list_offsets="*i64", step_ptrs="*i64", numels="*i64",
-            n_chunks="*i64", work="*i64", arrivals="*i32", n_tensors="i32",
-            lr_ptr="*fp32", grad_scale_ptr="*fp32", found_inf_ptr="*fp32",
-            **parts("lr", "beta1", "beta2", "wd", "eps"),
-            DTYPE=tl.float32, OPMATH=tl.float32, STEP_DTYPE=tl.float32, AMSGRAD=True,
-            MAXIMIZE=True, WEIGHT_DECAY=2, LR_ON_DEVICE=True, UNSCALE=True,
-            HAS_FOUND_INF=True, CHUNK=16384, BLOCK=1024, ELEM_ALIGN=4)
-sgd = dict(base="*bf16", list_offsets="*i64", numels="*i64", work="*i64", n_tensors="i32",
-           lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None,
-           **parts("lr", "momentum", "dampening", "wd"),
-           DTYPE=tl.bfloat16, OPMATH=tl.float32, MOMENTUM=True, NESTEROV=True,
-           FIRST_STEP=False, MAXIMIZE=False, WEIGHT_DECAY=True, LR_ON_DEVICE=False,
-           UNSCALE=False, HAS_FOUND_INF=False, CHUNK=16384, BLOCK=1024, ELEM_ALIGN=8)
-tensor = dict(p_ptr="*fp64", g_ptr="*fp64", m_ptr="*fp64", v_ptr="*fp64", vmax_ptr=None,
-              step_ptr="*fp32", numel="i64", lr_ptr="*fp64", grad_scale_ptr="*fp32",
-              found_inf_ptr="*fp32", **parts("beta1", "beta2", "wd", "eps"),
-              DTYPE=tl.float64, OPMATH=tl.float64, AMSGRAD=False, MAXIMIZE=False,
-              WEIGHT_DECAY=1, UNSCALE=True, HAS_FOUND_INF=True, CHUNK=16384, BLOCK=1024)
-for name, kernel, args in [("adam fp32 table", L._adam_table_kernel, adam),
-                           ("sgd bf16 table", L._sgd_table_kernel, sgd),
-                           ("adam fp64 per-tensor", L._adam_tensor_kernel, tensor)]:
-    ptx = compile_ptx(kernel, args)
+def table_kernel(case, dtype, device_scalars):
+    consts, types = prepared(case, dtype)
+    types.update(base="*" + TYPE[dtype], list_offsets="*i64", state_ptrs="*i64",
+                 numels="*i64", n_chunks="*i64", work="*i64", arrivals="*i32",
+                 n_tensors="i32", lr_parts=("fp32", "fp32", "fp32"))
+    consts.update(LR_ON_DEVICE=device_scalars, UNSCALE=device_scalars,
+                  HAS_FOUND_INF=device_scalars, ELEM_ALIGN=16 // dtype.itemsize,
+                  LR_DTYPE=tl.float32 if device_scalars else tl.float64)
+    for name in ("lr_ptr", "grad_scale_ptr", "found_inf_ptr"):
+        if device_scalars:
+            types[name] = "*fp32"
+        else:
+            consts[name] = None
+    return compile_ptx(L._table_kernel, types, consts)
+
+def tensor_kernel(case, dtype):
+    consts, types = prepared(case, dtype)
+    types.update(numel="i64", lr_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
+    consts.update(LR_DTYPE=tl.float64, UNSCALE=True, HAS_FOUND_INF=True)
+    for k in range(8):
+        if k < consts["N_LISTS"] and (consts["LISTS"] >> k) & 1:
+            types[f"x{k}"] = "*" + TYPE[dtype]
+        else:
+            consts[f"x{k}"] = None
+    for j in range(4):
+        if j < consts["N_STATES"]:
+            types[f"s{j}"] = "*fp32"
+        else:
+            consts[f"s{j}"] = None
+    return compile_ptx(L._tensor_kernel, types, consts)
+
+# Every family's fp32 table kernel (device lr, grad_scale, found_inf), SGD's bf16 table
+# kernel (lr by value, nothing else), Adam's fp64 per-tensor kernel.
+jobs = [(f"{name} fp32 table", case, lambda c: table_kernel(c, torch.float32, True))
+        for name, case in FAMILIES.items()]
+if "sgd" in FAMILIES:
+    jobs.append(("sgd bf16 table", FAMILIES["sgd"],
+                 lambda c: table_kernel(c, torch.bfloat16, False)))
+if "adam" in FAMILIES:
+    jobs.append(("adam fp64 per-tensor", FAMILIES["adam"],
+                 lambda c: tensor_kernel(c, torch.float64)))
+for label, case, build in jobs:
+    ptx = build(case)
     count = lambda pattern: len(re.findall(pattern, ptx))
-    vector = count(r"ld\.global\.v[24]") and count(r"st\.global\.v[24]")
-    print(name, "vector", vector, "div.full", count(r"div\.full"), "fma.rn",
-          count(r"fma\.rn"), "sqrt.approx", count(r"sqrt\.approx"))
-    assert vector, f"{name}: no vectorized loads and stores"
-    assert not count(r"div\.full|sqrt\.approx|fma\.rn"), f"{name}: inexact ops"
-    if "fp32" in name:
-        assert count(r"div\.rn\.f32") and count(r"sqrt\.rn\.f32") and count(r"atom")
+    width = "v2" if "fp64" in label else "v4"  # 16 bytes
+    vector = count(rf"ld\.global\.{width}") and count(rf"st\.global\.{width}")
+    print(label, "vector", vector, "div.rn", count(r"div\.rn"), "sqrt.rn", count(r"sqrt\.rn"),
+          "div.full", count(r"div\.full"), "fma.rn", count(r"fma\.rn"), "atom", count("atom"))
+    assert vector, f"{label}: no 16-byte vectorized loads and stores"
+    assert not count(r"div\.full|div\.approx|sqrt\.approx|fma\.rn"), f"{label}: inexact ops"
+    if "table" in label:
+        assert bool(count("atom")) == bool(case.spec.scalars), f"{label}: atom"
+    if label.split()[0] == "adam":
+        f = "f64" if "fp64" in label else "f32"
+        assert count(rf"div\.rn\.{f}") and count(rf"sqrt\.rn\.{f}"), f"{label}: no IEEE ops"
 print("OK")
 """
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_sm90():
-    """The interpreter does not type-check like the compiler: compile three variants to
-    PTX for sm_90 (no GPU needed) and check what the design relies on: 16-byte
-    vectorized accesses through the table, IEEE division and sqrt, no contracted FMA."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=str(ROOT),
-                         capture_output=True, text=True, timeout=600)
+    """The interpreter does not type-check like the compiler: compile the table kernel of
+    every optimizer family (fp32; SGD also bf16) and Adam's fp64 per-tensor kernel to PTX
+    for sm_90 (no GPU needed), and check what the design relies on: 16-byte vectorized
+    accesses, IEEE division and sqrt, no contracted FMA, the arrivals atomic exactly where
+    there is per-tensor state."""
+    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, str(TESTS)],
+                         env=_subprocess_env(), cwd=str(ROOT), capture_output=True, text=True,
+                         timeout=600)
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
         pytest.skip("triton's ptxas is not available")
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
 
 
-_TRACE_WITH_TORCH_COMPILE = r"""
+_TRACE_WITH_TORCH_COMPILE = _CASE_ARGS + r"""
 import os
 os.environ.pop("TRITON_INTERPRET", None)
-import torch
 from torch._dynamo.backends.common import aot_autograd
 from fused_optim import _triton_backend
 _triton_backend.load_kernels()
@@ -831,37 +1013,47 @@ def keep_graph(gm, example_inputs):
     graphs.append(gm.code)
     raise Traced  # compiled kernels cannot run without a GPU: stop after tracing
 
-def step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, grad_scale, found_inf):
-    torch.ops.fused_optim_triton.adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr,
-                                       grad_scale, found_inf, 0.9, 0.999, 0.01, 1e-8, False,
-                                       False, True)
+sizes = [3, 5, 40000]
+for name, case in FAMILIES.items():
+    spec = case.spec
+    h = hyper_of(case)
+    op = getattr(torch.ops.fused_optim_triton, spec.op)
+    args = (*lists_of(case, h, sizes), torch.tensor(1e-3), torch.tensor(2.0),
+            torch.tensor(0.0), *(h[x.name] for x in spec.floats),
+            *(h[x.name] for x in spec.flags))
 
-n = [3, 5, 40000]
-args = ([torch.randn(k) for k in n], [torch.randn(k) for k in n], [torch.zeros(k) for k in n],
-        [torch.zeros(k) for k in n], [torch.zeros(()) for k in n], torch.tensor(1e-3),
-        torch.tensor(2.0), torch.tensor(0.0))
-try:
-    torch.compile(step, backend=aot_autograd(fw_compiler=keep_graph), fullgraph=True)(*args)
-except Exception as exc:
-    assert graphs, exc
-code = graphs[0]
-assert code.count("triton_kernel_wrapper_functional(") == len(n), code
-assert "grid = [(3, 1, 1)]" in code, code  # 40000 elements: 3 chunks of 16384
-assert code.count("aten.add") == len(n), code  # the step counters
+    def step(*args):
+        op(*args)
+
+    graphs.clear()
+    torch._dynamo.reset()
+    try:
+        torch.compile(step, backend=aot_autograd(fw_compiler=keep_graph), fullgraph=True)(*args)
+    except Exception as exc:
+        assert graphs, exc
+    code = graphs[0]
+    nodes = code.count("triton_kernel_wrapper_functional(")
+    tensor_nodes = code.count("'numel': ")  # _tensor_kernel's; _state_kernel has none
+    print(name, "nodes", nodes, "tensor kernels", tensor_nodes)
+    assert tensor_nodes == len(sizes), code
+    assert nodes == len(sizes) * (2 if spec.scalars else 1), code
+    assert code.count("grid = [(3, 1, 1)]") == 1, code  # 40000 elements: 3 chunks of 16384
+    assert "aten.add" not in code, code  # the state is advanced by the kernels
 print("OK")
 """
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_torch_compile_traces_per_tensor_kernels():
-    """torch.compile (dynamo + AOT functionalization, no Inductor) traces the op into one
-    wrap_triton kernel node per tensor plus the step increments. Compiled kernels are
-    needed, so it runs in a subprocess; without a GPU the graph is traced, not run (and
-    Triton's mutation analysis, which needs a GPU target, falls back to "all mutated")."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    res = subprocess.run([sys.executable, "-c", _TRACE_WITH_TORCH_COMPILE], env=env,
-                         cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    """torch.compile (dynamo + AOT functionalization, no Inductor) traces each family's
+    op into one wrap_triton _tensor_kernel node per tensor, plus one _state_kernel node
+    per tensor for an optimizer with per-tensor state (which the kernels advance: no
+    aten.add). Compiled kernels are needed, so it runs in a subprocess; without a GPU the
+    graph is traced, not run (and Triton's mutation analysis, which needs a GPU target,
+    falls back to "all mutated")."""
+    res = subprocess.run([sys.executable, "-c", _TRACE_WITH_TORCH_COMPILE, str(TESTS)],
+                         env=_subprocess_env(), cwd=str(ROOT), capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
 
 

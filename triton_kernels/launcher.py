@@ -442,8 +442,11 @@ def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
     ptrs = [t.data_ptr() for lst in lists for t in lst]
     state_ptrs = [s.data_ptr() for _, tensors in states for s in tensors]
     numels = [p.numel() for p in params]
-    key = (params[0].device, params[0].dtype, tuple(slots), n_slots, config.chunk,
-           tuple(ptrs), tuple(state_ptrs), tuple(numels))
+    # The state's dtype is part of the key: the table fixes how the kernel reads the state
+    # (STATE_DTYPE), and a float64 state may sit where a float32 one did.
+    state_dtype = states[0][1][0].dtype if states else None
+    key = (params[0].device, params[0].dtype, state_dtype, tuple(slots), n_slots,
+           config.chunk, tuple(ptrs), tuple(state_ptrs), tuple(numels))
     table = _TABLES.get(key)
     if table is not None:
         _TABLES.move_to_end(key)
@@ -456,8 +459,7 @@ def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
     for i, slot in enumerate(slots):
         slot_ptrs[slot] = ptrs[i * n:(i + 1) * n]
     table = _build_table(op, params[0].device, [p for row in slot_ptrs for p in row],
-                         state_ptrs, numels, config,
-                         states[0][1][0].dtype if states else None, params[0].element_size())
+                         state_ptrs, numels, config, state_dtype, params[0].element_size())
     _TABLES[key] = table
     if len(_TABLES) > _TABLE_CACHE_SIZE:
         _TABLES.popitem(last=False)

@@ -21,7 +21,7 @@
 //                                               from the arguments (Adam's L2 penalty)
 //   valid<LISTS, V>()                            false for combinations never called
 //   reads<LISTS, V>(list)                        false for a list whose old values the
-//                                               update never reads (SGD's first step)
+//                                               update never reads (a buffer's first step)
 //   advance(args, state)                         a tensor's scalar state after this step
 //                                               (step + 1), in double; the engines round
 //                                               it to each state tensor's dtype

@@ -1,8 +1,8 @@
 // Element-wise stages that optimizers are assembled from.
 //
 // Each stage is a tiny inline function on opmath values (float for fp32/fp16/bf16
-// storage, double for fp64). An algorithm chains them inside one kernel, so Adam,
-// AdamW and SGD share one definition of "decay the weights" or "lerp a moment" and no
+// storage, double for fp64). An algorithm chains them inside one kernel, so every
+// optimizer shares one definition of "decay the weights" or "lerp a moment" and no
 // stage streams memory on its own (cf. optax's scale_by_adam / add_decayed_weights,
 // chained here at compile time rather than at run time).
 //
