@@ -1,5 +1,9 @@
 # make test   set up (venv, torch, build) and run every test: pytest, ctest, nvcc compile check
 # make bench  set up and run the default benchmark
+# make gpu-check  on a machine with one NVIDIA GPU (an H200) and no network, < 8 min, with
+#             its python3 (no venv): CUDA build, GPU tests, GPU benchmark into
+#             bench/results/<gpu name>/ (.ci/gpu_check.sh; GPU_CHECK_DRY_RUN=1 PYTHON=...
+#             rehearses the same steps on the CPU with tiny sizes)
 #
 # Uses the active virtual environment if there is one, else creates .venv here.
 SHELL := /bin/bash
@@ -16,7 +20,7 @@ BENCH_STAMP := $(ENV_DIR)/.fused_optim-bench-deps
 EDITABLE_STAMP := $(ENV_DIR)/.fused_optim-editable
 CMAKE_BUILD := build/cmake
 
-.PHONY: test bench build deps pytest ctest cuda-check clean
+.PHONY: test bench build deps pytest ctest cuda-check gpu-check clean
 
 test: build
 	$(MAKE) --no-print-directory ctest
@@ -70,6 +74,11 @@ ctest: deps
 # Compiles every csrc/cuda/*.cu with nvcc (no GPU needed).
 cuda-check: deps
 	bash .ci/compile_cuda.sh $(PYTHON)
+
+# Build, test and benchmark on a GPU machine; see .ci/gpu_check.sh. Uses that machine's
+# python3 (or $PYTHON), not the venv above: nothing is installed there.
+gpu-check:
+	bash .ci/gpu_check.sh
 
 clean:
 	rm -rf build $(CMAKE_BUILD) fused_optim/_C*.so *.egg-info

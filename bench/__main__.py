@@ -1,13 +1,16 @@
 """fused-optim-bench / python -m fused_optim.bench: the benchmark's command line.
 
     fused-optim-bench                      # CPU, AdamW fp32+bf16, 8x4M 2048x16K gpt2 resnet50
-    fused-optim-bench --optim adamw,sgd --dtype fp32,bf16 \\
+    fused-optim-bench --optim all --dtype fp32,bf16 \\
         --shapes gpt2-124m,llama-1b-layer,resnet50 --providers all --device cuda \\
         --json out.json --plot out.png
-    fused-optim-bench --list               # which providers run here, and why not
+    fused-optim-bench --list               # the optimizers, which providers run here and why not
 
-The table goes to stdout, progress to stderr. --out DIR writes DIR/<device>/<stamp>.json
-and .png; committed results under bench/results/<device>/ are made this way only.
+The optimizers are fused_optim's (every exported class with a spec, by its class name
+lowercased; see providers.optimizers). The table goes to stdout, progress to stderr.
+--out DIR writes DIR/<device>/<stamp>.json and .png, <device> being "cpu" or the GPU's
+name ("nvidia-h200"); committed results under bench/results/<device>/ are made this way
+only.
 """
 
 from __future__ import annotations
@@ -25,19 +28,23 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .providers import optim_names
     from .runner import Config
     from .shapes import MODELS, SWEEPS
 
     d = Config()
     ap = argparse.ArgumentParser(
         prog="fused-optim-bench",
-        description="Benchmarks fused_optim against torch.optim and other optimizer "
-                    "libraries: ms/step, GB/s, %% of measured bandwidth, ratio vs torch "
-                    "fused, peak memory and max error vs torch's for-loop.",
+        description="Benchmarks fused_optim's optimizers against torch.optim and other "
+                    "optimizer libraries: ms/step, GB/s, % of measured bandwidth, ratios vs "
+                    "torch-fused and vs torch's fastest implementation, peak memory and "
+                    "max error vs torch's for-loop.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default: cpu)")
     ap.add_argument("--optim", default=",".join(d.optims),
-                    help="comma list of adamw, adam, sgd (default: adamw)")
+                    help="'all' or a comma list of "
+                         f"{', '.join(optim_names()) or '(none: fused_optim does not import)'}"
+                         f" (default: {','.join(d.optims)})")
     ap.add_argument("--dtype", default=",".join(d.dtypes),
                     help="comma list of fp32, bf16, fp16, fp64: the params' (and grads') "
                          "dtype (default: fp32,bf16)")
@@ -68,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "provider's OpenMP threads stop spinning (default: 20 CPU, 0 CUDA)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="CUDA: capture capturable providers once and time graph replays")
+    ap.add_argument("--memory-fraction", type=float, default=d.memory_fraction,
+                    help="skip a case whose estimated memory (every provider's params, "
+                         "grads and states at once) exceeds this fraction of the free "
+                         f"memory (default: {d.memory_fraction:g})")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=d.seed)
@@ -163,15 +174,23 @@ class _PlainProgress:
 def _list(cfg) -> int:
     import torch
 
-    from .providers import all_providers, select
+    from .bytes_model import algorithm_for
+    from .providers import Hyper, all_providers, optim_names, resolve_optims, select
     from .runner import DTYPES
 
     device = torch.device(cfg.device)
+    print("optimizers (fused_optim's, --optim all):")
+    for name in optim_names():
+        h = Hyper.for_optim(name)
+        alg = algorithm_for(name)
+        print(f"  {name:12s} spec {h.spec.name!r}, bench kwargs {h.kwargs}, "
+              f"reads {'+'.join(alg.reads)}, writes {'+'.join(alg.writes)}")
+    optims = resolve_optims(cfg.optims)
     chosen, left_out = select(all_providers(), cfg.providers, device)
     for name, why in left_out.items():
         print(f"{name:24s} {'(all)':11s} left out: {why}")
     for p in chosen:
-        for optim in cfg.optims:
+        for optim in optims:
             for dt in cfg.dtypes:
                 reason = p.available(device, DTYPES[dt], optim)
                 state = "ok" if reason is None else f"skipped: {reason}"
@@ -190,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                  warmup=args.warmup, repeat=args.repeat, min_repeat=args.min_repeat,
                  budget_s=args.budget, cuda_graph=args.cuda_graph, seed=args.seed,
                  threads=args.threads, probe=not args.no_probe, probe_numel=args.probe_numel,
-                 max_step_s=args.max_step, gap_ms=args.gap_ms)
+                 max_step_s=args.max_step, gap_ms=args.gap_ms,
+                 memory_fraction=args.memory_fraction)
     if args.repeat < 1 or args.min_repeat < 1 or args.warmup < 0:
         print("fused-optim-bench: --repeat and --min-repeat must be >= 1, --warmup >= 0",
               file=sys.stderr)
@@ -203,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     if args.list:
-        return _list(cfg)
+        try:
+            return _list(cfg)
+        except ValueError as e:
+            print(f"fused-optim-bench: {e}", file=sys.stderr)
+            return 2
     if args.load:
         import json
 
@@ -216,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.plot}")
         return 0
     try:
+        from .providers import resolve_optims
+
+        cfg.optims = resolve_optims(cfg.optims)
         n_cases = len(cfg.optims) * len(cfg.dtypes) * len(resolve(cfg.shapes,
                                                                      cfg.resolved_scale()))
     except ValueError as e:
@@ -242,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(doc["created_unix"]))
         sha = (doc["machine"]["commit"].get("sha") or "nocommit")[:10]
-        base = os.path.join(args.out, doc["machine"]["device"], f"{stamp}-{sha}")
+        from .machine import results_dir
+
+        base = os.path.join(args.out, results_dir(doc["machine"]), f"{stamp}-{sha}")
         json_path = json_path or base + ".json"
         plot_path = plot_path or base + ".png"
     if json_path:

@@ -4,10 +4,15 @@ An element-wise optimizer step streams every tensor it touches once. What it tou
 property of the algorithm (which tensors are read, which written); how many bytes each
 costs is a property of the storage policy (the dtype of params, grads and each state).
 
-    fp32 AdamW:           reads p, g, m, v  = 16 B    writes p, m, v = 12 B    28 B
-    bf16 AdamW (all bf16): reads 4 x 2 B    =  8 B    writes 3 x 2 B =  6 B    14 B
-    bf16 params + fp32 m, v: reads 2+2+4+4  = 12 B    writes 2+4+4   = 10 B    22 B
-    fp32 SGD momentum:    reads p, g, buf   = 12 B    writes p, buf  =  8 B    20 B
+The algorithm comes from the optimizer's spec (fused_optim/spec.py, ``algorithm_for``):
+the param is read and written, the grad read, and every element-wise state list the run's
+options keep (a list with ``when`` only when that option is on) read and written; the
+per-tensor scalar state (a step counter: a few bytes per tensor) is left out.
+
+    fp32 AdamW (exp_avg, exp_avg_sq): reads p, g, m, v = 16 B   writes p, m, v = 12 B   28 B
+    bf16 AdamW (all bf16):            reads 4 x 2 B    =  8 B   writes 3 x 2 B =  6 B   14 B
+    bf16 params + fp32 m, v:          reads 2+2+4+4    = 12 B   writes 2+4+4   = 10 B   22 B
+    fp32, one state list (a momentum buffer): reads p, g, s = 12 B  writes p, s = 8 B  20 B
 
 Achieved GB/s is these algorithmic bytes over the step time: what an ideal single-pass
 kernel must move, so a multi-pass implementation (torch's for-loop and foreach) is charged
@@ -22,16 +27,19 @@ and the GB/s of each provider is computed with the bytes that provider actually 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["Algorithm", "ALGORITHMS", "StoragePolicy", "bytes_per_element", "policy_of"]
+__all__ = ["Algorithm", "algorithm_for", "algorithm_of_spec", "StoragePolicy",
+           "bytes_per_element", "policy_of"]
 
 
 @dataclass(frozen=True)
 class Algorithm:
     """Which per-element tensors one step reads and writes. "param" and "grad" are the
-    param and its gradient; every other name is an optimizer state of the param's size."""
+    param and its gradient; every other name is an optimizer state of the param's size
+    (the state key in torch.optim's state dict)."""
 
     name: str
     reads: tuple[str, ...]
@@ -42,20 +50,29 @@ class Algorithm:
         return tuple(n for n in self.reads if n not in ("param", "grad"))
 
 
-ALGORITHMS: dict[str, Algorithm] = {
-    a.name: a
-    for a in (
-        Algorithm("adamw", ("param", "grad", "exp_avg", "exp_avg_sq"),
-                  ("param", "exp_avg", "exp_avg_sq")),
-        Algorithm("adam", ("param", "grad", "exp_avg", "exp_avg_sq"),
-                  ("param", "exp_avg", "exp_avg_sq")),
-        Algorithm("adamw_amsgrad", ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                  ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-        # SGD with momentum; plain SGD (momentum=0) keeps no buffer: 12 B fp32.
-        Algorithm("sgd", ("param", "grad", "momentum_buffer"), ("param", "momentum_buffer")),
-        Algorithm("sgd_plain", ("param", "grad"), ("param",)),
-    )
-}
+def algorithm_of_spec(spec, options: dict[str, Any], name: str | None = None) -> Algorithm:
+    """The tensors one step of ``spec`` touches under ``options`` (a param group's
+    hyperparameters by their group keys, e.g. an optimizer's defaults)."""
+    hyper = {}
+    for h in spec.hypers:
+        if h.group_key == "":
+            continue   # supplied per call (a first-step flag): never keeps a list
+        try:
+            hyper[h.name] = h.value(options)
+        except (KeyError, IndexError, TypeError):
+            pass
+    states = tuple(s.key for s in spec.lists
+                   if s.when is None or bool(hyper.get(s.when, options.get(s.when))))
+    return Algorithm(name or spec.name, ("param", "grad", *states), ("param", *states))
+
+
+def algorithm_for(optim: str, options: dict[str, Any] | None = None) -> Algorithm:
+    """The algorithm of a benchmarked optimizer (its name: the fused_optim class name
+    lowercased) under the benchmark's hyperparameters, updated with ``options``."""
+    from .providers import Hyper
+
+    hyper = Hyper.for_optim(optim)
+    return algorithm_of_spec(hyper.spec, {**hyper.values, **(options or {})}, optim)
 
 
 @dataclass(frozen=True)
@@ -87,8 +104,9 @@ class StoragePolicy:
 
 
 def bytes_per_element(algorithm: str | Algorithm, policy: StoragePolicy) -> tuple[float, float]:
-    """(bytes read, bytes written) per param element by one step."""
-    alg = ALGORITHMS[algorithm] if isinstance(algorithm, str) else algorithm
+    """(bytes read, bytes written) per param element by one step; ``algorithm`` may be an
+    optimizer's benchmark name (``algorithm_for``)."""
+    alg = algorithm_for(algorithm) if isinstance(algorithm, str) else algorithm
     return (sum(policy.bytes_of(r) for r in alg.reads),
             sum(policy.bytes_of(w) for w in alg.writes))
 

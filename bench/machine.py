@@ -6,13 +6,14 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
 
 import torch
 
 __all__ = ["facts", "load_average", "memory_available_bytes", "cpu_model", "cpu_snapshot",
-           "others_busy"]
+           "others_busy", "results_dir"]
 
 # The CPU flags that decide which SIMD path a kernel can take.
 _FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
@@ -116,13 +117,30 @@ def _git(*args: str) -> str | None:
 
 
 def commit() -> dict:
-    """The checkout's commit and whether the tree differs from it (read-only git)."""
+    """The checkout's commit and whether the tree differs from it (read-only git).
+
+    Where there is no git checkout (a copy of the working tree on a GPU machine), the
+    environment variable FUSED_OPTIM_COMMIT gives it: a sha, "-dirty" appended when the
+    copy had uncommitted changes (what ``git describe --always --dirty`` prints)."""
     sha = _git("rev-parse", "HEAD")
     dirty = None
     if _git("rev-parse", "--is-inside-work-tree") == "true":
         status = _git("status", "--porcelain", "--untracked-files=no")
         dirty = bool(status) if status is not None else None
+    given = os.environ.get("FUSED_OPTIM_COMMIT", "").strip()
+    if sha is None and given:
+        dirty = given.endswith("-dirty")
+        sha = given.removesuffix("-dirty")
     return {"sha": sha, "dirty": dirty}
+
+
+def results_dir(machine: dict) -> str:
+    """The folder of a run's results under --out: "cpu" for a CPU run, the GPU's name
+    for a CUDA run ("NVIDIA H200" -> "nvidia-h200")."""
+    gpu = machine.get("gpu") or {}
+    if machine.get("device") == "cuda" and gpu.get("name"):
+        return re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower()).strip("-") or "cuda"
+    return machine.get("device") or "unknown"
 
 
 def _fused_optim_facts() -> dict:

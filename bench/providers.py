@@ -12,6 +12,11 @@ ready optimizer. Every baseline is called through its own public API, never re-i
   bnb-32bit, bnb-8bit                         bitsandbytes optimizers, when installed
   torchao-8bit, torchao-4bit, torchao-fp8     torchao.optim low-bit AdamW, when installed
 
+The optimizers come from fused_optim itself (``optimizers``): every class it exports
+that has a spec (fused_optim/spec.py) is benchmarkable under its class name lowercased,
+and the torch.optim class of the same name is what the torch providers run. Nothing here
+names an optimizer: its benchmark options are its spec's ``bench`` dict (``Hyper``).
+
 "torch-forloop" is also the reference of the correctness column: every provider's params
 after the timed steps are compared with its.
 """
@@ -19,55 +24,206 @@ after the timed steps are compared with its.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Hyper", "Provider", "all_providers", "select", "REFERENCE", "BASELINE", "OPTIMS"]
+__all__ = ["Hyper", "Provider", "all_providers", "select", "optimizers", "optim_names",
+           "resolve_optims", "REFERENCE", "BASELINE", "TORCH_FAMILY"]
 
 REFERENCE = "torch-forloop"   # the correctness reference
 BASELINE = "torch-fused"      # the speed baseline of the ratio column
+TORCH_FAMILY = "torch"        # the family whose fastest member is the second yardstick
 
-OPTIMS = ("adamw", "adam", "sgd")
+
+# --------------------------------------------------------------------------------------
+# The optimizers: fused_optim's classes and their specs
+# --------------------------------------------------------------------------------------
+
+def optimizers() -> dict[str, type]:
+    """Benchmark name -> fused_optim class, for every optimizer class fused_optim exports
+    with a spec (FusedOptimizer subclasses), in the package's ``__all__`` order. The name
+    is the class name lowercased, as torch.optim's class of the same name is the peer.
+    Raises ImportError when fused_optim does not import."""
+    fo = importlib.import_module("fused_optim")
+    base = importlib.import_module("fused_optim.optimizer").FusedOptimizer
+    names = list(getattr(fo, "__all__", []))
+    names += [n for n in dir(fo) if n not in names and not n.startswith("_")]
+    out: dict[str, type] = {}
+    for n in names:
+        cls = getattr(fo, n, None)
+        if (isinstance(cls, type) and issubclass(cls, base) and cls is not base
+                and getattr(cls, "spec", None) is not None):
+            out.setdefault(cls.__name__.lower(), cls)
+    return out
 
 
-@dataclass(frozen=True)
+def optim_names() -> list[str]:
+    """The names ``--optim all`` runs; [] when fused_optim does not import."""
+    try:
+        return list(optimizers())
+    except Exception:  # noqa: BLE001  (a broken build: no optimizer to run)
+        return []
+
+
+def resolve_optims(names: list[str]) -> list[str]:
+    """Expands "all" (every benchmarkable optimizer) and checks each name; keeps order,
+    drops repeats. Raises ValueError naming the known ones."""
+    out: list[str] = []
+    for n in names:
+        for name in (optim_names() if n == "all" else [n.strip().lower()]):
+            if name not in out:
+                out.append(name)
+    for name in out:
+        Hyper.for_optim(name)   # ValueError for an unknown name
+    return out
+
+
+def _torch_class(hyper: Hyper):
+    """torch.optim's class of the same name, or None."""
+    cls = getattr(torch.optim, hyper.class_name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else None
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# Constructor arguments that pick an implementation, not a hyperparameter: never taken
+# from the optimizer's defaults into another library's constructor.
+_SWITCHES = frozenset({"params", "self", "foreach", "fused", "capturable", "differentiable",
+                       "backend"})
+
+# A step visible in bf16: see Hyper.for_optim.
+_VISIBLE_ULPS = 4.0
+# The runner's init (runner.PARAM_STD, GRAD_STD), repeated here to keep the import order.
+_PARAM_STD, _GRAD_STD = 0.02, 0.1
+
+
+@dataclass(frozen=True, eq=False)
 class Hyper:
-    """Hyperparameters of the benchmarked step. They do not change the bytes moved; they
+    """Hyperparameters of the benchmarked step of one optimizer.
+
+    ``kwargs`` is what every provider's constructor gets (torch.optim's and fused_optim's
+    keyword names): the benchmark's lr and the spec's ``bench`` options. ``values`` is
+    the whole step: the fused_optim class's defaults updated with ``kwargs`` (the byte
+    model reads which state lists they keep; other libraries' constructors take the
+    arguments they share with it). They do not change the bytes moved beyond that; they
     are chosen so that a step visibly moves bf16 params (see runner's init)."""
 
-    optim: str
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 1e-2
-    momentum: float = 0.9
+    optim: str                   # the benchmark's name: the class name lowercased
+    class_name: str              # fused_optim's (and torch.optim's) class name
+    kwargs: dict[str, Any]
+    values: dict[str, Any]
+    spec: Any = field(repr=False, default=None)
 
     @classmethod
     def for_optim(cls, optim: str) -> Hyper:
-        if optim == "adamw":
-            return cls("adamw")
-        if optim == "adam":
-            return cls("adam", weight_decay=0.0)
-        if optim == "sgd":
-            return cls("sgd", lr=1e-2, weight_decay=0.0)
-        raise ValueError(f"unknown optimizer {optim!r}; expected one of {', '.join(OPTIMS)}")
+        """The benchmark's hyperparameters for ``optim``: the class defaults, the spec's
+        ``bench`` options, and lr: the class default, raised tenfold (at most three
+        times) while one step from the benchmark's init moves the median param by fewer
+        than 4 bf16 ulps, so that a provider that does not step shows in the error column
+        in bf16 too. (Default lrs pass as they are, except where the step is lr x grad:
+        1e-3 there moves a param ~0.02 by ~1 ulp, and 1e-2 is used.)"""
+        return _hyper_for(optim)
 
     def torch_kwargs(self) -> dict[str, Any]:
-        if self.optim == "sgd":
-            return dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        """Keyword arguments for torch.optim's and fused_optim's constructors."""
+        return dict(self.kwargs)
+
+    def value(self, key: str) -> Any:
+        return self.values[key]
+
+    def kwargs_for(self, ctor) -> dict[str, Any]:
+        """The step's hyperparameters that ``ctor`` (another library's optimizer class)
+        takes under the same names: how a peer with torch.optim-like arguments gets the
+        same step without naming them here."""
+        try:
+            params = inspect.signature(ctor).parameters
+        except (TypeError, ValueError):
+            return {}
+        return {k: v for k, v in self.values.items() if k in params and k not in _SWITCHES}
+
+    def flag(self, name: str) -> bool:
+        """Whether an option (a hyperparameter a state list's ``when`` names) is on."""
+        return bool(self.values.get(name))
 
     def to_dict(self) -> dict:
-        return dict(optim=self.optim, **self.torch_kwargs())
+        return {"optim": self.optim, "class": self.class_name, "kwargs": _jsonable(self.kwargs),
+                "values": _jsonable({k: v for k, v in self.values.items()
+                                     if k not in _SWITCHES})}
 
 
-def _torch_class(optim: str):
-    return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optim]
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v if isinstance(v, (int, float, str, bool, list, type(None))) else repr(v)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _hyper_for(optim: str) -> Hyper:
+    try:
+        known = optimizers()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"unknown optimizer {optim!r}: fused_optim does not import "
+                         f"({_first_line(e)})") from None
+    cls = known.get(optim)
+    if cls is None:
+        raise ValueError(f"unknown optimizer {optim!r}; expected 'all' or one of "
+                         f"{', '.join(known) or '(none: fused_optim exports no optimizer)'}")
+    spec = cls.spec
+    bench = dict(getattr(spec, "bench", None) or {})
+    defaults = _defaults_of(cls, bench)
+    lr = _visible_lr(cls, bench, float(defaults.get("lr", 1e-3)))
+    kwargs = {"lr": lr, **bench}
+    return Hyper(optim, cls.__name__, kwargs, {**defaults, **kwargs}, spec)
+
+
+def _defaults_of(cls, kwargs: dict) -> dict:
+    """The class's param-group defaults under ``kwargs`` (one dummy param, no step)."""
+    return dict(cls([torch.nn.Parameter(torch.zeros(1))], **kwargs).defaults)
+
+
+def _visible_lr(cls, bench: dict, lr: float) -> float:
+    """See Hyper.for_optim. Measured on the CPU on 4096 elements with torch.optim's class
+    of the same name (fused_optim's when torch has none), from a fixed seed."""
+    ctor = getattr(torch.optim, cls.__name__, None) or cls
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(4096, generator=gen) * _PARAM_STD
+    g0 = torch.randn(4096, generator=gen) * _GRAD_STD
+    # bf16 keeps 8 significant bits: one ulp at |p| is 2^(floor(log2 |p|) - 7).
+    ulp = torch.exp2(torch.floor(torch.log2(p0.abs().clamp_min(1e-30))) - 7)
+    for attempt in range(4):   # the default, then up to three tenfold raises
+        if attempt:
+            lr = float(f"{lr * 10:.6g}")
+        p = torch.nn.Parameter(p0.clone())
+        p.grad = g0.clone()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ctor([p], **{**bench, "lr": lr}).step()
+        except Exception:  # noqa: BLE001  (the run reports the class's own error)
+            return lr
+        moved = ((p.detach() - p0).abs() / ulp).median().item()
+        if not math.isfinite(moved) or moved >= _VISIBLE_ULPS:
+            break
+    return lr
 
 
 def _first_line(exc: BaseException) -> str:
@@ -117,35 +273,58 @@ class Provider:
 # torch.optim
 # --------------------------------------------------------------------------------------
 
+def _hyper_or_reason(optim: str) -> tuple[Hyper | None, str | None]:
+    try:
+        return Hyper.for_optim(optim), None
+    except ValueError as e:
+        return None, str(e)
+
+
 class TorchOptim(Provider):
+    """torch.optim's class of the optimizer's name, as its for-loop, foreach or fused
+    implementation."""
+
     def __init__(self, impl: str):
-        super().__init__(name=f"torch-{impl}", family="torch",
+        super().__init__(name=f"torch-{impl}", family=TORCH_FAMILY,
                          capturable=impl in ("foreach", "fused"))
         self.impl = impl
 
     def available(self, device, dtype, optim):
-        if optim not in OPTIMS:
-            return f"torch.optim has no {optim!r} here"
+        hyper, reason = _hyper_or_reason(optim)
+        if hyper is None:
+            return reason
+        cls = _torch_class(hyper)
+        if cls is None:
+            return f"torch.optim has no {hyper.class_name}"
         if self.impl == "fused":
-            # torch checks this at construction; ask it the same way, on a 1-element tensor.
+            if not _accepts(cls, "fused"):
+                return f"torch.optim.{hyper.class_name} has no fused implementation"
+            # Ask torch, on a 1-element tensor: it checks some combinations when the
+            # optimizer is constructed, others (devices, for some classes) at its first step.
             try:
                 p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
-                _torch_class(optim)([p], fused=True, **Hyper.for_optim(optim).torch_kwargs())
+                opt = cls([p], fused=True, **hyper.torch_kwargs())
+                p.grad = torch.zeros_like(p)
+                opt.step()
             except Exception as e:  # noqa: BLE001
                 return _first_line(e)
+        elif self.impl == "foreach" and not _accepts(cls, "foreach"):
+            return f"torch.optim.{hyper.class_name} has no foreach implementation"
         return None
 
     def make(self, params, hyper, *, capturable=False):
+        cls = _torch_class(hyper)
         kw = hyper.torch_kwargs()
         if self.impl == "forloop":
-            kw.update(foreach=False)
+            if _accepts(cls, "foreach"):
+                kw.update(foreach=False)
         elif self.impl == "foreach":
             kw.update(foreach=True)
         else:
             kw.update(fused=True)
-        if capturable and hyper.optim != "sgd":
+        if capturable and _accepts(cls, "capturable"):
             kw.update(capturable=True)
-        return _torch_class(hyper.optim)(params, **kw)
+        return cls(params, **kw)
 
     def version(self):
         return torch.__version__
@@ -168,13 +347,13 @@ class FusedOptim(Provider):
 
     def available(self, device, dtype, optim):
         try:
-            fo = self._module()
+            self._module()
             from fused_optim.backends import available_backends
         except Exception as e:  # noqa: BLE001  (a broken build must not stop the bench)
             return f"fused_optim does not import ({_first_line(e)})"
-        cls = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}.get(optim)
-        if cls is None or not hasattr(fo, cls):
-            return f"fused_optim has no {optim!r}"
+        hyper, reason = _hyper_or_reason(optim)
+        if hyper is None:
+            return reason
         try:
             reasons = available_backends(device, dtype)
         except Exception as e:  # noqa: BLE001
@@ -184,10 +363,9 @@ class FusedOptim(Provider):
         return reasons[self.backend]
 
     def make(self, params, hyper, *, capturable=False):
-        fo = self._module()
-        cls = {"adamw": fo.AdamW, "adam": fo.Adam, "sgd": fo.SGD}[hyper.optim]
+        cls = optimizers()[hyper.optim]
         kw = hyper.torch_kwargs()
-        if capturable and hyper.optim != "sgd":
+        if capturable and _accepts(cls, "capturable"):
             kw.update(capturable=True)
         return cls(params, backend=self.backend, **kw)
 
@@ -208,12 +386,20 @@ class DeepSpeed(Provider):
     builder (ninja) on first use; ``prepare`` does that build, outside the timing, and the
     build time is reported as setup_s."""
 
+    # The torch.optim classes whose step DeepSpeed's Adam kernels take (adamw_mode picks
+    # the decay); DeepSpeed's API, not this harness's list of optimizers.
+    TORCH_CLASSES = frozenset({"Adam", "AdamW"})
+
     def __init__(self):
         super().__init__(name="deepspeed", family="deepspeed")
 
     def available(self, device, dtype, optim):
-        if optim not in ("adamw", "adam"):
-            return f"DeepSpeed has no {optim!r} optimizer for this benchmark (Adam/AdamW only)"
+        hyper, reason = _hyper_or_reason(optim)
+        if hyper is None:
+            return reason
+        if hyper.class_name not in self.TORCH_CLASSES:
+            return (f"DeepSpeed has no {hyper.class_name} for this benchmark "
+                    f"({'/'.join(sorted(self.TORCH_CLASSES))} only)")
         if importlib.util.find_spec("deepspeed") is None:
             return "not installed (pip install deepspeed)"
         if device.type == "cpu":
@@ -245,14 +431,13 @@ class DeepSpeed(Provider):
 
     def make(self, params, hyper, *, capturable=False):
         _quiet_deepspeed()
-        adamw = hyper.optim == "adamw"
+        decoupled = hyper.flag("decoupled_weight_decay")
         if params[0].device.type == "cpu":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            return DeepSpeedCPUAdam(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
-                                    weight_decay=hyper.weight_decay, adamw_mode=adamw)
+            return DeepSpeedCPUAdam(params, adamw_mode=decoupled,
+                                    **hyper.kwargs_for(DeepSpeedCPUAdam))
         from deepspeed.ops.adam import FusedAdam
-        return FusedAdam(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
-                         weight_decay=hyper.weight_decay, adam_w_mode=adamw)
+        return FusedAdam(params, adam_w_mode=decoupled, **hyper.kwargs_for(FusedAdam))
 
     def version(self):
         return _dist_version("deepspeed")
@@ -271,6 +456,8 @@ def _quiet_deepspeed():
 # --------------------------------------------------------------------------------------
 
 class Bitsandbytes(Provider):
+    """bitsandbytes.optim's class of the optimizer's name, with optim_bits=32 or 8."""
+
     def __init__(self, bits: int):
         super().__init__(name=f"bnb-{bits}bit", family="bnb")
         self.bits = bits
@@ -282,14 +469,17 @@ class Bitsandbytes(Provider):
             bnb = importlib.import_module("bitsandbytes")
         except Exception as e:  # noqa: BLE001
             return f"bitsandbytes does not import ({_first_line(e)})"
-        if optim not in ("adamw", "adam", "sgd"):
-            return f"no bitsandbytes {optim!r}"
+        hyper, reason = _hyper_or_reason(optim)
+        if hyper is None:
+            return reason
+        if self._class(bnb, hyper) is None:
+            return f"bitsandbytes has no {hyper.class_name}"
         # Ask the library itself: one step on a tensor larger than its 8-bit threshold
         # (4096 elements; smaller tensors silently stay 32-bit).
         try:
             p = torch.zeros(8192, device=device, dtype=dtype, requires_grad=True)
             p.grad = torch.ones_like(p)
-            self.make([p], Hyper.for_optim(optim)).step()
+            self.make([p], hyper).step()
         except Exception as e:  # noqa: BLE001
             return f"bitsandbytes {bnb.__version__} cannot step {dtype} on {device.type} ({_first_line(e)})"
         return None
@@ -299,13 +489,15 @@ class Bitsandbytes(Provider):
             return "slow CPU fallback: on CPU only when named (--providers all,bnb)"
         return None
 
+    @staticmethod
+    def _class(bnb, hyper):
+        cls = getattr(getattr(bnb, "optim", None), hyper.class_name, None)
+        return cls if isinstance(cls, type) and _accepts(cls, "optim_bits") else None
+
     def make(self, params, hyper, *, capturable=False):
         import bitsandbytes as bnb
-        kw = hyper.torch_kwargs()
-        if hyper.optim == "sgd":
-            return bnb.optim.SGD(params, optim_bits=self.bits, **kw)
-        cls = bnb.optim.AdamW if hyper.optim == "adamw" else bnb.optim.Adam
-        return cls(params, optim_bits=self.bits, **kw)
+        cls = self._class(bnb, hyper)
+        return cls(params, optim_bits=self.bits, **hyper.kwargs_for(cls))
 
     def version(self):
         return _dist_version("bitsandbytes")
@@ -320,6 +512,10 @@ class TorchAO(Provider):
     (outside the timing) compiles it."""
 
     CLASSES = {"8bit": "AdamW8bit", "4bit": "AdamW4bit", "fp8": "AdamWFp8"}
+    # The torch.optim classes whose step these take: decoupled decay, so an L2 decay
+    # (weight_decay != 0 without decoupled_weight_decay) is declined. torchao's API, not
+    # this harness's list of optimizers.
+    TORCH_CLASSES = frozenset({"Adam", "AdamW"})
 
     def __init__(self, kind: str):
         super().__init__(name=f"torchao-{kind}", family="torchao")
@@ -334,8 +530,13 @@ class TorchAO(Provider):
     def available(self, device, dtype, optim):
         if importlib.util.find_spec("torchao") is None:
             return "not installed (pip install torchao)"
-        if optim not in ("adamw", "adam"):
-            return f"torchao.optim has no low-bit {optim!r}"
+        hyper, reason = _hyper_or_reason(optim)
+        if hyper is None:
+            return reason
+        if hyper.class_name not in self.TORCH_CLASSES:
+            return f"torchao.optim has no low-bit {hyper.class_name}"
+        if hyper.values.get("weight_decay") and not hyper.flag("decoupled_weight_decay"):
+            return "torchao's low-bit optimizers decay decoupled only (AdamW-style)"
         try:
             mod = self._optim_module()
         except Exception as e:  # noqa: BLE001
@@ -355,8 +556,7 @@ class TorchAO(Provider):
     def make(self, params, hyper, *, capturable=False):
         mod = self._optim_module()
         cls = getattr(mod, self.CLASSES[self.kind])
-        wd = hyper.weight_decay if hyper.optim == "adamw" else 0.0
-        return cls(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=wd)
+        return cls(params, **hyper.kwargs_for(cls))
 
     def version(self):
         return _dist_version("torchao")

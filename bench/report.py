@@ -35,6 +35,8 @@ _RESULT = {"optim": str, "dtype": str, "shape": str, "provider": str, "family": 
            "numel": int, "n_tensors": int}
 _STATS = {"n": int, "median": _NUM, "mean": _NUM, "stdev": _NUM, "min": _NUM, "max": _NUM,
           "q25": _NUM, "q75": _NUM, "iqr": _NUM, "spread_pct": _NUM}
+# Added after the first committed results: checked when present (older documents load).
+_RESULT_OPTIONAL = {"ratio_vs_fastest_torch": _OPT_NUM}
 _PROBE = {"limit_gbps": _NUM, "limit_stream": str, "runs": list}
 _STATUSES = ("ok", "skipped", "failed")
 
@@ -64,6 +66,7 @@ def validate(doc: dict) -> None:
     for i, r in enumerate(doc["results"]):
         where = f"doc.results[{i}]"
         _check(r, _RESULT, where)
+        _check(r, {k: t for k, t in _RESULT_OPTIONAL.items() if k in r}, where)
         if r["status"] not in _STATUSES:
             raise ValueError(f"{where}.status: {r['status']!r} not in {_STATUSES}")
         if r["status"] == "ok":
@@ -101,8 +104,23 @@ def write_json(doc: dict, path: str) -> None:
 # Table
 # --------------------------------------------------------------------------------------
 
-COLUMNS = ["provider", "ms/step", "±", "GB/s", "% limit", "vs torch-fused", "B/elem",
-           "peak mem", "max err", "note"]
+COLUMNS = ["provider", "ms/step", "±", "GB/s", "% limit", "vs torch-fused", "vs fastest",
+           "B/elem", "peak mem", "max err", "note"]
+NOTE = len(COLUMNS) - 1
+
+
+def _columns(doc: dict, key) -> list[str]:
+    """The column headers of one case: "vs fastest" names the torch implementation it
+    is measured against, e.g. "vs fastest (torch-foreach)"."""
+    fastest = (_case_info(doc, key).get("fastest_torch") or {}).get("provider")
+    cols = list(COLUMNS)
+    if fastest:
+        cols[6] = f"vs fastest ({fastest})"
+    return cols
+
+
+def _case_info(doc: dict, key) -> dict:
+    return next((c for c in doc["cases"] if (c["optim"], c["dtype"], c["shape"]) == key), {})
 
 
 def _fmt_bytes(n) -> str:
@@ -125,7 +143,7 @@ def _note(r: dict) -> str:
 
 def _row(r: dict) -> list[str]:
     if r["status"] != "ok":
-        return [r["provider"], r["status"], "", "", "", "", "", "", "", _note(r)]
+        return [r["provider"], r["status"], "", "", "", "", "", "", "", "", _note(r)]
     st = r["stats_ms"]
     bpe = r["bytes_per_element"]["total"] if r["bytes_per_element"] else None
     return [
@@ -135,6 +153,7 @@ def _row(r: dict) -> list[str]:
         _fmt(r["gbps"], ".1f"),
         _fmt(r["pct_limit"], ".0f", "%"),
         _fmt(r["ratio_vs_baseline"], ".2f", "x"),
+        _fmt(r.get("ratio_vs_fastest_torch"), ".2f", "x"),
         _fmt(bpe, "g"),
         _fmt_bytes(r["peak_mem_bytes"]),
         _fmt(r["max_rel_err"], ".1e"),
@@ -157,13 +176,15 @@ def _cases(doc: dict):
 def _case_title(doc: dict, key, rows) -> str:
     optim, dtype, shape = key
     r0 = rows[0]
-    info = next((c for c in doc["cases"] if (c["optim"], c["dtype"], c["shape"]) == key), {})
+    info = _case_info(doc, key)
     extra = ""
     if info.get("limit"):
         extra += (f"; limit {info['limit']['gbps']:.1f} GB/s (AdamW-shaped stream over the "
                   "same tensor sizes, same rounds)")
     if info.get("noop_err") is not None:
         extra += f"; a no-op step would show max err {info['noop_err']:.1e}"
+    if info.get("reference_error"):
+        extra += f"; no max err: the torch.optim reference failed ({info['reference_error']})"
     return (f"{optim} {dtype} {shape}: {r0['n_tensors']} tensors, "
             f"{r0['numel'] / 1e6:.1f}M elements{extra}")
 
@@ -229,7 +250,7 @@ def render_table(doc: dict) -> str:
         shown = [r for r in rows if _in_case(r)]
         if not shown:
             continue
-        cells = [COLUMNS] + [_row(r) for r in shown]
+        cells = [_columns(doc, key)] + [_row(r) for r in shown]
         if not any(c[-1] for c in cells[1:]):
             cells = [c[:-1] for c in cells]
         widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
@@ -245,15 +266,47 @@ def render_table(doc: dict) -> str:
         lines.append("")
         lines.append("skipped:")
         lines += [f"  {s}" for s in skips]
+    summary = summary_lines(doc)
+    if summary:
+        lines.append("")
+        lines += summary
     lines.append("")
     lines.append(_legend(doc))
     return "\n".join(lines)
 
 
+def summary_lines(doc: dict) -> list[str]:
+    """Per case, the best fused_optim provider against torch's fastest implementation
+    and against torch-fused: the figures issue targets are stated in."""
+    rows = []
+    for c in doc["cases"]:
+        best, fastest = c.get("best_fused_optim"), c.get("fastest_torch")
+        if not best or not fastest:
+            continue
+        vs_base = best.get("ratio_vs_baseline")
+        rows.append((f"{c['optim']} {c['dtype']} {c['shape']}",
+                     f"{best['ratio_vs_fastest_torch']:.2f}x",
+                     f"{best['provider']}{' (graph)' if best.get('mode') == 'cuda-graph' else ''}",
+                     f"vs {fastest['provider']} ({fastest['median_ms']:.3g} ms)",
+                     "" if vs_base is None else f"{vs_base:.2f}x vs torch-fused"))
+    if not rows:
+        return []
+    device = doc["machine"].get("device", "")
+    out = [f"summary: best fused_optim vs torch's fastest {device.upper()} implementation "
+           "(per case, median of per-round speedups)"]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.append("  " + "  ".join(x.rjust(w) if i == 1 else x.ljust(w)
+                                    for i, (x, w) in enumerate(zip(r, widths))).rstrip())
+    return out
+
+
 def _legend(doc: dict) -> str:
     return ("ms/step: median of the timed steps, ± the interquartile range; GB/s: bytes of "
             "the provider's storage (B/elem) over the median; vs torch-fused: median of "
-            "per-round speedups (>1 faster); peak mem: optimizer state + step transients; "
+            "per-round speedups (>1 faster); vs fastest: the same against the fastest torch "
+            "implementation in the case (lowest median of torch-forloop/foreach/fused, named "
+            "in the header); peak mem: optimizer state + step transients; "
             "max err: max |p - p_torch_forloop| / max |p_torch_forloop| over all params, "
             f"after the same steps. Wall time {doc.get('wall_s', 0):.0f} s.")
 
@@ -280,9 +333,10 @@ def print_table(doc: dict, console=None) -> None:
         table = Table(title=Text(_case_title(doc, key, rows)), title_justify="left",
                       show_edge=False, pad_edge=False)
         rows_cells = [_row(r) for r in shown]
-        columns = COLUMNS if any(c[-1] for c in rows_cells) else COLUMNS[:-1]
+        header = _columns(doc, key)
+        columns = header if any(c[-1] for c in rows_cells) else header[:-1]
         for i, c in enumerate(columns):
-            if i == 9:   # the note wraps; the numbers never shrink
+            if i == NOTE:   # the note wraps; the numbers never shrink
                 table.add_column(c, justify="left", no_wrap=False, overflow="fold")
             else:
                 width = max([len(c)] + [len(cells[i]) for cells in rows_cells])
@@ -303,6 +357,11 @@ def print_table(doc: dict, console=None) -> None:
         console.print("skipped:", style="dim")
         for s in skips:
             console.print(f"  {s}", style="dim", highlight=False, markup=False)
+    summary = summary_lines(doc)
+    if summary:
+        console.print()
+        for i, s in enumerate(summary):
+            console.print(s, style="bold" if i == 0 else None, highlight=False, markup=False)
     console.print()
     console.print(_legend(doc), style="dim", highlight=False, markup=False)
 
@@ -313,7 +372,8 @@ def print_table(doc: dict, console=None) -> None:
 
 def plot(doc: dict, path: str) -> None:
     """GB/s per provider per shape, one panel per (optimizer, dtype), with the measured
-    bandwidth limit drawn as a line."""
+    bandwidth limit drawn as a line, and over the best fused_optim bar of each shape its
+    speedup against the fastest torch implementation of the case ("2.6x vs foreach")."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -348,6 +408,19 @@ def plot(doc: dict, path: str) -> None:
                     ys.append(hit["gbps"])
             if xs:
                 ax.bar(xs, ys, width, label=prov, color=colors(j))
+        label_top = 0.0
+        for i, s in enumerate(shapes):
+            info = _case_info(doc, (panel[0], panel[1], s))
+            best, fastest = info.get("best_fused_optim"), info.get("fastest_torch")
+            hit = best and next((r for r in rows if r["shape"] == s
+                                 and r["provider"] == best["provider"]), None)
+            if hit and fastest:
+                j = providers.index(best["provider"])
+                ax.annotate(f"{best['ratio_vs_fastest_torch']:.2f}x vs\n"
+                            f"{fastest['provider'].removeprefix('torch-')}",
+                            (i - 0.4 + width * (j + 0.5), hit["gbps"]), ha="center",
+                            va="bottom", fontsize=6, xytext=(0, 2), textcoords="offset points")
+                label_top = max(label_top, hit["gbps"] * 1.18)   # room for the label
         case_limits = {c["shape"]: c["limit"]["gbps"] for c in doc["cases"]
                        if (c["optim"], c["dtype"]) == panel and c.get("limit")}
         labelled = False
@@ -359,10 +432,13 @@ def plot(doc: dict, path: str) -> None:
                           linewidth=1.2, label=None if labelled else "limit (measured)")
                 ax.text(i + 0.45, lim, f"{lim:.0f}", va="bottom", ha="right", fontsize=7)
                 labelled = True
+        if label_top > ax.get_ylim()[1]:
+            ax.set_ylim(top=label_top)
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes, fontsize=8)
         ax.set_ylabel("GB/s")
-        ax.set_title(f"{panel[0]} {panel[1]}", fontsize=10, loc="left")
+        ax.set_title(f"{panel[0]} {panel[1]}  (label: best fused_optim vs fastest torch)",
+                     fontsize=10, loc="left")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     m = doc["machine"]

@@ -16,10 +16,16 @@ One case, step by step:
   4. The number of timed rounds is --repeat, cut down (not below --min-repeat) so that a
      case's timed rounds take about --budget seconds.
   5. Correctness: after the timed steps, every provider's params are compared with
-     torch.optim's for-loop AdamW/SGD stepped the same number of times from the same
-     inputs (the torch-forloop provider itself when it ran): max |p - p_ref| over
-     max |p_ref|, over all elements of all tensors. ``noop_err`` is that figure for params
-     that never moved, the size of a wrong result to compare with.
+     torch.optim's for-loop implementation of the same optimizer, stepped the same number
+     of times from the same inputs (the torch-forloop provider itself when it ran):
+     max |p - p_ref| over max |p_ref|, over all elements of all tensors. ``noop_err`` is
+     that figure for params that never moved, the size of a wrong result to compare with.
+  6. Ratios (``_derive``): per round against torch-fused (the speed baseline) and against
+     the fastest torch implementation of the case (lowest median of torch-forloop,
+     -foreach, -fused), the yardstick of targets like ">= 2.5x torch's fastest".
+
+The optimizers, their hyperparameters and the bytes a step moves come from fused_optim's
+specs (providers.Hyper, bytes_model.algorithm_of_spec): nothing here names one.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import machine, probe as probe_mod
-from .bytes_model import ALGORITHMS, StoragePolicy, bytes_per_element, policy_of
-from .providers import BASELINE, REFERENCE, Hyper, Provider, TorchOptim, all_providers, select
+from .bytes_model import Algorithm, StoragePolicy, algorithm_of_spec, bytes_per_element, policy_of
+from .providers import (BASELINE, REFERENCE, TORCH_FAMILY, Hyper, Provider, TorchOptim,
+                        all_providers, resolve_optims, select)
 from .shapes import Shape, resolve
 from .stats import paired_ratio, summarize
 
@@ -243,12 +250,14 @@ def _rel_err(params: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def _estimate_bytes(shape: Shape, dtype: torch.dtype, n_providers: int) -> int:
-    # params + grads + two states (fp32 at worst) per provider, plus the inputs and the
-    # reference's copy; transients of the torch for-loop/foreach are about one more state.
+def _estimate_bytes(shape: Shape, dtype: torch.dtype, n_providers: int, n_states: int,
+                    own_reference: bool = True) -> int:
+    # params + grads + the algorithm's states (fp32 at worst) per provider, plus the
+    # inputs and, when torch-forloop is not among the providers, the reference's own
+    # copy; transients of the torch for-loop/foreach are about one more state.
     size = torch.empty((), dtype=dtype).element_size()
-    per = shape.numel * (2 * size + 3 * max(size, 4))
-    return per * (n_providers + 1) + 2 * shape.numel * size
+    per = shape.numel * (2 * size + (n_states + 1) * max(size, 4))
+    return per * (n_providers + int(own_reference)) + 2 * shape.numel * size
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -265,6 +274,7 @@ class _Case:
         self.dtype_name, self.dtype, self.shape = dtype_name, DTYPES[dtype_name], shape
         self.providers, self.progress = providers, progress
         self.hyper = Hyper.for_optim(optim)
+        self.algorithm: Algorithm = algorithm_of_spec(self.hyper.spec, self.hyper.values, optim)
         self.cuda = device.type == "cuda"
         self.meter = _CudaMemory(device) if self.cuda else _CpuMemory()
         gap = cfg.gap_ms if cfg.gap_ms is not None else (0.0 if self.cuda else 20.0)
@@ -327,7 +337,9 @@ class _Case:
         cfg, shape = self.cfg, self.shape
         entries = [_Entry(p) for p in self.providers]
         info: dict = {}
-        need = _estimate_bytes(shape, self.dtype, len(entries))
+        need = _estimate_bytes(shape, self.dtype, len(entries), len(self.algorithm.states),
+                               own_reference=all(e.provider.name != REFERENCE
+                                                 for e in entries))
         free = _free_bytes(self.device)
         if free is not None and need > cfg.memory_fraction * free:
             for e in entries:
@@ -349,8 +361,8 @@ class _Case:
                 e.steps = 1
                 e.peak_mem = self.meter.stop()
                 _, e.policy = policy_of(e.opt, e.params)
-                e.bytes_rw = bytes_per_element(ALGORITHMS[self._alg()], _with_defaults(
-                    e.policy, self._alg()))
+                e.bytes_rw = bytes_per_element(self.algorithm, _with_defaults(
+                    e.policy, self.algorithm))
                 if cfg.cuda_graph and self.cuda and e.provider.capturable:
                     self._capture(e)
             except Exception as exc:  # noqa: BLE001  (one provider must not stop the run)
@@ -453,9 +465,6 @@ class _Case:
             e.release()
         return entries, info
 
-    def _alg(self) -> str:
-        return "sgd" if self.optim == "sgd" else self.optim
-
     @property
     def label(self) -> str:
         return f"{self.optim} {self.dtype_name} {self.shape.name}"
@@ -475,10 +484,10 @@ def _offsets(shape: Shape):
         off += n
 
 
-def _with_defaults(observed: StoragePolicy, alg: str) -> StoragePolicy:
+def _with_defaults(observed: StoragePolicy, alg: Algorithm) -> StoragePolicy:
     """The observed policy, on the algorithm's state names: observed states are matched
     by name; a provider with other names (bnb's state1/state2) maps its states in order."""
-    names = ALGORITHMS[alg].states
+    names = alg.states
     obs = observed.states
     if all(n in obs for n in names) and set(obs) <= set(names):
         states = {n: obs[n] for n in names}
@@ -510,8 +519,7 @@ def run(cfg: Config, progress: Progress | None = None) -> dict:
     for d in cfg.dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; expected one of {', '.join(DTYPES)}")
-    for o in cfg.optims:
-        Hyper.for_optim(o)
+    optims = resolve_optims(cfg.optims)   # "all" expanded; ValueError for unknown names
     shapes = resolve(cfg.shapes, cfg.resolved_scale())
     known = all_providers()
     chosen, left_out = select(known, cfg.providers, device)
@@ -528,7 +536,8 @@ def run(cfg: Config, progress: Progress | None = None) -> dict:
         progress.note("bandwidth probe...")
         probe_start = probe_mod.measure(device, numel=cfg.probe_numel)
 
-    for optim in cfg.optims:
+    doc["config"]["optims"] = optims
+    for optim in optims:
         for dtype_name in cfg.dtypes:
             dtype = DTYPES[dtype_name]
             active: list[Provider] = []
@@ -561,6 +570,9 @@ def run(cfg: Config, progress: Progress | None = None) -> dict:
                 case = _Case(cfg, device, optim, dtype_name, shape, active, progress)
                 entries, info = case.run()
                 doc["cases"].append({"optim": optim, "dtype": dtype_name, "shape": shape.name,
+                                     "hyper": case.hyper.to_dict(),
+                                     "bytes_model": {"reads": list(case.algorithm.reads),
+                                                     "writes": list(case.algorithm.writes)},
                                      **info})
                 for e in entries:
                     doc["results"].append(_result(e.provider, optim, dtype_name, shape, e))
@@ -595,7 +607,8 @@ def _result(p: Provider, optim: str, dtype_name: str, shape: Shape, e: _Entry | 
         "reason": reason if reason is not None else (e.reason if e else None),
         "mode": "eager", "samples_ms": [], "stats_ms": None, "steps": 0,
         "bytes_per_element": None, "bytes_per_step": None, "gbps": None, "pct_limit": None,
-        "ratio_vs_baseline": None, "peak_mem_bytes": None, "max_rel_err": None,
+        "ratio_vs_baseline": None, "ratio_vs_fastest_torch": None, "peak_mem_bytes": None,
+        "max_rel_err": None,
         "numel": shape.numel, "n_tensors": shape.count,
     }
     if e is None:
@@ -621,9 +634,19 @@ def _result(p: Provider, optim: str, dtype_name: str, shape: Shape, e: _Entry | 
     return res
 
 
+def _fastest_torch(case: dict[str, dict]) -> dict | None:
+    """The torch.optim implementation with the lowest median step time in a case."""
+    timed = [r for r in case.values() if r["family"] == TORCH_FAMILY and r["status"] == "ok"
+             and r["samples_ms"] and r["stats_ms"]]
+    return min(timed, key=lambda r: r["stats_ms"]["median"]) if timed else None
+
+
 def _derive(doc: dict) -> None:
     """Ratios within each case, and % of the bandwidth limit: per round against the
-    stream run in the same rounds when the case has one, else against the run's probe."""
+    stream run in the same rounds when the case has one, else against the run's probe.
+    Two speed yardsticks: torch-fused (``ratio_vs_baseline``) and the fastest torch
+    implementation of the case (``ratio_vs_fastest_torch``; the case records which one,
+    and the best fused_optim provider's figures against both)."""
     limit = doc["probe"]["limit_gbps"] if doc.get("probe") else None
     by_case: dict[tuple, dict[str, dict]] = {}
     for r in doc["results"]:
@@ -631,6 +654,7 @@ def _derive(doc: dict) -> None:
     case_info = {(c["optim"], c["dtype"], c["shape"]): c for c in doc["cases"]}
     for key, case in by_case.items():
         base = case.get(BASELINE)
+        fastest = _fastest_torch(case)
         stream = case_info.get(key, {}).get("limit")
         for r in case.values():
             if r["gbps"] is not None and stream and len(stream["samples_ms"]) == len(
@@ -641,8 +665,22 @@ def _derive(doc: dict) -> None:
                                                               r["samples_ms"])
             elif r["gbps"] is not None and limit:
                 r["pct_limit"] = 100.0 * r["gbps"] / limit
-            if (base and base["samples_ms"] and r["samples_ms"]
-                    and len(base["samples_ms"]) == len(r["samples_ms"])):
-                r["ratio_vs_baseline"] = paired_ratio(base["samples_ms"], r["samples_ms"])
+            for yardstick, column in ((base, "ratio_vs_baseline"),
+                                      (fastest, "ratio_vs_fastest_torch")):
+                if (yardstick and yardstick["samples_ms"] and r["samples_ms"]
+                        and len(yardstick["samples_ms"]) == len(r["samples_ms"])):
+                    r[column] = paired_ratio(yardstick["samples_ms"], r["samples_ms"])
+        info = case_info.get(key)
+        if info is None:
+            continue
+        info["fastest_torch"] = None if fastest is None else {
+            "provider": fastest["provider"], "median_ms": fastest["stats_ms"]["median"]}
+        ours = [r for r in case.values() if r["family"] == "fused_optim"
+                and r["ratio_vs_fastest_torch"] is not None]
+        best = max(ours, key=lambda r: r["ratio_vs_fastest_torch"]) if ours else None
+        info["best_fused_optim"] = None if best is None else {
+            "provider": best["provider"], "mode": best["mode"],
+            "ratio_vs_fastest_torch": best["ratio_vs_fastest_torch"],
+            "ratio_vs_baseline": best["ratio_vs_baseline"]}
     doc["baseline"] = BASELINE
     doc["reference"] = REFERENCE

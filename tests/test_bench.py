@@ -63,7 +63,9 @@ def test_bytes_sgd_momentum_is_20():
     pol = bytes_model.StoragePolicy.uniform(torch.float32)
     rd, wr = bytes_model.bytes_per_element("sgd", pol)
     assert (rd, wr) == (12, 8)
-    assert sum(bytes_model.bytes_per_element("sgd_plain", pol)) == 12
+    # Plain SGD (momentum=0) keeps no buffer: the spec's list has when="momentum".
+    plain = bytes_model.algorithm_for("sgd", {"momentum": 0.0})
+    assert plain.states == () and sum(bytes_model.bytes_per_element(plain, pol)) == 12
 
 
 @pytest.mark.parametrize("dtype,state,total", [
@@ -79,7 +81,46 @@ def test_bytes_storage_policies(dtype, state, total):
 
 def test_bytes_amsgrad_adds_a_state():
     pol = bytes_model.StoragePolicy.uniform(torch.float32)
-    assert bytes_model.bytes_per_element("adamw_amsgrad", pol) == (20, 16)
+    alg = bytes_model.algorithm_for("adamw", {"amsgrad": True})
+    assert alg.states == ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    assert bytes_model.bytes_per_element(alg, pol) == (20, 16)
+
+
+def test_algorithm_comes_from_the_spec():
+    """Every state list of a spec is read and written, a list with ``when`` only while
+    that option is on; per-tensor scalar state costs nothing; a per-call flag
+    (group_key="") is never an option."""
+    from fused_optim.spec import Hyper as H, ScalarState, Spec, StateList
+
+    spec = Spec(name="toy", lists=(StateList("sums", "sum"),
+                                   StateList("bufs", "buf", when="momentum"),
+                                   StateList("maxes", "max_sum", when="keep_max")),
+                scalars=(ScalarState("state_steps", "step"),),
+                hypers=(H("momentum"), H("keep_max", bool), H("first", bool, group_key="")),
+                reference=lambda *a: None)
+    alg = bytes_model.algorithm_of_spec(spec, {"momentum": 0.0, "keep_max": False})
+    assert (alg.reads, alg.writes) == (("param", "grad", "sum"), ("param", "sum"))
+    alg = bytes_model.algorithm_of_spec(spec, {"momentum": 0.9, "keep_max": True})
+    assert alg.states == ("sum", "buf", "max_sum")
+    pol = bytes_model.StoragePolicy.uniform(torch.float32)
+    assert bytes_model.bytes_per_element(alg, pol) == (20, 16)
+
+
+def test_every_benchmarked_optimizer_has_a_spec_derived_algorithm():
+    import fused_optim
+
+    names = providers.optim_names()
+    assert {"adam", "adamw", "sgd"} <= set(names)
+    for name in names:
+        cls = providers.optimizers()[name]
+        assert cls is getattr(fused_optim, cls.__name__) and name == cls.__name__.lower()
+        hyper = providers.Hyper.for_optim(name)
+        alg = bytes_model.algorithm_for(name)
+        spec = cls.spec
+        kept = [s.key for s in spec.lists if s.when is None or hyper.values.get(s.when)]
+        assert alg.states == tuple(kept), name
+        for key, value in spec.bench.items():
+            assert hyper.kwargs[key] == value, name
 
 
 @pytest.mark.parametrize("dtype,total", [(torch.float32, 28), (torch.bfloat16, 14)])
@@ -110,6 +151,53 @@ def test_policy_of_quantized_state_counts_block_scales():
     rd, wr = bytes_model.bytes_per_element(alg, pol)
     assert rd == pytest.approx(4 + 4 + 1 + 4 / 256)
     assert wr == pytest.approx(4 + 1 + 4 / 256)
+
+
+# --------------------------------------------------------------------------------------
+# Hyperparameters: class defaults + spec.bench + the benchmark's lr
+# --------------------------------------------------------------------------------------
+
+def test_hyperparameters_of_the_existing_optimizers():
+    h = providers.Hyper.for_optim("adamw")
+    assert h.kwargs == {"lr": 1e-3}
+    assert h.values["weight_decay"] == 1e-2 and h.values["decoupled_weight_decay"] is True
+    h = providers.Hyper.for_optim("adam")
+    assert h.kwargs == {"lr": 1e-3} and h.values["weight_decay"] == 0
+    h = providers.Hyper.for_optim("sgd")
+    # spec.bench = {"momentum": 0.9}; lr raised from the class default 1e-3 to 1e-2, so
+    # that one step moves bf16 params by several ulps.
+    assert h.kwargs == {"lr": 1e-2, "momentum": 0.9}
+    assert json.loads(json.dumps(h.to_dict()))["kwargs"] == {"lr": 1e-2, "momentum": 0.9}
+
+
+def test_resolve_optims():
+    assert providers.resolve_optims(["all"]) == providers.optim_names()
+    assert providers.resolve_optims(["adamw", "all", "ADAMW"])[0] == "adamw"
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
+        providers.resolve_optims(["nope"])
+
+
+def test_a_new_fused_optim_class_is_benchmarked_without_naming_it(monkeypatch):
+    """A class fused_optim exports is picked up by name; torch.optim without a class of
+    that name leaves the torch providers out with a reason."""
+    import fused_optim
+
+    class Toyopt(fused_optim.SGD):   # SGD's spec: no new op is registered
+        pass
+
+    monkeypatch.setattr(fused_optim, "Toyopt", Toyopt, raising=False)
+    providers._hyper_for.cache_clear()
+    try:
+        assert "toyopt" in providers.optim_names()
+        cpu = torch.device("cpu")
+        assert "torch.optim has no Toyopt" in _by_name("torch-forloop").available(
+            cpu, torch.float32, "toyopt")
+        assert _by_name("fused_optim[reference]").available(cpu, torch.float32, "toyopt") is None
+        assert "DeepSpeed has no Toyopt" in _by_name("deepspeed").available(
+            cpu, torch.float32, "toyopt")
+        assert bytes_model.algorithm_for("toyopt").states == ("momentum_buffer",)
+    finally:
+        providers._hyper_for.cache_clear()
 
 
 # --------------------------------------------------------------------------------------
@@ -206,7 +294,23 @@ def _by_name(name):
 
 def test_torch_providers_available_on_cpu():
     for name in ("torch-forloop", "torch-foreach", "torch-fused"):
-        assert _by_name(name).available(torch.device("cpu"), torch.float32, "adamw") is None
+        for optim in ("adamw", "adam", "sgd"):
+            assert _by_name(name).available(torch.device("cpu"), torch.float32, optim) is None
+
+
+def test_torch_fused_asks_torch():
+    """torch-fused exists where torch.optim's class takes fused=True and steps with it;
+    elsewhere the reason is torch's (or that the class has no fused implementation)."""
+    p = _by_name("torch-fused")
+    for optim in providers.optim_names():
+        cls = getattr(torch.optim, providers.Hyper.for_optim(optim).class_name, None)
+        reason = p.available(torch.device("cpu"), torch.float32, optim)
+        if cls is None:
+            assert "torch.optim has no" in reason
+        elif "fused" not in __import__("inspect").signature(cls).parameters:
+            assert "no fused implementation" in reason
+        else:
+            assert reason is None, (optim, reason)
 
 
 def test_missing_packages_give_one_line_reasons(monkeypatch):
@@ -329,8 +433,23 @@ def test_run_reports_wrong_provider_and_missing_one(tiny_providers):
                 assert fused["pct_limit"] == pytest.approx(want)
             missing = res[(dt, shape, "missing")]
             assert missing["status"] == "skipped" and "not installed" in missing["reason"]
+    # The second yardstick: the fastest torch implementation of each case.
+    for case in doc["cases"]:
+        rows = {n: res[(case["dtype"], case["shape"], n)]
+                for n in ("torch-forloop", "torch-foreach", "torch-fused", "noop")}
+        fastest = min((rows[n] for n in ("torch-forloop", "torch-foreach", "torch-fused")),
+                      key=lambda r: r["stats_ms"]["median"])
+        assert case["fastest_torch"] == {"provider": fastest["provider"],
+                                         "median_ms": fastest["stats_ms"]["median"]}
+        assert fastest["ratio_vs_fastest_torch"] == 1.0
+        assert rows["noop"]["ratio_vs_fastest_torch"] == pytest.approx(
+            stats.paired_ratio(fastest["samples_ms"], rows["noop"]["samples_ms"]))
+        assert case["best_fused_optim"] is None   # no fused_optim provider in this run
+        assert case["hyper"]["kwargs"] == {"lr": 1e-3}
+        assert case["bytes_model"]["reads"] == ["param", "grad", "exp_avg", "exp_avg_sq"]
     text = report.render_table(doc)
     assert "torch-fused" in text and "missing" in text and "not installed" in text
+    assert "vs fastest (torch-" in text
 
 
 def test_schema_rejects_broken_documents(tiny_providers):
@@ -355,7 +474,7 @@ def test_cli_end_to_end(tmp_path, tiny_providers, capsys):
     out_json = tmp_path / "r.json"
     args = ["--shapes", "5x777", "--dtype", "fp32", "--repeat", "2", "--warmup", "1",
             "--providers", "torch-fused,torch-forloop,missing", "--probe-numel", "65536",
-            "--json", str(out_json), "--quiet"]
+            "--json", str(out_json), "--quiet", "--optim", "all"]
     have_mpl = importlib.util.find_spec("matplotlib") is not None
     if have_mpl:
         args += ["--plot", str(tmp_path / "r.png")]
@@ -368,11 +487,81 @@ def test_cli_end_to_end(tmp_path, tiny_providers, capsys):
     assert m["versions"]["torch"] == torch.__version__ and m["cpu"]["model"]
     assert "sha" in m["commit"]
     assert {r["provider"] for r in doc["results"]} == {"torch-fused", "torch-forloop", "missing"}
+    # --optim all: every optimizer fused_optim exports, each compared with its own
+    # torch.optim for-loop (the reference agrees with itself exactly).
+    assert doc["config"]["optims"] == providers.optim_names()
+    assert {r["optim"] for r in doc["results"]} == set(providers.optim_names())
+    for r in doc["results"]:
+        if r["provider"] == "torch-forloop" and r["status"] == "ok":
+            assert r["max_rel_err"] == 0.0
     if have_mpl:
         assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_summary_names_the_best_fused_optim_against_torchs_fastest(monkeypatch, tmp_path):
+    base = [p for p in providers.all_providers()
+            if p.name in ("torch-forloop", "torch-fused", "fused_optim[reference]")]
+    monkeypatch.setattr(runner, "all_providers", lambda: base)
+    doc = runner.run(_tiny_cfg(shapes=["3x500"], dtypes=["fp32"], probe=False, repeat=3,
+                               min_repeat=3))
+    (case,) = doc["cases"]
+    ours = next(r for r in doc["results"] if r["provider"] == "fused_optim[reference]")
+    assert case["best_fused_optim"]["provider"] == "fused_optim[reference]"
+    assert case["best_fused_optim"]["ratio_vs_fastest_torch"] == ours["ratio_vs_fastest_torch"]
+    lines = report.summary_lines(doc)
+    assert lines[0].startswith("summary: best fused_optim vs torch's fastest CPU")
+    assert "fused_optim[reference]" in lines[1] and case["fastest_torch"]["provider"] in lines[1]
+    assert "summary:" in report.render_table(doc)
+    if importlib.util.find_spec("matplotlib") is not None:
+        report.plot(doc, str(tmp_path / "s.png"))
+        assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_committed_results_still_load():
+    """Documents written before a field was added (ratio_vs_fastest_torch) validate and
+    print."""
+    folder = os.path.join(ROOT, "bench", "results", "cpu")
+    paths = sorted(p for p in os.listdir(folder) if p.endswith(".json")) if os.path.isdir(
+        folder) else []
+    if not paths:
+        pytest.skip("no committed CPU results")
+    with open(os.path.join(folder, paths[0])) as f:
+        doc = json.load(f)
+    report.validate(doc)
+    assert "torch-fused" in report.render_table(doc)
+
+
+def test_results_folder_is_the_gpu_name():
+    machine = _sub("machine")
+    assert machine.results_dir({"device": "cuda", "gpu": {"name": "NVIDIA H200"}}) == "nvidia-h200"
+    assert machine.results_dir({"device": "cuda", "gpu": {"name": "NVIDIA A100-SXM4-80GB"}}) == (
+        "nvidia-a100-sxm4-80gb")
+    assert machine.results_dir({"device": "cpu"}) == "cpu"
+
+
+def test_commit_from_the_environment_without_git(monkeypatch):
+    machine = _sub("machine")
+    monkeypatch.setattr(machine, "_git", lambda *a: None)
+    monkeypatch.setenv("FUSED_OPTIM_COMMIT", "0123456789abcdef-dirty")
+    assert machine.commit() == {"sha": "0123456789abcdef", "dirty": True}
+    monkeypatch.delenv("FUSED_OPTIM_COMMIT")
+    assert machine.commit() == {"sha": None, "dirty": None}
+
+
+def test_memory_estimate_counts_the_spec_states_and_the_reference():
+    (shape,) = shapes.resolve(["8x1M"])
+    n = shape.numel
+    # fp32 AdamW: params + grads + 2 states + 1 transient = 20 B per provider.
+    assert runner._estimate_bytes(shape, torch.float32, 4, 2) == 20 * n * 5 + 8 * n
+    assert runner._estimate_bytes(shape, torch.float32, 4, 2, own_reference=False) == (
+        20 * n * 4 + 8 * n)
+    assert runner._estimate_bytes(shape, torch.float32, 4, 1, own_reference=False) == (
+        16 * n * 4 + 8 * n)
+
+
 def test_cli_rejects_bad_arguments(capsys):
+    assert cli.main(["--optim", "nope", "--shapes", "2x10", "--quiet"]) == 2
+    assert "unknown optimizer" in capsys.readouterr().err
     assert cli.main(["--shapes", "nonsense", "--quiet"]) == 2
     assert cli.main(["--repeat", "0", "--quiet"]) == 2
     if not torch.cuda.is_available():
@@ -457,3 +646,16 @@ def test_busy_machine_is_measured_without_our_own_cpu_time():
     snap = machine.cpu_snapshot()
     if snap is not None:
         assert snap["own_s"] > 0 and snap["busy_s"] > 0
+
+
+def test_gpu_check_script_parses():
+    """.ci/gpu_check.sh (make gpu-check) runs only on a GPU machine; here its syntax is
+    checked (GPU_CHECK_DRY_RUN=1 rehearses it on the CPU, too slow for this file)."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    import subprocess
+
+    res = subprocess.run([bash, "-n", os.path.join(ROOT, ".ci", "gpu_check.sh")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
