@@ -261,7 +261,7 @@ cudaError_t advance_states(const Launch& l, cudaStream_t stream) {
       table.n = static_cast<int32_t>(count);
       const unsigned int blocks =
           static_cast<unsigned int>((count + kStatesBlockSize - 1) / kStatesBlockSize);
-      advance_states_kernel<Optim><<<blocks, kStatesBlockSize, 0, stream>>>(table, a);
+      FO_LAUNCH_KERNEL(advance_states_kernel<Optim>, blocks, kStatesBlockSize, 0, stream, table, a);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }

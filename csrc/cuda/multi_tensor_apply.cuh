@@ -16,10 +16,10 @@
 // exp_avg_sq = 12 B). Per block there is one more read of the per-tensor scalars
 // (step, lr, found_inf, grad_scale), a few bytes per 64K elements.
 //
-// Functor interface (see adam.cuh, sgd.cuh):
+// Functor interface (see OptimFunctor in engine.cuh):
 //   using storage_t;                            float, double, __half or __nv_bfloat16
 //   static constexpr int kDepth;                number of lists
-//   static constexpr int kTensorScalars;        0 or 1 per-tensor device pointers (step)
+//   static constexpr int kTensorScalars;        per-tensor state pointers (0 .. kMaxStates)
 //   static constexpr bool reads(int list), writes(int list);
 //   struct BlockScalars;                        per-tensor values, computed once per block
 //   __device__ bool skip() const;               true: the whole call is a no-op (found_inf)
@@ -34,10 +34,11 @@
 // 12.1 (driver R530+) a kernel may take 32,764 bytes of parameters on sm_70 and newer.
 // ATen's table holds, at depth 4, 36 tensors and 320 blocks per launch under the old
 // 4 KB limit (252 tensors and 2,240 blocks when ATen is built with CUDA 13). Ours
-// stores, per tensor, its DEPTH pointers, its numel, its step pointer and where its
-// chunks start, and no per-block entries: 619 tensors per launch for Adam (4 lists),
-// 537 for AMSGrad, 895 for SGD with momentum, 1,151 without, whatever their sizes. An
-// 8,192-tensor Adam bucket takes 14 launches (ATen with 4 KB: at least 228).
+// stores, per tensor, its DEPTH pointers, its numel, its state pointers and where its
+// chunks start, and no per-block entries: 619 tensors per launch with 4 lists and a step
+// (AdamW), 537 with 5 lists and a step, 895 with 3 lists and no state, 1,151 with 2,
+// whatever their sizes. An 8,192-tensor AdamW bucket takes 14 launches (ATen with 4 KB:
+// at least 228).
 //
 // [note: one block per chunk, found by binary search]
 // The table stores, per tensor, the index of its first chunk (a prefix sum), not a
@@ -82,6 +83,19 @@
 #error "fused_optim's CUDA kernels need CUDA 12.1 or newer (32 KB kernel parameters)"
 #endif
 
+// [note: host emulation]
+// tests/cpp compiles this header and engine.cuh as plain C++ (tests/cpp/cuda_shim.h
+// defines the CUDA keywords, the storage types and a launch that runs the blocks, then
+// the threads of each block, one after another), so ctest checks the engine's host and
+// kernel logic on machines without a GPU. Two hooks serve it and change nothing under
+// nvcc: every launch goes through FO_LAUNCH_KERNEL, which the shim replaces, and
+// FO_CUDA_TEST_TABLE_BYTES, which the shim sets, shrinks the launch tables so that small
+// buckets take several launches.
+#ifndef FO_LAUNCH_KERNEL
+#define FO_LAUNCH_KERNEL(kernel, blocks, threads, shared_bytes, stream, ...) \
+  kernel<<<blocks, threads, shared_bytes, stream>>>(__VA_ARGS__)
+#endif
+
 namespace fused_optim {
 namespace cuda {
 
@@ -89,7 +103,11 @@ constexpr int kBlockSize = 512;
 // The CUDA limit on the parameters of one kernel (CUDA 12.1+, sm_70+), and the share of
 // it given to the table; the rest holds the functor (static_assert below).
 constexpr int kMaxKernelParamBytes = 32764;
+#if defined(FO_CUDA_TEST_TABLE_BYTES)
+constexpr int kTableBytes = FO_CUDA_TEST_TABLE_BYTES;  // [note: host emulation]
+#else
 constexpr int kTableBytes = kMaxKernelParamBytes - 512;
+#endif
 
 // ---------------------------------------------------------------------------------
 // Storage types and their conversions to opmath. Conversions to half precision round
@@ -313,8 +331,8 @@ cudaError_t multi_tensor_apply(const cpu::TensorTable& rows,
     if (n == 0) return cudaSuccess;
     table.n_tensors = n;
     table.chunk_start[n] = static_cast<int32_t>(chunks);
-    multi_tensor_apply_kernel<Op><<<static_cast<unsigned int>(chunks), kBlockSize, 0, stream>>>(
-        table, op);
+    FO_LAUNCH_KERNEL(multi_tensor_apply_kernel<Op>, static_cast<unsigned int>(chunks), kBlockSize,
+                     0, stream, table, op);
     n = 0;
     chunks = 0;
     return cudaGetLastError();

@@ -1,9 +1,11 @@
-// Running the Adam / SGD kernels of a variant over a Bucket and checking every element
-// against the scalar reference (reference.h), the guards, and the lists that must stay
-// untouched.
+// Running an optimizer of the table (optimizer_table.h) over a Bucket through the generic
+// CPU API (KernelSet::chunks[id], StepCall), and checking every element against its
+// scalar reference (reference.h), the guards, and the lists that must stay untouched.
+// Nothing here names an optimizer.
 #pragma once
 
 #include <cmath>
+#include <cstring>
 #include <iomanip>
 #include <sstream>
 #include <string>
@@ -12,6 +14,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/kernel_api.h"
 #include "harness.h"
+#include "optimizer_table.h"
 #include "reference.h"
 #include "test_util.h"
 
@@ -19,35 +22,76 @@ namespace fo_test {
 
 namespace fc = fused_optim::cpu;
 
-// Each tensor's step count after this step's increment: bias corrections differ per
-// tensor within one call.
-inline double step_for_tensor(int64_t t) {
-  static const double steps[] = {1, 2, 3, 10, 1000, 7};
-  return steps[t % 6];
-}
-
 // Misalignment (in elements) of list l, tensor t: 0..7, different across the lists of a
 // row so their vector loops are misaligned differently.
 inline int mixed_offset(int l, int t) { return (l * 5 + t * 3 + 1) % 8; }
+inline int offset_zero(int, int) { return 0; }
 
-// Expected values of every list, flattened over the bucket's tensors.
+// Expected values of every row of a bucket, flattened over the bucket's tensors, with
+// each value's allowed error ([note: tolerances] in test_util.h).
 struct Expected {
-  std::vector<const char*> list_names;
-  std::vector<std::vector<double>> value, mag;  // [list][flat element]
-  std::vector<bool> unchanged;                  // list must keep its input bits
+  std::vector<std::string> row_names;
+  std::vector<std::vector<double>> value, tol;  // [row][flat element]
+  std::vector<bool> unchanged;                  // row must keep its input bits
 };
 
 inline Bucket clone_bucket(const Bucket& src, int (*offset)(int, int)) {
   Bucket b(src.dtype, src.n_lists, src.numels, offset);
   for (int l = 0; l < src.n_lists; ++l) {
     for (int64_t t = 0; t < src.n_tensors(); ++t) {
-      for (int64_t i = 0; i < src.numels[t]; ++i) b.at(l, t).set_bits(i, src.at(l, t).bits(i));
+      std::memcpy(b.at(l, t).data(), src.at(l, t).data(), src.numels[t] * elem_size(src.dtype));
     }
   }
   return b;
 }
 
-// Compares every list of `got` with `e`, bitwise for unchanged lists; `input` holds the
+// A bucket of the case's lists with random state from the entry's fill.
+inline Bucket make_bucket(const OptimizerEntry& e, const OptCase& c, DType d,
+                          const std::vector<int64_t>& sizes, int (*offset)(int, int),
+                          uint64_t seed) {
+  const Layout lay = layout_for(e, c);
+  Bucket b(d, lay.n_rows, sizes, offset);
+  Rng rng(seed);
+  double x[kMaxLists];
+  for (int64_t t = 0; t < b.n_tensors(); ++t) {
+    for (int64_t i = 0; i < b.numels[t]; ++i) {
+      e.fill(rng, c, x);
+      for (int r = 0; r < lay.n_rows; ++r) b.at(r, t).set(i, x[lay.list_of_row[r]]);
+    }
+  }
+  return b;
+}
+
+// The reference applied to every element of `in`; `states`: each tensor's state after
+// this step (the torch statement, see optimizer_table.h).
+inline Expected expected_for(const OptimizerEntry& e, const OptCase& c, const Bucket& in,
+                             const std::vector<double>& states) {
+  const Layout lay = layout_for(e, c);
+  Expected x;
+  for (int r = 0; r < lay.n_rows; ++r) x.row_names.push_back(e.list_names[lay.list_of_row[r]]);
+  x.value.assign(lay.n_rows, {});
+  x.tol.assign(lay.n_rows, {});
+  x.unchanged.assign(lay.n_rows, false);
+  x.unchanged[lay.row[e.grad_list]] = !c.scaled;
+  const float* scale = c.scaled ? &c.grad_scale : nullptr;
+  const bool extended = in.dtype == DType::kFloat64;
+  double vals[kMaxLists] = {};
+  for (int64_t t = 0; t < in.n_tensors(); ++t) {
+    const double* st = e.n_states ? states.data() + t * e.n_states : nullptr;
+    for (int64_t i = 0; i < in.numels[t]; ++i) {
+      for (int r = 0; r < lay.n_rows; ++r) vals[lay.list_of_row[r]] = in.at(r, t).get(i);
+      const ElemRef o = e.reference(c.args, st, scale, vals, extended);
+      for (int r = 0; r < lay.n_rows; ++r) {
+        const int k = lay.list_of_row[r];
+        x.value[r].push_back(o.value[k]);
+        x.tol[r].push_back(allowed_error(in.dtype, o.value[k], o.mag[k]));
+      }
+    }
+  }
+  return x;
+}
+
+// Compares every row of `got` with `e`, bitwise for unchanged rows; `input` holds the
 // inputs for the failure messages. Returns the number of mismatches.
 inline int64_t check_bucket(const Bucket& got, const Bucket& input, const Expected& e,
                             const std::string& ctx) {
@@ -62,25 +106,25 @@ inline int64_t check_bucket(const Bucket& got, const Bucket& input, const Expect
         if (e.unchanged[l]) {
           const bool same = got.at(l, t).bits(i) == input.at(l, t).bits(i);
           bad += !same;
-          FO_CHECK(same) << ctx << ": " << e.list_names[l] << " of tensor " << t << " (numel "
+          FO_CHECK(same) << ctx << ": " << e.row_names[l] << " of tensor " << t << " (numel "
                          << got.numels[t] << ") element " << i << " changed";
           continue;
         }
         const double v = got.at(l, t).get(i);
         const double ref = e.value[l][k];
-        const double tol = allowed_error(got.dtype, ref, e.mag[l][k]);
+        const double tol = e.tol[l][k];
         const bool ok = std::fabs(v - ref) <= tol;
         bad += !ok;
         if (!ok) {
           std::ostringstream in;
           in.precision(17);
           for (int j = 0; j < input.n_lists; ++j) {
-            in << (j ? ", " : "") << e.list_names[j] << "=" << input.at(j, t).get(i);
+            in << (j ? ", " : "") << e.row_names[j] << "=" << input.at(j, t).get(i);
           }
-          FO_CHECK(ok) << std::setprecision(17) << ctx << ": " << e.list_names[l] << " of tensor " << t << " (numel "
-                       << got.numels[t] << ") element " << i << ": got " << v
-                       << ", reference " << ref << ", allowed error " << tol << " [inputs "
-                       << in.str() << "]";
+          FO_CHECK(ok) << std::setprecision(17) << ctx << ": " << e.row_names[l]
+                       << " of tensor " << t << " (numel " << got.numels[t] << ") element "
+                       << i << ": got " << v << ", reference " << ref << ", allowed error "
+                       << tol << " [inputs " << in.str() << "]";
         }
       }
     }
@@ -93,165 +137,64 @@ inline int64_t count_bit_differences(const Bucket& a, const Bucket& b) {
   int64_t diff = 0;
   for (int l = 0; l < a.n_lists; ++l) {
     for (int64_t t = 0; t < a.n_tensors(); ++t) {
-      for (int64_t i = 0; i < a.numels[t]; ++i) diff += a.at(l, t).bits(i) != b.at(l, t).bits(i);
+      const GuardedBuffer& x = a.at(l, t);
+      const GuardedBuffer& y = b.at(l, t);
+      if (std::memcmp(x.data(), y.data(), x.numel() * elem_size(x.dtype())) == 0) continue;
+      for (int64_t i = 0; i < a.numels[t]; ++i) diff += x.bits(i) != y.bits(i);
     }
   }
   return diff;
 }
 
-// ---------------------------------------------------------------------------------------
-// Adam
-
-struct AdamCase {
-  const char* name;
-  AdamHyper hyper;
-  bool scaled;       // grads carry a scale the kernel divides out
-  float grad_scale;
-};
-
-inline int adam_lists(const AdamHyper& h) { return h.amsgrad ? 5 : 4; }
-
-// Random Adam state: params of both signs away from zero, grads with a spread of
-// magnitudes, exp_avg_sq bounded away from 0 except for "fresh" elements, whose state is
-// all zeros as before a first step (and whose grad is 0 half of the time).
-inline void fill_adam(Bucket& b, const AdamCase& c, uint64_t seed) {
-  Rng rng(seed);
-  const double scale = c.scaled ? c.grad_scale : 1.0;
-  for (int64_t t = 0; t < b.n_tensors(); ++t) {
-    for (int64_t i = 0; i < b.numels[t]; ++i) {
-      const bool fresh = rng.chance(0.05);
-      const double sgn_p = rng.chance(0.5) ? -1 : 1, sgn_g = rng.chance(0.5) ? -1 : 1,
-                   sgn_m = rng.chance(0.5) ? -1 : 1;
-      const double g_mag = rng.chance(0.1) ? rng.uniform(0, 1e-3) : rng.uniform(0, 1.5);
-      b.at(fc::kAdamParam, t).set(i, sgn_p * rng.uniform(0.05, 2.0));
-      b.at(fc::kAdamGrad, t).set(i, (fresh && rng.chance(0.5)) ? 0.0 : sgn_g * g_mag * scale);
-      b.at(fc::kAdamExpAvg, t).set(i, fresh ? 0.0 : sgn_m * rng.uniform(0, 0.5));
-      b.at(fc::kAdamExpAvgSq, t).set(i, fresh ? 0.0 : rng.uniform(1e-3, 0.5));
-      if (b.n_lists == 5) b.at(fc::kAdamMaxExpAvgSq, t).set(i, fresh ? 0.0 : rng.uniform(1e-3, 0.6));
-    }
-  }
-}
-
-// Per-tensor step counts of a call: step_for_tensor(t) + shift.
-inline std::vector<double> adam_steps(int64_t n_tensors, int shift = 0) {
-  std::vector<double> steps;
-  for (int64_t t = 0; t < n_tensors; ++t) steps.push_back(step_for_tensor(t) + shift);
-  return steps;
-}
-
-inline Expected adam_expected(const Bucket& in, const AdamCase& c,
-                              const std::vector<double>& steps) {
-  Expected e;
-  e.list_names = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
-  e.list_names.resize(in.n_lists);
-  e.value.assign(in.n_lists, {});
-  e.mag.assign(in.n_lists, {});
-  e.unchanged.assign(in.n_lists, false);
-  e.unchanged[fc::kAdamGrad] = !c.scaled;
-  const float* scale = c.scaled ? &c.grad_scale : nullptr;
-  for (int64_t t = 0; t < in.n_tensors(); ++t) {
-    for (int64_t i = 0; i < in.numels[t]; ++i) {
-      AdamElemIn x{in.at(0, t).get(i), in.at(1, t).get(i), in.at(2, t).get(i),
-                   in.at(3, t).get(i), in.n_lists == 5 ? in.at(4, t).get(i) : 0.0};
-      const AdamElemOut o = in.dtype == DType::kFloat64
-                                ? adam_reference<long double>(c.hyper, steps[t], scale, x)
-                                : adam_reference<double>(c.hyper, steps[t], scale, x);
-      const double vals[] = {o.param, o.grad, o.exp_avg, o.exp_avg_sq, o.max_exp_avg_sq};
-      const double mags[] = {o.mag_param, o.mag_grad, o.mag_exp_avg, o.mag_exp_avg_sq,
-                             o.mag_max_exp_avg_sq};
-      for (int l = 0; l < in.n_lists; ++l) {
-        e.value[l].push_back(vals[l]);
-        e.mag[l].push_back(mags[l]);
-      }
-    }
-  }
-  return e;
-}
-
-// `steps` must outlive the call.
-inline fc::AdamCall adam_call(const AdamCase& c, const std::vector<double>& steps) {
-  fc::AdamCall call;
-  call.hyper = c.hyper;
-  call.steps = steps.data();
+// One step's call of the CPU kernels, as csrc/ops_cpu.cpp builds it. `states`: each
+// tensor's state after Optim::advance (must outlive the call).
+inline fc::StepCall step_call(const OptimizerEntry& e, const OptCase& c,
+                              const std::vector<double>& states) {
+  fc::StepCall call{};
+  call.args = c.args;
+  call.lists = layout_for(e, c).lists;
+  call.maximize = maximize_of(e, c.args);
   call.grad_scale = c.scaled ? &c.grad_scale : nullptr;
+  call.tensor_state = e.n_states ? states.data() : nullptr;
   return call;
 }
 
-inline void run_adam(const fc::KernelSet& k, Bucket& b, const fc::AdamCall& call, Slicing s) {
+inline void run_cpu(const fc::KernelSet& k, const OptimizerEntry& e, Bucket& b,
+                    const fc::StepCall& call, Slicing s) {
   const std::vector<Chunk> chunks = make_chunks(b.numels);
   const fc::TensorTable table = b.table();
   for_slices(static_cast<int64_t>(chunks.size()), s, [&](int64_t lo, int64_t hi) {
-    k.adam(table, call, chunks.data(), lo, hi);
+    k.chunks[e.id](table, call, chunks.data(), lo, hi);
   });
 }
 
-// ---------------------------------------------------------------------------------------
-// SGD
-
-struct SgdCase {
-  const char* name;
-  SgdHyper hyper;
-  bool scaled;
-  float grad_scale;
-};
-
-inline int sgd_lists(const SgdHyper& h) { return h.momentum != 0 ? 3 : 2; }
-
-inline void fill_sgd(Bucket& b, const SgdCase& c, uint64_t seed) {
-  Rng rng(seed);
-  const double scale = c.scaled ? c.grad_scale : 1.0;
-  for (int64_t t = 0; t < b.n_tensors(); ++t) {
-    for (int64_t i = 0; i < b.numels[t]; ++i) {
-      const double sgn_p = rng.chance(0.5) ? -1 : 1, sgn_g = rng.chance(0.5) ? -1 : 1,
-                   sgn_b = rng.chance(0.5) ? -1 : 1;
-      const double g_mag = rng.chance(0.05) ? 0.0 : rng.uniform(0, 1.5);
-      b.at(0, t).set(i, sgn_p * rng.uniform(0.05, 2.0));
-      b.at(1, t).set(i, sgn_g * g_mag * scale);
-      if (b.n_lists == 3) b.at(2, t).set(i, sgn_b * rng.uniform(0, 1.0));
-    }
-  }
+// The per-tensor states of a step `steps_done` steps after the tests' initial state,
+// after this step's advance: with Optim::advance (`header`: what the ops layer hands the
+// engine) or with the entry's torch statement (what the reference is given).
+inline std::vector<double> step_states(const OptimizerEntry& e, const OptCase& c,
+                                       int64_t n_tensors, int steps_done, bool header) {
+  return advanced(e, c.args, states_before(e, c.args, n_tensors, steps_done), header);
 }
 
-inline Expected sgd_expected(const Bucket& in, const SgdCase& c) {
-  Expected e;
-  e.list_names = {"param", "grad", "momentum_buffer"};
-  e.list_names.resize(in.n_lists);
-  e.value.assign(in.n_lists, {});
-  e.mag.assign(in.n_lists, {});
-  e.unchanged.assign(in.n_lists, false);
-  e.unchanged[1] = !c.scaled;
-  const float* scale = c.scaled ? &c.grad_scale : nullptr;
-  for (int64_t t = 0; t < in.n_tensors(); ++t) {
-    for (int64_t i = 0; i < in.numels[t]; ++i) {
-      SgdElemIn x{in.at(0, t).get(i), in.at(1, t).get(i),
-                  in.n_lists == 3 ? in.at(2, t).get(i) : 0.0};
-      const SgdElemOut o = in.dtype == DType::kFloat64
-                               ? sgd_reference<long double>(c.hyper, scale, x)
-                               : sgd_reference<double>(c.hyper, scale, x);
-      const double vals[] = {o.param, o.grad, o.momentum_buffer};
-      const double mags[] = {o.mag_param, o.mag_grad, o.mag_momentum_buffer};
-      for (int l = 0; l < in.n_lists; ++l) {
-        e.value[l].push_back(vals[l]);
-        e.mag[l].push_back(mags[l]);
-      }
-    }
-  }
-  return e;
+// One step of case `c` through kernel set `k` on a copy of `input` laid out with `offset`.
+inline Bucket cpu_run(const fc::KernelSet& k, const OptimizerEntry& e, const OptCase& c,
+                      const Bucket& input, int (*offset)(int, int), int steps_done, Slicing s) {
+  const std::vector<double> states = step_states(e, c, input.n_tensors(), steps_done, true);
+  Bucket b = clone_bucket(input, offset);
+  run_cpu(k, e, b, step_call(e, c, states), s);
+  return b;
 }
 
-inline fc::SgdCall sgd_call(const SgdCase& c) {
-  fc::SgdCall call;
-  call.hyper = c.hyper;
-  call.grad_scale = c.scaled ? &c.grad_scale : nullptr;
-  return call;
+// The reference results of that step.
+inline Expected reference_step(const OptimizerEntry& e, const OptCase& c, const Bucket& input,
+                               int steps_done) {
+  return expected_for(e, c, input, step_states(e, c, input.n_tensors(), steps_done, false));
 }
 
-inline void run_sgd(const fc::KernelSet& k, Bucket& b, const fc::SgdCall& call, Slicing s) {
-  const std::vector<Chunk> chunks = make_chunks(b.numels);
-  const fc::TensorTable table = b.table();
-  for_slices(static_cast<int64_t>(chunks.size()), s, [&](int64_t lo, int64_t hi) {
-    k.sgd(table, call, chunks.data(), lo, hi);
-  });
+// Context for failure messages.
+inline std::string ctx_of(const OptimizerEntry& e, const OptCase& c, DType d,
+                          const std::string& where) {
+  return e.name + " " + c.name + " " + dtype_name(d) + " [" + where + "]";
 }
 
 }  // namespace fo_test

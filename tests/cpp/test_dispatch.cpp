@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "fused_optim/optimizers.h"
 #include "harness.h"
 
 namespace fo_test {
@@ -66,7 +67,11 @@ FO_TEST(dispatch_every_supported_variant_is_complete_and_selectable) {
   for (const std::string& name : fc::supported_capabilities()) {
     const fc::KernelSet& k = fc::kernels_for(name);
     FO_CHECK_EQ(std::string(k.name), name);
-    FO_CHECK(k.adam != nullptr && k.sgd != nullptr) << name;
+    // chunks[id] for every optimizer of FO_FOR_EACH_OPTIMIZER, nothing after them.
+    for (int id = 0; id < fc::kMaxOptimizers; ++id) {
+      FO_CHECK_EQ(k.chunks[id] != nullptr, id < fused_optim::kNumOptimizers)
+          << name << " id " << id;
+    }
     fc::set_capability(name);
     FO_CHECK_EQ(fc::current_capability(), name);
     FO_CHECK(&fc::active_kernels() == &k) << name;
@@ -74,7 +79,10 @@ FO_TEST(dispatch_every_supported_variant_is_complete_and_selectable) {
   // Variants are distinct code (one instruction set per translation unit).
   const std::vector<std::string> s = fc::supported_capabilities();
   for (size_t i = 1; i < s.size(); ++i) {
-    FO_CHECK(fc::kernels_for(s[i]).adam != fc::kernels_for(s[0]).adam) << s[i];
+    for (int id = 0; id < fused_optim::kNumOptimizers; ++id) {
+      FO_CHECK(fc::kernels_for(s[i]).chunks[id] != fc::kernels_for(s[0]).chunks[id])
+          << s[i] << " id " << id;
+    }
   }
   fc::set_capability(before);
   FO_CHECK_EQ(fc::current_capability(), before);

@@ -1,0 +1,854 @@
+// The CUDA engine -- csrc/cuda/multi_tensor_apply.cuh (host packing, kernel) and
+// csrc/cuda/engine.cuh (OptimFunctor, launch<>, advance_states<>) -- compiled as plain C++
+// through tests/cpp/cuda_shim.h and run on the CPU, block after block, thread after thread
+// ([note: host emulation] in multi_tensor_apply.cuh). For every optimizer of the table
+// (optimizer_table.h) and every storage dtype it checks:
+//  - every option case against the reference, within the CPU engine's tolerance, and bit
+//    for bit against the CPU engine's portable variant on the same bucket;
+//  - the launch tables: every tensor with elements once, in order, full tables but the
+//    last, chunk prefix sums, pointers, numels and state pointers as the bucket has them;
+//    the state launches cover every tensor, empty ones included;
+//  - the block -> tensor binary search (a counting functor sees each element exactly once,
+//    from the block of its own tensor);
+//  - 64-bit chunk offsets, on a virtual tensor of 6.4e9 elements whose last chunk has
+//    memory behind it, and the launch cuts at 2^31 - 1 chunks;
+//  - the vector path (16-byte aligned rows), the scalar path (misaligned rows) and the
+//    vector path's tails give the same bits;
+//  - found_inf skips everything, state included; per-tensor state rounds to its dtype;
+//    NaN lr / grad scale leave NaNs; launch errors are returned.
+// Emulated CUDA conversions match the oracles (and CUDA's own host code: see cuda_shim.h).
+#include "cuda_shim.h"  // first: the CUDA keywords and FO_LAUNCH_KERNEL
+
+#include "cuda/engine.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine_fixture.h"
+#include "harness.h"
+
+namespace fo_test {
+namespace {
+
+namespace fcu = fused_optim::cuda;
+using fo_cuda_shim::LaunchRecord;
+
+constexpr int64_t kCudaChunk = fcu::kChunkSize;
+
+// The launchers of every registered optimizer, as csrc/cuda/ops_cuda.cu builds them.
+using LaunchFn = cudaError_t (*)(const fcu::Launch&, cudaStream_t);
+struct EmuLaunchers {
+  LaunchFn by_dtype[4];  // index: cpu::DType
+  LaunchFn advance;
+};
+static_assert(static_cast<int>(DType::kFloat32) == 0 && static_cast<int>(DType::kFloat64) == 1 &&
+              static_cast<int>(DType::kFloat16) == 2 && static_cast<int>(DType::kBFloat16) == 3);
+#define FO_TEST_EMU_LAUNCHERS(Name)                                                        \
+  EmuLaunchers{{&fcu::launch<fm::Name, DType::kFloat32>, &fcu::launch<fm::Name, DType::kFloat64>, \
+                &fcu::launch<fm::Name, DType::kFloat16>,                                  \
+                &fcu::launch<fm::Name, DType::kBFloat16>},                                \
+               &fcu::advance_states<fm::Name>},
+const EmuLaunchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_TEST_EMU_LAUNCHERS)};
+#undef FO_TEST_EMU_LAUNCHERS
+
+// The bucket of the option tests: the vector tails of every dtype (V = 2, 4, 8), empty
+// tensors, and enough small tensors (45, 42 with elements) that every optimizer's tables
+// fill: 16 (5 lists and a state: AMSGrad, centered RMSprop with momentum) to 36 (SGD
+// without momentum) tensors per launch with the emulation's 1 KB tables. ~6,600 elements,
+// so the emulation runs every option case on every dtype; tensors of several chunks are
+// the business of the packing, 64-bit and path tests.
+std::vector<int64_t> cuda_sizes() {
+  std::vector<int64_t> s = {0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 511, 512, 513, 0};
+  for (int t = 0; s.size() < 44; ++t) s.push_back(1 + (t * 37) % 200);
+  s.push_back(0);
+  return s;
+}
+
+// Per-tensor state as the CUDA ops see it: one one-element tensor per param and state
+// list, all float32 (torch's default for `step`) or all float64.
+class DeviceStates {
+ public:
+  DeviceStates(int n_states, int64_t n, const std::vector<double>& values, bool is_double)
+      : ns_(n_states), n_(n), double_(is_double) {
+    for (int j = 0; j < ns_; ++j) {
+      d_[j].assign(n, 0.0);
+      f_[j].assign(n, 0.0f);
+      for (int64_t t = 0; t < n; ++t) {
+        d_[j][t] = values[t * ns_ + j];
+        f_[j][t] = static_cast<float>(values[t * ns_ + j]);
+        ptrs_[j].push_back(double_ ? static_cast<void*>(&d_[j][t])
+                                   : static_cast<void*>(&f_[j][t]));
+      }
+    }
+  }
+  DeviceStates(const DeviceStates&) = delete;
+  DeviceStates& operator=(const DeviceStates&) = delete;
+
+  int n_states() const { return ns_; }
+  bool is_double() const { return double_; }
+  void* const* ptrs(int j) const { return ptrs_[j].data(); }
+  std::vector<double> values() const {
+    std::vector<double> v(static_cast<size_t>(n_ * ns_));
+    for (int64_t t = 0; t < n_; ++t) {
+      for (int j = 0; j < ns_; ++j) v[t * ns_ + j] = double_ ? d_[j][t] : f_[j][t];
+    }
+    return v;
+  }
+
+ private:
+  int ns_;
+  int64_t n_;
+  bool double_;
+  std::vector<double> d_[fm::kMaxStates];
+  std::vector<float> f_[fm::kMaxStates];
+  std::vector<void*> ptrs_[fm::kMaxStates];
+};
+
+// States as a state tensor of that dtype stores them.
+std::vector<double> stored_as(std::vector<double> v, bool is_double) {
+  if (!is_double) {
+    for (double& x : v) x = static_cast<float>(x);
+  }
+  return v;
+}
+
+// How lr reaches the kernels: a host value, or a one-element device tensor (double, or
+// float when lr is a float value).
+enum class LrMode { kValue, kDoublePtr, kFloatPtr };
+
+LrMode lr_mode_for(const fm::Args& a, int case_index) {
+  if (a.lr == static_cast<double>(static_cast<float>(a.lr)) && case_index % 2 == 1) {
+    return LrMode::kFloatPtr;
+  }
+  return case_index % 3 == 0 ? LrMode::kValue : LrMode::kDoublePtr;
+}
+
+struct CudaRun {
+  cudaError_t launch_error = cudaSuccess;
+  cudaError_t advance_error = cudaSuccess;
+  std::vector<LaunchRecord> launches;
+};
+
+// One step through the emulated engine as csrc/cuda/ops_cuda.cu drives it: launch<> and,
+// when it succeeded, advance_states<>. `rows` defaults to the bucket's table. The shim's
+// test hooks (block ranges, failing launches) are the caller's.
+CudaRun run_emulated(const OptimizerEntry& e, const OptCase& c, Bucket& b, DeviceStates& st,
+                     LrMode lr_mode, const float* found_inf,
+                     const fc::TensorTable* rows = nullptr) {
+  fo_cuda_shim::State& shim = fo_cuda_shim::state();
+  shim.launches.clear();
+  shim.last_error = cudaSuccess;
+  const double lr_double = c.args.lr;
+  const float lr_float = static_cast<float>(c.args.lr);
+  fcu::Launch l{};
+  l.rows = rows ? *rows : b.table();
+  l.lists = layout_for(e, c).lists;
+  l.args = c.args;
+  switch (lr_mode) {
+    case LrMode::kValue: l.lr = fcu::DeviceScalar{nullptr, false, c.args.lr}; break;
+    case LrMode::kDoublePtr: l.lr = fcu::DeviceScalar{&lr_double, true, 0.0}; break;
+    case LrMode::kFloatPtr: l.lr = fcu::DeviceScalar{&lr_float, false, 0.0}; break;
+  }
+  l.maximize = maximize_of(e, c.args);
+  for (int j = 0; j < st.n_states(); ++j) {
+    l.states[j] = st.ptrs(j);
+    l.states_are_double[j] = st.is_double();
+  }
+  l.grad_scale = c.scaled ? &c.grad_scale : nullptr;
+  l.found_inf = found_inf;
+  CudaRun r;
+  r.launch_error = kLaunchers[e.id].by_dtype[static_cast<int>(b.dtype)](l, nullptr);
+  if (r.launch_error == cudaSuccess) r.advance_error = kLaunchers[e.id].advance(l, nullptr);
+  r.launches = shim.launches;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding the recorded launch tables.
+
+struct DecodedTable {
+  int max_tensors = 0;
+  int n = 0;
+  std::vector<std::vector<const void*>> ptrs;     // [d][i]
+  std::vector<int64_t> numels;                    // [i]
+  std::vector<std::vector<const void*>> scalars;  // [j][i]
+  std::vector<int32_t> chunk_start;               // [i], i <= n
+};
+
+template <int D, int NS>
+void decode_chunk_table(const std::vector<unsigned char>& bytes, DecodedTable& out) {
+  using T = fcu::ChunkTable<D, NS>;
+  FO_CHECK_EQ(bytes.size(), sizeof(T));
+  if (bytes.size() != sizeof(T)) return;
+  const auto t = std::make_unique<T>();
+  std::memcpy(static_cast<void*>(t.get()), bytes.data(), sizeof(T));
+  out.max_tensors = T::kMaxTensors;
+  out.n = t->n_tensors;
+  FO_CHECK(out.n >= 0 && out.n <= T::kMaxTensors) << out.n;
+  if (out.n < 0 || out.n > T::kMaxTensors) return;
+  out.ptrs.assign(D, {});
+  out.scalars.assign(NS, {});
+  for (int i = 0; i < out.n; ++i) {
+    for (int d = 0; d < D; ++d) out.ptrs[d].push_back(t->ptrs[d][i]);
+    out.numels.push_back(t->numels[i]);
+    if constexpr (NS > 0) {
+      for (int j = 0; j < NS; ++j) out.scalars[j].push_back(t->scalars.ptrs[j][i]);
+    }
+  }
+  for (int i = 0; i <= out.n; ++i) out.chunk_start.push_back(t->chunk_start[i]);
+}
+
+template <int D, int NS>
+bool decode_any_chunk_table(int depth, int ns, const std::vector<unsigned char>& bytes,
+                            DecodedTable& out) {
+  if (depth == D && ns == NS) {
+    decode_chunk_table<D, NS>(bytes, out);
+    return true;
+  }
+  if constexpr (NS < fm::kMaxStates) {
+    return decode_any_chunk_table<D, NS + 1>(depth, ns, bytes, out);
+  } else if constexpr (D < kMaxLists) {
+    return decode_any_chunk_table<D + 1, 0>(depth, ns, bytes, out);
+  } else {
+    return false;
+  }
+}
+
+template <int NS>
+bool decode_state_table(int ns, const std::vector<unsigned char>& bytes, DecodedTable& out) {
+  if constexpr (NS > fm::kMaxStates) {
+    return false;
+  } else {
+    if (ns != NS) return decode_state_table<NS + 1>(ns, bytes, out);
+    using T = fcu::StateTable<NS>;
+    FO_CHECK_EQ(bytes.size(), sizeof(T));
+    if (bytes.size() != sizeof(T)) return true;
+    const auto t = std::make_unique<T>();
+    std::memcpy(static_cast<void*>(t.get()), bytes.data(), sizeof(T));
+    out.max_tensors = T::kMaxTensors;
+    out.n = t->n;
+    FO_CHECK(out.n >= 1 && out.n <= T::kMaxTensors) << out.n;
+    if (out.n < 1 || out.n > T::kMaxTensors) return true;
+    out.scalars.assign(NS, {});
+    for (int i = 0; i < out.n; ++i) {
+      for (int j = 0; j < NS; ++j) out.scalars[j].push_back(t->ptrs[j][i]);
+    }
+    return true;
+  }
+}
+
+bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+
+// The launches of one call against the bucket it was given: optimizer launches first, each
+// a table of the next tensors with elements, in bucket order, each tensor in exactly one
+// table; tables full but the last (`expect_full`: no 2^31 chunk cut); per table the
+// pointers, numels and state pointers of its tensors, chunk_start the prefix sum of their
+// chunks and the grid its total; then state launches covering every tensor in order.
+void check_packing(const OptimizerEntry& e, const fc::TensorTable& rows, const DeviceStates* st,
+                   const std::vector<LaunchRecord>& launches, bool expect_full,
+                   const std::string& ctx, bool with_state_launches = true) {
+  std::vector<int64_t> nonempty;
+  for (int64_t t = 0; t < rows.n_tensors; ++t) {
+    if (rows.numels[t] > 0) nonempty.push_back(t);
+  }
+  const int ns = e.n_states;
+  size_t next = 0, li = 0, table_launches = 0;
+  int max_tensors = 0;
+  for (; li < launches.size() && starts_with(launches[li].kernel, "multi_tensor_apply_kernel");
+       ++li, ++table_launches) {
+    const LaunchRecord& rec = launches[li];
+    DecodedTable tab;
+    const bool decoded = decode_any_chunk_table<1, 0>(rows.n_lists, ns, rec.first_arg, tab);
+    FO_CHECK(decoded) << ctx;
+    max_tensors = tab.max_tensors;
+    FO_CHECK_EQ(rec.threads, static_cast<unsigned int>(fcu::kBlockSize)) << ctx;
+    FO_CHECK(tab.n >= 1) << ctx << ": launch " << li << " has an empty table";
+    if (tab.n < 1 || tab.chunk_start.empty()) continue;
+    FO_CHECK_EQ(tab.chunk_start[0], 0) << ctx;
+    for (int i = 0; i < tab.n && next < nonempty.size(); ++i, ++next) {
+      const int64_t t = nonempty[next];
+      for (int d = 0; d < rows.n_lists; ++d) {
+        FO_CHECK(tab.ptrs[d][i] == rows.ptrs[d * rows.n_tensors + t])
+            << ctx << ": launch " << li << " entry " << i << " list " << d
+            << " is not tensor " << t;
+      }
+      FO_CHECK_EQ(tab.numels[i], rows.numels[t]) << ctx << ": launch " << li << " entry " << i;
+      for (int j = 0; j < ns && st; ++j) {
+        FO_CHECK(tab.scalars[j][i] == st->ptrs(j)[t])
+            << ctx << ": state " << j << " of tensor " << t;
+      }
+      const int64_t chunks = (rows.numels[t] + kCudaChunk - 1) / kCudaChunk;
+      FO_CHECK_EQ(static_cast<int64_t>(tab.chunk_start[i + 1]) - tab.chunk_start[i], chunks)
+          << ctx << ": launch " << li << " entry " << i;
+    }
+    FO_CHECK_EQ(static_cast<int64_t>(rec.blocks), static_cast<int64_t>(tab.chunk_start[tab.n]))
+        << ctx << ": launch " << li << " grid";
+    const bool last = li + 1 == launches.size() ||
+                      !starts_with(launches[li + 1].kernel, "multi_tensor_apply_kernel");
+    if (expect_full && !last) {
+      FO_CHECK_EQ(tab.n, tab.max_tensors) << ctx << ": launch " << li << " cut early";
+    }
+  }
+  FO_CHECK_EQ(next, nonempty.size()) << ctx << ": tensors with elements missing from the tables";
+  if (expect_full && max_tensors > 0) {
+    FO_CHECK_EQ(table_launches, (nonempty.size() + max_tensors - 1) / max_tensors) << ctx;
+  }
+  // The state launches: every tensor, in order, ~kMaxTensors per launch, 256 threads each.
+  int64_t covered = 0;
+  size_t state_launches = 0;
+  for (; li < launches.size(); ++li, ++state_launches) {
+    const LaunchRecord& rec = launches[li];
+    FO_CHECK(starts_with(rec.kernel, "advance_states_kernel")) << ctx << ": " << rec.kernel;
+    DecodedTable tab;
+    FO_CHECK(decode_state_table<1>(ns, rec.first_arg, tab)) << ctx;
+    FO_CHECK_EQ(rec.threads, static_cast<unsigned int>(fcu::kStatesBlockSize)) << ctx;
+    FO_CHECK_EQ(static_cast<int64_t>(rec.blocks),
+                (tab.n + fcu::kStatesBlockSize - 1) / fcu::kStatesBlockSize) << ctx;
+    for (int i = 0; i < tab.n && st; ++i, ++covered) {
+      for (int j = 0; j < ns; ++j) {
+        FO_CHECK(covered < rows.n_tensors && tab.scalars[j][i] == st->ptrs(j)[covered])
+            << ctx << ": state launch " << state_launches << " entry " << i;
+      }
+    }
+    max_tensors = tab.max_tensors;
+  }
+  if (st && ns > 0 && with_state_launches) {
+    FO_CHECK_EQ(covered, rows.n_tensors) << ctx << ": states of some tensors never stored";
+    FO_CHECK_EQ(static_cast<int64_t>(state_launches),
+                (rows.n_tensors + max_tensors - 1) / std::max(max_tensors, 1)) << ctx;
+  } else {
+    FO_CHECK_EQ(state_launches, 0u) << ctx << ": state launches without state";
+  }
+}
+
+void check_states(const DeviceStates& st, const std::vector<double>& want,
+                  const std::string& ctx) {
+  const std::vector<double> got = st.values();
+  for (size_t i = 0; i < want.size(); ++i) {
+    FO_CHECK_EQ(got[i], want[i]) << ctx << ": state " << i;
+  }
+}
+
+// One option case on one dtype through the emulated engine: the reference, the states,
+// the packing, and the CPU engine's portable variant on the same bucket.
+void cuda_case(const OptimizerEntry& e, const OptCase& c, int case_index, DType d) {
+  int (*offset)(int, int) = case_index % 2 == 0 ? offset_zero : mixed_offset;
+  const bool states_double = case_index % 3 == 1;
+  const LrMode lr_mode = lr_mode_for(c.args, case_index);
+  const std::string ctx =
+      ctx_of(e, c, d, std::string("emulated CUDA") +
+                          (offset == offset_zero ? ", aligned" : ", mixed offsets") +
+                          (states_double ? ", float64 state" : ""));
+  const Bucket input = make_bucket(e, c, d, cuda_sizes(), offset,
+                                   3000u + 100u * case_index + static_cast<unsigned>(d));
+  const int64_t n = input.n_tensors();
+  const std::vector<double> before = states_before(e, c.args, n, 0);
+  DeviceStates st(e.n_states, n, before, states_double);
+  const std::vector<double> after = stored_as(advanced(e, c.args, before, false), states_double);
+  const Expected x = expected_for(e, c, input, after);
+  Bucket got = clone_bucket(input, offset);
+  const CudaRun r = run_emulated(e, c, got, st, lr_mode, nullptr);
+  FO_CHECK_EQ(r.launch_error, cudaSuccess) << ctx;
+  FO_CHECK_EQ(r.advance_error, cudaSuccess) << ctx;
+  check_bucket(got, input, x, ctx);
+  check_states(st, after, ctx);
+  check_packing(e, got.table(), &st, r.launches, true, ctx);
+  const Bucket cpu = cpu_run(fc::kernels_for("default"), e, c, input, offset, 0, Slicing::kOneCall);
+  FO_CHECK_EQ(count_bit_differences(cpu, got), 0) << ctx << ": differs from the CPU engine";
+}
+
+void cuda_all_cases(DType d) {
+  for (const OptimizerEntry& e : optimizer_table()) {
+    for (size_t i = 0; i < e.cases.size(); ++i) cuda_case(e, e.cases[i], static_cast<int>(i), d);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// The shim's conversions are CUDA's (cuda_shim.h): the oracles of test_util.h for every
+// number, the canonical NaN 0x7fff / 0x7fffffff for every NaN.
+FO_TEST(cuda_shim_conversions_round_as_cuda) {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const uint16_t x = static_cast<uint16_t>(h);
+    const bool nan = (x & 0x7c00) == 0x7c00 && (x & 0x3ff) != 0;
+    const uint32_t got = f32_bits(__half2float(__half{x}));
+    FO_CHECK_EQ(got, nan ? 0x7fffffffu : f32_bits(oracle_half_to_float(x))) << "half " << h;
+    FO_CHECK_EQ(f32_bits(__bfloat162float(__nv_bfloat16{x})), h << 16) << "bf16 " << h;
+  }
+  auto check_half = [](float f) {
+    const uint16_t got = __float2half_rn(f).x;
+    FO_CHECK_EQ(got, std::isnan(f) ? uint16_t{0x7fff} : oracle_float_to_half(f))
+        << "float " << f << " (" << f32_bits(f) << ") -> half";
+  };
+  auto check_bf16 = [](float f) {
+    const uint16_t got = __float2bfloat16_rn(f).x;
+    FO_CHECK_EQ(got, std::isnan(f) ? uint16_t{0x7fff} : oracle_float_to_bf16(f))
+        << "float " << f << " (" << f32_bits(f) << ") -> bf16";
+  };
+  // Every fp16 value, the tie to its upper neighbour, one float either side of it, and
+  // a quarter / three quarters of the way (normal, subnormal, overflow at 65520).
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const double a = oracle_half_to_float(static_cast<uint16_t>(h));
+    const double b = h == 0x7bff ? 65536.0 : oracle_half_to_float(static_cast<uint16_t>(h + 1));
+    const float mid = static_cast<float>((a + b) / 2);
+    for (float f : {static_cast<float>(a), mid, std::nextafter(mid, 0.0f),
+                    std::nextafter(mid, INFINITY), static_cast<float>(a + (b - a) / 4),
+                    static_cast<float>(a + 3 * (b - a) / 4)}) {
+      check_half(f);
+      check_half(-f);
+    }
+  }
+  for (uint32_t hi = 0; hi < 0x10000; ++hi) {
+    for (uint32_t lo : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu}) {
+      check_bf16(bits_f32((hi << 16) | lo));
+    }
+  }
+  Rng rng(99);
+  for (int i = 0; i < 200000; ++i) {
+    const uint32_t u = static_cast<uint32_t>(rng.next());
+    check_half(bits_f32(u));
+    check_bf16(bits_f32(u));
+  }
+}
+
+// The capacities [note: launch metadata by value] states for CUDA's 32 KB parameter space
+// (the emulation itself runs 1 KB tables, FO_CUDA_TEST_TABLE_BYTES).
+FO_TEST(cuda_engine_table_capacities_match_the_note) {
+  const int production_table = fcu::kMaxKernelParamBytes - 512;
+  auto capacity = [&](int bytes_per_tensor) { return (production_table - 16) / bytes_per_tensor; };
+  FO_CHECK_EQ(capacity(fcu::ChunkTable<4, 1>::kBytesPerTensor), 619);   // Adam
+  FO_CHECK_EQ(capacity(fcu::ChunkTable<5, 1>::kBytesPerTensor), 537);   // AMSGrad
+  FO_CHECK_EQ(capacity(fcu::ChunkTable<3, 0>::kBytesPerTensor), 895);   // SGD, momentum
+  FO_CHECK_EQ(capacity(fcu::ChunkTable<2, 0>::kBytesPerTensor), 1151);  // SGD
+  FO_CHECK_EQ((8192 + 618) / 619, 14);  // "an 8,192-tensor Adam bucket takes 14 launches"
+  FO_CHECK_EQ(capacity(8), 4029);       // advance_states: "~4,000 tensors per launch"
+  FO_CHECK_EQ(fcu::kTableBytes, FO_CUDA_TEST_TABLE_BYTES);
+  const int emulated_adam_tensors = fcu::ChunkTable<4, 1>::kMaxTensors;
+  FO_CHECK_EQ(emulated_adam_tensors, (FO_CUDA_TEST_TABLE_BYTES - 16) / 52);
+}
+
+// Bit-identical to the CPU engine's portable variant for every dtype: the same math
+// header, IEEE operations in the same order without contraction on both sides, and
+// conversions that agree on every number (they differ on NaNs only, which these buckets
+// have none of). On a GPU nvcc contracts into FMAs and its pow is not glibc's: the
+// tolerance, not the bits, is the contract there.
+FO_TEST(cuda_engine_fp32_all_options_match_reference_and_cpu_bits) {
+  cuda_all_cases(DType::kFloat32);
+}
+FO_TEST(cuda_engine_fp64_all_options_match_reference_and_cpu_bits) {
+  cuda_all_cases(DType::kFloat64);
+}
+FO_TEST(cuda_engine_fp16_all_options_match_reference_and_cpu_bits) {
+  cuda_all_cases(DType::kFloat16);
+}
+FO_TEST(cuda_engine_bf16_all_options_match_reference_and_cpu_bits) {
+  cuda_all_cases(DType::kBFloat16);
+}
+
+// 300 tensors, empty ones first, last, in runs and next to the two multi-chunk ones (one
+// exact chunk; two chunks and 5): several optimizer launches and (for optimizers with
+// state) three state launches of at most 126 tensors; every element and every state
+// checked.
+FO_TEST(cuda_engine_launch_tables_pack_every_tensor_in_order) {
+  std::vector<int64_t> sizes;
+  for (int t = 0; t < 300; ++t) {
+    const bool empty = t == 0 || t == 299 || t % 7 == 3 || (t >= 40 && t < 44);
+    const int64_t size = t == 25 ? kCudaChunk : t == 150 ? 2 * kCudaChunk + 5 : 1 + (t * 13) % 40;
+    sizes.push_back(empty ? 0 : size);
+  }
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    for (DType d : {DType::kFloat32, DType::kBFloat16}) {
+      const std::string ctx = ctx_of(e, c, d, "emulated CUDA, 300 tensors");
+      const Bucket input = make_bucket(e, c, d, sizes, mixed_offset, 31);
+      const std::vector<double> before = states_before(e, c.args, input.n_tensors(), 0);
+      DeviceStates st(e.n_states, input.n_tensors(), before, false);
+      const std::vector<double> after = stored_as(advanced(e, c.args, before, false), false);
+      Bucket got = clone_bucket(input, mixed_offset);
+      const CudaRun r = run_emulated(e, c, got, st, LrMode::kDoublePtr, nullptr);
+      FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
+      check_bucket(got, input, expected_for(e, c, input, after), ctx);
+      check_states(st, after, ctx);  // empty tensors' states advance too
+      check_packing(e, got.table(), &st, r.launches, true, ctx);
+      size_t table_launches = 0;
+      for (const LaunchRecord& l : r.launches) {
+        table_launches += starts_with(l.kernel, "multi_tensor_apply_kernel");
+      }
+      FO_CHECK(table_launches >= 6) << ctx << ": only " << table_launches << " launches";
+      if (e.n_states > 0) {
+        FO_CHECK_EQ(r.launches.size() - table_launches, 3u) << ctx;
+      }
+    }
+  }
+}
+
+namespace {
+
+// A functor for the engine alone: list 0 counts visits (+1 each), list 1 holds each
+// element's tensor tag, which must equal the tag its block read through the tensor's
+// scalar pointer; a wrong tensor adds 1000 instead.
+struct CountingOp {
+  using storage_t = float;
+  static constexpr int kDepth = 2;
+  static constexpr int kTensorScalars = 1;
+  static constexpr bool reads(int) { return true; }
+  static constexpr bool writes(int d) { return d == 0; }
+  struct BlockScalars {
+    float tag;
+  };
+  bool skip() const { return false; }
+  BlockScalars block_scalars(const void* const* tensor_scalars) const {
+    return {*static_cast<const float*>(tensor_scalars[0])};
+  }
+  void operator()(float (&x)[kDepth], const BlockScalars& s) const {
+    x[0] += x[1] == s.tag ? 1.0f : 1000.0f;
+  }
+};
+
+}  // namespace
+
+// The binary search of [note: one block per chunk, found by binary search]: 90 tensors of
+// 1 to 4 chunks and empty ones, misaligned and aligned, four launches of 28 tensors: each
+// element is visited exactly once, by a block of its own tensor.
+FO_TEST(cuda_engine_block_to_tensor_search_visits_each_element_once) {
+  std::vector<int64_t> sizes;
+  for (int t = 0; t < 90; ++t) {
+    const int64_t pattern[] = {1, 700, 0, kCudaChunk, kCudaChunk + 1, 3 * kCudaChunk + 17,
+                               5, 0, 64};
+    sizes.push_back(t % 11 == 4 ? pattern[t % 9] : 1 + (t * 29) % 300);
+  }
+  for (int (*offset)(int, int) : {offset_zero, mixed_offset}) {
+    Bucket b(DType::kFloat32, 2, sizes, offset);
+    std::vector<float> tags(sizes.size());
+    std::vector<void*> tag_ptrs;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      tags[t] = static_cast<float>(t);
+      tag_ptrs.push_back(&tags[t]);
+      for (int64_t i = 0; i < sizes[t]; ++i) {
+        b.at(0, t).set(i, 0.0);
+        b.at(1, t).set(i, static_cast<double>(t));
+      }
+    }
+    fo_cuda_shim::state().reset();
+    const std::array<void* const*, 1> scalars = {tag_ptrs.data()};
+    FO_CHECK_EQ(fcu::multi_tensor_apply<CountingOp>(b.table(), scalars, CountingOp{}, nullptr),
+                cudaSuccess);
+    FO_CHECK_EQ(fo_cuda_shim::state().launches.size(), 4u);
+    FO_CHECK_EQ(b.damaged_guard_bytes(), 0);
+    int64_t wrong = 0;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      for (int64_t i = 0; i < sizes[t]; ++i) {
+        const double v = b.at(0, t).get(i);
+        wrong += v != 1.0;
+        FO_CHECK(v == 1.0) << "tensor " << t << " (numel " << sizes[t] << ") element " << i
+                           << " visited as " << v
+                           << " (1000 per visit from another tensor's block)";
+      }
+    }
+    FO_CHECK_EQ(wrong, 0);
+  }
+}
+
+// [note: 64-bit indexing]: a tensor of 2^32 + 2^31 + 777 elements (98,305 chunks; its
+// last chunk starts at element 6,442,450,944 > 2^32) between two small ones. Only its last
+// chunk (777 elements: vector body and tail) has memory: the table holds a base pointer
+// 6.4e9 elements before it, and the emulation runs only the blocks of that chunk and of
+// the small tensors. A 32-bit offset anywhere would write far outside the guarded buffers.
+FO_TEST(cuda_engine_64bit_chunk_offsets_on_a_virtual_tensor) {
+  const int64_t huge = (int64_t{1} << 32) + (int64_t{1} << 31) + 777;
+  const int64_t huge_chunks = (huge + kCudaChunk - 1) / kCudaChunk;
+  const int64_t backed_from = (huge_chunks - 1) * kCudaChunk;
+  const std::vector<int64_t> backed = {10, huge - backed_from, 100};
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    for (DType d : kAllDTypes) {
+      for (int (*offset)(int, int) : {offset_zero, mixed_offset}) {
+        const std::string ctx =
+            ctx_of(e, c, d, offset == offset_zero ? "6.4e9 elements" : "6.4e9, misaligned");
+        const Bucket input = make_bucket(e, c, d, backed, offset, 64);
+        Bucket got = clone_bucket(input, offset);
+        // The table the engine sees: the middle tensor's true numel, its base pointer moved
+        // back by the elements that have no memory (never dereferenced).
+        std::vector<void*> ptrs = got.ptrs;
+        std::vector<int64_t> numels = {backed[0], huge, backed[2]};
+        for (int r = 0; r < got.n_lists; ++r) {
+          const uintptr_t p = reinterpret_cast<uintptr_t>(ptrs[r * 3 + 1]);
+          const uintptr_t missing_bytes = static_cast<uintptr_t>(backed_from) * elem_size(d);
+          ptrs[r * 3 + 1] = reinterpret_cast<void*>(p - missing_bytes);
+        }
+        const fc::TensorTable rows{3, got.n_lists, ptrs.data(), numels.data(), d};
+        const std::vector<double> before = states_before(e, c.args, 3, 0);
+        DeviceStates st(e.n_states, 3, before, true);
+        const std::vector<double> after = stored_as(advanced(e, c.args, before, false), true);
+        fo_cuda_shim::state().reset();
+        fo_cuda_shim::state().restrict_blocks = true;
+        fo_cuda_shim::state().block_ranges = {{0, 1}, {huge_chunks, huge_chunks + 2}};
+        const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr, &rows);
+        fo_cuda_shim::state().reset();
+        FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
+        check_bucket(got, input, expected_for(e, c, input, after), ctx);
+        check_states(st, after, ctx);
+        check_packing(e, rows, &st, r.launches, true, ctx);
+        FO_CHECK(!r.launches.empty() && r.launches[0].blocks == huge_chunks + 2) << ctx;
+        const Bucket cpu =
+            cpu_run(fc::kernels_for("default"), e, c, input, offset, 0, Slicing::kOneCall);
+        FO_CHECK_EQ(count_bit_differences(cpu, got), 0) << ctx << ": differs from the CPU engine";
+      }
+    }
+  }
+}
+
+// The launch cut at 2^31 - 1 chunks ([note: 64-bit indexing]): virtual tensors of 2^46
+// elements (2^30 chunks each) take one launch each, a tensor of exactly 2^31 - 1 chunks
+// fills a grid, and a tensor of more chunks than that is refused (cudaErrorInvalidValue).
+// No block runs: the pointers have no memory behind them.
+FO_TEST(cuda_engine_chunk_count_limits_cut_launches) {
+  const int64_t big = int64_t{1} << 46;
+  const int64_t max_grid_tensor = int64_t{0x7fffffff} * kCudaChunk;
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    const Layout lay = layout_for(e, c);
+    for (const bool too_big : {false, true}) {
+      const std::vector<int64_t> numels =
+          too_big ? std::vector<int64_t>{5, max_grid_tensor + 1}
+                  : std::vector<int64_t>{big, big, 0, big, max_grid_tensor, 5};
+      const int64_t n = static_cast<int64_t>(numels.size());
+      std::vector<void*> ptrs;
+      for (int r = 0; r < lay.n_rows; ++r) {
+        for (int64_t t = 0; t < n; ++t) {
+          ptrs.push_back(reinterpret_cast<void*>(uintptr_t{0x100000} * (1 + r * 64 + t)));
+        }
+      }
+      const fc::TensorTable rows{n, lay.n_rows, ptrs.data(), numels.data(), DType::kFloat32};
+      DeviceStates st(e.n_states, n, states_before(e, c.args, n, 0), false);
+      fo_cuda_shim::state().reset();
+      fo_cuda_shim::state().restrict_blocks = true;  // and no ranges: no block runs
+      fcu::Launch l{};
+      l.rows = rows;
+      l.lists = lay.lists;
+      l.args = c.args;
+      l.lr = fcu::DeviceScalar{nullptr, false, c.args.lr};
+      for (int j = 0; j < st.n_states(); ++j) l.states[j] = st.ptrs(j);
+      const cudaError_t err = kLaunchers[e.id].by_dtype[0](l, nullptr);
+      const std::vector<LaunchRecord> launches = fo_cuda_shim::state().launches;
+      fo_cuda_shim::state().reset();
+      const std::string ctx = e.name + (too_big ? ": 2^31 chunks" : ": 2^30-chunk tensors");
+      if (too_big) {
+        FO_CHECK_EQ(err, cudaErrorInvalidValue) << ctx;
+        continue;
+      }
+      FO_CHECK_EQ(err, cudaSuccess) << ctx;
+      // big | big | big | max_grid_tensor | 5: each table holds one tensor.
+      const std::vector<int64_t> grids = {big / kCudaChunk, big / kCudaChunk, big / kCudaChunk,
+                                          0x7fffffff, 1};
+      FO_CHECK_EQ(launches.size(), grids.size()) << ctx;
+      for (size_t i = 0; i < launches.size() && i < grids.size(); ++i) {
+        FO_CHECK_EQ(static_cast<int64_t>(launches[i].blocks), grids[i]) << ctx << " launch " << i;
+      }
+      check_packing(e, rows, &st, launches, /*expect_full=*/false, ctx,
+                    /*with_state_launches=*/false);
+    }
+  }
+}
+
+// found_inf != 0: no list changes (grads included, though they are scaled), no state
+// advances; found_inf == 0: the same bits as without found_inf.
+FO_TEST(cuda_engine_found_inf_skips_everything) {
+  const std::vector<int64_t> sizes = {0, 3, 17, 4097};
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    for (DType d : kAllDTypes) {
+      const std::string ctx = ctx_of(e, c, d, "emulated CUDA, found_inf");
+      const Bucket input = make_bucket(e, c, d, sizes, mixed_offset, 8);
+      const std::vector<double> before = states_before(e, c.args, input.n_tensors(), 0);
+      const float inf_found = 1.0f, no_inf = 0.0f;
+      DeviceStates st(e.n_states, input.n_tensors(), before, false);
+      Bucket skipped = clone_bucket(input, mixed_offset);
+      const CudaRun r = run_emulated(e, c, skipped, st, LrMode::kValue, &inf_found);
+      FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
+      FO_CHECK_EQ(count_bit_differences(skipped, input), 0) << ctx << ": lists changed";
+      FO_CHECK_EQ(skipped.damaged_guard_bytes(), 0) << ctx;
+      check_states(st, stored_as(before, false), ctx);
+      DeviceStates st0(e.n_states, input.n_tensors(), before, false);
+      Bucket zero = clone_bucket(input, mixed_offset);
+      run_emulated(e, c, zero, st0, LrMode::kValue, &no_inf);
+      DeviceStates st1(e.n_states, input.n_tensors(), before, false);
+      Bucket none = clone_bucket(input, mixed_offset);
+      run_emulated(e, c, none, st1, LrMode::kValue, nullptr);
+      FO_CHECK_EQ(count_bit_differences(zero, none), 0) << ctx << ": found_inf = 0";
+      FO_CHECK(count_bit_differences(zero, input) > 0) << ctx << ": found_inf = 0 did nothing";
+      FO_CHECK(st0.values() == st1.values()) << ctx;
+      if (e.n_states > 0) {
+        FO_CHECK(st0.values() != before) << ctx << ": found_inf = 0 left the state";
+      }
+    }
+  }
+}
+
+// [note: vectorized and scalar paths]: base pointers misaligned by 3 elements, or
+// differently per list (the kernel has two paths: every row pointer 16-byte aligned or
+// not; the offset within 16 bytes changes nothing else), checked against the reference
+// and bit for bit against the aligned run, on a tensor of two chunks whose second has a
+// 9-element tail (for every V: 2, 4, 8). The runs must include rows on the vector path
+// (all D pointers 16-byte aligned) and rows on the scalar path, for every dtype.
+FO_TEST(cuda_engine_vector_and_scalar_paths_give_identical_bits) {
+  const std::vector<int64_t> sizes = {1, 7, 9, 17, 33, 513, kCudaChunk + 9};
+  static int (*const offsets[])(int, int) = {offset_zero, [](int, int) { return 3; },
+                                             mixed_offset};
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    for (DType d : kAllDTypes) {
+      const Bucket input = make_bucket(e, c, d, sizes, offset_zero, 12 + static_cast<unsigned>(d));
+      const std::vector<double> before = states_before(e, c.args, input.n_tensors(), 0);
+      const std::vector<double> after = stored_as(advanced(e, c.args, before, false), false);
+      const Expected x = expected_for(e, c, input, after);
+      std::vector<Bucket> results;
+      int64_t vector_rows = 0, scalar_rows = 0;
+      for (size_t o = 0; o < sizeof(offsets) / sizeof(offsets[0]); ++o) {
+        const std::string ctx = ctx_of(e, c, d, "emulated CUDA, offsets #" + std::to_string(o));
+        DeviceStates st(e.n_states, input.n_tensors(), before, false);
+        Bucket got = clone_bucket(input, offsets[o]);
+        for (int64_t t = 0; t < got.n_tensors(); ++t) {
+          uintptr_t bits = 0;
+          for (int r = 0; r < got.n_lists; ++r) {
+            bits |= reinterpret_cast<uintptr_t>(got.at(r, t).data());
+          }
+          (bits % 16 == 0 ? vector_rows : scalar_rows) += 1;
+        }
+        const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr);
+        FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
+        check_bucket(got, input, x, ctx);
+        if (!results.empty()) {
+          FO_CHECK_EQ(count_bit_differences(got, results[0]), 0) << ctx;
+        }
+        results.push_back(std::move(got));
+      }
+      FO_CHECK(vector_rows >= static_cast<int64_t>(sizes.size()) && scalar_rows > 0)
+          << ctx_of(e, c, d, "emulated CUDA") << ": " << vector_rows << " aligned rows, "
+          << scalar_rows << " misaligned";
+    }
+  }
+}
+
+// A NaN lr (double bits all ones) leaves NaN params; a NaN grad scale (0x7fffffff) NaNs
+// in every list written, for every case, through fp16 and bf16 storage (CUDA's
+// conversions give the canonical NaN; no NaN may round to a number).
+FO_TEST(cuda_engine_nan_scalars_stay_nan) {
+  double nan_lr;
+  const uint64_t all_ones = 0x7fffffffffffffffull;
+  std::memcpy(&nan_lr, &all_ones, sizeof(nan_lr));
+  const float nan_scale = bits_f32(0x7fffffffu);
+  const std::vector<int64_t> sizes = {1, 17, 4097};
+  for (const OptimizerEntry& e : optimizer_table()) {
+    for (const OptCase& base : e.cases) {
+      for (DType d : {DType::kBFloat16, DType::kFloat16}) {
+        for (bool nan_grad_scale : {false, true}) {
+          OptCase c = base;
+          if (nan_grad_scale) {
+            c.scaled = true;
+            c.grad_scale = nan_scale;
+          } else {
+            c.args.lr = nan_lr;
+          }
+          const Layout lay = layout_for(e, c);
+          Bucket b = make_bucket(e, c, d, sizes, offset_zero, 5);
+          DeviceStates st(e.n_states, b.n_tensors(), states_before(e, c.args, b.n_tensors(), 0),
+                          false);
+          // The NaN lr from a device double, as an lr tensor gives it.
+          const LrMode lr_mode = nan_grad_scale ? LrMode::kValue : LrMode::kDoublePtr;
+          const CudaRun r = run_emulated(e, c, b, st, lr_mode, nullptr);
+          FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess);
+          FO_CHECK_EQ(b.damaged_guard_bytes(), 0);
+          for (int row = 0; row < lay.n_rows; ++row) {
+            const int list = lay.list_of_row[row];
+            if (!(nan_grad_scale || list == e.param_list)) continue;
+            int64_t not_nan = 0;
+            for (int64_t t = 0; t < b.n_tensors(); ++t) {
+              for (int64_t i = 0; i < sizes[t]; ++i) not_nan += !std::isnan(b.at(row, t).get(i));
+            }
+            FO_CHECK_EQ(not_nan, 0) << ctx_of(e, c, d, "emulated CUDA")
+                                    << (nan_grad_scale ? " NaN grad scale" : " NaN lr") << ": "
+                                    << e.list_names[list] << " has non-NaN elements";
+          }
+        }
+      }
+    }
+  }
+}
+
+// [note: per-tensor state]: the kernels advance each state and round it to its tensor's
+// dtype themselves, as advance_states stores it. A float32 counter at 2^24 stays there
+// (torch's `step += 1` on a float32 tensor), a float64 one reaches 2^24 + 1; the update
+// uses the rounded value.
+FO_TEST(cuda_engine_state_rounds_to_its_dtype) {
+  const std::vector<int64_t> sizes = {5, 4099};
+  for (const OptimizerEntry& e : optimizer_table()) {
+    if (e.n_states == 0) continue;
+    const OptCase& c = e.engine_case;
+    for (bool is_double : {false, true}) {
+      const std::string ctx =
+          ctx_of(e, c, DType::kFloat64, is_double ? "2^24, float64 state" : "2^24, float32 state");
+      const Bucket input = make_bucket(e, c, DType::kFloat64, sizes, offset_zero, 24);
+      const std::vector<double> before(sizes.size() * e.n_states, 16777216.0);
+      DeviceStates st(e.n_states, input.n_tensors(), before, is_double);
+      const std::vector<double> after = stored_as(advanced(e, c.args, before, false), is_double);
+      FO_CHECK_EQ(after[0], is_double ? 16777217.0 : 16777216.0) << ctx;
+      Bucket got = clone_bucket(input, offset_zero);
+      const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr);
+      FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
+      check_bucket(got, input, expected_for(e, c, input, after), ctx);
+      check_states(st, after, ctx);
+    }
+  }
+}
+
+// Launchers return the first error and stop: a launch that fails to start leaves the
+// tensors of its table and of every later table untouched (no later launch is tried), and
+// a table whose list count is not the functor's depth is refused before any launch.
+FO_TEST(cuda_engine_launch_errors_are_returned) {
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    const std::string ctx = ctx_of(e, c, DType::kFloat32, "emulated CUDA, failing launch");
+    const Bucket input = make_bucket(e, c, DType::kFloat32, cuda_sizes(), offset_zero, 9);
+    const std::vector<double> before = states_before(e, c.args, input.n_tensors(), 0);
+    DeviceStates st(e.n_states, input.n_tensors(), before, false);
+    Bucket got = clone_bucket(input, offset_zero);
+    fo_cuda_shim::state().reset();
+    fo_cuda_shim::state().fail_launch = 1;
+    const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr);
+    fo_cuda_shim::state().reset();
+    FO_CHECK_EQ(r.launch_error, cudaErrorLaunchFailure) << ctx;
+    FO_CHECK_EQ(r.launches.size(), 2u) << ctx << ": launches after the failed one";
+    check_states(st, stored_as(before, false), ctx);  // advance_states not reached
+    if (r.launches.empty()) continue;
+    DecodedTable first;
+    decode_any_chunk_table<1, 0>(got.n_lists, e.n_states, r.launches[0].first_arg, first);
+    // The first table's tensors were updated; every later one is untouched.
+    int64_t untouched_from = 0, seen = 0;
+    for (int64_t t = 0; t < got.n_tensors(); ++t) {
+      if (got.numels[t] > 0 && ++seen == first.n) untouched_from = t + 1;
+    }
+    for (int64_t t = 0; t < got.n_tensors(); ++t) {
+      for (int64_t i = 0; i < got.numels[t]; ++i) {
+        const bool same = got.at(0, t).bits(i) == input.at(0, t).bits(i);
+        if (t >= untouched_from) {
+          FO_CHECK(same) << ctx << ": tensor " << t << " of a later table changed";
+        }
+      }
+    }
+    // A table of the wrong depth.
+    fc::TensorTable wrong = got.table();
+    wrong.n_lists += 1;
+    const CudaRun w = run_emulated(e, c, got, st, LrMode::kValue, nullptr, &wrong);
+    FO_CHECK_EQ(w.launch_error, cudaErrorInvalidValue) << ctx;
+    FO_CHECK(w.launches.empty()) << ctx;
+  }
+}
+
+}  // namespace fo_test
