@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.optimizer import FusedOptimizer, check_lr
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -46,17 +46,14 @@ class Adadelta(FusedOptimizer):
     with :math:`v` the ``square_avg`` and :math:`u` the ``acc_delta`` state.
 
     Args:
-        params (iterable): parameters or param groups to optimize.
+        {params}
         lr (float or Tensor, optional): coefficient of the update (default: 1.0).
         rho (float, optional): coefficient of the running averages (default: 0.9).
         eps (float, optional): added inside the square roots (default: 1e-6).
         weight_decay (float, optional): L2 penalty (default: 0).
-        foreach, capturable (optional): accepted and checked as torch.optim checks them,
-            and kept in the param groups; every fused_optim step is fused and needs no
-            host sync.
-        maximize (bool, optional): maximize the objective (default: False).
-        differentiable (bool, optional): record the step for autograd, as torch.optim
-            does (default: False); such groups run the reference math in torch ops.
+        {flags}
+        {maximize}
+        {differentiable}
         {backend}
 
     Example:
@@ -92,10 +89,7 @@ class Adadelta(FusedOptimizer):
         backend: str = "auto",
     ) -> None:
         # The checks and messages of torch.optim.Adadelta, in its order.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
         if not 0.0 <= eps:
@@ -118,5 +112,3 @@ class Adadelta(FusedOptimizer):
         return {"foreach": None, "maximize": False, "differentiable": False,
                 "capturable": False}
 
-
-Adadelta.__doc__ = Adadelta.__doc__.replace("{backend}", _BACKEND_DOC)

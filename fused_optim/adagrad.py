@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fused_optim._reference import lr_div
-from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.optimizer import FusedOptimizer, check_fused_flags, check_lr
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -48,7 +48,7 @@ class Adagrad(FusedOptimizer):
     :math:`\eta` the lr decay.
 
     Args:
-        params (iterable): parameters or param groups to optimize.
+        {params}
         lr (float or Tensor, optional): learning rate (default: 1e-2).
         lr_decay (float, optional): learning rate decay (default: 0).
         weight_decay (float, optional): L2 penalty (default: 0).
@@ -56,11 +56,9 @@ class Adagrad(FusedOptimizer):
             (default: 0); as in torch.optim, the constructor's value applies to every
             group.
         eps (float, optional): added to the denominator (default: 1e-10).
-        foreach, fused (optional): accepted and checked as torch.optim checks them, and
-            kept in the param groups; every fused_optim step is fused.
-        maximize (bool, optional): maximize the objective (default: False).
-        differentiable (bool, optional): record the step for autograd, as torch.optim
-            does (default: False); such groups run the reference math in torch ops.
+        {flags}
+        {maximize}
+        {differentiable}
         {backend}
 
     Example:
@@ -101,10 +99,7 @@ class Adagrad(FusedOptimizer):
         backend: str = "auto",
     ) -> None:
         # The checks and messages of torch.optim.Adagrad, in its order.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= lr_decay:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
         if not 0.0 <= weight_decay:
@@ -114,11 +109,7 @@ class Adagrad(FusedOptimizer):
                 f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_fused_flags(fused, foreach, differentiable)
         defaults = {
             "lr": lr,
             "lr_decay": lr_decay,
@@ -141,5 +132,3 @@ class Adagrad(FusedOptimizer):
             for p in group["params"]:
                 self.state[p]["sum"].share_memory_()
 
-
-Adagrad.__doc__ = Adagrad.__doc__.replace("{backend}", _BACKEND_DOC)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fused_optim._reference import lr_div, lr_mul, lr_sub_from
-from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.optimizer import FusedOptimizer, check_fused_flags
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -71,7 +71,7 @@ class Adam(FusedOptimizer):
        \end{aligned}
 
     Args:
-        params (iterable): parameters or param groups to optimize.
+        {params}
         lr (float or Tensor, optional): learning rate (default: 1e-3). A tensor lr on the
             params' device keeps a compiled or CUDA-graph-captured step valid as it changes.
         betas (Tuple[float, float], optional): coefficients of the running averages of
@@ -79,12 +79,9 @@ class Adam(FusedOptimizer):
         eps (float, optional): added to the denominator (default: 1e-8).
         weight_decay (float, optional): weight decay (default: 0).
         amsgrad (bool, optional): use the AMSGrad variant (default: False).
-        foreach, fused, capturable (optional): accepted for torch.optim compatibility and
-            kept in the param groups; every fused_optim step is fused and needs no host
-            sync, so they change nothing.
-        maximize (bool, optional): maximize the objective (default: False).
-        differentiable (bool, optional): record the step for autograd, as torch.optim
-            does (default: False); such groups run the reference math in torch ops.
+        {flags}
+        {maximize}
+        {differentiable}
         decoupled_weight_decay (bool, optional): AdamW's decoupled decay (default: False).
         {backend}
 
@@ -161,10 +158,7 @@ class Adam(FusedOptimizer):
                     )
                 if beta.numel() != 1:
                     raise ValueError(f"Tensor betas[{index}] must be 1-element")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_fused_flags(fused, foreach, differentiable)
         betas = tuple(map(_to_scalar, betas))
         defaults = {
             "lr": lr,
@@ -244,5 +238,3 @@ class AdamW(Adam):
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
 
-
-Adam.__doc__ = Adam.__doc__.replace("{backend}", _BACKEND_DOC)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fused_optim._reference import lr_div
-from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.optimizer import FusedOptimizer, check_lr
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -48,18 +48,15 @@ class Adamax(FusedOptimizer):
     with :math:`u` the ``exp_inf`` state; the maximum propagates NaN, as torch.maximum.
 
     Args:
-        params (iterable): parameters or param groups to optimize.
+        {params}
         lr (float or Tensor, optional): learning rate (default: 2e-3).
         betas (Tuple[float, float], optional): coefficients of the running average of
             the gradient and of the infinity norm (default: (0.9, 0.999)).
         eps (float, optional): added to the infinity norm (default: 1e-8).
         weight_decay (float, optional): L2 penalty (default: 0).
-        foreach, capturable (optional): accepted and checked as torch.optim checks them,
-            and kept in the param groups; every fused_optim step is fused and needs no
-            host sync.
-        maximize (bool, optional): maximize the objective (default: False).
-        differentiable (bool, optional): record the step for autograd, as torch.optim
-            does (default: False); such groups run the reference math in torch ops.
+        {flags}
+        {maximize}
+        {differentiable}
         {backend}
 
     Example:
@@ -96,10 +93,7 @@ class Adamax(FusedOptimizer):
         backend: str = "auto",
     ) -> None:
         # The checks and messages of torch.optim.Adamax, in its order.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= betas[0] < 1.0:
@@ -124,5 +118,3 @@ class Adamax(FusedOptimizer):
         return {"foreach": None, "maximize": False, "differentiable": False,
                 "capturable": False}
 
-
-Adamax.__doc__ = Adamax.__doc__.replace("{backend}", _BACKEND_DOC)

@@ -17,6 +17,7 @@ reading the spec:
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, ClassVar
 
@@ -32,6 +33,41 @@ _BACKEND_DOC = """backend (str, optional): which implementation runs the step: "
             the environment variable FUSED_OPTIM_BACKEND if set, else the fastest backend
             that can run each (device, dtype) bucket), "cpu", "cuda", "triton" or
             "reference". A named backend that cannot run a bucket raises ValueError."""
+
+
+def _arg_docs(cls: type) -> dict[str, str]:
+    """The argument docs every optimizer class shares, spliced into its docstring in
+    place of ``{params}``, ``{flags}``, ``{maximize}``, ``{differentiable}`` and
+    ``{backend}`` (cf. torch.optim's _params_doc, _foreach_doc ...)."""
+    sig = inspect.signature(cls.__init__).parameters
+    flags = [f for f in ("foreach", "fused", "capturable") if f in sig]
+    return {
+        "params": "params (iterable): parameters or param groups to optimize.",
+        "flags": (f"{', '.join(flags)} (optional): accepted and refused where torch.optim "
+                  "accepts and\n            refuses them, and kept in the param groups; "
+                  "every fused_optim step is fused\n            and needs no host sync."),
+        "maximize": "maximize (bool, optional): maximize the objective (default: False).",
+        "differentiable": ("differentiable (bool, optional): record the step for autograd, as "
+                           "torch.optim\n            does (default: False); such groups run "
+                           "the reference math in torch ops."),
+        "backend": _BACKEND_DOC,
+    }
+
+
+def check_lr(lr: Any) -> None:
+    """torch.optim's first checks of lr, with its messages."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_fused_flags(fused: Any, foreach: Any, differentiable: Any) -> None:
+    """torch.optim's checks of fused=True against the other flags, with its messages."""
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 def _check_backend_name(backend: Any) -> None:
@@ -87,6 +123,9 @@ class FusedOptimizer(Optimizer):
         super().__init_subclass__(**kwargs)
         if "spec" in cls.__dict__:
             register(cls.spec)  # defines its op (fused_optim/_ops.py)
+        if cls.__doc__:
+            for key, text in _arg_docs(cls).items():
+                cls.__doc__ = cls.__doc__.replace("{" + key + "}", text)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto") -> None:
         _check_backend_name(backend)

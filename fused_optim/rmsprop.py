@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.optimizer import FusedOptimizer, check_lr
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -56,7 +56,7 @@ class RMSprop(FusedOptimizer):
        \end{aligned}
 
     Args:
-        params (iterable): parameters or param groups to optimize.
+        {params}
         lr (float or Tensor, optional): learning rate (default: 1e-2).
         alpha (float, optional): smoothing constant (default: 0.99).
         eps (float, optional): added to the denominator (default: 1e-8).
@@ -64,12 +64,9 @@ class RMSprop(FusedOptimizer):
         momentum (float, optional): momentum factor (default: 0).
         centered (bool, optional): normalize by the gradient's estimated variance
             (default: False).
-        capturable, foreach (optional): accepted and checked as torch.optim checks them,
-            and kept in the param groups; every fused_optim step is fused and needs no
-            host sync.
-        maximize (bool, optional): maximize the objective (default: False).
-        differentiable (bool, optional): record the step for autograd, as torch.optim
-            does (default: False); such groups run the reference math in torch ops.
+        {flags}
+        {maximize}
+        {differentiable}
         {backend}
 
     Example:
@@ -112,10 +109,7 @@ class RMSprop(FusedOptimizer):
         backend: str = "auto",
     ) -> None:
         # The checks and messages of torch.optim.RMSprop, in its order.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= momentum:
@@ -142,5 +136,3 @@ class RMSprop(FusedOptimizer):
         return {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
                 "differentiable": False, "capturable": False}
 
-
-RMSprop.__doc__ = RMSprop.__doc__.replace("{backend}", _BACKEND_DOC)

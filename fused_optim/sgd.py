@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_optim.optimizer import _BACKEND_DOC, FusedOptimizer
+from fused_optim.optimizer import FusedOptimizer, check_fused_flags
 from fused_optim.spec import Hyper, Spec, StateList
 
 
@@ -56,17 +56,15 @@ class SGD(FusedOptimizer):
        \end{aligned}
 
     Args:
-        params (iterable): parameters or param groups to optimize.
+        {params}
         lr (float or Tensor, optional): learning rate (default: 1e-3).
         momentum (float, optional): momentum factor (default: 0).
         dampening (float, optional): dampening for momentum (default: 0).
         weight_decay (float, optional): L2 penalty (default: 0).
         nesterov (bool, optional): Nesterov momentum (default: False).
-        maximize (bool, optional): maximize the objective (default: False).
-        foreach, fused (optional): accepted for torch.optim compatibility and kept in the
-            param groups; every fused_optim step is fused.
-        differentiable (bool, optional): record the step for autograd, as torch.optim
-            does (default: False); such groups run the reference math in torch ops.
+        {maximize}
+        {flags}
+        {differentiable}
         {backend}
 
     Example:
@@ -132,10 +130,7 @@ class SGD(FusedOptimizer):
         }
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_fused_flags(fused, foreach, differentiable)
         super().__init__(params, defaults, backend=backend)
 
     def _group_defaults(self) -> dict[str, Any]:
@@ -212,5 +207,3 @@ class SGD(FusedOptimizer):
                     if f:
                         del self.state[p]["momentum_buffer"]
 
-
-SGD.__doc__ = SGD.__doc__.replace("{backend}", _BACKEND_DOC)

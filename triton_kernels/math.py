@@ -178,6 +178,13 @@ def pow_int(base, step):
     return result
 
 
+def l2_decay_variant(h) -> tuple[bool]:
+    """(weight decay,): the variant of an optimizer whose only option with a kernel of its
+    own is an L2 weight decay (skipped, not multiplied by 0, when it is 0: inf / NaN
+    params then behave as in torch)."""
+    return (h["weight_decay"] != 0.0,)
+
+
 @triton.jit
 def count_step(state, lr, h):
     """The advance of an optimizer whose only per-tensor state is its step count."""
@@ -308,9 +315,7 @@ def sgd_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
 # Adagrad
 
 
-def adagrad_variant(h) -> tuple[bool]:
-    """(weight decay,)."""
-    return (h["weight_decay"] != 0.0,)
+adagrad_variant = l2_decay_variant
 
 
 @triton.jit
@@ -341,9 +346,7 @@ def adagrad_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
 # RMSprop
 
 
-def rmsprop_variant(h) -> tuple[bool]:
-    """(weight decay,); centered and momentum are lists (LISTS bits 3 and 4)."""
-    return (h["weight_decay"] != 0.0,)
+rmsprop_variant = l2_decay_variant
 
 
 @triton.jit
@@ -391,9 +394,7 @@ def rmsprop_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
 # Adadelta
 
 
-def adadelta_variant(h) -> tuple[bool]:
-    """(weight decay,)."""
-    return (h["weight_decay"] != 0.0,)
+adadelta_variant = l2_decay_variant
 
 
 @triton.jit
@@ -428,9 +429,7 @@ def adadelta_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
 # Adamax
 
 
-def adamax_variant(h) -> tuple[bool]:
-    """(weight decay,)."""
-    return (h["weight_decay"] != 0.0,)
+adamax_variant = l2_decay_variant
 
 
 @triton.jit

@@ -30,30 +30,21 @@ struct AdadeltaScalars {
   opmath_t neg_lr;
 };
 
-struct Adadelta : OptimizerBase {
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h):
+// its step count and its weight-decay variant come from CountsSteps and WithL2Decay.
+struct Adadelta : WithL2Decay<Adadelta> {
   static constexpr const char* kOp = "adadelta_";
   enum List : int { kParam, kGrad, kSquareAvg, kAccDelta, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {"params", "grads",
                                                                  "square_avgs", "acc_deltas"};
-  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
   enum Float : int { kRho, kEps, kWeightDecay, kFloats };
   static constexpr std::array<const char*, kFloats> kFloatNames = {"rho", "eps",
                                                                    "weight_decay"};
   enum Flag : int { kMaximize, kFlags };
   static constexpr std::array<const char*, kFlags> kFlagNames = {"maximize"};
 
-  // The one variant bit: weight decay, skipped rather than multiplied by 0.
-  static constexpr uint32_t kWeightDecayBit = 1;
-  static constexpr int kVariantBits = 1;
-  static uint32_t variant(const Args& a) {
-    return a.floats[kWeightDecay] != 0.0 ? kWeightDecayBit : 0;
-  }
-
   template <typename S>
   using Scalars = AdadeltaScalars<S>;
-
-  // state[0]: the step count (kept as torch.optim keeps it; the math does not use it).
-  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
 
   template <uint32_t LISTS, uint32_t V, typename S>
   FO_HOST_DEVICE static Scalars<S> scalars(const Args& a, const double*) {
@@ -68,7 +59,7 @@ struct Adadelta : OptimizerBase {
 
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    if constexpr ((V & kWeightDecayBit) != 0) grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
+    grad = decayed<V>(grad, x[kParam], s.weight_decay);
     x[kSquareAvg] = x[kSquareAvg] * s.rho + (s.one_minus_rho * grad) * grad;
     const Vt std = sqrt_op(x[kSquareAvg] + s.eps);
     const Vt delta = (sqrt_op(x[kAccDelta] + s.eps) / std) * grad;

@@ -26,31 +26,21 @@ struct AdagradScalars {
   opmath_t eps;
 };
 
-struct Adagrad : OptimizerBase {
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h):
+// its step count and its weight-decay variant come from CountsSteps and WithL2Decay.
+struct Adagrad : WithL2Decay<Adagrad> {
   static constexpr const char* kOp = "adagrad_";
   enum List : int { kParam, kGrad, kSum, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {"params", "grads",
                                                                  "state_sums"};
-  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
   enum Float : int { kLrDecay, kWeightDecay, kEps, kFloats };
   static constexpr std::array<const char*, kFloats> kFloatNames = {"lr_decay", "weight_decay",
                                                                    "eps"};
   enum Flag : int { kMaximize, kFlags };
   static constexpr std::array<const char*, kFlags> kFlagNames = {"maximize"};
 
-  // The one variant bit: weight decay, skipped rather than multiplied by 0 (inf / NaN
-  // params then behave as in torch).
-  static constexpr uint32_t kWeightDecayBit = 1;
-  static constexpr int kVariantBits = 1;
-  static uint32_t variant(const Args& a) {
-    return a.floats[kWeightDecay] != 0.0 ? kWeightDecayBit : 0;
-  }
-
   template <typename S>
   using Scalars = AdagradScalars<S>;
-
-  // state[0]: the step count.
-  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
 
   template <uint32_t LISTS, uint32_t V, typename S>
   FO_HOST_DEVICE static Scalars<S> scalars(const Args& a, const double* state) {
@@ -64,7 +54,7 @@ struct Adagrad : OptimizerBase {
 
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    if constexpr ((V & kWeightDecayBit) != 0) grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
+    grad = decayed<V>(grad, x[kParam], s.weight_decay);
     x[kSum] = x[kSum] + grad * grad;                         // addcmul_(grad, grad, value=1)
     const Vt std = sqrt_op(x[kSum]) + s.eps;                  // sqrt().add_(eps)
     x[kParam] = x[kParam] + (s.neg_clr * grad) / std;         // addcdiv_(grad, std, value=-clr)

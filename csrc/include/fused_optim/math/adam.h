@@ -77,13 +77,12 @@ FO_HOST_DEVICE FO_INLINE void adam_update(
 
 // The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h).
 // Adam and AdamW are one op: AdamW passes decoupled_weight_decay=True.
-struct Adam : OptimizerBase {
+struct Adam : CountsSteps {
   static constexpr const char* kOp = "adam_";
   enum List : int { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {
       "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
   static constexpr uint32_t kOptionalLists = bit(kMaxExpAvgSq);  // amsgrad
-  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
   enum Float : int { kBeta1, kBeta2, kWeightDecay, kEps, kFloats };
   static constexpr std::array<const char*, kFloats> kFloatNames = {"beta1", "beta2",
                                                                    "weight_decay", "eps"};
@@ -102,9 +101,6 @@ struct Adam : OptimizerBase {
 
   template <typename S>
   using Scalars = AdamTensorScalars<S>;
-
-  // state[0]: the step count.
-  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
 
   // `state[0]` is the tensor's step count after this step's increment (1 on the first).
   template <uint32_t LISTS, uint32_t V, typename S>

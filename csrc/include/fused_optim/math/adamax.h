@@ -30,30 +30,21 @@ struct AdamaxScalars {
   opmath_t neg_clr;  // -lr / (1 - beta1^step)
 };
 
-struct Adamax : OptimizerBase {
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h):
+// its step count and its weight-decay variant come from CountsSteps and WithL2Decay.
+struct Adamax : WithL2Decay<Adamax> {
   static constexpr const char* kOp = "adamax_";
   enum List : int { kParam, kGrad, kExpAvg, kExpInf, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {"params", "grads", "exp_avgs",
                                                                  "exp_infs"};
-  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
   enum Float : int { kBeta1, kBeta2, kEps, kWeightDecay, kFloats };
   static constexpr std::array<const char*, kFloats> kFloatNames = {"beta1", "beta2", "eps",
                                                                    "weight_decay"};
   enum Flag : int { kMaximize, kFlags };
   static constexpr std::array<const char*, kFlags> kFlagNames = {"maximize"};
 
-  // The one variant bit: weight decay, skipped rather than multiplied by 0.
-  static constexpr uint32_t kWeightDecayBit = 1;
-  static constexpr int kVariantBits = 1;
-  static uint32_t variant(const Args& a) {
-    return a.floats[kWeightDecay] != 0.0 ? kWeightDecayBit : 0;
-  }
-
   template <typename S>
   using Scalars = AdamaxScalars<S>;
-
-  // state[0]: the step count.
-  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
 
   template <uint32_t LISTS, uint32_t V, typename S>
   FO_HOST_DEVICE static Scalars<S> scalars(const Args& a, const double* state) {
@@ -69,7 +60,7 @@ struct Adamax : OptimizerBase {
 
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    if constexpr ((V & kWeightDecayBit) != 0) grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
+    grad = decayed<V>(grad, x[kParam], s.weight_decay);
     x[kExpAvg] = lerp(x[kExpAvg], grad, s.one_minus_beta1);
     x[kExpInf] = maximum(x[kExpInf] * s.beta2, abs_op(grad) + s.eps);
     x[kParam] = x[kParam] + (s.neg_clr * x[kExpAvg]) / x[kExpInf];

@@ -78,6 +78,32 @@ struct OptimizerBase {
   FO_HOST_DEVICE static void advance(const Args&, double*) {}
 };
 
+// The per-tensor state of most optimizers: the step count, as torch.optim keeps it
+// (state_steps; state[0] is advanced by one per step).
+struct CountsSteps : OptimizerBase {
+  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
+  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
+};
+
+// The one compile-time variant of an optimizer whose only option with a kernel of its
+// own is an L2 weight decay: skipped, not multiplied by 0, when weight_decay is 0 (so
+// inf / NaN params behave as in torch, which skips grad.add(param, alpha=0)). Derived
+// names its float argument kWeightDecay.
+template <typename Derived, typename Base = CountsSteps>
+struct WithL2Decay : Base {
+  static constexpr uint32_t kWeightDecayBit = 1;
+  static constexpr int kVariantBits = 1;
+  static uint32_t variant(const Args& a) {
+    return a.floats[Derived::kWeightDecay] != 0.0 ? kWeightDecayBit : 0;
+  }
+  // grad.add(param, alpha=weight_decay), in the variant that has it.
+  template <uint32_t V, typename Vt, typename S>
+  FO_HOST_DEVICE FO_INLINE static Vt decayed(Vt grad, Vt param, S weight_decay) {
+    if constexpr ((V & kWeightDecayBit) != 0) return grad + weight_decay * param;
+    return grad;
+  }
+};
+
 // The number of per-tensor state lists of an optimizer.
 template <typename Optim>
 FO_HOST_DEVICE constexpr int num_states() {

@@ -34,32 +34,23 @@ struct RMSpropScalars {
   opmath_t neg_lr;
 };
 
-struct RMSprop : OptimizerBase {
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h):
+// its step count and its weight-decay variant come from CountsSteps and WithL2Decay.
+struct RMSprop : WithL2Decay<RMSprop> {
   static constexpr const char* kOp = "rmsprop_";
   enum List : int { kParam, kGrad, kSquareAvg, kGradAvg, kMomentumBuffer, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {
       "params", "grads", "square_avgs", "grad_avgs", "momentum_buffer_list"};
   // grad_avg with centered, the momentum buffer with momentum > 0.
   static constexpr uint32_t kOptionalLists = bit(kGradAvg) | bit(kMomentumBuffer);
-  static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
   enum Float : int { kAlpha, kEps, kWeightDecay, kMomentum, kFloats };
   static constexpr std::array<const char*, kFloats> kFloatNames = {"alpha", "eps",
                                                                    "weight_decay", "momentum"};
   enum Flag : int { kCentered, kMaximize, kFlags };
   static constexpr std::array<const char*, kFlags> kFlagNames = {"centered", "maximize"};
 
-  // The one variant bit: weight decay, skipped rather than multiplied by 0.
-  static constexpr uint32_t kWeightDecayBit = 1;
-  static constexpr int kVariantBits = 1;
-  static uint32_t variant(const Args& a) {
-    return a.floats[kWeightDecay] != 0.0 ? kWeightDecayBit : 0;
-  }
-
   template <typename S>
   using Scalars = RMSpropScalars<S>;
-
-  // state[0]: the step count (kept as torch.optim keeps it; the math does not use it).
-  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
 
   template <uint32_t LISTS, uint32_t V, typename S>
   FO_HOST_DEVICE static Scalars<S> scalars(const Args& a, const double*) {
@@ -75,7 +66,7 @@ struct RMSprop : OptimizerBase {
 
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    if constexpr ((V & kWeightDecayBit) != 0) grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
+    grad = decayed<V>(grad, x[kParam], s.weight_decay);
     x[kSquareAvg] = x[kSquareAvg] * s.alpha + (s.one_minus_alpha * grad) * grad;
     Vt avg;
     if constexpr (has<LISTS>(kGradAvg)) {
