@@ -36,7 +36,7 @@ _RESULT = {"optim": str, "dtype": str, "shape": str, "provider": str, "family": 
 _STATS = {"n": int, "median": _NUM, "mean": _NUM, "stdev": _NUM, "min": _NUM, "max": _NUM,
           "q25": _NUM, "q75": _NUM, "iqr": _NUM, "spread_pct": _NUM}
 # Added after the first committed results: checked when present (older documents load).
-_RESULT_OPTIONAL = {"ratio_vs_fastest_torch": _OPT_NUM}
+_RESULT_OPTIONAL = {"ratio_vs_fastest_torch": _OPT_NUM, "wrong": bool}
 _PROBE = {"limit_gbps": _NUM, "limit_stream": str, "runs": list}
 _STATUSES = ("ok", "skipped", "failed")
 

@@ -366,8 +366,8 @@ def test_select():
 class _NoOp(providers.Provider):
     """A provider that is fast and wrong: its step does nothing."""
 
-    def __init__(self):
-        super().__init__(name="noop", family="test")
+    def __init__(self, name="noop", family="test"):
+        super().__init__(name=name, family=family)
 
     def available(self, device, dtype, optim):
         return None
@@ -424,6 +424,8 @@ def test_run_reports_wrong_provider_and_missing_one(tiny_providers):
             case = next(c for c in doc["cases"] if (c["dtype"], c["shape"]) == (dt, shape))
             assert noop["max_rel_err"] == pytest.approx(case["noop_err"])
             assert noop["max_rel_err"] > 20 * max(fused["max_rel_err"], 1e-7)
+            assert noop["wrong"] and "wrong result" in noop["reason"]
+            assert not fused["wrong"] and not ref["wrong"]
             if shutil.which("cc") or shutil.which("gcc"):
                 # The bandwidth stream ran in the same rounds; % limit is paired with it.
                 lim = case["limit"]
@@ -450,6 +452,22 @@ def test_run_reports_wrong_provider_and_missing_one(tiny_providers):
     text = report.render_table(doc)
     assert "torch-fused" in text and "missing" in text and "not installed" in text
     assert "vs fastest (torch-" in text
+
+
+def test_a_wrong_torch_implementation_is_never_the_yardstick(monkeypatch):
+    # torch has shipped a fused kernel that skips the step (pytorch/pytorch#191763): a
+    # torch provider that is fast and wrong is timed and marked, never the fastest.
+    base = [p for p in providers.all_providers() if p.family == "torch"]
+    monkeypatch.setattr(runner, "all_providers",
+                        lambda: base + [_NoOp("torch-broken", providers.TORCH_FAMILY)])
+    doc = runner.run(_tiny_cfg(shapes=["3x1000"], dtypes=["fp32"]))
+    report.validate(doc)
+    (case,) = doc["cases"]
+    res = {r["provider"]: r for r in doc["results"]}
+    assert res["torch-broken"]["status"] == "ok" and res["torch-broken"]["wrong"]
+    assert case["fastest_torch"]["provider"] in ("torch-forloop", "torch-foreach",
+                                                 "torch-fused")
+    assert "wrong result" in report.render_table(doc)
 
 
 def test_schema_rejects_broken_documents(tiny_providers):
