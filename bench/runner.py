@@ -53,8 +53,8 @@ __all__ = ["Config", "run", "DTYPES", "SCHEMA"]
 SCHEMA = "fused_optim.bench/1"
 # A result this far from torch's for-loop, as a fraction of where params that never moved
 # would be, did not do the step. Correct results sit far below: at most 8% of it in the
-# committed runs (bf16 Adadelta: 2.3e-2 against a no-op's 3.1e-1; torch's foreach and
-# fused differ from its for-loop by as much in bf16), where a no-op shows 7e-2 to 1.
+# committed runs (2.3e-2 in bf16 against a no-op's 3.1e-1; torch's foreach and fused
+# differ from its for-loop by as much in bf16), where a no-op shows 7e-2 to 1.
 WRONG_FRACTION = 0.25
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,

@@ -610,7 +610,7 @@ def _math_of(spec):
 
 def _math_skip_reads(spec, h: dict[str, Any]) -> int:
     """Lists whose old values this call's update never reads (math.<name>_skip_reads,
-    e.g. SGD's buffer on its first step), as a mask."""
+    e.g. a buffer that its first step sets from the grad), as a mask."""
     fn = getattr(_math, f"{spec.name}_skip_reads", None)
     return fn(h) if fn is not None else 0
 
