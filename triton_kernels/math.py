@@ -47,7 +47,7 @@ converts float32 to bfloat16 by truncation, so bfloat16 is rounded explicitly
 [note: few, larger functions]
 The interpreter re-patches triton.language on every call of a @triton.jit function
 (~1.5 ms each), which dominates CI time; the stages of stages.h (add_l2_penalty,
-decay_weights, bias_correct) are therefore inlined in the optimizers' functions, with
+decay_weights, average_square) are therefore inlined in the optimizers' functions, with
 lerp and maximum kept as functions where torch's exact formula matters.
 
 [note: lr arithmetic]
@@ -231,7 +231,7 @@ def adam_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
 
 @triton.jit
 def adam_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
-    """One Adam step on a block (math/adam.h adam_update): x = (param, grad, exp_avg,
+    """One Adam step on a block (math/adam.h Adam::update): x = (param, grad, exp_avg,
     exp_avg_sq, max_exp_avg_sq), the last only with amsgrad (LISTS bit 4)."""
     beta2, one_minus_beta1, one_minus_beta2 = s[0], s[1], s[2]
     weight_decay, decay_factor, neg_step_size = s[3], s[4], s[5]
@@ -263,12 +263,11 @@ adam_advance = count_step
 # SGD
 
 def sgd_variant(h) -> tuple[bool, bool, bool]:
-    """(nesterov, the buffer's first step, weight decay): the first two only with
-    momentum; an L2 term is skipped rather than multiplied by 0, so inf / NaN params
-    behave as in torch."""
+    """(weight decay, nesterov, the buffer's first step): l2_decay_variant's, then two
+    that only matter with momentum."""
     momentum = h["momentum"] != 0.0
-    return (momentum and bool(h["nesterov"]), momentum and bool(h["is_first_step"]),
-            h["weight_decay"] != 0.0)
+    return l2_decay_variant(h) + (momentum and bool(h["nesterov"]),
+                                  momentum and bool(h["is_first_step"]))
 
 
 def sgd_skip_reads(h) -> int:
@@ -291,19 +290,19 @@ def sgd_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
 
 @triton.jit
 def sgd_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
-    """One SGD step on a block (math/sgd.h sgd_update): x = (param, grad,
+    """One SGD step on a block (math/sgd.h Sgd::update): x = (param, grad,
     momentum_buffer), the buffer only with momentum (LISTS bit 2)."""
     neg_lr, momentum, one_minus_dampening, weight_decay = s[0], s[1], s[2], s[3]
     param = x[0]
-    if VARIANT[2]:
+    if VARIANT[0]:
         grad = grad + weight_decay * param
     momentum_buffer = x[2]
     if (LISTS >> 2) & 1:
-        if VARIANT[1]:
+        if VARIANT[2]:
             momentum_buffer = grad
         else:
             momentum_buffer = momentum_buffer * momentum + one_minus_dampening * grad
-        if VARIANT[0]:
+        if VARIANT[1]:
             grad = grad + momentum * momentum_buffer
         else:
             grad = momentum_buffer

@@ -20,7 +20,6 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
-// Fields of opmath_t only (see AdamTensorScalars in adam.h).
 template <typename opmath_t>
 struct AdadeltaScalars {
   opmath_t rho;
@@ -60,10 +59,10 @@ struct Adadelta : WithL2Decay<Adadelta> {
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
     grad = decayed<V>(grad, x[kParam], s.weight_decay);
-    x[kSquareAvg] = x[kSquareAvg] * s.rho + (s.one_minus_rho * grad) * grad;
+    x[kSquareAvg] = average_square(x[kSquareAvg], grad, s.rho, s.one_minus_rho);
     const Vt std = sqrt_op(x[kSquareAvg] + s.eps);
     const Vt delta = (sqrt_op(x[kAccDelta] + s.eps) / std) * grad;
-    x[kAccDelta] = x[kAccDelta] * s.rho + (s.one_minus_rho * delta) * delta;
+    x[kAccDelta] = average_square(x[kAccDelta], delta, s.rho, s.one_minus_rho);
     x[kParam] = x[kParam] + s.neg_lr * delta;
   }
 };

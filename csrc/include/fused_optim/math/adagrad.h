@@ -18,7 +18,6 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
-// Fields of opmath_t only (see AdamTensorScalars in adam.h).
 template <typename opmath_t>
 struct AdagradScalars {
   opmath_t neg_clr;  // -lr / (1 + (step - 1) * lr_decay)

@@ -23,15 +23,8 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
-// How weight decay enters Adam: torch.optim.Adam's L2 penalty adds weight_decay * param
-// to the gradient; AdamW's decoupled decay shrinks the param by 1 - lr * weight_decay.
-enum class WeightDecay : int { kNone = 0, kL2 = 1, kDecoupled = 2 };
-
-// Everything the element-wise update needs for one tensor at one step. Fields of
-// opmath_t only: the CPU engine's quiet_nans() (csrc/cpu/kernels_impl.h) walks the struct
-// as an array of them.
 template <typename opmath_t>
-struct AdamTensorScalars {
+struct AdamScalars {
   opmath_t beta2;
   opmath_t one_minus_beta1;
   opmath_t one_minus_beta2;
@@ -41,39 +34,6 @@ struct AdamTensorScalars {
   opmath_t inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
   opmath_t eps;
 };
-
-// One element of one Adam step. `max_exp_avg_sq` is only touched when AMSGRAD.
-// V: element values, S: scalars (see stages.h).
-template <bool AMSGRAD, bool MAXIMIZE, WeightDecay WD, typename V, typename S>
-FO_HOST_DEVICE FO_INLINE void adam_update(
-    V& param,
-    V grad,
-    V& exp_avg,
-    V& exp_avg_sq,
-    V& max_exp_avg_sq,
-    const AdamTensorScalars<S>& s) {
-  grad = maybe_negate(grad, MAXIMIZE);
-  if constexpr (WD == WeightDecay::kL2) {
-    grad = add_l2_penalty(grad, param, s.weight_decay);
-  } else if constexpr (WD == WeightDecay::kDecoupled) {
-    param = decay_weights(param, s.decay_factor);
-  }
-  // update_moments
-  exp_avg = lerp(exp_avg, grad, s.one_minus_beta1);
-  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (grad * grad);
-  V second_moment = exp_avg_sq;
-  if constexpr (AMSGRAD) {
-    max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq);
-    second_moment = max_exp_avg_sq;
-  }
-  // bias_correct + apply_update: param.addcdiv_(exp_avg, denom, value=-step_size).
-  // torch divides sqrt(v) by sqrt(1 - beta2^t); multiplying by the per-tensor
-  // reciprocal (computed in double) differs by at most an ulp and leaves one division
-  // per element instead of two: on the AVX2 CPU we test on, division and sqrt throughput
-  // bound the fp32 kernel near the memory limit (0.67 ns/element in cache, 1 thread).
-  const V denom = sqrt_op(second_moment) * s.inv_bias_correction2_sqrt + s.eps;
-  param = param + s.neg_step_size * (exp_avg / denom);
-}
 
 // The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h).
 // Adam and AdamW are one op: AdamW passes decoupled_weight_decay=True.
@@ -100,7 +60,7 @@ struct Adam : CountsSteps {
   }
 
   template <typename S>
-  using Scalars = AdamTensorScalars<S>;
+  using Scalars = AdamScalars<S>;
 
   // `state[0]` is the tensor's step count after this step's increment (1 on the first).
   template <uint32_t LISTS, uint32_t V, typename S>
@@ -124,11 +84,30 @@ struct Adam : CountsSteps {
     return s;
   }
 
+  // One element. Without weight decay the decay is decoupled by a factor of exactly 1.
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    constexpr WeightDecay kMode = (V & kL2) ? WeightDecay::kL2 : WeightDecay::kDecoupled;
-    adam_update<has<LISTS>(kMaxExpAvgSq), /*MAXIMIZE=*/false, kMode>(
-        x[kParam], grad, x[kExpAvg], x[kExpAvgSq], x[kMaxExpAvgSq], s);
+    if constexpr ((V & kL2) != 0) {
+      grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
+    } else {
+      x[kParam] = decay_weights(x[kParam], s.decay_factor);
+    }
+    // update_moments
+    x[kExpAvg] = lerp(x[kExpAvg], grad, s.one_minus_beta1);
+    x[kExpAvgSq] = x[kExpAvgSq] * s.beta2 + s.one_minus_beta2 * (grad * grad);
+    Vt second_moment = x[kExpAvgSq];
+    if constexpr (has<LISTS>(kMaxExpAvgSq)) {
+      x[kMaxExpAvgSq] = maximum(x[kMaxExpAvgSq], x[kExpAvgSq]);
+      second_moment = x[kMaxExpAvgSq];
+    }
+    // bias_correct + apply_update: param.addcdiv_(exp_avg, denom, value=-step_size).
+    // torch divides sqrt(v) by sqrt(1 - beta2^t); multiplying by the per-tensor
+    // reciprocal (computed in double) differs by at most an ulp and leaves one division
+    // per element instead of two: on the AVX2 CPU we test on, division and sqrt
+    // throughput bound the fp32 kernel near the memory limit (0.67 ns/element in cache,
+    // 1 thread).
+    const Vt denom = sqrt_op(second_moment) * s.inv_bias_correction2_sqrt + s.eps;
+    x[kParam] = x[kParam] + s.neg_step_size * (x[kExpAvg] / denom);
   }
 };
 

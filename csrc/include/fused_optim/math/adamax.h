@@ -20,7 +20,6 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
-// Fields of opmath_t only (see AdamTensorScalars in adam.h).
 template <typename opmath_t>
 struct AdamaxScalars {
   opmath_t one_minus_beta1;

@@ -28,7 +28,9 @@
 //   Scalars<S>, scalars<LISTS, V, S>(args, state)
 //                                               the per-tensor values of one step, from
 //                                               the advanced (rounded) state, in double,
-//                                               rounded once to the opmath type S
+//                                               rounded once to the opmath type S; a
+//                                               struct of S fields only (the CPU engine's
+//                                               quiet_nans walks it as an array of them)
 //   update<LISTS, V>(x, grad, scalars)           one element: x[list] holds every list's
 //                                               value (absent lists: unused), grad is
 //                                               unscaled and, with maximize, negated
@@ -45,6 +47,7 @@
 
 #include "fused_optim/macros.h"
 #include "fused_optim/math/args.h"
+#include "fused_optim/math/stages.h"
 
 namespace fused_optim {
 namespace math {
@@ -85,10 +88,10 @@ struct CountsSteps : OptimizerBase {
   FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
 };
 
-// The one compile-time variant of an optimizer whose only option with a kernel of its
-// own is an L2 weight decay: skipped, not multiplied by 0, when weight_decay is 0 (so
-// inf / NaN params behave as in torch, which skips grad.add(param, alpha=0)). Derived
-// names its float argument kWeightDecay.
+// The compile-time variant of an L2 weight decay: skipped, not multiplied by 0, when
+// weight_decay is 0 (so inf / NaN params behave as in torch, which skips
+// grad.add(param, alpha=0)). Bit 0 of the variant; an optimizer with more variants adds
+// its bits above it (Sgd). Derived names its float argument kWeightDecay.
 template <typename Derived, typename Base = CountsSteps>
 struct WithL2Decay : Base {
   static constexpr uint32_t kWeightDecayBit = 1;
@@ -99,7 +102,7 @@ struct WithL2Decay : Base {
   // grad.add(param, alpha=weight_decay), in the variant that has it.
   template <uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static Vt decayed(Vt grad, Vt param, S weight_decay) {
-    if constexpr ((V & kWeightDecayBit) != 0) return grad + weight_decay * param;
+    if constexpr ((V & kWeightDecayBit) != 0) return add_l2_penalty(grad, param, weight_decay);
     return grad;
   }
 };

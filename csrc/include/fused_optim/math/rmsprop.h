@@ -23,7 +23,6 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
-// Fields of opmath_t only (see AdamTensorScalars in adam.h).
 template <typename opmath_t>
 struct RMSpropScalars {
   opmath_t alpha;
@@ -67,7 +66,7 @@ struct RMSprop : WithL2Decay<RMSprop> {
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
     grad = decayed<V>(grad, x[kParam], s.weight_decay);
-    x[kSquareAvg] = x[kSquareAvg] * s.alpha + (s.one_minus_alpha * grad) * grad;
+    x[kSquareAvg] = average_square(x[kSquareAvg], grad, s.alpha, s.one_minus_alpha);
     Vt avg;
     if constexpr (has<LISTS>(kGradAvg)) {
       x[kGradAvg] = lerp(x[kGradAvg], grad, s.one_minus_alpha);

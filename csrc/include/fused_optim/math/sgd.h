@@ -20,7 +20,6 @@ namespace fused_optim {
 namespace math {
 inline namespace FO_CPU_CAPABILITY {
 
-// Fields of opmath_t only (see AdamTensorScalars).
 template <typename opmath_t>
 struct SgdScalars {
   opmath_t neg_lr;
@@ -29,35 +28,11 @@ struct SgdScalars {
   opmath_t weight_decay;
 };
 
-// One element of one SGD step. `momentum_buffer` is only touched when MOMENTUM.
-// V: element values, S: scalars (see stages.h).
-template <bool MOMENTUM, bool NESTEROV, bool FIRST_STEP, bool MAXIMIZE, bool WEIGHT_DECAY,
-          typename V, typename S>
-FO_HOST_DEVICE FO_INLINE void sgd_update(
-    V& param,
-    V grad,
-    V& momentum_buffer,
-    const SgdScalars<S>& s) {
-  grad = maybe_negate(grad, MAXIMIZE);
-  if constexpr (WEIGHT_DECAY) {
-    grad = add_l2_penalty(grad, param, s.weight_decay);
-  }
-  if constexpr (MOMENTUM) {
-    if constexpr (FIRST_STEP) {
-      momentum_buffer = grad;
-    } else {
-      momentum_buffer = momentum_buffer * s.momentum + s.one_minus_dampening * grad;
-    }
-    grad = NESTEROV ? grad + s.momentum * momentum_buffer : momentum_buffer;
-  }
-  param = param + s.neg_lr * grad;
-}
-
 // The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h).
 // The momentum buffer exists with momentum != 0 only; torch.optim creates it on a
 // param's first step as a copy of the (decayed) grad, which the Python class asks for
 // with is_first_step.
-struct Sgd : OptimizerBase {
+struct Sgd : WithL2Decay<Sgd, OptimizerBase> {
   static constexpr const char* kOp = "sgd_";
   enum List : int { kParam, kGrad, kMomentumBuffer, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {"params", "grads",
@@ -70,15 +45,14 @@ struct Sgd : OptimizerBase {
   static constexpr std::array<const char*, kFlags> kFlagNames = {"nesterov", "maximize",
                                                                  "is_first_step"};
 
-  // Variant bits. Nesterov and the first step only matter with momentum; an L2 term is
-  // skipped rather than multiplied by 0, so inf / NaN params behave as in torch.
-  static constexpr uint32_t kNesterovBit = 1, kFirstStepBit = 2, kWeightDecayBit = 4;
+  // Variant bits: WithL2Decay's, then Nesterov and the buffer's first step, which only
+  // matter with momentum.
+  static constexpr uint32_t kNesterovBit = 2, kFirstStepBit = 4;
   static constexpr int kVariantBits = 3;
   static uint32_t variant(const Args& a) {
     const bool momentum = a.floats[kMomentum] != 0.0;
-    return (momentum && a.flags[kNesterov] ? kNesterovBit : 0) |
-           (momentum && a.flags[kIsFirstStep] ? kFirstStepBit : 0) |
-           (a.floats[kWeightDecay] != 0.0 ? kWeightDecayBit : 0);
+    return WithL2Decay::variant(a) | (momentum && a.flags[kNesterov] ? kNesterovBit : 0) |
+           (momentum && a.flags[kIsFirstStep] ? kFirstStepBit : 0);
   }
   template <uint32_t LISTS, uint32_t V>
   FO_HOST_DEVICE static constexpr bool valid() {
@@ -105,9 +79,20 @@ struct Sgd : OptimizerBase {
 
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    sgd_update<has<LISTS>(kMomentumBuffer), (V & kNesterovBit) != 0, (V & kFirstStepBit) != 0,
-               /*MAXIMIZE=*/false, (V & kWeightDecayBit) != 0>(x[kParam], grad,
-                                                               x[kMomentumBuffer], s);
+    grad = decayed<V>(grad, x[kParam], s.weight_decay);
+    if constexpr (has<LISTS>(kMomentumBuffer)) {
+      if constexpr ((V & kFirstStepBit) != 0) {
+        x[kMomentumBuffer] = grad;
+      } else {
+        x[kMomentumBuffer] = x[kMomentumBuffer] * s.momentum + s.one_minus_dampening * grad;
+      }
+      if constexpr ((V & kNesterovBit) != 0) {
+        grad = grad + s.momentum * x[kMomentumBuffer];
+      } else {
+        grad = x[kMomentumBuffer];
+      }
+    }
+    x[kParam] = x[kParam] + s.neg_lr * grad;
   }
 };
 

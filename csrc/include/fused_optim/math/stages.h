@@ -89,15 +89,17 @@ FO_HOST_DEVICE FO_INLINE V unscale_grad(V& grad, S grad_scale) {
   return grad;
 }
 
-template <typename V>
-FO_HOST_DEVICE FO_INLINE V maybe_negate(V grad, bool maximize) {
-  return maximize ? -grad : grad;
-}
-
 // grad.add(param, alpha=weight_decay)
 template <typename V, typename S>
 FO_HOST_DEVICE FO_INLINE V add_l2_penalty(V grad, V param, S weight_decay) {
   return grad + weight_decay * param;
+}
+
+// avg.mul_(decay).addcmul_(x, x, value=1 - decay): a running average of squares, with
+// addcmul's order ((value * x) * x).
+template <typename V, typename S>
+FO_HOST_DEVICE FO_INLINE V average_square(V avg, V x, S decay, S one_minus_decay) {
+  return avg * decay + (one_minus_decay * x) * x;
 }
 
 // param.mul_(1 - lr * weight_decay); the factor is computed once per tensor.
