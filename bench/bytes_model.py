@@ -54,15 +54,12 @@ def algorithm_of_spec(spec, options: dict[str, Any], name: str | None = None) ->
     """The tensors one step of ``spec`` touches under ``options`` (a param group's
     hyperparameters by their group keys, e.g. an optimizer's defaults)."""
     hyper = {}
-    for h in spec.hypers:
-        if h.group_key == "":
-            continue   # supplied per call (a first-step flag): never keeps a list
+    for h in spec.group_hypers:   # a per-call argument (a first-step flag) keeps no list
         try:
             hyper[h.name] = h.value(options)
         except (KeyError, IndexError, TypeError):
-            pass
-    states = tuple(s.key for s in spec.lists
-                   if s.when is None or bool(hyper.get(s.when, options.get(s.when))))
+            hyper[h.name] = options.get(h.name)
+    states = tuple(s.key for s in spec.present(hyper))
     return Algorithm(name or spec.name, ("param", "grad", *states), ("param", *states))
 
 

@@ -21,6 +21,7 @@ byte model. The math is written once per kernel language, under the spec's name:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 __all__ = ["StateList", "ScalarState", "Hyper", "Spec", "register", "specs", "get"]
@@ -92,27 +93,42 @@ class Spec:
     def op(self) -> str:
         return self.name + "_"
 
-    @property
+    # What the generic code reads on every step, computed once per spec (a frozen
+    # dataclass keeps a __dict__, where cached_property stores them).
+
+    @cached_property
     def floats(self) -> tuple[Hyper, ...]:
         return tuple(h for h in self.hypers if h.kind is float)
 
-    @property
+    @cached_property
     def flags(self) -> tuple[Hyper, ...]:
         return tuple(h for h in self.hypers if h.kind is bool)
 
-    def list_args(self) -> list[str]:
+    @cached_property
+    def group_hypers(self) -> tuple[Hyper, ...]:
+        """The arguments read from a param group (all but the per-call ones)."""
+        return tuple(h for h in self.hypers if h.group_key != "")
+
+    @cached_property
+    def _list_args(self) -> tuple[str, ...]:
+        return ("params", "grads", *(s.arg for s in self.lists))
+
+    def list_args(self) -> tuple[str, ...]:
         """Every list argument of the op, in order: params, grads, the state lists."""
-        return ["params", "grads", *(s.arg for s in self.lists)]
+        return self._list_args
 
     def has(self, lst: StateList, hyper: dict[str, Any]) -> bool:
         """Whether a call with these hyperparameters keeps list ``lst``."""
         return lst.when is None or bool(hyper[lst.when])
 
+    def present(self, hyper: dict[str, Any]) -> list[StateList]:
+        """The state lists a call with these hyperparameters keeps, in op order."""
+        return [s for s in self.lists if self.has(s, hyper)]
+
     def state_keys(self, group: dict[str, Any]) -> list[str]:
         """The per-param state keys kept under a param group's options."""
-        hyper = {h.name: group[h.group_key or h.name] for h in self.hypers if h.group_key != ""}
-        return [s.key for s in self.scalars] + [
-            s.key for s in self.lists if s.when is None or bool(hyper[s.when])]
+        hyper = {h.name: group[h.group_key or h.name] for h in self.group_hypers}
+        return [s.key for s in self.scalars] + [s.key for s in self.present(hyper)]
 
     def schema(self, namespace: str = "fused_optim") -> str:
         """The op's schema: lists (mutated), then keyword-only lr, floats, flags, and
