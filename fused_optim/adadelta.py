@@ -107,8 +107,3 @@ class Adadelta(FusedOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults, backend=backend)
-
-    def _group_defaults(self) -> dict[str, Any]:
-        return {"foreach": None, "maximize": False, "differentiable": False,
-                "capturable": False}
-

@@ -123,9 +123,6 @@ class Adagrad(FusedOptimizer):
         }
         super().__init__(params, defaults, backend=backend)
 
-    def _group_defaults(self) -> dict[str, Any]:
-        return {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
-
     def share_memory(self) -> None:
         """Moves every ``sum`` state to shared memory, as torch.optim.Adagrad does."""
         for group in self.param_groups:

@@ -176,15 +176,7 @@ class Adam(FusedOptimizer):
         super().__init__(params, defaults, backend=backend)
 
     def _group_defaults(self) -> dict[str, Any]:
-        return {
-            "amsgrad": False,
-            "maximize": False,
-            "foreach": None,
-            "capturable": False,
-            "differentiable": False,
-            "fused": None,
-            "decoupled_weight_decay": False,
-        }
+        return {**super()._group_defaults(), "amsgrad": False, "decoupled_weight_decay": False}
 
 
 class AdamW(Adam):

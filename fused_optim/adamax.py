@@ -113,8 +113,3 @@ class Adamax(FusedOptimizer):
             "capturable": capturable,
         }
         super().__init__(params, defaults, backend=backend)
-
-    def _group_defaults(self) -> dict[str, Any]:
-        return {"foreach": None, "maximize": False, "differentiable": False,
-                "capturable": False}
-

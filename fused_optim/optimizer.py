@@ -35,6 +35,12 @@ _BACKEND_DOC = """backend (str, optional): which implementation runs the step: "
             "reference". A named backend that cannot run a bucket raises ValueError."""
 
 
+# torch.optim's __setstate__ defaults of the flags its classes share (each class sets
+# those it takes).
+_FLAG_DEFAULTS = {"foreach": None, "maximize": False, "differentiable": False,
+                  "capturable": False, "fused": None}
+
+
 def _arg_docs(cls: type) -> dict[str, str]:
     """The argument docs every optimizer class shares, spliced into its docstring in
     place of ``{params}``, ``{flags}``, ``{maximize}``, ``{differentiable}`` and
@@ -230,8 +236,9 @@ class FusedOptimizer(Optimizer):
 
     def _group_defaults(self) -> dict[str, Any]:
         """Keys a group loaded from an older state_dict may lack, with their defaults
-        (torch.optim's ``__setstate__`` defaults)."""
-        return {}
+        (torch.optim's ``__setstate__`` defaults): the flags this optimizer takes; a
+        subclass adds its own options."""
+        return {k: v for k, v in _FLAG_DEFAULTS.items() if k in self.defaults}
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         """The per-param state keys this optimizer keeps under the group's options."""

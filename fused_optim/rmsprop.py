@@ -133,6 +133,5 @@ class RMSprop(FusedOptimizer):
         super().__init__(params, defaults, backend=backend)
 
     def _group_defaults(self) -> dict[str, Any]:
-        return {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
-                "differentiable": False, "capturable": False}
+        return {**super()._group_defaults(), "momentum": 0, "centered": False}
 

@@ -134,13 +134,7 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults, backend=backend)
 
     def _group_defaults(self) -> dict[str, Any]:
-        return {
-            "nesterov": False,
-            "maximize": False,
-            "foreach": None,
-            "differentiable": False,
-            "fused": None,
-        }
+        return {**super()._group_defaults(), "nesterov": False}
 
     def _check_loaded_state(self, group, p, state, where) -> None:
         # torch.optim.SGD may save momentum_buffer=None for a param that never stepped.
