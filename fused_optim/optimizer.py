@@ -145,8 +145,9 @@ class FusedOptimizer(Optimizer):
             # As torch.optim does for such optimizers: every param's state exists
             # from the start.
             for group in self.param_groups:
+                hyper = self._hyper(group)
                 for p in group["params"]:
-                    self._create_state(group, p, self.state[p])
+                    self._create_state(group, p, self.state[p], hyper)
 
     # -- torch.optim contract ----------------------------------------------------
 
@@ -246,17 +247,19 @@ class FusedOptimizer(Optimizer):
 
     # -- state -------------------------------------------------------------------------
 
-    def _create_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+    def _create_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any],
+                      hyper: dict[str, Any] | None = None) -> None:
         """Fills a param's missing state with torch.optim's keys, dtypes and initial
         values (the step counters on the param's device: the kernels read them there
-        without a host sync)."""
+        without a host sync). `hyper`: the group's ``_hyper``, when the caller has it."""
         spec = self.spec
         for s in spec.scalars:
             if s.key not in state:
                 state[s.key] = torch.full((), s.init, dtype=_scalar_dtype(group), device=p.device)
-        hyper = self._hyper(group)
-        for s in spec.lists:
-            if s.key in state or not spec.has(s, hyper):
+        if hyper is None:
+            hyper = self._hyper(group)
+        for s in spec.present(hyper):
+            if s.key in state:
                 continue
             init = self.defaults[s.init] if isinstance(s.init, str) else s.init
             if init == 0:
@@ -266,20 +269,26 @@ class FusedOptimizer(Optimizer):
                 state[s.key] = torch.full_like(p, value, memory_format=torch.preserve_format)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The op's float and bool arguments for a param group (spec order)."""
-        return {h.name: h.value(group) for h in self.spec.hypers if h.group_key != ""}
+        """The op's float and bool arguments for a param group (spec order).
 
-    def _init_group(self, group: dict[str, Any], *lists: list[Tensor]) -> bool:
+        Computed once per group and step and passed down: ``Hyper.value`` converts with
+        float() / bool(), a host sync for a tensor hyperparameter on a GPU."""
+        return {h.name: h.value(group) for h in self.spec.group_hypers}
+
+    def _init_group(self, group: dict[str, Any], *lists: list[Tensor],
+                    hyper: dict[str, Any] | None = None) -> bool:
         """Fills `lists`, one empty list per op list argument (spec.list_args()) and per
         per-tensor state list, with the group's params that have grads, their grads and
         state (a list the group's options leave out stays empty), creating state on
         first use. Every grad is checked first, so a rejected step creates no state.
+        `hyper`: the group's ``_hyper``, when the caller has it.
 
         torch.optim's protocol (the lists filled in place, a constant returned):
         torch.compile runs ``_init_group`` eagerly instead of tracing it, and installs
         guards on what it read."""
         spec = self.spec
-        hyper = self._hyper(group)
+        if hyper is None:
+            hyper = self._hyper(group)
         with_grad = [p for p in group["params"] if p.grad is not None]
         for p in with_grad:
             if p.grad.is_sparse:
@@ -296,7 +305,7 @@ class FusedOptimizer(Optimizer):
         for p in with_grad:
             state = state_of[p]
             if any(key not in state for key in keys):
-                self._create_state(group, p, state)
+                self._create_state(group, p, state, hyper)
             for key, lst in present:
                 lst.append(state[key])
             for key, lst in states:
@@ -387,14 +396,15 @@ class FusedOptimizer(Optimizer):
         hyper = self._hyper(group)
         if self._step_group_eager(group, hyper):
             return
-        lists, states = self._group_lists(group)
+        lists, states = self._group_lists(group, hyper)
         self._run_buckets(group, lists, states, hyper)
 
-    def _group_lists(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    def _group_lists(self, group: dict[str, Any], hyper: dict[str, Any] | None = None,
+                     ) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
         """(the op's lists, the per-tensor state lists) of a group (_init_group)."""
         n = len(self.spec.list_args())
         lists: list[list[Tensor]] = [[] for _ in range(n + len(self.spec.scalars))]
-        self._init_group(group, *lists)
+        self._init_group(group, *lists, hyper=hyper)
         return lists[:n], lists[n:]
 
     def _step_group_eager(self, group: dict[str, Any], hyper: dict[str, Any]) -> bool:
@@ -427,18 +437,26 @@ class FusedOptimizer(Optimizer):
         if entry is None:
             return False
         spec = self.spec
+        lr, grad_scale, found_inf = self._device_args(group, device)
         return entry(
             spec.op,
             params,
             self.state,
             [s.key if spec.has(s, hyper) else None for s in spec.lists],
             [s.key for s in spec.scalars],
-            _lr_tensor(group["lr"], device),
+            lr,
             [hyper[h.name] for h in spec.floats],
             [hyper[h.name] for h in spec.flags],
-            _on_device(getattr(self, "grad_scale", None), device),
-            _on_device(getattr(self, "found_inf", None), device),
+            grad_scale,
+            found_inf,
         )
+
+    def _device_args(self, group: dict[str, Any], device: torch.device,
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(lr, grad_scale, found_inf) as the ops take them for params on `device`."""
+        return (_lr_tensor(group["lr"], device),
+                _on_device(getattr(self, "grad_scale", None), device),
+                _on_device(getattr(self, "found_inf", None), device))
 
     def _run_buckets(self, group: dict[str, Any], lists: list[list[Tensor]],
                      states: list[list[Tensor]], hyper: dict[str, Any]) -> None:
@@ -456,19 +474,12 @@ class FusedOptimizer(Optimizer):
         if buckets is None:
             buckets = self._split_buckets(lists, states)
 
-        lr = group["lr"]
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
         differentiable = bool(group.get("differentiable", False))
         per_device: dict[torch.device, tuple] = {}
         for (device, dtype, dense), bucket in buckets.items():
             if device not in per_device:
-                per_device[device] = (
-                    _on_device(grad_scale, device),
-                    _on_device(found_inf, device),
-                    _lr_tensor(lr, device),
-                )
-            gs, fi, lr_t = per_device[device]
+                per_device[device] = self._device_args(group, device)
+            lr_t, gs, fi = per_device[device]
             backend = select_backend(group["backend"], device, dtype)
             if (not dense or differentiable) and backend.name != "reference":
                 # Rows whose tensors do not share one dense layout (e.g. a strided view

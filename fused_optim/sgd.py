@@ -144,7 +144,7 @@ class SGD(FusedOptimizer):
                 return
         super()._check_loaded_state(group, p, state, where)
 
-    def _init_group(self, group: dict[str, Any], *lists) -> bool:
+    def _init_group(self, group: dict[str, Any], *lists, hyper=None) -> bool:
         """FusedOptimizer's, plus, when given one more list, whether each param with a
         grad takes its buffer's first step (no buffer yet, or torch.optim.SGD's None
         marker) in it."""
@@ -159,7 +159,7 @@ class SGD(FusedOptimizer):
                 first.append(state.get("momentum_buffer") is None)
                 if "momentum_buffer" in state and state["momentum_buffer"] is None:
                     del state["momentum_buffer"]
-        return super()._init_group(group, *op_lists)
+        return super()._init_group(group, *op_lists, hyper=hyper)
 
     def _step_group(self, group: dict[str, Any]) -> None:
         """As FusedOptimizer's, except that a momentum buffer is created on its param's
@@ -174,7 +174,7 @@ class SGD(FusedOptimizer):
             return
         lists: list[list[Tensor]] = [[] for _ in self.spec.list_args()]
         is_first: list[bool] = []
-        self._init_group(group, *lists, is_first)  # checks grads, creates buffers
+        self._init_group(group, *lists, is_first, hyper=hyper)  # checks grads, creates buffers
         if not lists[0]:
             return
         if not is_first:
