@@ -269,19 +269,24 @@ class FusedOptimizer(Optimizer):
                 state[s.key] = torch.full_like(p, value, memory_format=torch.preserve_format)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The op's float and bool arguments for a param group (spec order).
+        """The op's float and bool arguments for a param group (spec order), a per-call
+        one (``group_key=""``) at its default, ``kind()`` (see ``_split_call``).
 
         Computed once per group and step and passed down: ``Hyper.value`` converts with
         float() / bool(), a host sync for a tensor hyperparameter on a GPU."""
-        return {h.name: h.value(group) for h in self.spec.group_hypers}
+        return {h.name: h.value(group) if h.group_key != "" else h.kind()
+                for h in self.spec.hypers}
 
     def _init_group(self, group: dict[str, Any], *lists: list[Tensor],
                     hyper: dict[str, Any] | None = None) -> bool:
         """Fills `lists`, one empty list per op list argument (spec.list_args()) and per
         per-tensor state list, with the group's params that have grads, their grads and
         state (a list the group's options leave out stays empty), creating state on
-        first use. Every grad is checked first, so a rejected step creates no state.
-        `hyper`: the group's ``_hyper``, when the caller has it.
+        first use; given one more list, appends to it the index of each row whose state
+        this call created (for ``_split_call``). Every grad is checked first (and with
+        fused=True every param that gets state, torch's device and dtype check), so a
+        rejected step creates no state. `hyper`: the group's ``_hyper``, when the caller
+        has it.
 
         torch.optim's protocol (the lists filled in place, a constant returned):
         torch.compile runs ``_init_group`` eagerly instead of tracing it, and installs
@@ -289,6 +294,7 @@ class FusedOptimizer(Optimizer):
         spec = self.spec
         if hyper is None:
             hyper = self._hyper(group)
+        n_lists = len(spec.list_args()) + len(spec.scalars)
         with_grad = [p for p in group["params"] if p.grad is not None]
         for p in with_grad:
             if p.grad.is_sparse:
@@ -297,15 +303,21 @@ class FusedOptimizer(Optimizer):
         present = [(s.key, lists[2 + i]) for i, s in enumerate(spec.lists) if spec.has(s, hyper)]
         states = [(s.key, lists[len(spec.lists) + 2 + j]) for j, s in enumerate(spec.scalars)]
         keys = [key for key, _ in (*states, *present)]
+        state_of = self.state
+        new_rows = [i for i, p in enumerate(with_grad)
+                    if any(key not in state_of.get(p, ()) for key in keys)]
         if group.get("fused"):
-            self._check_fused(group, with_grad, keys)
+            self._check_fused(with_grad if not self._fused_checked
+                              else [with_grad[i] for i in new_rows])
+        for i in new_rows:
+            p = with_grad[i]
+            self._create_state(group, p, state_of[p], hyper)
+        if len(lists) > n_lists:
+            lists[n_lists].extend(new_rows)
         lists[0].extend(with_grad)
         lists[1].extend(p.grad for p in with_grad)
-        state_of = self.state
         for p in with_grad:
             state = state_of[p]
-            if any(key not in state for key in keys):
-                self._create_state(group, p, state, hyper)
             for key, lst in present:
                 lst.append(state[key])
             for key, lst in states:
@@ -378,34 +390,57 @@ class FusedOptimizer(Optimizer):
         else:
             check_capturable(single_xla)
 
-    def _check_fused(self, group: dict[str, Any], params: list[Tensor], keys: list[str]) -> None:
-        """fused=True: torch's own device and dtype check, on each param's first step."""
+    def _check_fused(self, params: list[Tensor]) -> None:
+        """fused=True: torch's own device and dtype check, of every param with a grad at
+        the first step, then of each param at its first step (_init_group)."""
         from torch.optim import optimizer as torch_optimizer
 
         for p in params:
-            state = self.state.get(p, {})
-            if not self._fused_checked or any(k not in state for k in keys):
-                torch_optimizer._device_dtype_check_for_fused(p)
+            torch_optimizer._device_dtype_check_for_fused(p)
         self._fused_checked = True
 
     _fused_checked = False
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        """One step of one param group: the eager entry, else lists, buckets, backends."""
+        """One step of one param group: the eager entry, else lists, the group's calls
+        (``_split_call``), buckets, backends."""
         self._check_torch_paths(group)
         hyper = self._hyper(group)
         if self._step_group_eager(group, hyper):
             return
-        lists, states = self._group_lists(group, hyper)
-        self._run_buckets(group, lists, states, hyper)
+        new_rows: list[int] = []
+        lists, states = self._group_lists(group, hyper, new_rows)
+        for call_lists, call_states, call_hyper in self._split_call(
+                group, lists, states, hyper, new_rows):
+            self._run_buckets(group, call_lists, call_states, call_hyper)
 
     def _group_lists(self, group: dict[str, Any], hyper: dict[str, Any] | None = None,
+                     new_rows: list[int] | None = None,
                      ) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
-        """(the op's lists, the per-tensor state lists) of a group (_init_group)."""
+        """(the op's lists, the per-tensor state lists) of a group (_init_group);
+        `new_rows`, when given, receives the index of each row whose state was created."""
         n = len(self.spec.list_args())
         lists: list[list[Tensor]] = [[] for _ in range(n + len(self.spec.scalars))]
-        self._init_group(group, *lists, hyper=hyper)
+        self._init_group(group, *lists, *([] if new_rows is None else [new_rows]), hyper=hyper)
         return lists[:n], lists[n:]
+
+    def _split_call(self, group: dict[str, Any], lists: list[list[Tensor]],
+                    states: list[list[Tensor]], hyper: dict[str, Any], new_rows: list[int],
+                    ) -> list[tuple[list[list[Tensor]], list[list[Tensor]], dict[str, Any]]]:
+        """The calls that step a group's rows: (lists, states, hyper) each, run through
+        ``_run_buckets`` in order. The default is one call with the group's ``hyper``.
+
+        An optimizer with a per-call argument (``group_key=""``) overrides this to give
+        it per call, e.g. by whether a row's state was created by this step (its index
+        in `new_rows`). The eager entry, which only takes a group whose rows all have
+        their state, passes such an argument at its default (see ``_hyper``), so that
+        default must be its value for rows with state."""
+        return [(lists, states, hyper)]
+
+    @staticmethod
+    def _rows(lists: list[list[Tensor]], rows: list[int]) -> list[list[Tensor]]:
+        """`lists` restricted to `rows` (an empty list stays empty)."""
+        return [[lst[i] for i in rows] if lst else lst for lst in lists]
 
     def _step_group_eager(self, group: dict[str, Any], hyper: dict[str, Any]) -> bool:
         """Runs the group's step through its backend's C++ group entry, if it has one and

@@ -144,60 +144,28 @@ class SGD(FusedOptimizer):
                 return
         super()._check_loaded_state(group, p, state, where)
 
-    def _init_group(self, group: dict[str, Any], *lists, hyper=None) -> bool:
-        """FusedOptimizer's, plus, when given one more list, whether each param with a
-        grad takes its buffer's first step (no buffer yet, or torch.optim.SGD's None
-        marker) in it."""
-        op_lists, first = lists, []
-        if len(lists) > len(self.spec.list_args()):
-            *op_lists, first = lists
-        if group["momentum"] != 0:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state.get(p, {})
-                first.append(state.get("momentum_buffer") is None)
-                if "momentum_buffer" in state and state["momentum_buffer"] is None:
-                    del state["momentum_buffer"]
-        return super()._init_group(group, *op_lists, hyper=hyper)
-
-    def _step_group(self, group: dict[str, Any]) -> None:
-        """As FusedOptimizer's, except that a momentum buffer is created on its param's
-        first step as a copy of the (decayed) grad, as torch.optim.SGD does: the kernels
-        take that as a flag (is_first_step), so new and existing buffers go in separate
-        calls (both only when params gain grads mid-training)."""
-        self._check_torch_paths(group)
-        hyper = {**self._hyper(group), "is_first_step": False}
-        # Every buffer exists (or none is needed): one call from C++. A param's first
-        # momentum step takes the path below.
-        if self._step_group_eager(group, hyper):
-            return
-        lists: list[list[Tensor]] = [[] for _ in self.spec.list_args()]
-        is_first: list[bool] = []
-        self._init_group(group, *lists, is_first, hyper=hyper)  # checks grads, creates buffers
-        if not lists[0]:
-            return
-        if not is_first:
-            self._run_buckets(group, lists, [], hyper)
-            return
-        for flag in (True, False):
-            indices = [i for i, f in enumerate(is_first) if f == flag]
-            if not indices:
-                continue
-            if len(indices) == len(is_first):
-                part = lists
-            else:
-                part = [[lst[i] for i in indices] for lst in lists]
-            self._run_buckets(group, part, [], {**hyper, "is_first_step": flag})
+    def _split_call(self, group, lists, states, hyper, new_rows):
+        """A momentum buffer is created on its param's first step as a copy of the
+        (decayed) grad, as torch.optim.SGD does: the kernels take that as a flag
+        (is_first_step), so the rows whose buffer this step created and the others go in
+        separate calls (both only when params gain grads mid-training)."""
+        if not new_rows:
+            return [(lists, states, hyper)]
         found_inf = getattr(self, "found_inf", None)
-        if any(is_first) and found_inf is not None and hyper["dampening"] != 0.0:
+        if found_inf is not None and hyper["dampening"] != 0.0:
             # A skipped first step (GradScaler found an inf) must leave the params
             # without a buffer, as torch.optim.SGD never steps then: a zero buffer
             # would make the next step b = (1 - dampening) * g instead of b = g.
             # (With dampening 0 the two agree, so no sync there.) This reads
-            # found_inf on the host, once, on a param's first step only.
+            # found_inf on the host, once, on a param's first step only; the calls
+            # below then change nothing.
             if bool(found_inf.reshape(()).item() != 0):
-                for p, f in zip(lists[0], is_first):
-                    if f:
-                        del self.state[p]["momentum_buffer"]
-
+                for i in new_rows:
+                    del self.state[lists[0][i]]["momentum_buffer"]
+        first = {**hyper, "is_first_step": True}
+        if len(new_rows) == len(lists[0]):
+            return [(lists, states, first)]
+        new = set(new_rows)
+        later = [i for i in range(len(lists[0])) if i not in new]
+        return [(self._rows(lists, new_rows), self._rows(states, new_rows), first),
+                (self._rows(lists, later), self._rows(states, later), hyper)]

@@ -57,7 +57,8 @@ class ScalarState:
 class Hyper:
     """A float or bool argument of the op. Read from the param group's ``group_key``
     (default: ``name``), element ``index`` of it when given (``betas``); with
-    ``group_key=""`` the optimizer supplies it per call (a first step's flag)."""
+    ``group_key=""`` the optimizer supplies it per call (a first step's flag, see
+    FusedOptimizer._split_call), ``kind()`` (False, 0.0) in a call it does not set."""
 
     name: str
     kind: type = float
