@@ -39,29 +39,26 @@ __all__ = ["step", "lr_mul", "lr_div", "lr_sub_from", "opmath_of"]
 
 
 def opmath_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic on `dtype` values runs in (tensors and lr alike)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _lr_opmath(lr: Tensor) -> torch.dtype:
-    return torch.float64 if lr.dtype == torch.float64 else torch.float32
 
 
 def lr_mul(lr: Tensor, x: float | Tensor) -> Tensor:
     """lr * x as torch.optim computes it with this lr: in lr's dtype (a Python float x
     rounded to it first, as a tensor-scalar op does)."""
-    om = _lr_opmath(lr)
+    om = opmath_of(lr.dtype)
     return (lr.to(om) * _as(x, om, lr)).to(lr.dtype)
 
 
 def lr_div(lr: Tensor, x: float | Tensor) -> Tensor:
     """lr / x in lr's dtype (see lr_mul)."""
-    om = _lr_opmath(lr)
+    om = opmath_of(lr.dtype)
     return (lr.to(om) / _as(x, om, lr)).to(lr.dtype)
 
 
 def lr_sub_from(a: float, t: Tensor) -> Tensor:
     """a - t for a tensor t of lr's dtype, in that dtype (torch's ``1 - lr * wd``)."""
-    om = _lr_opmath(t)
+    om = opmath_of(t.dtype)
     return (a - t.to(om)).to(t.dtype)
 
 
@@ -72,36 +69,49 @@ def _as(x: float | Tensor, dtype: torch.dtype, like: Tensor) -> Tensor | float:
 
 
 def _store(dst: Tensor, value: Tensor, keep: Tensor | None) -> None:
-    """dst <- value, or dst unchanged where the step is skipped (found_inf)."""
+    """dst <- value, or dst unchanged where the step is skipped (found_inf). `keep` is on
+    the bucket's device; per-tensor state may be on the CPU."""
     if keep is None:
         dst.copy_(value)
     else:
-        dst.copy_(torch.where(keep.to(dst.device), value, dst.to(value.dtype)))
+        if keep.device != dst.device:
+            keep = keep.to(dst.device)
+        dst.copy_(torch.where(keep, value, dst.to(value.dtype)))
 
 
-def _skip_mask(found_inf: Tensor | None) -> Tensor | None:
-    return None if found_inf is None else (found_inf.reshape(()) == 0)
+def _skip_mask(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if found_inf is None else (found_inf.reshape(()) == 0).to(device)
 
 
 def _unscaled_grad(grad: Tensor, opmath: torch.dtype, grad_scale: Tensor | None,
                    keep: Tensor | None) -> Tensor:
+    """The grad in opmath, divided by `grad_scale` (0-dim, on its device) when given and
+    then stored back unscaled."""
     g = grad.to(opmath, copy=True)
     if grad_scale is not None:
-        g = g / grad_scale.reshape(()).to(device=g.device, dtype=opmath)
+        g = g / grad_scale.to(opmath)
         _store(grad, g, keep)
     return g
 
 
 def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None = None,
          found_inf: Tensor | None = None, **h: Any) -> None:
-    """One step of `spec`'s optimizer over one bucket, with the op's arguments."""
+    """One step of `spec`'s optimizer over one bucket (one device), with the op's
+    arguments."""
     list_args = spec.list_args()
     n = len(list_args)
     by_arg = dict(zip(list_args, lists[:n]))
     states = [(s.key, t) for s, t in zip(spec.scalars, lists[n:])]
-    present = [(s.key, by_arg[s.arg]) for s in spec.lists if spec.has(s, h)]
+    present = [(s.key, by_arg[s.arg]) for s in spec.present(h)]
     params, grads = by_arg["params"], by_arg["grads"]
-    keep = _skip_mask(found_inf)
+    if not params:
+        return
+    # lr, grad_scale and found_inf on the bucket's device, once.
+    device = params[0].device
+    lr = lr.reshape(()).to(device)
+    if grad_scale is not None:
+        grad_scale = grad_scale.reshape(()).to(device)
+    keep = _skip_mask(found_inf, device)
     maximize = bool(h.get("maximize", False))
     for i, param in enumerate(params):
         opmath = opmath_of(param.dtype)
@@ -112,7 +122,7 @@ def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None
         if maximize:
             g = -g
         state = {key: tensors[i] for key, tensors in states}
-        spec.reference(x, g, state, lr.reshape(()).to(param.device), h)
+        spec.reference(x, g, state, lr, h)
         _store(param, x["param"], keep)
         for key, tensors in present:
             _store(tensors[i], x[key], keep)
