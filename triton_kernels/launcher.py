@@ -578,12 +578,12 @@ def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale) -> _Cal
     for name, lst in states:
         if len(lst) != n:
             raise _op_error(op, f"expected {n} {name} (one per param), got {len(lst)}")
-    variant, advance, scalars, update = _math_of(spec)
+    variant, advance, scalars, update, skip_reads = _math_of(spec)
     reads = 0
     for k in range(n_lists):
         if (mask >> k) & 1 and k != 1:
             reads |= 1 << k
-    reads &= ~_math_skip_reads(spec, h)
+    reads &= ~skip_reads(h)
     reads |= 0b10  # the grad
     constexprs = dict(
         ADVANCE=advance, SCALARS=scalars, UPDATE=update, N_LISTS=n_lists, LISTS=mask,
@@ -596,23 +596,24 @@ def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale) -> _Cal
 
 @functools.lru_cache(maxsize=None)
 def _math_of(spec):
-    """The optimizer's math in math.py: (variant, advance, scalars, update)."""
+    """The optimizer's math in math.py: (variant, advance, scalars, update, skip_reads);
+    skip_reads(h) is the mask of the lists whose old values a call's update never reads
+    (math.<name>_skip_reads, e.g. a buffer that its first step sets from the grad; none
+    by default)."""
     try:
         return (getattr(_math, f"{spec.name}_variant"),
                 getattr(_math, f"{spec.name}_advance", _math.count_step),
                 getattr(_math, f"{spec.name}_scalars"),
-                getattr(_math, f"{spec.name}_update"))
+                getattr(_math, f"{spec.name}_update"),
+                getattr(_math, f"{spec.name}_skip_reads", _reads_all))
     except AttributeError as exc:
         raise NotImplementedError(
             f"fused_optim_triton: no Triton math for {spec.name!r} in "
             f"fused_optim.triton_kernels.math ({exc})") from None
 
 
-def _math_skip_reads(spec, h: dict[str, Any]) -> int:
-    """Lists whose old values this call's update never reads (math.<name>_skip_reads,
-    e.g. a buffer that its first step sets from the grad), as a mask."""
-    fn = getattr(_math, f"{spec.name}_skip_reads", None)
-    return fn(h) if fn is not None else 0
+def _reads_all(h: dict[str, Any]) -> int:
+    return 0
 
 
 def step_table(spec, *lists, lr, grad_scale=None, found_inf=None,

@@ -95,22 +95,15 @@ def maximum(a, b):
 
 
 @triton.jit
-def unscale(grad, grad_scale):
-    """grad / grad_scale, IEEE-rounded (torch.amp's unscale)."""
-    if grad.dtype == tl.float64:
-        return grad / grad_scale
-    else:
-        return tl.div_rn(grad, grad_scale)
-
-
-
-@triton.jit
 def div(a, b):
     """a / b, IEEE-rounded in float32 and float64."""
     if a.dtype == tl.float64:
         return a / b
     else:
         return tl.div_rn(a, b)
+
+
+unscale = div  # grad / grad_scale, IEEE-rounded (torch.amp's unscale)
 
 
 @triton.jit
@@ -254,9 +247,6 @@ def adam_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
     denom = sqrt(second_moment) * inv_bias_correction2_sqrt + eps
     param = param + neg_step_size * div(exp_avg, denom)
     return param, x[1], exp_avg, exp_avg_sq, max_exp_avg_sq
-
-
-adam_advance = count_step
 
 
 # ---------------------------------------------------------------------------------
