@@ -6,7 +6,8 @@ changes. What a fake kernel does is check the inputs the way the C++ kernels do
 (csrc/ops_common.h, same messages), so that bad input raises the same RuntimeError when
 traced, and when a call mixes devices: the dispatcher sends a call with any 'meta'
 tensor to this kernel, never to the C++ one. One kernel serves every op: it reads the
-op's spec.
+op's spec. The checks of a call's list counts and of grad_scale / found_inf are shared
+with the Triton launcher (``present_lists``, ``check_count``, ``check_device_scalar``).
 """
 
 from __future__ import annotations
@@ -18,17 +19,49 @@ from torch import Tensor
 
 from fused_optim.spec import Spec
 
-__all__ = ["register_fake_kernel", "check_call"]
+__all__ = ["register_fake_kernel", "check_call", "present_lists", "check_count",
+           "check_device_scalar"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_count(op: str, name: str, tensors: Sequence[Tensor], expected: int) -> None:
+    """One tensor per param in list `name` of a call (csrc/ops_common.h's message)."""
+    torch._check(len(tensors) == expected, lambda: (
+        f"{op}: expected {expected} {name} (one per param), got {len(tensors)}"))
+
+
+def present_lists(spec: Spec, op: str, by_arg: dict[str, Sequence[Tensor]],
+                  h: dict[str, Any]) -> list[tuple[str, Sequence[Tensor]]]:
+    """(name, tensors) of each list a call of spec's op keeps under its arguments `h`,
+    params and grads first; a list the call's options leave out must be empty (checked
+    here, with csrc/ops_common.h's message)."""
+    present = [("params", by_arg["params"]), ("grads", by_arg["grads"])]
+    for s in spec.lists:
+        if spec.has(s, h):
+            present.append((s.arg, by_arg[s.arg]))
+        else:
+            value = h[s.when]
+            shown = "False" if isinstance(value, bool) else f"{value:g}"
+            torch._check(len(by_arg[s.arg]) == 0, lambda: (
+                f"{op}: {s.arg} must be empty when {s.when}={shown}, got {len(by_arg[s.arg])}"))
+    return present
+
+
+def check_device_scalar(op: str, name: str, t: Tensor, device: torch.device) -> None:
+    """grad_scale / found_inf: a one-element float32 tensor on the params' device."""
+    torch._check(t.numel() == 1, lambda: (
+        f"{op}: {name} must be a one-element tensor, got shape {list(t.shape)}"))
+    torch._check(t.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {t.dtype}")
+    torch._check(t.device == device, lambda: (
+        f"{op}: {name} is on {t.device} but the params are on {device}"))
 
 
 def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
     """As check_bucket in csrc/ops_common.h."""
     params = lists[0][1]
     for name, tensors in lists:
-        torch._check(len(tensors) == len(params), lambda: (
-            f"{op}: expected {len(params)} {name} (one per param), got {len(tensors)}"))
+        check_count(op, name, tensors, len(params))
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
@@ -53,8 +86,7 @@ def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]]) -> Non
 def _check_scalars(op: str, name: str, tensors: Sequence[Tensor], expected: int,
                    device: torch.device) -> None:
     """As check_scalars: one-element float tensors on the params' device or the CPU."""
-    torch._check(len(tensors) == expected, lambda: (
-        f"{op}: expected {expected} {name} (one per param), got {len(tensors)}"))
+    check_count(op, name, tensors, expected)
     for i, t in enumerate(tensors):
         torch._check(t.numel() == 1, lambda: f"{op}: {name}[{i}] must be a one-element tensor")
         torch._check(t.dtype in (torch.float32, torch.float64), lambda: (
@@ -73,13 +105,8 @@ def _check_common(op: str, params: Sequence[Tensor], lr: Tensor, grad_scale: Ten
     torch._check(lr.device.type == "cpu" or lr.device == device, lambda: (
         f"{op}: lr is on {lr.device} but the params are on {device}"))
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if t is None:
-            continue
-        torch._check(t.numel() == 1, lambda: (
-            f"{op}: {name} must be a one-element tensor, got shape {list(t.shape)}"))
-        torch._check(t.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {t.dtype}")
-        torch._check(t.device == device, lambda: (
-            f"{op}: {name} is on {t.device} but the params are on {device}"))
+        if t is not None:
+            check_device_scalar(op, name, t, device)
 
 
 def check_call(spec: Spec, op: str, lists: Sequence[Sequence[Tensor]], lr: Tensor,
@@ -87,16 +114,7 @@ def check_call(spec: Spec, op: str, lists: Sequence[Sequence[Tensor]], lr: Tenso
     """The checks of csrc/ops_common.h on one call of spec's op, with its messages."""
     args = spec.list_args()
     by_arg = dict(zip(args, lists))
-    checked = [("params", by_arg["params"]), ("grads", by_arg["grads"])]
-    for s in spec.lists:
-        if spec.has(s, h):
-            checked.append((s.arg, by_arg[s.arg]))
-        else:
-            value = h[s.when]
-            shown = "False" if isinstance(value, bool) else f"{value:g}"
-            torch._check(len(by_arg[s.arg]) == 0, lambda: (
-                f"{op}: {s.arg} must be empty when {s.when}={shown}, got {len(by_arg[s.arg])}"))
-    _check_bucket(op, checked)
+    _check_bucket(op, present_lists(spec, op, by_arg, h))
     params = by_arg["params"]
     _check_common(op, params, lr, grad_scale, found_inf)
     if params:

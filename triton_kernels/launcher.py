@@ -75,6 +75,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from fused_optim._fake import check_count, check_device_scalar, present_lists
+
 from . import math as _math
 from .math import to_storage, unscale
 
@@ -370,8 +372,12 @@ def clear_table_cache() -> None:
     _STATS.update(builds=0, hits=0)
 
 
+def _qualified(op: str) -> str:
+    return f"fused_optim_triton::{op}"
+
+
 def _op_error(op: str, msg: str) -> RuntimeError:
-    return RuntimeError(f"fused_optim_triton::{op}: {msg}")
+    return RuntimeError(f"{_qualified(op)}: {msg}")
 
 
 def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
@@ -512,14 +518,8 @@ def _opmath(dtype: torch.dtype):
 
 
 def _check_scalar(op: str, name: str, t: torch.Tensor | None, device: torch.device) -> None:
-    if t is None:
-        return
-    if t.numel() != 1:
-        raise _op_error(op, f"{name} must be a one-element tensor, got shape {tuple(t.shape)}")
-    if t.dtype != torch.float32:
-        raise _op_error(op, f"{name} must be float32, got {t.dtype}")
-    if t.device != device:
-        raise _op_error(op, f"{name} is on {t.device} but the params are on {device}")
+    if t is not None:
+        check_device_scalar(_qualified(op), name, t, device)
 
 
 def _lr_args(op: str, lr: torch.Tensor, device: torch.device, host_value: bool = False):
@@ -557,27 +557,18 @@ def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale) -> _Cal
     if n_lists > MAX_LISTS or len(spec.scalars) > MAX_STATES:
         raise _op_error(op, "more lists than the kernels take")
     by_arg = dict(zip(args, lists[:n_lists]))
-    names, present, slots = ["params", "grads"], [list(by_arg["params"]), list(by_arg["grads"])], [0, 1]
-    mask = 0b11
-    for k, s in enumerate(spec.lists, start=2):
-        if spec.has(s, h):
-            names.append(s.arg)
-            present.append(list(by_arg[s.arg]))
-            slots.append(k)
-            mask |= 1 << k
-        elif len(by_arg[s.arg]) != 0:
-            value = h[s.when]
-            shown = "False" if isinstance(value, bool) else f"{value:g}"
-            raise _op_error(op, f"{s.arg} must be empty when {s.when}={shown}, got "
-                                f"{len(by_arg[s.arg])}")
+    # The checks of the list counts the C++ ops make (shared with their fake kernel).
+    qualified = _qualified(op)
+    names, present, slots = [], [], []
+    for name, lst in present_lists(spec, qualified, by_arg, h):
+        names.append(name)
+        present.append(list(lst))
+        slots.append(args.index(name))
+    mask = sum(1 << k for k in slots)
     n = len(present[0])
-    for name, lst in zip(names, present):
-        if len(lst) != n:
-            raise _op_error(op, f"expected {n} {name} (one per param), got {len(lst)}")
     states = [(s.arg, list(t)) for s, t in zip(spec.scalars, lists[n_lists:])]
-    for name, lst in states:
-        if len(lst) != n:
-            raise _op_error(op, f"expected {n} {name} (one per param), got {len(lst)}")
+    for name, lst in [*zip(names, present), *states]:
+        check_count(qualified, name, lst, n)
     variant, advance, scalars, update, skip_reads = _math_of(spec)
     reads = 0
     for k in range(n_lists):
