@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -302,22 +304,25 @@ class FusedOptimizer(Optimizer):
                                    or f"{type(self).__name__} does not support sparse gradients")
         present = [(s.key, lists[2 + i]) for i, s in enumerate(spec.lists) if spec.has(s, hyper)]
         states = [(s.key, lists[len(spec.lists) + 2 + j]) for j, s in enumerate(spec.scalars)]
-        keys = [key for key, _ in (*states, *present)]
+        needed = {key for key, _ in (*states, *present)}
+        # One look-up per param (a tensor's hash is a Python call): its state, or
+        # _NO_STATE; the rows that lack a key get their state below (a group that keeps
+        # no state adds no entry, as torch.optim.SGD and the eager entry add none).
         state_of = self.state
-        new_rows = [i for i, p in enumerate(with_grad)
-                    if any(key not in state_of.get(p, ()) for key in keys)]
+        rows = [state_of.get(p, _NO_STATE) for p in with_grad]
+        new_rows = [i for i, state in enumerate(rows) if not state.keys() >= needed]
         if group.get("fused"):
             self._check_fused(with_grad if not self._fused_checked
                               else [with_grad[i] for i in new_rows])
         for i in new_rows:
             p = with_grad[i]
-            self._create_state(group, p, state_of[p], hyper)
+            rows[i] = state_of[p]
+            self._create_state(group, p, rows[i], hyper)
         if len(lists) > n_lists:
             lists[n_lists].extend(new_rows)
         lists[0].extend(with_grad)
         lists[1].extend(p.grad for p in with_grad)
-        for p in with_grad:
-            state = state_of[p]
+        for state in rows:
             for key, lst in present:
                 lst.append(state[key])
             for key, lst in states:
@@ -570,6 +575,10 @@ class FusedOptimizer(Optimizer):
             for k, lst in enumerate(states):
                 bucket[len(lists) + k].append(lst[i])
         return buckets
+
+
+# The state _init_group reads for a param that has none (never written).
+_NO_STATE: Mapping[str, Any] = MappingProxyType({})
 
 
 def _scalar_dtype(group: dict[str, Any] | None = None) -> torch.dtype:
