@@ -20,8 +20,11 @@
 // R is the arithmetic type: double for fp32/fp16/bf16 storage, long double for fp64
 // storage (so the reference is more precise than any kernel it checks). Besides each
 // list's result it returns `mag`, the sum of the magnitudes of the terms that formed it,
-// which scales the tolerance (see [note: tolerances] in test_util.h). Adding an optimizer
-// to the tests is one such function here plus one entry in optimizer_table.cpp.
+// which scales the tolerance (see [note: tolerances] in test_util.h). The steps several
+// optimizers share compute their value and magnitude in one place: prepare_grad (unscale,
+// maximize, L2), ema_sq (moving average / sum of squares), lerp (moving average). Adding
+// an optimizer to the tests is one such function here plus one entry in
+// optimizer_table.cpp.
 #pragma once
 
 #include <cmath>
@@ -74,6 +77,67 @@ struct TorchLr {
 };
 
 // ---------------------------------------------------------------------------------------
+// The pieces every reference shares, each with its magnitude.
+
+// A computed value and `mag`, the sum of the magnitudes of the terms that formed it.
+template <typename R>
+struct Term {
+  R value;
+  R mag;
+};
+
+template <typename R>
+void record(ElemRef& out, int list, const Term<R>& t) {
+  out.value[list] = static_cast<double>(t.value);
+  out.mag[list] = static_cast<double>(t.mag);
+}
+
+// torch.optim's prologue, in its order: the grad unscaled (grad_scale divides it, and the
+// kernel writes it back divided, so the grad list is recorded in `out`), negated for
+// maximize, and the L2 term `l2 * param` added when l2 != 0 (coupled weight decay;
+// AdamW's decoupled decay passes 0 and scales the param itself).
+template <typename R>
+Term<R> prepare_grad(R g, R p, const float* grad_scale, bool maximize, R l2, int grad_list,
+                     ElemRef& out) {
+  using std::fabs;
+  if (grad_scale) g = g / static_cast<R>(*grad_scale);
+  record(out, grad_list, Term<R>{g, fabs(g)});
+  if (maximize) g = -g;
+  Term<R> t{g, fabs(g)};
+  if (l2 != 0) {
+    t.value = g + l2 * p;
+    t.mag = t.mag + fabs(l2 * p);
+  }
+  return t;
+}
+
+// v = beta * v + weight * x^2: a moving average of squares (weight = 1 - beta: Adam's
+// exp_avg_sq, RMSprop's and Adadelta's square_avg, Adadelta's acc_delta) or a sum of
+// squares (beta = weight = 1: Adagrad's state_sum). Its error is bounded by u times
+//   beta * |v| + weight * x^2        the magnitudes of the two terms (each rounding of
+//                                    the product, the square and the sum is <= u * that)
+//   + 2 * weight * mag_x^2           x's own error (<= u * mag_x) enters through x^2 as
+//                                    2 |x| u mag_x <= 2 u mag_x^2
+// i.e. |v_new| + 2 * weight * mag_x^2 for v >= 0. (The references used to disagree:
+// Adam took it from the new v as here, RMSprop / Adadelta / Adagrad left out the
+// weight * x^2 term.)
+template <typename R>
+Term<R> ema_sq(R v, R beta, R weight, const Term<R>& x) {
+  using std::fabs;
+  const R square = weight * x.value * x.value;
+  return {beta * v + square, beta * fabs(v) + square + 2 * weight * x.mag * x.mag};
+}
+
+// m + w * (x - m): torch's lerp_(x, w), the moving average m = (1 - w) m + w x (Adam's and
+// Adamax's exp_avg, RMSprop's grad_avg). Both operands enter with a weight <= 1, the
+// difference with |m| + |x|: bounded by |m| + mag_x.
+template <typename R>
+Term<R> lerp(R m, const Term<R>& x, R w) {
+  using std::fabs;
+  return {m + w * (x.value - m), fabs(m) + x.mag};
+}
+
+// ---------------------------------------------------------------------------------------
 // Adam / AdamW: torch.optim.adam._single_tensor_adam (capturable=False).
 //   step_t += 1
 //   grad = -grad if maximize
@@ -97,41 +161,26 @@ ElemRef adam_reference(const fm::Args& a, const double* state, const float* grad
   const double weight_decay = a.floats[A::kWeightDecay];
   const TorchLr lr{a.lr_dtype};
   const R b2 = beta2, wd = weight_decay, eps = a.floats[A::kEps];
-  R p = in[A::kParam], g = in[A::kGrad], m = in[A::kExpAvg], v = in[A::kExpAvgSq],
-    vhat = in[A::kMaxExpAvgSq];
+  R p = in[A::kParam];
+  const R vhat_old = in[A::kMaxExpAvgSq];
   ElemRef out;
 
-  if (grad_scale) g = g / static_cast<R>(*grad_scale);
-  out.value[A::kGrad] = static_cast<double>(g);
-  out.mag[A::kGrad] = static_cast<double>(fabs(g));
-  if (maximize) g = -g;
-  R mag_g = fabs(g);
-  if (weight_decay != 0) {
-    if (decoupled) {
-      // 1 - lr * weight_decay: Python floats, or two rounded ops of an lr tensor.
-      const R factor = a.lr_dtype == fm::LrDType::kFloat64
-                           ? 1 - static_cast<R>(a.lr) * wd
-                           : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
-      p = p * factor;
-    } else {
-      g = g + wd * p;
-      mag_g = mag_g + fabs(wd * p);
-    }
+  const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, maximize,
+                                    decoupled ? R(0) : wd, A::kGrad, out);
+  if (weight_decay != 0 && decoupled) {
+    // 1 - lr * weight_decay: Python floats, or two rounded ops of an lr tensor.
+    const R factor = a.lr_dtype == fm::LrDType::kFloat64
+                         ? 1 - static_cast<R>(a.lr) * wd
+                         : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
+    p = p * factor;
   }
-  // m = beta1 * m + (1 - beta1) * g, written as the lerp it is.
-  const R m_old = m;
-  m = m + (1 - static_cast<R>(beta1)) * (g - m);
-  const R mag_m = fabs(m_old) + mag_g;
-  // v = beta2 * v + (1 - beta2) * g^2; g's own error (u * mag_g) enters squared.
-  v = b2 * v + (1 - b2) * g * g;
-  const R mag_v = v + 2 * (1 - b2) * mag_g * mag_g;
-  R second = v, mag_second = mag_v;
+  const Term<R> m = lerp<R>(in[A::kExpAvg], g, 1 - static_cast<R>(beta1));
+  const Term<R> v = ema_sq<R>(in[A::kExpAvgSq], b2, 1 - b2, g);
+  Term<R> second = v;
   if (amsgrad) {
-    vhat = vhat > v ? vhat : v;
-    second = vhat;
-    mag_second = vhat > mag_v ? vhat : mag_v;
-    out.value[A::kMaxExpAvgSq] = static_cast<double>(vhat);
-    out.mag[A::kMaxExpAvgSq] = static_cast<double>(mag_second);
+    const R vhat = vhat_old > v.value ? vhat_old : v.value;
+    second = {vhat, vhat > v.mag ? vhat : v.mag};
+    record(out, A::kMaxExpAvgSq, second);
   }
   // The per-tensor scalars in double, as torch.optim computes them (Python floats):
   // 1 - beta2^step amplifies pow's rounding by up to 1 / (1 - beta2^step) (~500x at
@@ -139,20 +188,14 @@ ElemRef adam_reference(const fm::Args& a, const double* state, const float* grad
   const double bias_correction1 = 1.0 - std::pow(beta1, step);
   const double bias_correction2 = 1.0 - std::pow(beta2, step);
   const R step_size = static_cast<R>(lr.div(a.lr, bias_correction1));
-  const R denom = std::sqrt(second) / static_cast<R>(std::sqrt(bias_correction2)) + eps;
-  const R update = step_size * m / denom;
-  // The relative error of denom is at most that of `second` (mag_second / second).
-  const R rel_second = second > 0 ? mag_second / second : R(1);
-  const R mag_update = step_size * (mag_m + fabs(m) * rel_second) / denom;
-  const R mag_p = fabs(p) + mag_update;
-  p = p - update;
-
-  out.value[A::kParam] = static_cast<double>(p);
-  out.value[A::kExpAvg] = static_cast<double>(m);
-  out.value[A::kExpAvgSq] = static_cast<double>(v);
-  out.mag[A::kParam] = static_cast<double>(mag_p);
-  out.mag[A::kExpAvg] = static_cast<double>(mag_m);
-  out.mag[A::kExpAvgSq] = static_cast<double>(mag_v);
+  const R denom = std::sqrt(second.value) / static_cast<R>(std::sqrt(bias_correction2)) + eps;
+  const R update = step_size * m.value / denom;
+  // The relative error of denom is at most that of `second` (mag / value).
+  const R rel_second = second.value > 0 ? second.mag / second.value : R(1);
+  const R mag_update = step_size * (m.mag + fabs(m.value) * rel_second) / denom;
+  record(out, A::kParam, Term<R>{p - update, fabs(p) + mag_update});
+  record(out, A::kExpAvg, m);
+  record(out, A::kExpAvgSq, v);
   return out;
 }
 
@@ -171,18 +214,13 @@ ElemRef sgd_reference(const fm::Args& a, const double*, const float* grad_scale,
   const double momentum = a.floats[S::kMomentum];
   const R lr = a.lr, mom = momentum, damp = a.floats[S::kDampening],
           wd = a.floats[S::kWeightDecay];
-  R p = in[S::kParam], g = in[S::kGrad], buf = in[S::kMomentumBuffer];
+  const R p = in[S::kParam];
+  R buf = in[S::kMomentumBuffer];
   ElemRef out;
 
-  if (grad_scale) g = g / static_cast<R>(*grad_scale);
-  out.value[S::kGrad] = static_cast<double>(g);
-  out.mag[S::kGrad] = static_cast<double>(fabs(g));
-  if (a.flags[S::kMaximize]) g = -g;
-  R mag_g = fabs(g);
-  if (a.floats[S::kWeightDecay] != 0) {
-    g = g + wd * p;
-    mag_g = mag_g + fabs(wd * p);
-  }
+  const Term<R> grad = prepare_grad<R>(in[S::kGrad], p, grad_scale, a.flags[S::kMaximize], wd,
+                                       S::kGrad, out);
+  const R g = grad.value, mag_g = grad.mag;
   R d = g, mag_d = mag_g;
   if (momentum != 0) {
     R mag_buf;
@@ -200,12 +238,9 @@ ElemRef sgd_reference(const fm::Args& a, const double*, const float* grad_scale,
       d = buf;
       mag_d = mag_buf;
     }
-    out.value[S::kMomentumBuffer] = static_cast<double>(buf);
-    out.mag[S::kMomentumBuffer] = static_cast<double>(mag_buf);
+    record(out, S::kMomentumBuffer, Term<R>{buf, mag_buf});
   }
-  out.mag[S::kParam] = static_cast<double>(fabs(p) + fabs(lr) * mag_d);
-  p = p - lr * d;
-  out.value[S::kParam] = static_cast<double>(p);
+  record(out, S::kParam, Term<R>{p - lr * d, fabs(p) + fabs(lr) * mag_d});
   return out;
 }
 
@@ -223,31 +258,20 @@ ElemRef adagrad_reference(const fm::Args& a, const double* state, const float* g
   const double step = state[0];
   const TorchLr lr{a.lr_dtype};
   const R wd = a.floats[A::kWeightDecay], eps = a.floats[A::kEps];
-  R p = in[A::kParam], g = in[A::kGrad], sum = in[A::kSum];
+  const R p = in[A::kParam];
   ElemRef out;
 
-  if (grad_scale) g = g / static_cast<R>(*grad_scale);
-  out.value[A::kGrad] = static_cast<double>(g);
-  out.mag[A::kGrad] = static_cast<double>(fabs(g));
-  if (a.flags[A::kMaximize]) g = -g;
-  R mag_g = fabs(g);
-  if (a.floats[A::kWeightDecay] != 0) {
-    g = g + wd * p;
-    mag_g = mag_g + fabs(wd * p);
-  }
+  const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize], wd,
+                                    A::kGrad, out);
   // clr in Python floats (an lr tensor: lr's dtype), the denominator a Python float.
   const R clr = static_cast<R>(lr.div(a.lr, 1.0 + (step - 1.0) * a.floats[A::kLrDecay]));
-  const R sum_old = sum;
-  sum = sum + g * g;
-  const R mag_sum = sum_old + 2 * mag_g * mag_g;  // g's error enters squared
-  const R std = std::sqrt(sum) + eps;
-  const R rel_sum = sum > 0 ? mag_sum / sum : R(1);
-  const R update = clr * g / std;
-  const R mag_update = fabs(clr) * (mag_g + fabs(g) * rel_sum) / std;
-  out.value[A::kParam] = static_cast<double>(p - update);
-  out.mag[A::kParam] = static_cast<double>(fabs(p) + mag_update);
-  out.value[A::kSum] = static_cast<double>(sum);
-  out.mag[A::kSum] = static_cast<double>(mag_sum);
+  const Term<R> sum = ema_sq<R>(in[A::kSum], 1, 1, g);  // state_sum += g^2
+  const R std = std::sqrt(sum.value) + eps;
+  const R rel_sum = sum.value > 0 ? sum.mag / sum.value : R(1);
+  const R update = clr * g.value / std;
+  const R mag_update = fabs(clr) * (g.mag + fabs(g.value) * rel_sum) / std;
+  record(out, A::kParam, Term<R>{p - update, fabs(p) + mag_update});
+  record(out, A::kSum, sum);
   return out;
 }
 
@@ -266,33 +290,20 @@ ElemRef rmsprop_reference(const fm::Args& a, const double*, const float* grad_sc
   using std::fabs;
   const R alpha = a.floats[A::kAlpha], eps = a.floats[A::kEps], wd = a.floats[A::kWeightDecay],
           mom = a.floats[A::kMomentum], lr = a.lr;
-  R p = in[A::kParam], g = in[A::kGrad], sq = in[A::kSquareAvg], ga = in[A::kGradAvg],
-    buf = in[A::kMomentumBuffer];
+  const R p = in[A::kParam], buf = in[A::kMomentumBuffer];
   ElemRef out;
 
-  if (grad_scale) g = g / static_cast<R>(*grad_scale);
-  out.value[A::kGrad] = static_cast<double>(g);
-  out.mag[A::kGrad] = static_cast<double>(fabs(g));
-  if (a.flags[A::kMaximize]) g = -g;
-  R mag_g = fabs(g);
-  if (a.floats[A::kWeightDecay] != 0) {
-    g = g + wd * p;
-    mag_g = mag_g + fabs(wd * p);
-  }
-  const R sq_old = sq;
-  sq = alpha * sq + (1 - alpha) * g * g;
-  const R mag_sq = alpha * sq_old + 2 * (1 - alpha) * mag_g * mag_g;
-  out.value[A::kSquareAvg] = static_cast<double>(sq);
-  out.mag[A::kSquareAvg] = static_cast<double>(mag_sq);
-  R var = sq, mag_var = mag_sq;
+  const Term<R> grad = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize], wd,
+                                       A::kGrad, out);
+  const R g = grad.value, mag_g = grad.mag;
+  const Term<R> sq = ema_sq<R>(in[A::kSquareAvg], alpha, 1 - alpha, grad);
+  record(out, A::kSquareAvg, sq);
+  R var = sq.value, mag_var = sq.mag;
   if (a.flags[A::kCentered]) {
-    const R ga_old = ga;
-    ga = ga + (1 - alpha) * (g - ga);
-    const R mag_ga = fabs(ga_old) + mag_g;
-    out.value[A::kGradAvg] = static_cast<double>(ga);
-    out.mag[A::kGradAvg] = static_cast<double>(mag_ga);
-    var = sq - ga * ga;
-    mag_var = mag_sq + 2 * mag_ga * mag_ga;  // the cancellation's inputs
+    const Term<R> ga = lerp<R>(in[A::kGradAvg], grad, 1 - alpha);
+    record(out, A::kGradAvg, ga);
+    var = sq.value - ga.value * ga.value;
+    mag_var = sq.mag + 2 * ga.mag * ga.mag;  // the cancellation's inputs
   }
   // sqrt halves a relative error; an absolute one (e * mag_var) becomes e * mag_var / (2 avg).
   const R avg = std::sqrt(var);
@@ -302,16 +313,11 @@ ElemRef rmsprop_reference(const fm::Args& a, const double*, const float* grad_sc
   const R step = g / d;
   const R mag_step = (mag_g + fabs(g) * rel_d) / d;
   if (a.floats[A::kMomentum] > 0) {
-    const R buf_old = buf;
-    buf = mom * buf + step;
-    const R mag_buf = mom * fabs(buf_old) + mag_step;
-    out.value[A::kMomentumBuffer] = static_cast<double>(buf);
-    out.mag[A::kMomentumBuffer] = static_cast<double>(mag_buf);
-    out.value[A::kParam] = static_cast<double>(p - lr * buf);
-    out.mag[A::kParam] = static_cast<double>(fabs(p) + fabs(lr) * mag_buf);
+    const Term<R> new_buf{mom * buf + step, mom * fabs(buf) + mag_step};
+    record(out, A::kMomentumBuffer, new_buf);
+    record(out, A::kParam, Term<R>{p - lr * new_buf.value, fabs(p) + fabs(lr) * new_buf.mag});
   } else {
-    out.value[A::kParam] = static_cast<double>(p - lr * step);
-    out.mag[A::kParam] = static_cast<double>(fabs(p) + fabs(lr) * mag_step);
+    record(out, A::kParam, Term<R>{p - lr * step, fabs(p) + fabs(lr) * mag_step});
   }
   return out;
 }
@@ -330,35 +336,21 @@ ElemRef adadelta_reference(const fm::Args& a, const double*, const float* grad_s
   using std::fabs;
   const R rho = a.floats[A::kRho], eps = a.floats[A::kEps], wd = a.floats[A::kWeightDecay],
           lr = a.lr;
-  R p = in[A::kParam], g = in[A::kGrad], sq = in[A::kSquareAvg], acc = in[A::kAccDelta];
+  const R p = in[A::kParam], acc = in[A::kAccDelta];
   ElemRef out;
 
-  if (grad_scale) g = g / static_cast<R>(*grad_scale);
-  out.value[A::kGrad] = static_cast<double>(g);
-  out.mag[A::kGrad] = static_cast<double>(fabs(g));
-  if (a.flags[A::kMaximize]) g = -g;
-  R mag_g = fabs(g);
-  if (a.floats[A::kWeightDecay] != 0) {
-    g = g + wd * p;
-    mag_g = mag_g + fabs(wd * p);
-  }
-  const R sq_old = sq;
-  sq = rho * sq + (1 - rho) * g * g;
-  const R mag_sq = rho * sq_old + 2 * (1 - rho) * mag_g * mag_g;
-  const R std = std::sqrt(sq + eps);
+  const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize], wd,
+                                    A::kGrad, out);
+  const Term<R> sq = ema_sq<R>(in[A::kSquareAvg], rho, 1 - rho, g);
+  const R std = std::sqrt(sq.value + eps);
   const R ratio = std::sqrt(acc + eps) / std;  // inputs exact: only sq's error propagates
-  const R delta = ratio * g;
   // |delta| relative error: sq's (halved by sqrt, relative to sq + eps), plus g's.
-  const R mag_delta = ratio * mag_g + fabs(delta) * (1 + (mag_sq + eps) / (sq + eps));
-  const R acc_old = acc;
-  acc = rho * acc + (1 - rho) * delta * delta;
-  const R mag_acc = rho * acc_old + 2 * (1 - rho) * mag_delta * mag_delta;
-  out.value[A::kSquareAvg] = static_cast<double>(sq);
-  out.mag[A::kSquareAvg] = static_cast<double>(mag_sq);
-  out.value[A::kAccDelta] = static_cast<double>(acc);
-  out.mag[A::kAccDelta] = static_cast<double>(mag_acc);
-  out.value[A::kParam] = static_cast<double>(p - lr * delta);
-  out.mag[A::kParam] = static_cast<double>(fabs(p) + fabs(lr) * mag_delta);
+  const R delta_value = ratio * g.value;
+  const Term<R> delta{delta_value, ratio * g.mag + fabs(delta_value) *
+                                                       (1 + (sq.mag + eps) / (sq.value + eps))};
+  record(out, A::kSquareAvg, sq);
+  record(out, A::kAccDelta, ema_sq<R>(acc, rho, 1 - rho, delta));
+  record(out, A::kParam, Term<R>{p - lr * delta.value, fabs(p) + fabs(lr) * delta.mag});
   return out;
 }
 
@@ -377,34 +369,22 @@ ElemRef adamax_reference(const fm::Args& a, const double* state, const float* gr
   const double beta1 = a.floats[A::kBeta1];
   const TorchLr lr{a.lr_dtype};
   const R b2 = a.floats[A::kBeta2], eps = a.floats[A::kEps], wd = a.floats[A::kWeightDecay];
-  R p = in[A::kParam], g = in[A::kGrad], m = in[A::kExpAvg], u = in[A::kExpInf];
+  const R p = in[A::kParam];
   ElemRef out;
 
-  if (grad_scale) g = g / static_cast<R>(*grad_scale);
-  out.value[A::kGrad] = static_cast<double>(g);
-  out.mag[A::kGrad] = static_cast<double>(fabs(g));
-  if (a.flags[A::kMaximize]) g = -g;
-  R mag_g = fabs(g);
-  if (a.floats[A::kWeightDecay] != 0) {
-    g = g + wd * p;
-    mag_g = mag_g + fabs(wd * p);
-  }
-  const R m_old = m;
-  m = m + (1 - static_cast<R>(beta1)) * (g - m);
-  const R mag_m = fabs(m_old) + mag_g;
-  const R decayed = b2 * u, bound = fabs(g) + eps;
+  const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize], wd,
+                                    A::kGrad, out);
+  const Term<R> m = lerp<R>(in[A::kExpAvg], g, 1 - static_cast<R>(beta1));
+  const R decayed = b2 * in[A::kExpInf], bound = fabs(g.value) + eps;
   const bool nan = decayed != decayed || bound != bound;
-  u = nan ? decayed + bound : (decayed > bound ? decayed : bound);
-  const R mag_u = decayed > bound ? decayed : mag_g + eps;
+  const R u = nan ? decayed + bound : (decayed > bound ? decayed : bound);
+  const R mag_u = decayed > bound ? decayed : g.mag + eps;
   const R clr = static_cast<R>(lr.div(a.lr, 1.0 - std::pow(beta1, step)));
-  const R update = clr * m / u;
-  const R mag_update = fabs(clr) * (mag_m + fabs(m) * mag_u / u) / u;
-  out.value[A::kExpAvg] = static_cast<double>(m);
-  out.mag[A::kExpAvg] = static_cast<double>(mag_m);
-  out.value[A::kExpInf] = static_cast<double>(u);
-  out.mag[A::kExpInf] = static_cast<double>(mag_u);
-  out.value[A::kParam] = static_cast<double>(p - update);
-  out.mag[A::kParam] = static_cast<double>(fabs(p) + mag_update);
+  const R update = clr * m.value / u;
+  const R mag_update = fabs(clr) * (m.mag + fabs(m.value) * mag_u / u) / u;
+  record(out, A::kExpAvg, m);
+  record(out, A::kExpInf, Term<R>{u, mag_u});
+  record(out, A::kParam, Term<R>{p - update, fabs(p) + mag_update});
   return out;
 }
 
