@@ -197,4 +197,65 @@ inline std::string ctx_of(const OptimizerEntry& e, const OptCase& c, DType d,
   return e.name + " " + c.name + " " + dtype_name(d) + " [" + where + "]";
 }
 
+// ---------------------------------------------------------------------------------------
+// NaN scalars ([note: NaN in bf16 rounding] in kernels_impl.h): bf16 rounding adds to the
+// bits of a float, which would carry a NaN whose float has a set low half into -0 or +0
+// (0x7fffffff -> 0x8000). The kernels' own arithmetic never makes one; the scalars and the
+// grad scale could, and the kernels replace those. Every engine (the CPU variants, the
+// emulated CUDA engine) runs every case of every optimizer twice, with a NaN lr (double
+// bits all ones, so its float's are too) and with a NaN grad scale (0x7fffffff), on
+// kNanScalarSizes (vector body and tails) in each of kNanScalarDTypes.
+
+struct NanScalarCase {
+  OptCase c;
+  bool nan_grad_scale;  // else a NaN lr
+};
+
+inline std::vector<NanScalarCase> nan_scalar_cases(const OptimizerEntry& e) {
+  double nan_lr;
+  const uint64_t all_ones = 0x7fffffffffffffffull;
+  std::memcpy(&nan_lr, &all_ones, sizeof(nan_lr));
+  std::vector<NanScalarCase> out;
+  for (const OptCase& base : e.cases) {
+    for (bool nan_grad_scale : {false, true}) {
+      OptCase c = base;
+      if (nan_grad_scale) {
+        c.scaled = true;
+        c.grad_scale = bits_f32(0x7fffffffu);
+      } else {
+        c.args.lr = nan_lr;
+      }
+      out.push_back({c, nan_grad_scale});
+    }
+  }
+  return out;
+}
+
+inline const std::vector<int64_t>& nan_scalar_sizes() {
+  static const std::vector<int64_t> sizes = {1, 17, 4097};
+  return sizes;
+}
+
+inline const DType kNanScalarDTypes[] = {DType::kBFloat16, DType::kFloat16};
+
+// After such a step on a bucket of nan_scalar_sizes(): no byte outside the tensors
+// written, and every element NaN in the lists the NaN reaches (a NaN lr: the params; a NaN
+// grad scale: every list, grads included, since they are written back unscaled).
+inline void check_nan_scalar_step(const OptimizerEntry& e, const NanScalarCase& n, DType d,
+                                  const Bucket& r, const std::string& where) {
+  const std::string ctx = ctx_of(e, n.c, d, where);
+  FO_CHECK_EQ(r.damaged_guard_bytes(), 0) << ctx;
+  const Layout lay = layout_for(e, n.c);
+  for (int row = 0; row < lay.n_rows; ++row) {
+    const int list = lay.list_of_row[row];
+    if (!(n.nan_grad_scale || list == e.param_list)) continue;
+    int64_t not_nan = 0;
+    for (int64_t t = 0; t < r.n_tensors(); ++t) {
+      for (int64_t i = 0; i < r.numels[t]; ++i) not_nan += !std::isnan(r.at(row, t).get(i));
+    }
+    FO_CHECK_EQ(not_nan, 0) << ctx << (n.nan_grad_scale ? " NaN grad scale" : " NaN lr") << ": "
+                            << e.list_names[list] << " has non-NaN elements";
+  }
+}
+
 }  // namespace fo_test

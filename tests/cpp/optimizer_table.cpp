@@ -78,6 +78,46 @@ double grad_magnitude(Rng& rng) {
   return rng.chance(0.1) ? rng.uniform(0, 1e-3) : rng.uniform(0, 1.5);
 }
 
+// The draws every fill (but SGD's, which has no state to start fresh) begins with: the
+// grads' scale, whether the element is "fresh" (all state zero, as before a first step),
+// the signs of param and grad. The fill then draws its own, and calls fill_param_grad.
+struct FillStart {
+  double scale;
+  bool fresh;
+  double sgn_p, sgn_g;
+};
+
+FillStart fill_start(Rng& rng, const OptCase& c) {
+  FillStart f{};
+  f.scale = c.scaled ? c.grad_scale : 1.0;
+  f.fresh = rng.chance(0.05);
+  f.sgn_p = random_sign(rng);
+  f.sgn_g = random_sign(rng);
+  return f;
+}
+
+// Params of both signs away from zero; the grad of magnitude g_mag (scaled), 0 for half
+// of the fresh elements.
+void fill_param_grad(Rng& rng, const FillStart& f, double g_mag, double* param, double* grad) {
+  *param = f.sgn_p * rng.uniform(0.05, 2.0);
+  *grad = (f.fresh && rng.chance(0.5)) ? 0.0 : f.sgn_g * g_mag * f.scale;
+}
+
+// OptimizerEntry::reference of a reference.h template: long double for fp64 storage.
+using ReferenceFn = ElemRef (*)(const fm::Args&, const double*, const float*, const double*);
+template <ReferenceFn Double, ReferenceFn Extended>
+ElemRef reference_of(const fm::Args& a, const double* state, const float* grad_scale,
+                     const double* in, bool extended) {
+  return extended ? Extended(a, state, grad_scale, in) : Double(a, state, grad_scale, in);
+}
+
+// The per-tensor state of an optimizer whose only state is torch's step count (`step +=
+// 1` before the update): tensor t starts at step_for_tensor(t) - 1.
+void use_step_count_state(OptimizerEntry& e) {
+  e.initial_state = [](int64_t t, double* s) { s[0] = step_for_tensor(t) - 1; };
+  e.advance_reference = [](const fm::Args&, double* s) { s[0] = s[0] + 1; };  // step += 1
+}
+
 // Teeth of an entry against one base case: `b` differs in its arguments, its grad scale
 // or its steps.
 struct TeethOf {
@@ -121,15 +161,12 @@ fm::Args adam_args(double wd, bool decoupled, bool amsgrad, bool maximize) {
 // magnitudes, exp_avg_sq bounded away from 0 except for "fresh" elements, whose state is
 // all zeros as before a first step (and whose grad is 0 half of the time).
 void adam_fill(Rng& rng, const OptCase& c, double* x) {
-  const double scale = c.scaled ? c.grad_scale : 1.0;
-  const bool fresh = rng.chance(0.05);
-  const double sgn_p = random_sign(rng), sgn_g = random_sign(rng), sgn_m = random_sign(rng);
-  const double g_mag = rng.chance(0.1) ? rng.uniform(0, 1e-3) : rng.uniform(0, 1.5);
-  x[Adam::kParam] = sgn_p * rng.uniform(0.05, 2.0);
-  x[Adam::kGrad] = (fresh && rng.chance(0.5)) ? 0.0 : sgn_g * g_mag * scale;
-  x[Adam::kExpAvg] = fresh ? 0.0 : sgn_m * rng.uniform(0, 0.5);
-  x[Adam::kExpAvgSq] = fresh ? 0.0 : rng.uniform(1e-3, 0.5);
-  x[Adam::kMaxExpAvgSq] = fresh ? 0.0 : rng.uniform(1e-3, 0.6);
+  const FillStart f = fill_start(rng, c);
+  const double sgn_m = random_sign(rng);
+  fill_param_grad(rng, f, grad_magnitude(rng), &x[Adam::kParam], &x[Adam::kGrad]);
+  x[Adam::kExpAvg] = f.fresh ? 0.0 : sgn_m * rng.uniform(0, 0.5);
+  x[Adam::kExpAvgSq] = f.fresh ? 0.0 : rng.uniform(1e-3, 0.5);
+  x[Adam::kMaxExpAvgSq] = f.fresh ? 0.0 : rng.uniform(1e-3, 0.6);
 }
 
 OptimizerEntry adam_entry() {
@@ -139,14 +176,9 @@ OptimizerEntry adam_entry() {
     return fm::required_lists<Adam>() |
            (a.flags[Adam::kAmsgrad] ? fm::bit(Adam::kMaxExpAvgSq) : 0u);
   };
-  e.initial_state = [](int64_t t, double* s) { s[0] = step_for_tensor(t) - 1; };
-  e.advance_reference = [](const fm::Args&, double* s) { s[0] = s[0] + 1; };  // step_t += 1
+  use_step_count_state(e);
   e.fill = adam_fill;
-  e.reference = [](const fm::Args& a, const double* state, const float* scale, const double* in,
-                   bool extended) {
-    return extended ? adam_reference<long double>(a, state, scale, in)
-                    : adam_reference<double>(a, state, scale, in);
-  };
+  e.reference = reference_of<adam_reference<double>, adam_reference<long double>>;
   // Other betas and a large eps, so no constant is silently hard-wired.
   fm::Args odd = make_args<Adam>(0.05, {0.5, 0.99, 0.3, 1e-2}, {true, false, false});
   // An lr tensor: its value is of its dtype; 1 - lr * wd and lr / bias_correction1 round
@@ -235,11 +267,7 @@ OptimizerEntry sgd_entry() {
   e.initial_state = [](int64_t, double*) {};
   e.advance_reference = [](const fm::Args&, double*) {};
   e.fill = sgd_fill;
-  e.reference = [](const fm::Args& a, const double* state, const float* scale, const double* in,
-                   bool extended) {
-    return extended ? sgd_reference<long double>(a, state, scale, in)
-                    : sgd_reference<double>(a, state, scale, in);
-  };
+  e.reference = reference_of<sgd_reference<double>, sgd_reference<long double>>;
   e.cases = {
       {"sgd", sgd_args(0, 0, 0, false, false, false), false, 1.0f},
       {"sgd_wd", sgd_args(0, 0, 0.2, false, false, false), false, 1.0f},
@@ -288,26 +316,17 @@ fm::Args adagrad_args(double lr_decay, double wd, double eps, bool maximize) {
 // state_sum >= 0: zero for "fresh" elements (initial_accumulator_value 0, before a
 // first step; their grad is 0 half of the time), else up to 2.
 void adagrad_fill(Rng& rng, const OptCase& c, double* x) {
-  const double scale = c.scaled ? c.grad_scale : 1.0;
-  const bool fresh = rng.chance(0.05);
-  const double sgn_p = random_sign(rng), sgn_g = random_sign(rng);
-  const double g_mag = grad_magnitude(rng);
-  x[Adagrad::kParam] = sgn_p * rng.uniform(0.05, 2.0);
-  x[Adagrad::kGrad] = (fresh && rng.chance(0.5)) ? 0.0 : sgn_g * g_mag * scale;
-  x[Adagrad::kSum] = fresh ? 0.0 : rng.uniform(1e-3, 2.0);
+  const FillStart f = fill_start(rng, c);
+  fill_param_grad(rng, f, grad_magnitude(rng), &x[Adagrad::kParam], &x[Adagrad::kGrad]);
+  x[Adagrad::kSum] = f.fresh ? 0.0 : rng.uniform(1e-3, 2.0);
 }
 
 OptimizerEntry adagrad_entry() {
   OptimizerEntry e = entry_of<Adagrad>();
   e.lists = [](const fm::Args&) { return fm::required_lists<Adagrad>(); };
-  e.initial_state = [](int64_t t, double* s) { s[0] = step_for_tensor(t) - 1; };
-  e.advance_reference = [](const fm::Args&, double* s) { s[0] = s[0] + 1; };  // step_t += 1
+  use_step_count_state(e);
   e.fill = adagrad_fill;
-  e.reference = [](const fm::Args& a, const double* state, const float* scale, const double* in,
-                   bool extended) {
-    return extended ? adagrad_reference<long double>(a, state, scale, in)
-                    : adagrad_reference<double>(a, state, scale, in);
-  };
+  e.reference = reference_of<adagrad_reference<double>, adagrad_reference<long double>>;
   e.cases = {
       {"adagrad", adagrad_args(0, 0, 1e-10, false), false, 1.0f},
       {"adagrad_lr_decay", adagrad_args(0.1, 0, 1e-10, false), false, 1.0f},
@@ -352,17 +371,14 @@ fm::Args rmsprop_args(double alpha, double eps, double wd, double momentum, bool
 // of the squares); the margin exceeds bf16's rounding of both, so the centered variance
 // stays positive after storage rounding. "Fresh" elements: all state zero.
 void rmsprop_fill(Rng& rng, const OptCase& c, double* x) {
-  const double scale = c.scaled ? c.grad_scale : 1.0;
-  const bool fresh = rng.chance(0.05);
-  const double sgn_p = random_sign(rng), sgn_g = random_sign(rng), sgn_a = random_sign(rng),
-               sgn_b = random_sign(rng);
+  const FillStart f = fill_start(rng, c);
+  const double sgn_a = random_sign(rng), sgn_b = random_sign(rng);
   const double g_mag = grad_magnitude(rng);
-  const double grad_avg = fresh ? 0.0 : sgn_a * rng.uniform(0, 0.3);
-  x[RMSprop::kParam] = sgn_p * rng.uniform(0.05, 2.0);
-  x[RMSprop::kGrad] = (fresh && rng.chance(0.5)) ? 0.0 : sgn_g * g_mag * scale;
+  const double grad_avg = f.fresh ? 0.0 : sgn_a * rng.uniform(0, 0.3);
+  fill_param_grad(rng, f, g_mag, &x[RMSprop::kParam], &x[RMSprop::kGrad]);
   x[RMSprop::kGradAvg] = grad_avg;
-  x[RMSprop::kSquareAvg] = fresh ? 0.0 : grad_avg * grad_avg + rng.uniform(0.01, 0.5);
-  x[RMSprop::kMomentumBuffer] = fresh ? 0.0 : sgn_b * rng.uniform(0, 1.0);
+  x[RMSprop::kSquareAvg] = f.fresh ? 0.0 : grad_avg * grad_avg + rng.uniform(0.01, 0.5);
+  x[RMSprop::kMomentumBuffer] = f.fresh ? 0.0 : sgn_b * rng.uniform(0, 1.0);
 }
 
 OptimizerEntry rmsprop_entry() {
@@ -373,14 +389,9 @@ OptimizerEntry rmsprop_entry() {
            (a.flags[RMSprop::kCentered] ? fm::bit(RMSprop::kGradAvg) : 0u) |
            (a.floats[RMSprop::kMomentum] != 0.0 ? fm::bit(RMSprop::kMomentumBuffer) : 0u);
   };
-  e.initial_state = [](int64_t t, double* s) { s[0] = step_for_tensor(t) - 1; };
-  e.advance_reference = [](const fm::Args&, double* s) { s[0] = s[0] + 1; };  // step += 1
+  use_step_count_state(e);
   e.fill = rmsprop_fill;
-  e.reference = [](const fm::Args& a, const double* state, const float* scale, const double* in,
-                   bool extended) {
-    return extended ? rmsprop_reference<long double>(a, state, scale, in)
-                    : rmsprop_reference<double>(a, state, scale, in);
-  };
+  e.reference = reference_of<rmsprop_reference<double>, rmsprop_reference<long double>>;
   e.cases = {
       {"rmsprop", rmsprop_args(0.99, 1e-8, 0, 0, false, false), false, 1.0f},
       {"rmsprop_wd", rmsprop_args(0.99, 1e-8, 0.2, 0, false, false), false, 1.0f},
@@ -426,27 +437,18 @@ fm::Args adadelta_args(double rho, double eps, double wd, bool maximize) {
 }
 
 void adadelta_fill(Rng& rng, const OptCase& c, double* x) {
-  const double scale = c.scaled ? c.grad_scale : 1.0;
-  const bool fresh = rng.chance(0.05);
-  const double sgn_p = random_sign(rng), sgn_g = random_sign(rng);
-  const double g_mag = grad_magnitude(rng);
-  x[Adadelta::kParam] = sgn_p * rng.uniform(0.05, 2.0);
-  x[Adadelta::kGrad] = (fresh && rng.chance(0.5)) ? 0.0 : sgn_g * g_mag * scale;
-  x[Adadelta::kSquareAvg] = fresh ? 0.0 : rng.uniform(1e-3, 0.5);
-  x[Adadelta::kAccDelta] = fresh ? 0.0 : rng.uniform(1e-4, 0.5);
+  const FillStart f = fill_start(rng, c);
+  fill_param_grad(rng, f, grad_magnitude(rng), &x[Adadelta::kParam], &x[Adadelta::kGrad]);
+  x[Adadelta::kSquareAvg] = f.fresh ? 0.0 : rng.uniform(1e-3, 0.5);
+  x[Adadelta::kAccDelta] = f.fresh ? 0.0 : rng.uniform(1e-4, 0.5);
 }
 
 OptimizerEntry adadelta_entry() {
   OptimizerEntry e = entry_of<Adadelta>();
   e.lists = [](const fm::Args&) { return fm::required_lists<Adadelta>(); };
-  e.initial_state = [](int64_t t, double* s) { s[0] = step_for_tensor(t) - 1; };
-  e.advance_reference = [](const fm::Args&, double* s) { s[0] = s[0] + 1; };  // step += 1
+  use_step_count_state(e);
   e.fill = adadelta_fill;
-  e.reference = [](const fm::Args& a, const double* state, const float* scale, const double* in,
-                   bool extended) {
-    return extended ? adadelta_reference<long double>(a, state, scale, in)
-                    : adadelta_reference<double>(a, state, scale, in);
-  };
+  e.reference = reference_of<adadelta_reference<double>, adadelta_reference<long double>>;
   e.cases = {
       {"adadelta", adadelta_args(0.9, 1e-6, 0, false), false, 1.0f},
       {"adadelta_wd", adadelta_args(0.9, 1e-6, 0.2, false), false, 1.0f},
@@ -480,27 +482,19 @@ fm::Args adamax_args(double beta1, double beta2, double eps, double wd, bool max
 }
 
 void adamax_fill(Rng& rng, const OptCase& c, double* x) {
-  const double scale = c.scaled ? c.grad_scale : 1.0;
-  const bool fresh = rng.chance(0.05);
-  const double sgn_p = random_sign(rng), sgn_g = random_sign(rng), sgn_m = random_sign(rng);
-  const double g_mag = grad_magnitude(rng);
-  x[Adamax::kParam] = sgn_p * rng.uniform(0.05, 2.0);
-  x[Adamax::kGrad] = (fresh && rng.chance(0.5)) ? 0.0 : sgn_g * g_mag * scale;
-  x[Adamax::kExpAvg] = fresh ? 0.0 : sgn_m * rng.uniform(0, 0.5);
-  x[Adamax::kExpInf] = fresh ? 0.0 : rng.uniform(1e-3, 1.5);
+  const FillStart f = fill_start(rng, c);
+  const double sgn_m = random_sign(rng);
+  fill_param_grad(rng, f, grad_magnitude(rng), &x[Adamax::kParam], &x[Adamax::kGrad]);
+  x[Adamax::kExpAvg] = f.fresh ? 0.0 : sgn_m * rng.uniform(0, 0.5);
+  x[Adamax::kExpInf] = f.fresh ? 0.0 : rng.uniform(1e-3, 1.5);
 }
 
 OptimizerEntry adamax_entry() {
   OptimizerEntry e = entry_of<Adamax>();
   e.lists = [](const fm::Args&) { return fm::required_lists<Adamax>(); };
-  e.initial_state = [](int64_t t, double* s) { s[0] = step_for_tensor(t) - 1; };
-  e.advance_reference = [](const fm::Args&, double* s) { s[0] = s[0] + 1; };  // step_t += 1
+  use_step_count_state(e);
   e.fill = adamax_fill;
-  e.reference = [](const fm::Args& a, const double* state, const float* scale, const double* in,
-                   bool extended) {
-    return extended ? adamax_reference<long double>(a, state, scale, in)
-                    : adamax_reference<double>(a, state, scale, in);
-  };
+  e.reference = reference_of<adamax_reference<double>, adamax_reference<long double>>;
   e.cases = {
       {"adamax", adamax_args(0.9, 0.999, 1e-8, 0, false), false, 1.0f},
       {"adamax_wd", adamax_args(0.9, 0.999, 1e-8, 0.2, false), false, 1.0f},

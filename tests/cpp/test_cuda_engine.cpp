@@ -334,6 +334,35 @@ void check_states(const DeviceStates& st, const std::vector<double>& want,
   }
 }
 
+// How a checked emulated step is set up (see emulated_step_checked).
+struct EmulatedStep {
+  std::vector<double> states;  // each tensor's per-tensor state before the step
+  bool states_double = false;  // the state tensors' dtype: float64, else float32
+  LrMode lr_mode = LrMode::kValue;
+  bool check_tables = false;   // also check_packing (full tables expected)
+  const fc::TensorTable* rows = nullptr;  // the table the engine sees, if not got's
+};
+
+// One step of case `c` through the emulated engine on `got` (a copy of `input`), checked
+// as every emulation test checks it: both launchers succeed, every element matches the
+// reference applied to `input`, and each per-tensor state is torch's update of
+// `s.states`, as its state tensor's dtype stores it; with s.check_tables the launch
+// tables too. Returns the run.
+CudaRun emulated_step_checked(const OptimizerEntry& e, const OptCase& c, const Bucket& input,
+                              Bucket& got, const EmulatedStep& s, const std::string& ctx) {
+  const int64_t n = s.rows ? s.rows->n_tensors : got.n_tensors();
+  DeviceStates st(e.n_states, n, s.states, s.states_double);
+  const std::vector<double> after =
+      stored_as(advanced(e, c.args, s.states, false), s.states_double);
+  const CudaRun r = run_emulated(e, c, got, st, s.lr_mode, nullptr, s.rows);
+  FO_CHECK_EQ(r.launch_error, cudaSuccess) << ctx;
+  FO_CHECK_EQ(r.advance_error, cudaSuccess) << ctx;
+  check_bucket(got, input, expected_for(e, c, input, after), ctx);
+  check_states(st, after, ctx);
+  if (s.check_tables) check_packing(e, s.rows ? *s.rows : got.table(), &st, r.launches, true, ctx);
+  return r;
+}
+
 // One option case on one dtype through the emulated engine: the reference, the states,
 // the packing, and the CPU engine's portable variant on the same bucket.
 void cuda_case(const OptimizerEntry& e, const OptCase& c, int case_index, DType d) {
@@ -346,18 +375,13 @@ void cuda_case(const OptimizerEntry& e, const OptCase& c, int case_index, DType 
                           (states_double ? ", float64 state" : ""));
   const Bucket input = make_bucket(e, c, d, cuda_sizes(), offset,
                                    3000u + 100u * case_index + static_cast<unsigned>(d));
-  const int64_t n = input.n_tensors();
-  const std::vector<double> before = states_before(e, c.args, n, 0);
-  DeviceStates st(e.n_states, n, before, states_double);
-  const std::vector<double> after = stored_as(advanced(e, c.args, before, false), states_double);
-  const Expected x = expected_for(e, c, input, after);
   Bucket got = clone_bucket(input, offset);
-  const CudaRun r = run_emulated(e, c, got, st, lr_mode, nullptr);
-  FO_CHECK_EQ(r.launch_error, cudaSuccess) << ctx;
-  FO_CHECK_EQ(r.advance_error, cudaSuccess) << ctx;
-  check_bucket(got, input, x, ctx);
-  check_states(st, after, ctx);
-  check_packing(e, got.table(), &st, r.launches, true, ctx);
+  EmulatedStep s;
+  s.states = states_before(e, c.args, input.n_tensors(), 0);
+  s.states_double = states_double;
+  s.lr_mode = lr_mode;
+  s.check_tables = true;
+  emulated_step_checked(e, c, input, got, s, ctx);
   const Bucket cpu = cpu_run(fc::kernels_for("default"), e, c, input, offset, 0, Slicing::kOneCall);
   FO_CHECK_EQ(count_bit_differences(cpu, got), 0) << ctx << ": differs from the CPU engine";
 }
@@ -467,15 +491,13 @@ FO_TEST(cuda_engine_launch_tables_pack_every_tensor_in_order) {
     for (DType d : {DType::kFloat32, DType::kBFloat16}) {
       const std::string ctx = ctx_of(e, c, d, "emulated CUDA, 300 tensors");
       const Bucket input = make_bucket(e, c, d, sizes, mixed_offset, 31);
-      const std::vector<double> before = states_before(e, c.args, input.n_tensors(), 0);
-      DeviceStates st(e.n_states, input.n_tensors(), before, false);
-      const std::vector<double> after = stored_as(advanced(e, c.args, before, false), false);
       Bucket got = clone_bucket(input, mixed_offset);
-      const CudaRun r = run_emulated(e, c, got, st, LrMode::kDoublePtr, nullptr);
-      FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
-      check_bucket(got, input, expected_for(e, c, input, after), ctx);
-      check_states(st, after, ctx);  // empty tensors' states advance too
-      check_packing(e, got.table(), &st, r.launches, true, ctx);
+      EmulatedStep s;
+      s.states = states_before(e, c.args, input.n_tensors(), 0);
+      s.lr_mode = LrMode::kDoublePtr;
+      s.check_tables = true;
+      // (empty tensors' states advance too: check_states there)
+      const CudaRun r = emulated_step_checked(e, c, input, got, s, ctx);
       size_t table_launches = 0;
       for (const LaunchRecord& l : r.launches) {
         table_launches += starts_with(l.kernel, "multi_tensor_apply_kernel");
@@ -583,18 +605,16 @@ FO_TEST(cuda_engine_64bit_chunk_offsets_on_a_virtual_tensor) {
           ptrs[r * 3 + 1] = reinterpret_cast<void*>(p - missing_bytes);
         }
         const fc::TensorTable rows{3, got.n_lists, ptrs.data(), numels.data(), d};
-        const std::vector<double> before = states_before(e, c.args, 3, 0);
-        DeviceStates st(e.n_states, 3, before, true);
-        const std::vector<double> after = stored_as(advanced(e, c.args, before, false), true);
+        EmulatedStep s;
+        s.states = states_before(e, c.args, 3, 0);
+        s.states_double = true;
+        s.check_tables = true;
+        s.rows = &rows;
         fo_cuda_shim::state().reset();
         fo_cuda_shim::state().restrict_blocks = true;
         fo_cuda_shim::state().block_ranges = {{0, 1}, {huge_chunks, huge_chunks + 2}};
-        const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr, &rows);
+        const CudaRun r = emulated_step_checked(e, c, input, got, s, ctx);
         fo_cuda_shim::state().reset();
-        FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
-        check_bucket(got, input, expected_for(e, c, input, after), ctx);
-        check_states(st, after, ctx);
-        check_packing(e, rows, &st, r.launches, true, ctx);
         FO_CHECK(!r.launches.empty() && r.launches[0].blocks == huge_chunks + 2) << ctx;
         const Bucket cpu =
             cpu_run(fc::kernels_for("default"), e, c, input, offset, 0, Slicing::kOneCall);
@@ -705,14 +725,12 @@ FO_TEST(cuda_engine_vector_and_scalar_paths_give_identical_bits) {
     const OptCase& c = e.engine_case;
     for (DType d : kAllDTypes) {
       const Bucket input = make_bucket(e, c, d, sizes, offset_zero, 12 + static_cast<unsigned>(d));
-      const std::vector<double> before = states_before(e, c.args, input.n_tensors(), 0);
-      const std::vector<double> after = stored_as(advanced(e, c.args, before, false), false);
-      const Expected x = expected_for(e, c, input, after);
+      EmulatedStep s;
+      s.states = states_before(e, c.args, input.n_tensors(), 0);
       std::vector<Bucket> results;
       int64_t vector_rows = 0, scalar_rows = 0;
       for (size_t o = 0; o < sizeof(offsets) / sizeof(offsets[0]); ++o) {
         const std::string ctx = ctx_of(e, c, d, "emulated CUDA, offsets #" + std::to_string(o));
-        DeviceStates st(e.n_states, input.n_tensors(), before, false);
         Bucket got = clone_bucket(input, offsets[o]);
         for (int64_t t = 0; t < got.n_tensors(); ++t) {
           uintptr_t bits = 0;
@@ -721,9 +739,7 @@ FO_TEST(cuda_engine_vector_and_scalar_paths_give_identical_bits) {
           }
           (bits % 16 == 0 ? vector_rows : scalar_rows) += 1;
         }
-        const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr);
-        FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
-        check_bucket(got, input, x, ctx);
+        emulated_step_checked(e, c, input, got, s, ctx);
         if (!results.empty()) {
           FO_CHECK_EQ(count_bit_differences(got, results[0]), 0) << ctx;
         }
@@ -736,47 +752,22 @@ FO_TEST(cuda_engine_vector_and_scalar_paths_give_identical_bits) {
   }
 }
 
-// A NaN lr (double bits all ones) leaves NaN params; a NaN grad scale (0x7fffffff) NaNs
-// in every list written, for every case, through fp16 and bf16 storage (CUDA's
-// conversions give the canonical NaN; no NaN may round to a number).
+// A NaN lr leaves NaN params, a NaN grad scale NaNs in every list written, for every
+// case, through fp16 and bf16 storage (see nan_scalar_cases in engine_fixture.h; CUDA's
+// conversions give the canonical NaN; no NaN may round to a number). The NaN lr comes
+// from a device double, as an lr tensor gives it.
 FO_TEST(cuda_engine_nan_scalars_stay_nan) {
-  double nan_lr;
-  const uint64_t all_ones = 0x7fffffffffffffffull;
-  std::memcpy(&nan_lr, &all_ones, sizeof(nan_lr));
-  const float nan_scale = bits_f32(0x7fffffffu);
-  const std::vector<int64_t> sizes = {1, 17, 4097};
   for (const OptimizerEntry& e : optimizer_table()) {
-    for (const OptCase& base : e.cases) {
-      for (DType d : {DType::kBFloat16, DType::kFloat16}) {
-        for (bool nan_grad_scale : {false, true}) {
-          OptCase c = base;
-          if (nan_grad_scale) {
-            c.scaled = true;
-            c.grad_scale = nan_scale;
-          } else {
-            c.args.lr = nan_lr;
-          }
-          const Layout lay = layout_for(e, c);
-          Bucket b = make_bucket(e, c, d, sizes, offset_zero, 5);
-          DeviceStates st(e.n_states, b.n_tensors(), states_before(e, c.args, b.n_tensors(), 0),
-                          false);
-          // The NaN lr from a device double, as an lr tensor gives it.
-          const LrMode lr_mode = nan_grad_scale ? LrMode::kValue : LrMode::kDoublePtr;
-          const CudaRun r = run_emulated(e, c, b, st, lr_mode, nullptr);
-          FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess);
-          FO_CHECK_EQ(b.damaged_guard_bytes(), 0);
-          for (int row = 0; row < lay.n_rows; ++row) {
-            const int list = lay.list_of_row[row];
-            if (!(nan_grad_scale || list == e.param_list)) continue;
-            int64_t not_nan = 0;
-            for (int64_t t = 0; t < b.n_tensors(); ++t) {
-              for (int64_t i = 0; i < sizes[t]; ++i) not_nan += !std::isnan(b.at(row, t).get(i));
-            }
-            FO_CHECK_EQ(not_nan, 0) << ctx_of(e, c, d, "emulated CUDA")
-                                    << (nan_grad_scale ? " NaN grad scale" : " NaN lr") << ": "
-                                    << e.list_names[list] << " has non-NaN elements";
-          }
-        }
+    for (const NanScalarCase& n : nan_scalar_cases(e)) {
+      for (DType d : kNanScalarDTypes) {
+        Bucket b = make_bucket(e, n.c, d, nan_scalar_sizes(), offset_zero, 5);
+        DeviceStates st(e.n_states, b.n_tensors(), states_before(e, n.c.args, b.n_tensors(), 0),
+                        false);
+        const LrMode lr_mode = n.nan_grad_scale ? LrMode::kValue : LrMode::kDoublePtr;
+        const CudaRun r = run_emulated(e, n.c, b, st, lr_mode, nullptr);
+        FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess)
+            << ctx_of(e, n.c, d, "emulated CUDA");
+        check_nan_scalar_step(e, n, d, b, "emulated CUDA");
       }
     }
   }
@@ -795,15 +786,13 @@ FO_TEST(cuda_engine_state_rounds_to_its_dtype) {
       const std::string ctx =
           ctx_of(e, c, DType::kFloat64, is_double ? "2^24, float64 state" : "2^24, float32 state");
       const Bucket input = make_bucket(e, c, DType::kFloat64, sizes, offset_zero, 24);
-      const std::vector<double> before(sizes.size() * e.n_states, 16777216.0);
-      DeviceStates st(e.n_states, input.n_tensors(), before, is_double);
-      const std::vector<double> after = stored_as(advanced(e, c.args, before, false), is_double);
+      EmulatedStep s;
+      s.states.assign(sizes.size() * e.n_states, 16777216.0);
+      s.states_double = is_double;
+      const std::vector<double> after = stored_as(advanced(e, c.args, s.states, false), is_double);
       FO_CHECK_EQ(after[0], is_double ? 16777217.0 : 16777216.0) << ctx;
       Bucket got = clone_bucket(input, offset_zero);
-      const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr);
-      FO_CHECK(r.launch_error == cudaSuccess && r.advance_error == cudaSuccess) << ctx;
-      check_bucket(got, input, expected_for(e, c, input, after), ctx);
-      check_states(st, after, ctx);
+      emulated_step_checked(e, c, input, got, s, ctx);
     }
   }
 }

@@ -123,49 +123,17 @@ FO_TEST(engine_chunk_list_covers_each_element_once) {
   FO_CHECK_EQ(static_cast<int64_t>(chunks.size()), 10 + 3 + 1 + 1 + 2 + 3);
 }
 
-// [note: NaN in bf16 rounding] in kernels_impl.h: bf16 rounding adds to the bits of a
-// float, which would carry a NaN whose float has a set low half into -0 or +0
-// (0x7fffffff -> 0x8000). The kernels' own arithmetic never makes one; the scalars and
-// the grad scale could, and the kernels replace those. For every optimizer and every
-// case: a NaN lr (double bits all ones, so its float's are too) must leave NaN params,
-// and a NaN grad scale (0x7fffffff) NaNs in every list the kernel writes, in the vector
-// body and the tails, for bf16 and fp16 storage.
+// A NaN lr leaves NaN params, a NaN grad scale NaNs in every list the kernel writes, in
+// every variant, for bf16 and fp16 storage (see nan_scalar_cases in engine_fixture.h).
 FO_TEST(engine_nan_scalars_stay_nan) {
-  double nan_lr;
-  const uint64_t all_ones = 0x7fffffffffffffffull;
-  std::memcpy(&nan_lr, &all_ones, sizeof(nan_lr));
-  const float nan_scale = bits_f32(0x7fffffffu);
-  const std::vector<int64_t> sizes = {1, 17, 4097};
   for (const std::string& variant : fc::supported_capabilities()) {
     const fc::KernelSet& k = fc::kernels_for(variant);
     for (const OptimizerEntry& e : optimizer_table()) {
-      for (const OptCase& base : e.cases) {
-        for (DType d : {DType::kBFloat16, DType::kFloat16}) {
-          for (bool nan_grad_scale : {false, true}) {
-            OptCase c = base;
-            if (nan_grad_scale) {
-              c.scaled = true;
-              c.grad_scale = nan_scale;
-            } else {
-              c.args.lr = nan_lr;
-            }
-            const Layout lay = layout_for(e, c);
-            const Bucket in = make_bucket(e, c, d, sizes, offset_zero, 5);
-            const Bucket r = cpu_run(k, e, c, in, offset_zero, 0, Slicing::kOneCall);
-            FO_CHECK_EQ(r.damaged_guard_bytes(), 0);
-            for (int row = 0; row < lay.n_rows; ++row) {
-              const int list = lay.list_of_row[row];
-              // A NaN lr reaches the params; a NaN grad every list (grads are written).
-              if (!(nan_grad_scale || list == e.param_list)) continue;
-              int64_t not_nan = 0;
-              for (int64_t t = 0; t < r.n_tensors(); ++t) {
-                for (int64_t i = 0; i < sizes[t]; ++i) not_nan += !std::isnan(r.at(row, t).get(i));
-              }
-              FO_CHECK_EQ(not_nan, 0)
-                  << ctx_of(e, c, d, variant) << (nan_grad_scale ? " NaN grad scale" : " NaN lr")
-                  << ": " << e.list_names[list] << " has non-NaN elements";
-            }
-          }
+      for (const NanScalarCase& n : nan_scalar_cases(e)) {
+        for (DType d : kNanScalarDTypes) {
+          const Bucket in = make_bucket(e, n.c, d, nan_scalar_sizes(), offset_zero, 5);
+          const Bucket r = cpu_run(k, e, n.c, in, offset_zero, 0, Slicing::kOneCall);
+          check_nan_scalar_step(e, n, d, r, variant);
         }
       }
     }
