@@ -817,18 +817,28 @@ FO_TEST(cuda_engine_launch_errors_are_returned) {
     check_states(st, stored_as(before, false), ctx);  // advance_states not reached
     if (r.launches.empty()) continue;
     DecodedTable first;
-    decode_any_chunk_table<1, 0>(got.n_lists, e.n_states, r.launches[0].first_arg, first);
-    // The first table's tensors were updated; every later one is untouched.
+    const bool decoded =
+        decode_any_chunk_table<1, 0>(got.n_lists, e.n_states, r.launches[0].first_arg, first);
+    FO_CHECK(decoded) << ctx;
+    FO_CHECK(first.n >= 1) << ctx << ": the first table is empty";
+    // The first table's tensors were updated (the params of each of them changed); every
+    // later one is untouched.
     int64_t untouched_from = 0, seen = 0;
     for (int64_t t = 0; t < got.n_tensors(); ++t) {
       if (got.numels[t] > 0 && ++seen == first.n) untouched_from = t + 1;
     }
     for (int64_t t = 0; t < got.n_tensors(); ++t) {
+      int64_t changed = 0;
       for (int64_t i = 0; i < got.numels[t]; ++i) {
         const bool same = got.at(0, t).bits(i) == input.at(0, t).bits(i);
+        changed += !same;
         if (t >= untouched_from) {
           FO_CHECK(same) << ctx << ": tensor " << t << " of a later table changed";
         }
+      }
+      if (t < untouched_from && got.numels[t] > 0) {
+        FO_CHECK(changed > 0) << ctx << ": tensor " << t
+                              << " of the first table (launched before the failure) unchanged";
       }
     }
     // A table of the wrong depth.

@@ -89,7 +89,6 @@ FO_TEST(engine_empty_inputs_do_nothing) {
         const std::vector<double> states = step_states(e, c, 3, 0, true);
         run_cpu(k, e, b, step_call(e, c, states), Slicing::kOneCall);
         FO_CHECK_EQ(b.damaged_guard_bytes(), 0) << ctx;
-        FO_CHECK(make_chunks(b.numels).empty());
         // A non-empty bucket, but an empty range of its chunks.
         const Bucket in = make_bucket(e, c, d, {5, kChunkSize + 2}, mixed_offset, 3);
         Bucket s = clone_bucket(in, mixed_offset);
