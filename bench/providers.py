@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 __all__ = ["Hyper", "Provider", "all_providers", "select", "optimizers", "optim_names",
-           "resolve_optims", "REFERENCE", "BASELINE", "TORCH_FAMILY"]
+           "resolve_optims", "REFERENCE", "BASELINE", "TORCH_FAMILY", "PARAM_STD", "GRAD_STD"]
 
 REFERENCE = "torch-forloop"   # the correctness reference
 BASELINE = "torch-fused"      # the speed baseline of the ratio column
@@ -107,8 +107,10 @@ _SWITCHES = frozenset({"params", "self", "foreach", "fused", "capturable", "diff
 
 # A step visible in bf16: see Hyper.for_optim.
 _VISIBLE_ULPS = 4.0
-# The runner's init (runner.PARAM_STD, GRAD_STD), repeated here to keep the import order.
-_PARAM_STD, _GRAD_STD = 0.02, 0.1
+# Init scale of the benchmark's params and grads (the runner draws them; Hyper.for_optim
+# sizes lr on them). With params ~0.02 a step of lr 1e-3 is several bf16 ulps, so a
+# provider that does not step is visible in bf16 too.
+PARAM_STD, GRAD_STD = 0.02, 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,8 +207,8 @@ def _visible_lr(cls, bench: dict, lr: float) -> float:
     of the same name (fused_optim's when torch has none), from a fixed seed."""
     ctor = getattr(torch.optim, cls.__name__, None) or cls
     gen = torch.Generator().manual_seed(0)
-    p0 = torch.randn(4096, generator=gen) * _PARAM_STD
-    g0 = torch.randn(4096, generator=gen) * _GRAD_STD
+    p0 = torch.randn(4096, generator=gen) * PARAM_STD
+    g0 = torch.randn(4096, generator=gen) * GRAD_STD
     # bf16 keeps 8 significant bits: one ulp at |p| is 2^(floor(log2 |p|) - 7).
     ulp = torch.exp2(torch.floor(torch.log2(p0.abs().clamp_min(1e-30))) - 7)
     for attempt in range(4):   # the default, then up to three tenfold raises

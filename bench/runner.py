@@ -43,8 +43,8 @@ import torch
 
 from . import machine, probe as probe_mod
 from .bytes_model import Algorithm, StoragePolicy, algorithm_of_spec, bytes_per_element, policy_of
-from .providers import (BASELINE, REFERENCE, TORCH_FAMILY, Hyper, Provider, TorchOptim,
-                        all_providers, resolve_optims, select)
+from .providers import (BASELINE, GRAD_STD, PARAM_STD, REFERENCE, TORCH_FAMILY, Hyper, Provider,
+                        TorchOptim, all_providers, resolve_optims, select)
 from .shapes import Shape, resolve
 from .stats import paired_ratio, summarize
 
@@ -59,10 +59,6 @@ WRONG_FRACTION = 0.25
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
-
-# Init scale of params and grads (see the module doc). With params ~0.02 a step of
-# lr 1e-3 is several bf16 ulps, so a provider that does not step is visible in bf16 too.
-PARAM_STD, GRAD_STD = 0.02, 0.1
 
 
 @dataclass
