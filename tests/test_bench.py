@@ -106,14 +106,25 @@ def test_algorithm_comes_from_the_spec():
     assert bytes_model.bytes_per_element(alg, pol) == (20, 16)
 
 
-def test_every_benchmarked_optimizer_has_a_spec_derived_algorithm():
+def test_benchmarked_optimizers_are_the_tested_ones():
+    """The benchmark's optimizers (``--optim all``) are exactly the classes of the parity
+    tests' table (tests/_tables.py OPTIMIZERS, itself checked against fused_optim's
+    exports by tests/test_optimizers.py), in fused_optim's ``__all__`` order."""
     import fused_optim
+    from _tables import OPTIMIZERS
 
+    tested = sorted((row.fused for row in OPTIMIZERS),
+                    key=lambda cls: fused_optim.__all__.index(cls.__name__))
+    assert list(providers.optimizers().values()) == tested
+    assert providers.optim_names() == [cls.__name__.lower() for cls in tested]
+
+
+def test_every_benchmarked_optimizer_has_a_spec_derived_algorithm():
     names = providers.optim_names()
     assert {"adam", "adamw", "sgd"} <= set(names)
     for name in names:
         cls = providers.optimizers()[name]
-        assert cls is getattr(fused_optim, cls.__name__) and name == cls.__name__.lower()
+        assert name == cls.__name__.lower()  # what --optim and GPU_CHECK_OPTIMS take
         hyper = providers.Hyper.for_optim(name)
         alg = bytes_model.algorithm_for(name)
         spec = cls.spec

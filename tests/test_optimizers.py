@@ -34,6 +34,7 @@ from _tables import (
     FULL_CASES,
     MANY_SHAPES,
     OPTIMIZER_CASES,
+    OPTIMIZERS,
     SLOW_BACKENDS,
     SMALL_SHAPES,
     STEPS,
@@ -94,6 +95,31 @@ def test_parity_layouts(case, variant):
     apart), an empty param, chunk + 1 elements."""
     check_parity(case, torch.float32, variant[0], variant[1], [s for s, _ in LAID_OUT],
                  steps=3, layouts=[lay for _, lay in LAID_OUT])
+
+
+def test_tables_cover_every_optimizer():
+    """tests/_tables.py has one row per optimizer class fused_optim exports (a
+    FusedOptimizer subclass with a spec) and covers every registered spec, each row
+    against torch.optim's class of the same name: a new optimizer cannot be left out of
+    the parity tests (the benchmark's list is checked against the same rows in
+    tests/test_bench.py)."""
+    from fused_optim.optimizer import FusedOptimizer
+    from fused_optim.spec import specs
+
+    names = list(fused_optim.__all__) + [n for n in dir(fused_optim)
+                                         if n not in fused_optim.__all__ and not n.startswith("_")]
+    exported = {cls for cls in (getattr(fused_optim, n) for n in names)
+                if isinstance(cls, type) and issubclass(cls, FusedOptimizer)
+                and cls is not FusedOptimizer and getattr(cls, "spec", None) is not None}
+    rows = [row.fused for row in OPTIMIZERS]
+    assert len(rows) == len(set(rows)), f"a class has two rows: {rows}"
+    assert set(rows) == exported, (
+        f"no row in tests/_tables.py OPTIMIZERS: {sorted(c.__name__ for c in exported - set(rows))};"
+        f" a row for no exported class: {sorted(c.__name__ for c in set(rows) - exported)}")
+    assert {s.name for s in specs()} == {row.fused.spec.name for row in OPTIMIZERS}
+    for row in OPTIMIZERS:
+        assert row.torch is getattr(torch.optim, row.fused.__name__), row.fused.__name__
+        assert row.cases and row.full, f"{row.fused.__name__}: no cases"
 
 
 def test_auto_backend_is_cpu_when_built():
