@@ -62,25 +62,17 @@ def _p():
     return [torch.zeros(3, requires_grad=True)]
 
 
+# Besides _generic_bad's cases (which also cover Adam's and SGD's out-of-range and NaN
+# values, tensor lrs and flag pairs): other magnitudes, tensor betas, SGD's nesterov rules.
 ADAM_BAD = [
-    {"lr": -1.0}, {"lr": NAN}, {"eps": -1e-8}, {"eps": NAN},
-    {"betas": (-0.1, 0.999)}, {"betas": (1.0, 0.999)}, {"betas": (NAN, 0.999)},
-    {"betas": (0.9, -0.1)}, {"betas": (0.9, 1.0)}, {"betas": (0.9, NAN)},
-    {"weight_decay": -0.1}, {"weight_decay": NAN},
+    {"eps": -1e-8}, {"weight_decay": -0.1},
     {"betas": (0.9, torch.tensor(0.999))},
     {"betas": (torch.tensor([0.9, 0.8]), torch.tensor(0.999))},
-    {"lr": torch.tensor([0.1, 0.2])},
-    {"lr": torch.tensor(0.1), "foreach": True},
     {"betas": (torch.tensor(0.9), torch.tensor(0.999)), "foreach": True},
-    {"fused": True, "foreach": True},
-    {"fused": True, "differentiable": True},
 ]
 SGD_BAD = [
-    {"lr": -1.0}, {"lr": NAN}, {"lr": torch.tensor(NAN)}, {"momentum": -0.5},
-    {"momentum": NAN}, {"weight_decay": -0.1}, {"weight_decay": NAN}, {"dampening": NAN},
+    {"momentum": -0.5}, {"weight_decay": -0.1},
     {"nesterov": True}, {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
-    {"lr": torch.tensor([0.1, 0.2])},
-    {"fused": True, "foreach": True}, {"fused": True, "differentiable": True},
 ]
 # Where torch.optim accepts the value and fused_optim deliberately raises, with the
 # error it raises (see fused_optim/sgd.py and adam.py).
@@ -92,20 +84,19 @@ STRICTER = {
 }
 
 
-
 def _generic_bad(cls) -> list[dict]:
     """Out-of-range and non-finite values of every numeric argument of a torch.optim
     class's signature, the lr tensors torch refuses, and the flag pairs it refuses."""
     sig = inspect.signature(cls)
     out: list[dict] = [{"lr": torch.tensor([0.1, 0.2])}, {"lr": torch.tensor(NAN)},
-                       {"lr": torch.tensor(0.1), "foreach": True}, {"lr": math.inf}]
+                       {"lr": torch.tensor(0.1), "foreach": True}]
     for name, param in sig.parameters.items():
         default = param.default
         if name == "betas":
             out += [{"betas": b} for b in ((-0.1, 0.999), (1.0, 0.999), (NAN, 0.999),
                                            (0.9, -0.1), (0.9, 1.0), (0.9, NAN))]
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            out += [{name: -1.0}, {name: NAN}, {name: 2.0}, {name: math.inf}]
+            out += [{name: -1.0}, {name: NAN}, {name: 2.0}, {name: math.inf}]  # lr too
     if "fused" in sig.parameters:
         out += [{"fused": True, "foreach": True}, {"fused": True, "differentiable": True}]
     return out
@@ -117,8 +108,10 @@ HYPER_CASES = ([(row.fused.__name__, kw) for row in OPTIMIZERS for kw in _generi
 
 
 def _kw_id(item):
+    """The case spelled out; repr keeps a tensor lr apart from a float one (a 0-dim
+    tensor formats as its float)."""
     name, kw = item
-    return name + "-" + ",".join(f"{k}={v}" for k, v in kw.items()).replace(" ", "")
+    return name + "-" + ",".join(f"{k}={v!r}" for k, v in kw.items()).replace(" ", "")
 
 
 @pytest.mark.parametrize("item", HYPER_CASES, ids=[_kw_id(i) for i in HYPER_CASES])
