@@ -6,7 +6,8 @@ See tests/_tables.py for what runs and the tolerances.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -80,6 +81,20 @@ def cpu_capability(name: str | None) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------
 # Comparison
+
+
+def outcome(fn: Callable[[], object], *, quiet: bool = False) -> tuple[type, str] | None:
+    """None if fn() returns, else the (type, message) of what it raised: what the tests
+    compare between torch.optim and fused_optim. `quiet`: warnings fn() emits are
+    ignored."""
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            fn()
+    except Exception as exc:  # noqa: BLE001  (the type and message are compared)
+        return type(exc), str(exc)
+    return None
 
 
 def assert_row_close(label: str, actual: Tensor, expected: Tensor, scale: Tensor,

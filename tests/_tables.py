@@ -33,8 +33,7 @@ class OptCase:
     def id(self) -> str:
         if self.tag:
             return f"{self.name}-{self.tag}"
-        opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "lr")
-        return f"{self.name}-{opts or 'default'}"
+        return f"{self.name}-{options_id({k: v for k, v in self.options.items() if k != 'lr'})}"
 
     @property
     def spec(self):
@@ -142,6 +141,11 @@ DEFAULT_CASES: list[OptCase] = [row.case(row.default) for row in OPTIMIZERS]
 
 def cases_of(name: str, cases: list[OptCase]) -> list[OptCase]:
     return [c for c in cases if c.name == name]
+
+
+def options_id(options: dict[str, Any]) -> str:
+    """Options spelled out for a test id: k=v,k=v, or "default" for none."""
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
 
 
 def case_ids(cases: list[OptCase]) -> list[str]:

@@ -22,6 +22,7 @@ from _oracle import (
     free_run,
     make_grads,
     make_params,
+    outcome,
     tensor_state,
 )
 from _tables import (
@@ -44,14 +45,6 @@ pytestmark = pytest.mark.usefixtures("oracle_threads")
 CASES = FULL_CASES + DEFAULT_CASES
 IDS = case_ids(CASES)
 NAN = float("nan")
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001  (the type is what is compared)
-        return type(exc), str(exc)
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,8 +110,8 @@ def _kw_id(item):
 @pytest.mark.parametrize("item", HYPER_CASES, ids=[_kw_id(i) for i in HYPER_CASES])
 def test_hyperparameter_errors_match_torch(item):
     name, kw = item
-    theirs = _outcome(lambda: getattr(torch.optim, name)(_p(), **kw))
-    ours = _outcome(lambda: getattr(fused_optim, name)(_p(), **kw))
+    theirs = outcome(lambda: getattr(torch.optim, name)(_p(), **kw))
+    ours = outcome(lambda: getattr(fused_optim, name)(_p(), **kw))
     if theirs is not None or ours is None:
         assert ours == theirs, f"torch raises {theirs}, fused_optim {ours}"
         return
@@ -212,7 +205,7 @@ def test_sparse_grads(case):
         a.grad = b.grad = torch.ones(a.shape)
     q.grad = torch.ones(2).to_sparse()
     tq.grad = torch.ones(2).to_sparse()
-    theirs, ours = _outcome(oracle.step), _outcome(opt.step)
+    theirs, ours = outcome(oracle.step), outcome(opt.step)
     if theirs is not None:
         assert ours == theirs
     else:
@@ -536,8 +529,8 @@ def test_state_dict_with_other_groups_or_counts(case):
     one_param["state"].pop(1, None)
     bad.append(one_param)
     for sd_bad in bad:
-        ours = _outcome(lambda: opt.load_state_dict(copy.deepcopy(sd_bad)))
-        theirs = _outcome(lambda: torch_opt.load_state_dict(copy.deepcopy(sd_bad)))
+        ours = outcome(lambda: opt.load_state_dict(copy.deepcopy(sd_bad)))
+        theirs = outcome(lambda: torch_opt.load_state_dict(copy.deepcopy(sd_bad)))
         assert ours is not None and ours == theirs
         assert ours[0] is ValueError
     for junk in ({}, {"state": {}}, [1, 2], None):

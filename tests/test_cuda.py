@@ -1,6 +1,13 @@
-"""GPU tests of the CUDA backend (csrc/cuda): the ops torch.ops.fused_optim.adam_ / sgd_
-on CUDA tensors, called directly with state tensors built here, so they do not depend on
-the optimizer classes (one test goes through fused_optim.AdamW(backend="cuda")).
+"""GPU tests of the CUDA backend (csrc/cuda) and of the Triton backend on CUDA tensors.
+
+  * The ops torch.ops.fused_optim.adam_ / sgd_ called directly, with state tensors built
+    here (every option, dtype and lr kind, many tensors, found_inf, CUDA graphs,
+    torch.compile, opcheck, a > 2^31-element tensor, input checks), and
+    fused_optim.AdamW(backend="cuda") free-running against torch.optim.AdamW.
+  * Every optimizer of tests/_tables.py through its class, on the "cuda" backend and,
+    where Triton runs on this GPU, the "triton" backend (the test_every_optimizer_*
+    tests at the end): parity per step, a device lr, many tensors, found_inf with CUDA
+    graph replays.
 
 Every test is skipped, with the reason, when there is no CUDA device or fused_optim._C
 was built without its CUDA kernels; on a CPU-only machine the CUDA sources are only
@@ -31,7 +38,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from _oracle import assert_row_close, check_parity, make_grads, make_params, row_scale, tensor_state
+from _oracle import (
+    assert_row_close,
+    check_parity,
+    laid_out,
+    make_grads,
+    make_params,
+    row_scale,
+    tensor_state,
+)
 from _tables import (
     ADAM_LR,
     DEFAULT_CASES,
@@ -41,6 +56,8 @@ from _tables import (
     SGD_LR,
     TOLERANCES,
     case_ids,
+    dtype_id,
+    options_id,
 )
 from fused_optim import _extension
 
@@ -81,25 +98,8 @@ SHAPES: list[tuple[tuple[int, ...], str]] = [
 ]
 
 
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # ---------------------------------------------------------------------------------------
 # Buckets: our side of a parity run.
-
-
-def _laid_out(t: Tensor, layout: str) -> Tensor:
-    """A copy of t on DEVICE with the given memory layout."""
-    if layout == "contiguous":
-        out = torch.empty(t.shape, dtype=t.dtype, device=DEVICE)
-    elif layout == "offset":
-        out = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)[1:].view(t.shape)
-    elif layout == "transposed":
-        out = torch.empty(t.shape[::-1], dtype=t.dtype, device=DEVICE).t()
-    else:
-        raise ValueError(layout)
-    return out.copy_(t)
 
 
 def _lr(value: float, kind: str) -> Tensor:
@@ -126,15 +126,16 @@ class Bucket:
     @staticmethod
     def make(params_cpu: list[Tensor], layouts: list[str], state_names: list[str],
              with_steps: bool) -> "Bucket":
-        params = [_laid_out(p.detach(), lay) for p, lay in zip(params_cpu, layouts)]
-        states = {name: [_laid_out(torch.zeros_like(p), lay) for p, lay in zip(params, layouts)]
+        params = [laid_out(p.detach(), lay, DEVICE) for p, lay in zip(params_cpu, layouts)]
+        states = {name: [laid_out(torch.zeros_like(p), lay, DEVICE)
+                         for p, lay in zip(params, layouts)]
                   for name in state_names}
         steps = ([torch.zeros((), dtype=torch.float32, device=DEVICE) for _ in params]
                  if with_steps else [])
         return Bucket(layouts, params, states, steps)
 
     def set_grads(self, grads_cpu: list[Tensor], scale: float | None) -> None:
-        self.grads = [_laid_out(g * scale if scale else g, lay)
+        self.grads = [laid_out(g * scale if scale else g, lay, DEVICE)
                       for g, lay in zip(grads_cpu, self.layouts)]
 
     def snapshot(self) -> list[Tensor]:
@@ -229,7 +230,7 @@ def check_op_parity(algorithm: str, opts: dict, dtype: torch.dtype,
             _sgd_call(ours, lr, opts, first=step == 0, grad_scale=grad_scale)
         oracle.step()
 
-        label = (f"{algorithm} {opts} {_dtype_id(dtype)} lr={lr_kind} scaled={scaled} "
+        label = (f"{algorithm} {opts} {dtype_id(dtype)} lr={lr_kind} scaled={scaled} "
                  f"step {step + 1}")
         grads = _flat([g.to(DEVICE) for g in grads_cpu])
         assert torch.equal(_flat(ours.grads), grads), f"{label}: grads not left unscaled"
@@ -264,13 +265,9 @@ SGD_OPTIONS = [
 LR_KINDS = ["cpu", "cuda32", "cuda64"]
 
 
-def _opts_id(opts: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
-
-
 @pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "grad_scale"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=_opts_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=options_id)
 def test_adam_parity(opts, dtype, scaled):
     # lr kinds cycle over the cases so each kind meets every dtype and option family.
     lr_kind = LR_KINDS[(ADAM_OPTIONS.index(opts) + DTYPES.index(dtype) + scaled) % 3]
@@ -278,8 +275,8 @@ def test_adam_parity(opts, dtype, scaled):
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "grad_scale"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=_opts_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=options_id)
 def test_sgd_parity(opts, dtype, scaled):
     lr_kind = LR_KINDS[(SGD_OPTIONS.index(opts) + DTYPES.index(dtype) + scaled) % 3]
     check_op_parity("sgd", opts, dtype, SHAPES, lr_kind=lr_kind, scaled=scaled)
@@ -298,7 +295,7 @@ MANY = [(((i * 37) % 3000 + 1,), "contiguous" if i % 5 else "offset") for i in r
 HUGE_COUNT = [(((i * 7) % 64 + 1,), "contiguous") for i in range(8192)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_many_tensors_one_bucket(dtype):
     check_op_parity("adam", {"amsgrad": True, "weight_decay": 0.1}, dtype, MANY, steps=3)
     check_op_parity("sgd", {"momentum": 0.9, "nesterov": True}, dtype, MANY, steps=3)
@@ -381,7 +378,7 @@ def test_cuda_graph_capture_and_replay():
     for k, (lr_value, inf) in enumerate([(5e-3, 0.0), (2e-2, 1.0), (1e-3, 0.0), (3e-2, 0.0)]):
         grads = make_grads(sizes, torch.float32, gen)
         for static, g, lay in zip(graph_b.grads, grads, layouts):
-            static.copy_(_laid_out(g * GRAD_SCALE, lay))
+            static.copy_(laid_out(g * GRAD_SCALE, lay, DEVICE))
         eager_b.set_grads(grads, GRAD_SCALE)
         lr.fill_(lr_value)
         found_inf.fill_(inf)
@@ -599,7 +596,7 @@ GPU_BACKENDS = _gpu_backends()
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=case_ids(OPTIMIZER_CASES))
 def test_every_optimizer_parity(case, dtype, backend):
     check_parity(case, dtype, backend, None, [s for s, _ in SHAPES], steps=STEPS,
@@ -638,13 +635,13 @@ def test_every_optimizer_found_inf_and_cuda_graph(case, backend):
     lr_value = case.options["lr"]
     opts = {}
     for name in ("graph", "eager"):
-        params = [_laid_out(p, lay).requires_grad_() for p, lay in zip(init, layouts)]
+        params = [laid_out(p, lay, DEVICE).requires_grad_() for p, lay in zip(init, layouts)]
         lr = torch.tensor(lr_value, device=DEVICE)
         opt = case.fused(params, backend=backend, **{**case.options, "lr": lr})
         opt.grad_scale = torch.tensor(GRAD_SCALE, device=DEVICE)
         opt.found_inf = torch.zeros((), device=DEVICE)
         for p, g, lay in zip(params, make_grads(sizes, torch.float32, gen), layouts):
-            p.grad = _laid_out(g * GRAD_SCALE, lay)
+            p.grad = laid_out(g * GRAD_SCALE, lay, DEVICE)
         opts[name] = (opt, params, lr)
     graph_opt, graph_params, graph_lr = opts["graph"]
     eager_opt, eager_params, eager_lr = opts["eager"]
@@ -663,7 +660,7 @@ def test_every_optimizer_found_inf_and_cuda_graph(case, backend):
                                        (lr_value / 3, 0.0)]):
         grads = make_grads(sizes, torch.float32, gen)
         for p, q, g, lay in zip(graph_params, eager_params, grads, layouts):
-            p.grad.copy_(_laid_out(g * GRAD_SCALE, lay))
+            p.grad.copy_(laid_out(g * GRAD_SCALE, lay, DEVICE))
             q.grad.copy_(p.grad)
         for opt, lr in ((graph_opt, graph_lr), (eager_opt, eager_lr)):
             lr.fill_(lr_new)

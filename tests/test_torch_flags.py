@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import warnings
 
 import pytest
 import torch
 
-from _oracle import assert_row_close
+from _oracle import assert_row_close, outcome
 from _tables import DEFAULT_CASES, FULL_CASES, OPTIMIZERS, case_ids
 
 pytestmark = pytest.mark.usefixtures("oracle_threads")
 
 ROWS = {row.fused.__name__: row for row in OPTIMIZERS}
-
-
-def _outcome(fn):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fn()
-    except Exception as exc:  # noqa: BLE001  (the type and message are compared)
-        return f"{type(exc).__name__}: {exc}"
-    return "ok"
 
 
 def _flag_values(cls) -> dict[str, list]:
@@ -64,7 +53,7 @@ def test_flag_matrix_matches_torch(name):
                         opt = cls([p], lr=lr_value, **kw)
                         p.grad = torch.ones(3, device=device, dtype=dtype)
                         opt.step()
-                    return _outcome(step)
+                    return outcome(step, quiet=True)
 
                 theirs, ours = run(row.torch), run(row.fused)
                 if theirs != ours:
@@ -120,10 +109,10 @@ def test_differentiable_matches_torch_numbers_and_gradients(case):
     options = {k: v for k, v in case.options.items() if k != "lr"}
     # A tensor lr whose gradient torch.optim records where it can (Adam, SGD); others
     # take lr as a Python number in their differentiable path (addcdiv_'s value).
-    lr_tensor = _outcome(lambda: _diff_step(
+    lr_tensor = outcome(lambda: _diff_step(
         case.torch, p0.clone().requires_grad_(), g0.clone(), state0,
         torch.tensor(case.options["lr"], dtype=torch.float64, requires_grad=True),
-        options)) == "ok"
+        options), quiet=True) is None
     results = []
     for cls in (case.torch, case.fused):
         p = p0.clone().requires_grad_()
