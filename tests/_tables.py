@@ -139,8 +139,16 @@ FULL_CASES: list[OptCase] = [row.case(o) for row in OPTIMIZERS for o in row.full
 DEFAULT_CASES: list[OptCase] = [row.case(row.default) for row in OPTIMIZERS]
 
 
-def cases_of(name: str, cases: list[OptCase]) -> list[OptCase]:
-    return [c for c in cases if c.name == name]
+def case_named(name: str, cases: list[OptCase] | None = None, **options: Any) -> OptCase:
+    """The one case of `cases` (default FULL_CASES) of optimizer `name` (the class name)
+    whose options include `options`: a test picks its case by what it needs, not by its
+    position in a table that grows."""
+    found = [c for c in (FULL_CASES if cases is None else cases) if c.name == name
+             and all(k in c.options and c.options[k] == v for k, v in options.items())]
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} cases of {name} with {options}: "
+                          f"{[c.id for c in found]}")
+    return found[0]
 
 
 def options_id(options: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from _tables import (
     OPTIMIZERS,
     STEPS,
     case_ids,
+    case_named,
     dtype_id,
     kernel_variants,
     variant_id,
@@ -174,7 +175,7 @@ def test_signature_matches_torch(name):
 
 
 def test_tensor_betas_match_torch():
-    case = FULL_CASES[0]
+    case = case_named("Adam")
     gen = torch.Generator().manual_seed(0)
     fp = make_params([(9,), (3, 4)], torch.float32, gen)
     tp = clone_leaves(fp)
@@ -373,7 +374,7 @@ def test_params_viewing_one_flat_buffer(case):
     assert torch.equal(flats[0][:3], flats[1][:3]), "wrote outside the params"
 
 
-NONFINITE_CASES = [FULL_CASES[0], FULL_CASES[1], FULL_CASES[3]]
+NONFINITE_CASES = [case_named("Adam"), case_named("AdamW"), case_named("SGD", dampening=0.3)]
 
 
 @pytest.mark.parametrize("variant", kernel_variants(), ids=variant_id)
@@ -486,7 +487,7 @@ def _assert_unchanged_and_usable(opt, params, case):
     assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(params, twin_params))
 
 
-_ADAM, _SGD_M = FULL_CASES[0], FULL_CASES[2]
+_ADAM, _SGD_M = case_named("Adam"), case_named("SGD", nesterov=True)
 
 
 @pytest.mark.parametrize("case,other", [(_ADAM, _SGD_M), (_SGD_M, _ADAM)],
@@ -793,7 +794,7 @@ def test_without_compiled_extension_falls_back_to_reference(monkeypatch):
     monkeypatch.setattr(backends_mod, "_FELL_BACK_WARNED", set())
     backends_mod._SELECTED.clear()
     assert fused_optim.available_backends("cpu")["cpu"] == "fused_optim._C is not available (test)"
-    case = FULL_CASES[0]
+    case = case_named("Adam")
     gen = torch.Generator().manual_seed(0)
     fp = make_params([(5,), (2, 3)], torch.float32, gen)
     tp = clone_leaves(fp)

@@ -31,6 +31,7 @@ from _tables import (
     DEFAULT_CASES,
     FULL_CASES,
     case_ids,
+    case_named,
     case_variant_params,
     kernel_variants,
 )
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.usefixtures("oracle_threads")
 CASES = FULL_CASES + DEFAULT_CASES
 IDS = case_ids(CASES)
 VARIANTS = kernel_variants()
-SLOW_CASES = [FULL_CASES[0], FULL_CASES[2]]  # one Adam, one SGD on a slow (interpreted) backend
+# One Adam, one SGD on a slow (interpreted) backend.
+SLOW_CASES = [case_named("Adam"), case_named("SGD", nesterov=True)]
 SHAPES = [(17,), (4, 9), (4097,)]
 HALF = 5  # steps before and after a switch
 
@@ -123,7 +125,7 @@ def test_state_dict_format_matches_torch(case):
 
 
 def test_state_dict_keeps_backend_choice_when_loading_torch_state():
-    case = FULL_CASES[0]
+    case = case_named("Adam")
     fused, oracle, fp, tp, grads = _pair(case, fused_kw={"backend": "reference"})
     free_run(fused, oracle, fp, tp, grads[:2])
     fused.load_state_dict(oracle.state_dict())
@@ -218,8 +220,10 @@ def test_lr_scheduler(case, scheduler, tensor_lr):
 # closures, zero_grad, param groups, hooks, tensor lr
 
 
-@pytest.mark.parametrize("case", DEFAULT_CASES + FULL_CASES[:1],
-                         ids=case_ids(DEFAULT_CASES + FULL_CASES[:1]))
+CLOSURE_CASES = DEFAULT_CASES + [case_named("Adam")]
+
+
+@pytest.mark.parametrize("case", CLOSURE_CASES, ids=case_ids(CLOSURE_CASES))
 def test_closure(case):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
@@ -251,7 +255,7 @@ def test_closure(case):
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad(set_to_none):
-    case = FULL_CASES[0]
+    case = case_named("Adam")
     fused, _, fp, _, grads = _pair(case)
     _set_grads(fp, grads[0])
     fused.step()
@@ -302,7 +306,7 @@ def test_param_groups_with_own_hyperparameters(case):
 
 
 def test_param_groups_with_different_backends():
-    case = FULL_CASES[0]
+    case = case_named("Adam")
     gen = torch.Generator().manual_seed(0)
     fp = make_params(SHAPES, torch.float64, gen)
     tp = clone_leaves(fp)
@@ -334,7 +338,7 @@ def test_duplicate_params_rejected_like_torch(case):
 
 
 def test_hooks():
-    case = FULL_CASES[0]
+    case = case_named("Adam")
     fused, _, fp, _, grads = _pair(case)
     calls = []
     handles = [
@@ -484,7 +488,7 @@ def test_step_leaves_other_versions_like_torch(case, variant):
 
 # Every optimizer with every option on, and SGD with momentum (its first-step split).
 COMPILE_CASES = [c for c in FULL_CASES if c.name != "Adam"][:1] + [
-    c for c in FULL_CASES if c.name not in ("Adam", "AdamW")] + [DEFAULT_CASES[2]]
+    c for c in FULL_CASES if c.name not in ("Adam", "AdamW")] + [case_named("SGD", DEFAULT_CASES)]
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=case_ids(COMPILE_CASES))
@@ -643,8 +647,10 @@ def test_grad_scaler_cpu(case, inf_step):
 # DTensor params (FSDP2-style)
 
 
-@pytest.mark.parametrize("case", DEFAULT_CASES + FULL_CASES[1:2],
-                         ids=case_ids(DEFAULT_CASES + FULL_CASES[1:2]))
+DTENSOR_CASES = DEFAULT_CASES + [case_named("AdamW")]
+
+
+@pytest.mark.parametrize("case", DTENSOR_CASES, ids=case_ids(DTENSOR_CASES))
 def test_dtensor_params_match_plain_tensors(case, tmp_path):
     import torch.distributed as dist
 

@@ -17,7 +17,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fused_optim  # noqa: F401  (loads _C, registers the ops)
 from _oracle import cpu_capability
-from _tables import DEFAULT_CASES, FULL_CASES, OPTIMIZER_CASES, OPTIMIZERS, case_ids, cpu_capabilities
+from _tables import (
+    DEFAULT_CASES,
+    FULL_CASES,
+    OPTIMIZER_CASES,
+    OPTIMIZERS,
+    case_ids,
+    case_named,
+    cpu_capabilities,
+)
 from fused_optim import _extension, _reference
 from fused_optim.spec import specs
 
@@ -203,8 +211,8 @@ def test_raw_op_bumps_the_versions_of_what_it_writes(case, scaler):
 # The fake kernels check what the C++ kernels check, with the same messages, so a traced
 # program fails like an eager one. (Calls with a meta tensor only ever reach the fake
 # kernel: tests/test_bad_input.py.)
-_ADAM = OPTIMIZER_CASES[0]
-_SGD_MOMENTUM = [c for c in OPTIMIZER_CASES if c.name == "SGD" and c.options.get("momentum")][0]
+_ADAM = case_named("Adam", DEFAULT_CASES)  # no amsgrad: its list is absent
+_SGD_MOMENTUM = case_named("SGD", DEFAULT_CASES, momentum=0.9)
 FAKE_BAD = [
     (_ADAM, lambda a, k: a.__setitem__(1, a[1][:2]), "expected 3 grads (one per param), got 2"),
     (_ADAM, lambda a, k: a[3].__setitem__(0, torch.zeros(5)),

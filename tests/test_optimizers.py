@@ -40,6 +40,7 @@ from _tables import (
     STEPS,
     TINY_SHAPES,
     case_ids,
+    case_named,
     case_variant_params,
     cpu_capabilities,
     dtype_id,
@@ -74,10 +75,12 @@ def test_parity_chunk_boundary(case, dtype, variant):
     check_parity(case, dtype, variant[0], variant[1], BIG_SHAPES)
 
 
+MANY_TENSORS_CASES = DEFAULT_CASES + [case_named("Adam")]
+
+
 @pytest.mark.parametrize("variant", FAST_VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", DEFAULT_CASES + FULL_CASES[:1],
-                         ids=case_ids(DEFAULT_CASES + FULL_CASES[:1]))
+@pytest.mark.parametrize("case", MANY_TENSORS_CASES, ids=case_ids(MANY_TENSORS_CASES))
 def test_parity_many_tensors(case, dtype, variant):
     """120 tensors of 1..600 elements in one bucket."""
     check_parity(case, dtype, variant[0], variant[1], MANY_SHAPES, steps=4)
@@ -113,9 +116,10 @@ def test_tables_cover_every_optimizer():
                 and cls is not FusedOptimizer and getattr(cls, "spec", None) is not None}
     rows = [row.fused for row in OPTIMIZERS]
     assert len(rows) == len(set(rows)), f"a class has two rows: {rows}"
-    assert set(rows) == exported, (
-        f"no row in tests/_tables.py OPTIMIZERS: {sorted(c.__name__ for c in exported - set(rows))};"
-        f" a row for no exported class: {sorted(c.__name__ for c in set(rows) - exported)}")
+    missing = sorted(c.__name__ for c in exported - set(rows))
+    extra = sorted(c.__name__ for c in set(rows) - exported)
+    assert not missing and not extra, (
+        f"no row in tests/_tables.py OPTIMIZERS: {missing}; a row for no exported class: {extra}")
     assert {s.name for s in specs()} == {row.fused.spec.name for row in OPTIMIZERS}
     for row in OPTIMIZERS:
         assert row.torch is getattr(torch.optim, row.fused.__name__), row.fused.__name__
@@ -229,8 +233,10 @@ def test_params_gain_and_lose_grads(case):
     assert_same_trajectory(fused, oracle, fused_params, oracle_params, STEPS, grads, case.id)
 
 
-@pytest.mark.parametrize("case", FULL_CASES[:1] + FULL_CASES[2:3],
-                         ids=case_ids(FULL_CASES[:1] + FULL_CASES[2:3]))
+MIXED_DTYPE_CASES = [case_named("Adam"), case_named("SGD", nesterov=True)]
+
+
+@pytest.mark.parametrize("case", MIXED_DTYPE_CASES, ids=case_ids(MIXED_DTYPE_CASES))
 def test_mixed_dtypes_in_one_group(case):
     """One group holding fp32, fp64, bf16 and fp16 params: one kernel call per dtype.
     Every bucket gives bit for bit what its params give alone, and the fp32 / fp64 ones
