@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _oracle import assert_row_close, outcome
-from _tables import DEFAULT_CASES, FULL_CASES, OPTIMIZERS, case_ids
+from _tables import DEFAULT_CASES, FULL_CASES, OPTIMIZERS, case_ids, tolerance
 
 pytestmark = pytest.mark.usefixtures("oracle_threads")
 
@@ -62,14 +62,18 @@ def test_flag_matrix_matches_torch(name):
     assert not mismatches, "\n".join(mismatches)
 
 
-# Float64 ulps of each value's magnitude (fp64 params, float64 step counters): the same
-# operations up to order, as in TOLERANCES, for a step and its derivative (a few more
-# operations). With torch's default float32 step counters, torch.optim's differentiable
-# path computes its per-tensor scalars as float32 tensor arithmetic on the step
-# (``1 - beta2 ** step`` loses ~2e-5 relative at step 3 with beta2 = 0.999), where
-# fused_optim computes them in double as torch's default path does in Python floats;
-# the comparison therefore uses float64 counters, where both compute in double.
-DIFF_TOL = 64.0
+# Float64 ulps of each value's magnitude (fp64 params, float64 step counters). The step's
+# outputs: the same operations up to order, within the table's float64 tolerance
+# (tests/_tables.py tolerance(); measured <= 1.1 ulps). Their gradients chain the step's
+# derivative through autograd, a few more operations: DIFF_TOL, measured <= 9.6 ulps
+# (torch 2.13, CPU; Adagrad with every option, the gradient with respect to the grad;
+# Adam / AdamW <= 7.9, the others <= 3.9), so 32 keeps a ~3x margin. With torch's default
+# float32 step counters, torch.optim's differentiable path computes its per-tensor
+# scalars as float32 tensor arithmetic on the step (``1 - beta2 ** step`` loses ~2e-5
+# relative at step 3 with beta2 = 0.999), where fused_optim computes them in double as
+# torch's default path does in Python floats; the comparison therefore uses float64
+# counters, where both compute in double.
+DIFF_TOL = 32.0
 
 
 def _diff_step(cls, p, grad, state, lr, options):
@@ -101,7 +105,8 @@ def _initial_state(case, p, grad):
 def test_differentiable_matches_torch_numbers_and_gradients(case):
     """differentiable=True: the step's outputs and the gradients of a random projection
     of them with respect to the param, the grad, every floating state tensor and a
-    tensor lr equal torch.optim's within the fp64 tolerance of tests/_tables.py."""
+    tensor lr equal torch.optim's: the outputs within the fp64 tolerance of
+    tests/_tables.py, the gradients within DIFF_TOL."""
     gen = torch.Generator().manual_seed(0)
     p0 = torch.randn(7, 3, generator=gen, dtype=torch.float64)
     g0 = torch.randn(7, 3, generator=gen, dtype=torch.float64)
@@ -133,10 +138,10 @@ def test_differentiable_matches_torch_numbers_and_gradients(case):
         results.append(([o.detach() for o in outputs], grads, sorted(new_state)))
     (t_out, t_grads, t_keys), (f_out, f_grads, f_keys) = results
     assert t_keys == f_keys
-    # Tolerance: DIFF_TOL (see there).
+    # Tolerances: see DIFF_TOL.
     for i, (a, b) in enumerate(zip(f_out, t_out)):
         assert_row_close(f"{case.id} output {i}", a, b, torch.maximum(a.abs(), b.abs()),
-                         torch.float64, DIFF_TOL)
+                         torch.float64, tolerance(torch.float64, case.fused).ulps)
     for i, (a, b) in enumerate(zip(f_grads, t_grads)):
         assert (a is None) == (b is None), f"{case.id}: gradient {i} is None on one side only"
         if a is not None:
