@@ -134,7 +134,8 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults, backend=backend)
 
     def _group_defaults(self) -> dict[str, Any]:
-        return {**super()._group_defaults(), "nesterov": False}
+        # torch.optim.SGD's __setstate__ defaults fused to False (the others to None).
+        return {**super()._group_defaults(), "nesterov": False, "fused": False}
 
     def _check_loaded_state(self, group, p, state, where) -> None:
         # torch.optim.SGD may save momentum_buffer=None for a param that never stepped.
