@@ -240,7 +240,7 @@ struct CheckedLists {
 
 // Checks a list of one-element scalar tensors (state steps) against the params.
 inline void check_scalars(const char* op, const char* name, at::TensorList ts,
-                          size_t expected, bool allow_cpu, const at::Device& device) {
+                          size_t expected, const at::Device& device) {
   TORCH_CHECK(ts.size() == expected, op, ": expected ", expected, " ", name,
               " (one per param), got ", ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
@@ -251,16 +251,16 @@ inline void check_scalars(const char* op, const char* name, at::TensorList ts,
     TORCH_CHECK(t.scalar_type() == c10::ScalarType::Float ||
                     t.scalar_type() == c10::ScalarType::Double,
                 op, ": ", name, "[", i, "] must be float32 or float64, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == device || (allow_cpu && t.device().is_cpu()), op, ": ", name, "[",
-                i, "] is on ", t.device(), " but the params are on ", device);
+    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+                " but the params are on ", device);
   }
 }
 
-// Checks every state list of a call (check_scalars).
-inline void check_states(const OpCall& c, bool allow_cpu, const at::Device& device) {
+// Checks every state list of a call (check_scalars): on the params' device.
+inline void check_states(const OpCall& c, const at::Device& device) {
   for (size_t j = 0; j < c.states.size(); ++j) {
     check_scalars(c.name(), c.op->info->states[j].c_str(), c.states[j], c.params().size(),
-                  allow_cpu, device);
+                  device);
   }
 }
 
@@ -291,5 +291,45 @@ inline math::LrDType lr_dtype(const char* op, const at::Tensor& lr) {
       TORCH_CHECK(false, op, ": lr must be a floating-point tensor, got ", lr.scalar_type());
   }
 }
+
+// A call checked as every device's implementation checks it, in this order: the lists
+// (CheckedLists) and lr's shape; then, for a call with params, their device (of the
+// implementation's `type`), lr's dtype and device (on the CPU, or on the params' device
+// as float32 or float64, which the kernels read there), the state lists, grad_scale and
+// found_inf. A call without params has nothing to do (empty()).
+struct CheckedCall {
+  CheckedLists lists;
+  math::Args args;  // the call's, with lr_dtype and, when lr is on the CPU, lr
+  at::Device device{c10::kCPU};  // the params' device (when not empty())
+
+  CheckedCall(const OpCall& c, c10::DeviceType type, RowRunner run_rows)
+      : lists(c, run_rows), args(c.args) {
+    check_lr_shape(c);
+    const at::TensorList params = c.params();
+    if (params.empty()) return;
+    device = params[0].device();
+    TORCH_CHECK(device.type() == type, c.name(), ": ", c10::DeviceTypeName(type),
+                " kernel called with tensors on ", device);
+    const at::Tensor& lr = *c.lr;
+    args.lr_dtype = lr_dtype(c.name(), lr);
+    if (!lr.device().is_cpu()) {
+      TORCH_CHECK(lr.device() == device, c.name(), ": lr is on ", lr.device(),
+                  " but the params are on ", device,
+                  "; pass a CPU tensor or one on the params' device");
+      TORCH_CHECK(lr.scalar_type() == c10::ScalarType::Float ||
+                      lr.scalar_type() == c10::ScalarType::Double,
+                  c.name(), ": a ", c10::DeviceTypeName(type),
+                  " lr must be float32 or float64, got ", lr.scalar_type());
+    }
+    check_states(c, device);
+    check_optional_scalar(c.name(), "grad_scale", c.grad_scale, device);
+    check_optional_scalar(c.name(), "found_inf", c.found_inf, device);
+    if (lr.device().is_cpu()) args.lr = lr.item<double>();  // host memory: no sync
+  }
+  CheckedCall(const CheckedCall&) = delete;
+  CheckedCall& operator=(const CheckedCall&) = delete;
+
+  bool empty() const { return lists.flat.numels.empty(); }
+};
 
 }  // namespace fused_optim

@@ -114,31 +114,19 @@ std::vector<double> advance_states(const OpCall& c) {
 }
 
 void cpu_step(const OpCall& c) {
-  const CheckedLists lists(c, &parallel_rows);
-  check_lr_shape(c);
-  TORCH_CHECK(c.lr->device().is_cpu(), c.name(), ": lr for CPU params must be a CPU tensor, got ",
-              c.lr->device());
-  const at::TensorList params = c.params();
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cpu(), c.name(), ": CPU kernel called with tensors on ", device);
-  check_states(c, /*allow_cpu=*/true, device);
-  check_optional_scalar(c.name(), "grad_scale", c.grad_scale, device);
-  check_optional_scalar(c.name(), "found_inf", c.found_inf, device);
-  if (skip_step(c.found_inf)) return;
+  const CheckedCall checked(c, c10::DeviceType::CPU, &parallel_rows);
+  if (checked.empty() || skip_step(c.found_inf)) return;
 
   cpu::StepCall call;
-  call.args = c.args;
-  call.args.lr = c.lr->item<double>();
-  call.args.lr_dtype = lr_dtype(c.name(), *c.lr);
-  call.lists = lists.mask;
+  call.args = checked.args;
+  call.lists = checked.lists.mask;
   call.maximize = c.maximize;
   const float grad_scale_value = c.grad_scale != nullptr ? c.grad_scale->item<float>() : 1.0f;
   call.grad_scale = c.grad_scale != nullptr ? &grad_scale_value : nullptr;
   const std::vector<double> tensor_state = advance_states(c);
   call.tensor_state = tensor_state.data();
 
-  const FlatTable& flat = lists.flat;
+  const FlatTable& flat = checked.lists.flat;
   const cpu::ChunksFn kernel = cpu::active_kernels().chunks[c.op->info->id];
   const std::vector<cpu::Chunk> chunks = make_chunks(flat.numels);
   run_chunks(chunks, flat.numels, [&](const cpu::Chunk* ch, int64_t begin, int64_t end) {

@@ -53,27 +53,10 @@ void check_driver() {
               version / 1000, ".", (version % 1000) / 10);
 }
 
-cuda::DeviceScalar read_lr(const OpCall& c, const at::Device& device, math::Args* args) {
-  const at::Tensor& lr = *c.lr;
-  args->lr_dtype = lr_dtype(c.name(), lr);
-  if (lr.device().is_cpu()) {
-    args->lr = lr.item<double>();  // host memory: no sync
-    return cuda::DeviceScalar{nullptr, false, args->lr};
-  }
-  TORCH_CHECK(lr.device() == device, c.name(), ": lr is on ", lr.device(),
-              " but the params are on ", device, "; pass a CPU tensor or one on the params' device");
-  TORCH_CHECK(lr.scalar_type() == c10::ScalarType::Float ||
-                  lr.scalar_type() == c10::ScalarType::Double,
-              c.name(), ": a CUDA lr must be float32 or float64, got ", lr.scalar_type());
+// lr as the kernels read it: the value read on the host (a CPU lr), or the device tensor.
+cuda::DeviceScalar device_lr(const at::Tensor& lr, const math::Args& args) {
+  if (lr.device().is_cpu()) return cuda::DeviceScalar{nullptr, false, args.lr};
   return cuda::DeviceScalar{lr.data_ptr(), lr.scalar_type() == c10::ScalarType::Double, 0.0};
-}
-
-void check_numels(const char* op, at::TensorList params) {
-  // The kernels index a chunk as int32 (2^31 - 1 chunks of 64K elements per launch).
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].numel() <= cuda::kChunkSize * int64_t{INT32_MAX}, op, ": params[", i,
-                "] has ", params[i].numel(), " elements, more than the kernels index");
-  }
 }
 
 const float* optional_ptr(const at::Tensor* t) {
@@ -98,13 +81,11 @@ const Launchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_LAUNCHERS)};
 #undef FO_LAUNCHERS
 
 void cuda_step(const OpCall& c) {
-  const CheckedLists lists(c, nullptr);
-  check_lr_shape(c);
+  const CheckedCall checked(c, c10::DeviceType::CUDA, nullptr);
+  if (checked.empty()) return;
   const at::TensorList params = c.params();
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), c.name(), ": CUDA kernel called with tensors on ", device);
-  check_states(c, /*allow_cpu=*/false, device);
+  const at::Device device = checked.device;
+  // The kernels read each state list as all floats or all doubles.
   for (size_t j = 0; j < c.states.size(); ++j) {
     const at::TensorList s = c.states[j];
     for (size_t i = 1; i < s.size(); ++i) {
@@ -114,14 +95,17 @@ void cuda_step(const OpCall& c) {
                   c.op->info->states[j], "[0] is ", s[0].scalar_type());
     }
   }
-  check_optional_scalar(c.name(), "grad_scale", c.grad_scale, device);
-  check_optional_scalar(c.name(), "found_inf", c.found_inf, device);
-  cuda::Launch launch{};
-  launch.args = c.args;
-  launch.lr = read_lr(c, device, &launch.args);
-  check_numels(c.name(), params);
+  // The kernels index a chunk as int32 (2^31 - 1 chunks of 64K elements per launch).
+  const std::vector<int64_t>& numels = checked.lists.flat.numels;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    TORCH_CHECK(numels[i] <= cuda::kChunkSize * int64_t{INT32_MAX}, c.name(), ": params[", i,
+                "] has ", numels[i], " elements, more than the kernels index");
+  }
   check_driver();
 
+  cuda::Launch launch{};
+  launch.args = checked.args;
+  launch.lr = device_lr(*c.lr, checked.args);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   std::vector<std::vector<void*>> states(c.states.size());
@@ -131,8 +115,8 @@ void cuda_step(const OpCall& c) {
     launch.states[j] = states[j].data();
     launch.states_are_double[j] = c.states[j][0].scalar_type() == c10::ScalarType::Double;
   }
-  launch.rows = lists.flat.table;
-  launch.lists = lists.mask;
+  launch.rows = checked.lists.flat.table;
+  launch.lists = checked.lists.mask;
   launch.maximize = c.maximize;
   launch.grad_scale = optional_ptr(c.grad_scale);
   launch.found_inf = optional_ptr(c.found_inf);
