@@ -296,7 +296,8 @@ inline math::LrDType lr_dtype(const char* op, const at::Tensor& lr) {
 // (CheckedLists) and lr's shape; then, for a call with params, their device (of the
 // implementation's `type`), lr's dtype and device (on the CPU, or on the params' device
 // as float32 or float64, which the kernels read there), the state lists, grad_scale and
-// found_inf. A call without params has nothing to do (empty()).
+// found_inf, and that the kernels have a variant for the call ([note: compiled variants]
+// in fused_optim/dispatch.h). A call without params has nothing to do (empty()).
 struct CheckedCall {
   CheckedLists lists;
   math::Args args;  // the call's, with lr_dtype and, when lr is on the CPU, lr
@@ -324,6 +325,14 @@ struct CheckedCall {
     check_states(c, device);
     check_optional_scalar(c.name(), "grad_scale", c.grad_scale, device);
     check_optional_scalar(c.name(), "found_inf", c.found_inf, device);
+    if (!c.op->info->valid(lists.mask, c.args)) {
+      std::string names;
+      for (const NamedList& l : lists.present) {
+        names += std::string(names.empty() ? "" : ", ") + l.name;
+      }
+      TORCH_CHECK(false, c.name(), ": the kernels have no variant for a call with lists [",
+                  names, "] and these options (the spec and the C++ math disagree)");
+    }
     if (lr.device().is_cpu()) args.lr = lr.item<double>();  // host memory: no sync
   }
   CheckedCall(const CheckedCall&) = delete;

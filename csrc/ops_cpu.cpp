@@ -15,6 +15,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/kernel_api.h"
+#include "fused_optim/dispatch.h"
 #include "ops_common.h"
 
 namespace fused_optim {
@@ -76,39 +77,29 @@ bool skip_step(const at::Tensor* found_inf) {
   return found_inf != nullptr && found_inf->item<float>() != 0.0f;
 }
 
-double read_value(const at::Tensor& s) {
-  return s.scalar_type() == c10::ScalarType::Float ? static_cast<double>(*s.data_ptr<float>())
-                                                   : *s.data_ptr<double>();
-}
-
-// Writes v, rounded to the tensor's dtype, and returns the rounded value.
-double write_value(const at::Tensor& s, double v) {
-  if (s.scalar_type() == c10::ScalarType::Float) {
-    float* p = s.data_ptr<float>();
-    *p = static_cast<float>(v);
-    return *p;
-  }
-  *s.data_ptr<double>() = v;
-  return v;
-}
-
-// Advances every tensor's per-tensor state (step += 1, ...) and returns the new values,
-// rounded as stored: tensor-major, n_states per tensor.
+// Advances every tensor's per-tensor state (step += 1, ...) in row order, as torch.optim's
+// for-loop does (a state tensor passed for two params advances twice, each row computing
+// with the value after its own advance), and returns the new values, rounded as stored:
+// tensor-major, n_states per tensor.
 std::vector<double> advance_states(const OpCall& c) {
   const size_t n = c.params().size();
   const size_t ns = c.states.size();
   std::vector<double> out(n * ns);
   if (ns == 0) return out;
-  double buf[math::kMaxStates];
+  void* ptrs[math::kMaxStates];
+  bool is_double[math::kMaxStates];
   for (size_t i = 0; i < n; ++i) {
     for (size_t j = 0; j < ns; ++j) {
       // The counters' metadata and values are cold: see [note: cold tensor metadata].
       prefetch_metadata(c.states[j], i);
       if (i + 2 < n) __builtin_prefetch(c.states[j][i + 2].data_ptr());
-      buf[j] = read_value(c.states[j][i]);
+      const at::Tensor& s = c.states[j][i];
+      ptrs[j] = s.data_ptr();
+      is_double[j] = s.scalar_type() == c10::ScalarType::Double;
     }
-    c.op->info->advance(c.args, buf);
-    for (size_t j = 0; j < ns; ++j) out[i * ns + j] = write_value(c.states[j][i], buf[j]);
+    double* state = out.data() + i * ns;
+    c.op->info->advance(c.args, ptrs, is_double, state);
+    for (size_t j = 0; j < ns; ++j) store_state(ptrs[j], is_double[j], state[j]);
   }
   return out;
 }

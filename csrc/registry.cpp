@@ -1,5 +1,6 @@
 #include "registry.h"
 
+#include "fused_optim/dispatch.h"
 #include "fused_optim/optimizers.h"
 
 namespace fused_optim {
@@ -19,7 +20,9 @@ OptimInfo describe(int id) {
                    strings(Optim::kStateNames),
                    strings(Optim::kFloatNames),
                    strings(Optim::kFlagNames),
-                   [](const math::Args& args, double* state) { Optim::advance(args, state); }};
+                   [](const math::Args& args, const void* const* ptrs, const bool* is_double,
+                      double* state) { advance_state<Optim>(args, ptrs, is_double, state); },
+                   &valid_call<Optim>};
 }
 
 std::vector<OptimInfo> build() {

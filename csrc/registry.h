@@ -1,6 +1,7 @@
 // The optimizers compiled into the C++ backends, described as plain data for the ops
 // layer: the names of each one's lists, state lists and arguments (to bind an op's
-// schema to them) and its per-tensor state update. Built from fused_optim/optimizers.h.
+// schema to them), its per-tensor state update and which calls its kernels take. Built
+// from fused_optim/optimizers.h.
 #pragma once
 
 #include <cstdint>
@@ -19,9 +20,14 @@ struct OptimInfo {
   std::vector<std::string> states;  // per-tensor scalar state lists
   std::vector<std::string> floats;  // float arguments, schema order
   std::vector<std::string> flags;   // bool arguments, schema order
-  // A tensor's per-tensor state after this step, in double (before rounding to the
-  // state tensors' dtypes); state has states.size() values.
-  void (*advance)(const math::Args& args, double* state);
+  // A tensor's per-tensor state after this step, from its state tensors ptrs[j] (doubles
+  // where is_double[j], else floats): read, advanced and rounded to each tensor's dtype
+  // (advance_state in fused_optim/dispatch.h); state has states.size() values.
+  void (*advance)(const math::Args& args, const void* const* ptrs, const bool* is_double,
+                  double* state);
+  // Whether a call with these lists present (a bit per list) and arguments selects a
+  // compiled kernel variant ([note: compiled variants] in fused_optim/dispatch.h).
+  bool (*valid)(uint32_t lists, const math::Args& args);
 };
 
 // Every C++ optimizer, in FO_FOR_EACH_OPTIMIZER order.

@@ -64,6 +64,7 @@
 #pragma once
 
 #include "cpu/kernel_api.h"
+#include "fused_optim/dispatch.h"
 #include "fused_optim/optimizers.h"
 
 namespace fused_optim {
@@ -398,16 +399,6 @@ FO_INLINE void apply_chunk(void* const* base, int64_t begin, int64_t end, const 
   apply_chunk_impl<D>(std::make_index_sequence<Op::kLists>{}, base, begin, end, op);
 }
 
-// Calls f(std::integral_constant<bool, b>) so a run-time flag selects a template.
-template <typename F>
-FO_INLINE void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::integral_constant<bool, true>{});
-  } else {
-    f(std::integral_constant<bool, false>{});
-  }
-}
-
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
@@ -421,91 +412,67 @@ void dispatch_dtype(DType dtype, F&& f) {
 // ---------------------------------------------------------------------------------
 // Every optimizer: the op the loops above apply, and the template dispatch of a call.
 
-// One optimizer's update as the loops take it: x[list] for every list of the optimizer
-// (absent lists: never loaded or stored), the grad unscaled (and written back) and, for
-// maximize, multiplied by -1 (exact) before the optimizer's own math.
+// One optimizer's update as the loops take it: ElementStep (fused_optim/dispatch.h, shared
+// with the CUDA engine) on x[list] for every list of the optimizer, with the values of
+// one chunk's tensor.
 template <typename Optim, typename opmath, uint32_t LISTS, uint32_t V, bool UNSCALE>
 struct OptimOp {
+  using Step = ElementStep<Optim, LISTS, V, UNSCALE>;
   static constexpr int kLists = Optim::kLists;
-  static constexpr bool reads(int list) {
-    return math::has<LISTS>(list) && Optim::template reads<LISTS, V>(list);
-  }
-  static constexpr bool writes(int list) {
-    return list == Optim::kGrad ? UNSCALE : math::has<LISTS>(list);
-  }
+  static constexpr bool reads(int list) { return Step::reads(list); }
+  static constexpr bool writes(int list) { return Step::writes(list); }
   using Scalars = typename Optim::template Scalars<opmath>;
 
   Scalars s;
   opmath grad_sign;   // -1 for maximize: multiplying by +-1 is exact
   opmath grad_scale;  // only read when UNSCALE
 
-  // V: opmath, or math::vfloat8 lanes of it ([note: half precision in registers]).
+  // Vt: opmath, or math::vfloat8 lanes of it ([note: half precision in registers]).
   template <typename Vt>
   FO_INLINE void operator()(Vt (&x)[kLists]) const {
-    const Vt grad = math::unscale_grad<UNSCALE>(x[Optim::kGrad], grad_scale);
-    Optim::template update<LISTS, V>(x, grad * grad_sign, s);
+    Step::apply(x, s, grad_scale, grad_sign);
   }
 };
-
-// Calls f(std::integral_constant<uint32_t, subset>) for the subset of the bits OPTIONAL
-// that `mask` holds: one template per subset, selected at run time.
-template <uint32_t OPTIONAL, uint32_t CHOSEN = 0, typename F>
-FO_INLINE void dispatch_subset(uint32_t mask, F&& f) {
-  if constexpr (OPTIONAL == 0) {
-    f(std::integral_constant<uint32_t, CHOSEN>{});
-  } else {
-    constexpr uint32_t low = OPTIONAL & (~OPTIONAL + 1u);
-    if (mask & low) {
-      dispatch_subset<OPTIONAL & ~low, CHOSEN | low>(mask, f);
-    } else {
-      dispatch_subset<OPTIONAL & ~low, CHOSEN>(mask, f);
-    }
-  }
-}
 
 template <typename Optim, DType D>
 void chunks_typed(const TensorTable& table, const StepCall& call, const Chunk* chunks,
                   int64_t begin, int64_t end) {
   using opmath = typename Storage<D>::opmath;
   constexpr int kStates = math::num_states<Optim>();
-  constexpr uint32_t kVariants = (1u << Optim::kVariantBits) - 1u;
-  const uint32_t optional = call.lists & Optim::kOptionalLists;
-  dispatch_subset<Optim::kOptionalLists>(optional, [&](auto optional_c) {
-    dispatch_subset<kVariants>(Optim::variant(call.args), [&](auto variant_c) {
-      dispatch_bool(call.grad_scale != nullptr, [&](auto unscale_c) {
-        constexpr uint32_t LISTS = math::required_lists<Optim>() | decltype(optional_c)::value;
+  // A combination no call selects does nothing here; the ops refuse it before any kernel
+  // ([note: compiled variants] in fused_optim/dispatch.h).
+  dispatch_variant<Optim>(
+      call.lists, call.args, call.grad_scale != nullptr,
+      [&](auto lists_c, auto variant_c, auto unscale_c) {
+        constexpr uint32_t LISTS = decltype(lists_c)::value;
         constexpr uint32_t V = decltype(variant_c)::value;
         constexpr bool UNSCALE = decltype(unscale_c)::value;
-        if constexpr (Optim::template valid<LISTS, V>()) {
-          using Op = OptimOp<Optim, opmath, LISTS, V, UNSCALE>;
-          // Where each of the optimizer's lists sits in the table (absent lists read
-          // the params' pointer, never dereferenced).
-          int row[Op::kLists];
-          for (int k = 0, present = 0; k < Op::kLists; ++k) {
-            row[k] = math::has<LISTS>(k) ? present++ : 0;
+        using Op = OptimOp<Optim, opmath, LISTS, V, UNSCALE>;
+        // Where each of the optimizer's lists sits in the table (absent lists read the
+        // params' pointer, never dereferenced).
+        int row[Op::kLists];
+        for (int k = 0, present = 0; k < Op::kLists; ++k) {
+          row[k] = math::has<LISTS>(k) ? present++ : 0;
+        }
+        Op op;
+        op.grad_sign = call.maximize ? opmath(-1) : opmath(1);
+        op.grad_scale = UNSCALE ? quiet_nan_of(static_cast<opmath>(*call.grad_scale)) : opmath(1);
+        if constexpr (kStates == 0) {
+          op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(call.args, nullptr));
+        }
+        void* base[Op::kLists];
+        for (int64_t c = begin; c < end; ++c) {
+          const Chunk& chunk = chunks[c];
+          if constexpr (kStates > 0) {
+            op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(
+                call.args, call.tensor_state + chunk.tensor * kStates));
           }
-          Op op;
-          op.grad_sign = call.maximize ? opmath(-1) : opmath(1);
-          op.grad_scale = UNSCALE ? quiet_nan_of(static_cast<opmath>(*call.grad_scale)) : opmath(1);
-          if constexpr (kStates == 0) {
-            op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(call.args, nullptr));
+          for (int k = 0; k < Op::kLists; ++k) {
+            base[k] = table.ptrs[row[k] * table.n_tensors + chunk.tensor];
           }
-          void* base[Op::kLists];
-          for (int64_t c = begin; c < end; ++c) {
-            const Chunk& chunk = chunks[c];
-            if constexpr (kStates > 0) {
-              op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(
-                  call.args, call.tensor_state + chunk.tensor * kStates));
-            }
-            for (int k = 0; k < Op::kLists; ++k) {
-              base[k] = table.ptrs[row[k] * table.n_tensors + chunk.tensor];
-            }
-            apply_chunk<D>(base, chunk.begin, chunk.end, op);
-          }
+          apply_chunk<D>(base, chunk.begin, chunk.end, op);
         }
       });
-    });
-  });
 }
 
 // The kernel of one optimizer: ChunksFn in kernel_api.h.

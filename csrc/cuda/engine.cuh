@@ -11,8 +11,9 @@
 // param, exp_avg, exp_avg_sq = 12 B; + the grad with grad_scale). Per block: the
 // per-tensor state (the step), lr (when a device tensor), found_inf and grad_scale.
 //
-// Template flags: which optional lists the call has (amsgrad's, momentum's), the
-// optimizer's own variant bits, UNSCALE (grads read, divided and written back).
+// Template flags (dispatch_variant in fused_optim/dispatch.h, as on the CPU): which
+// optional lists the call has (amsgrad's, momentum's), the optimizer's own variant bits,
+// UNSCALE (grads read, divided and written back).
 // maximize is a multiplication by -1 (exact), lr a value or pointer: both are uniform
 // and cost nothing in a memory-bound loop, and each would double the instantiations.
 //
@@ -20,8 +21,9 @@
 // Each tensor's scalar state (its step count, ...) must advance exactly once per call,
 // however many blocks and launches read it, and not at all when found_inf is set. The
 // optimizer's kernels therefore never write it: every block reads the state as it was
-// before the call, advances it (Optim::advance) and rounds it to the state tensors'
-// dtypes itself (a float32 counter stops at 2^24 exactly as torch's `step += 1` does).
+// before the call, advances it and rounds it to the state tensors' dtypes itself
+// (advance_state in fused_optim/dispatch.h, as the CPU op does: a float32 counter stops
+// at 2^24 exactly as torch's `step += 1` does).
 // Once all of the optimizer's launches are enqueued, advance_states stores the same
 // advanced values. Stream order makes it run after every block that read the old value,
 // so no block can see a half-updated state; no atomics between blocks, no "last block"
@@ -38,6 +40,7 @@
 
 #include "cuda/kernel_api.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "fused_optim/dispatch.h"
 #include "fused_optim/optimizers.h"
 
 namespace fused_optim {
@@ -79,35 +82,17 @@ FO_HOST_DEVICE constexpr int list_of(uint32_t lists, int d) {
   return -1;
 }
 
-// A tensor's state, read as stored, advanced and rounded as advance_states stores it.
-template <typename Optim>
-__device__ FO_INLINE void advanced_state(const math::Args& args, const void* const* ptrs,
-                                         const bool* is_double, double* state) {
-  constexpr int NS = math::num_states<Optim>();
-#pragma unroll
-  for (int j = 0; j < NS; ++j) {
-    state[j] = is_double[j] ? *static_cast<const double*>(ptrs[j])
-                            : static_cast<double>(*static_cast<const float*>(ptrs[j]));
-  }
-  Optim::advance(args, state);
-#pragma unroll
-  for (int j = 0; j < NS; ++j) {
-    if (!is_double[j]) state[j] = static_cast<double>(static_cast<float>(state[j]));
-  }
-}
-
+// ElementStep (fused_optim/dispatch.h, shared with the CPU engine) as the multi-tensor
+// engine takes it: by table list d, which holds the optimizer's list list_of(LISTS, d).
 template <typename Optim, typename T, uint32_t LISTS, uint32_t V, bool UNSCALE>
 struct OptimFunctor {
+  using Step = ElementStep<Optim, LISTS, V, UNSCALE>;
   using storage_t = T;
   using opmath_t = typename Storage<T>::opmath;
   static constexpr int kDepth = count_lists(LISTS);
   static constexpr int kTensorScalars = math::num_states<Optim>();
-  static constexpr FO_HOST_DEVICE bool reads(int d) {
-    return Optim::template reads<LISTS, V>(list_of(LISTS, d));
-  }
-  static constexpr FO_HOST_DEVICE bool writes(int d) {
-    return list_of(LISTS, d) != Optim::kGrad || UNSCALE;
-  }
+  static constexpr FO_HOST_DEVICE bool reads(int d) { return Step::reads(list_of(LISTS, d)); }
+  static constexpr FO_HOST_DEVICE bool writes(int d) { return Step::writes(list_of(LISTS, d)); }
 
   struct BlockScalars {
     typename Optim::template Scalars<opmath_t> s;
@@ -129,7 +114,7 @@ struct OptimFunctor {
     a.lr = read_scalar(lr);
     double state[kTensorScalars > 0 ? kTensorScalars : 1] = {0.0};
     if constexpr (kTensorScalars > 0) {
-      advanced_state<Optim>(a, tensor_scalars, states_are_double, state);
+      advance_state<Optim>(a, tensor_scalars, states_are_double, state);
     }
     BlockScalars b;
     b.s = Optim::template scalars<LISTS, V, opmath_t>(a, state);
@@ -142,54 +127,35 @@ struct OptimFunctor {
     opmath_t all[Optim::kLists] = {};  // every list of the optimizer; absent ones unused
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) all[list_of(LISTS, d)] = x[d];
-    const opmath_t grad = math::unscale_grad<UNSCALE>(all[Optim::kGrad], b.grad_scale);
-    Optim::template update<LISTS, V>(all, grad * b.grad_sign, b.s);
+    Step::apply(all, b.s, b.grad_scale, b.grad_sign);
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) x[d] = all[list_of(LISTS, d)];
   }
 };
 
-// Calls f(std::integral_constant<uint32_t, subset>) for the subset of OPTIONAL that
-// `mask` holds, and returns its result.
-template <uint32_t OPTIONAL, uint32_t CHOSEN = 0, typename F>
-FO_INLINE cudaError_t dispatch_subset(uint32_t mask, F&& f) {
-  if constexpr (OPTIONAL == 0) {
-    return f(std::integral_constant<uint32_t, CHOSEN>{});
-  } else {
-    constexpr uint32_t low = OPTIONAL & (~OPTIONAL + 1u);
-    if (mask & low) return dispatch_subset<OPTIONAL & ~low, CHOSEN | low>(mask, f);
-    return dispatch_subset<OPTIONAL & ~low, CHOSEN>(mask, f);
-  }
-}
-
 template <typename Optim, cpu::DType D>
 cudaError_t launch(const Launch& l, cudaStream_t stream) {
   using T = typename StorageOf<D>::type;
   constexpr int NS = math::num_states<Optim>();
-  constexpr uint32_t kVariants = (1u << Optim::kVariantBits) - 1u;
   std::array<void* const*, NS> states{};
   for (int j = 0; j < NS; ++j) states[j] = l.states[j];
-  return dispatch_subset<Optim::kOptionalLists>(l.lists & Optim::kOptionalLists, [&](auto optional_c) {
-    return dispatch_subset<kVariants>(Optim::variant(l.args), [&](auto variant_c) {
-      return dispatch_bool(l.grad_scale != nullptr, [&](auto unscale_c) -> cudaError_t {
-        constexpr uint32_t LISTS = math::required_lists<Optim>() | decltype(optional_c)::value;
-        constexpr uint32_t V = decltype(variant_c)::value;
-        if constexpr (!Optim::template valid<LISTS, V>()) {
-          return cudaErrorInvalidValue;  // never called (see Optim::valid)
-        } else {
-          using Op = OptimFunctor<Optim, T, LISTS, V, decltype(unscale_c)::value>;
-          Op op;
-          op.args = l.args;
-          op.lr = l.lr;
-          op.grad_scale = l.grad_scale;
-          op.found_inf = l.found_inf;
-          op.maximize = l.maximize;
-          for (int j = 0; j < math::kMaxStates; ++j) op.states_are_double[j] = l.states_are_double[j];
-          return multi_tensor_apply<Op>(l.rows, states, op, stream);
-        }
+  cudaError_t err = cudaSuccess;
+  // The ops never pass a combination that selects no variant ([note: compiled variants]
+  // in fused_optim/dispatch.h); refused here too, before any launch.
+  const bool compiled = dispatch_variant<Optim>(
+      l.lists, l.args, l.grad_scale != nullptr, [&](auto lists_c, auto variant_c, auto unscale_c) {
+        using Op = OptimFunctor<Optim, T, decltype(lists_c)::value, decltype(variant_c)::value,
+                                decltype(unscale_c)::value>;
+        Op op;
+        op.args = l.args;
+        op.lr = l.lr;
+        op.grad_scale = l.grad_scale;
+        op.found_inf = l.found_inf;
+        op.maximize = l.maximize;
+        for (int j = 0; j < math::kMaxStates; ++j) op.states_are_double[j] = l.states_are_double[j];
+        err = multi_tensor_apply<Op>(l.rows, states, op, stream);
       });
-    });
-  });
+  return compiled ? err : cudaErrorInvalidValue;
 }
 
 // ---------------------------------------------------------------------------------
@@ -226,15 +192,9 @@ __global__ void __launch_bounds__(kStatesBlockSize)
 #pragma unroll
   for (int j = 0; j < NS; ++j) ptrs[j] = table.ptrs[j][i];
   double state[NS];
-  advanced_state<Optim>(args, ptrs, a.is_double, state);
+  advance_state<Optim>(args, ptrs, a.is_double, state);
 #pragma unroll
-  for (int j = 0; j < NS; ++j) {
-    if (a.is_double[j]) {
-      *static_cast<double*>(table.ptrs[j][i]) = state[j];
-    } else {
-      *static_cast<float*>(table.ptrs[j][i]) = static_cast<float>(state[j]);
-    }
-  }
+  for (int j = 0; j < NS; ++j) store_state(table.ptrs[j][i], a.is_double[j], state[j]);
 }
 
 template <typename Optim>

@@ -359,13 +359,6 @@ cudaError_t multi_tensor_apply(const cpu::TensorTable& rows,
   return flush();
 }
 
-// Calls f(std::integral_constant<bool, b>{}) so a run-time flag selects a template.
-template <typename F>
-FO_INLINE cudaError_t dispatch_bool(bool b, F&& f) {
-  if (b) return f(std::integral_constant<bool, true>{});
-  return f(std::integral_constant<bool, false>{});
-}
-
 // A one-element device tensor or a host value, read in double on the device.
 __device__ FO_INLINE double read_scalar(const DeviceScalar& s) {
   if (s.ptr == nullptr) return s.value;

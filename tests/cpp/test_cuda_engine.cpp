@@ -850,4 +850,51 @@ FO_TEST(cuda_engine_launch_errors_are_returned) {
   }
 }
 
+// [note: compiled variants] in fused_optim/dispatch.h: every case's own lists select a
+// compiled variant (valid_call, which the ops check before any kernel); a lists mask that
+// disagrees with the arguments (an optional list dropped) and selects none (SGD's Nesterov
+// or first-step bit without a momentum buffer) is refused by both engines alike: no
+// launch, no element written (the emulated CUDA launcher also says so).
+FO_TEST(engines_refuse_a_call_that_selects_no_variant) {
+  using ValidFn = bool (*)(uint32_t, const fm::Args&);
+#define FO_TEST_VALID_CALL(Name) &fused_optim::valid_call<fm::Name>,
+  const ValidFn valid[] = {FO_FOR_EACH_OPTIMIZER(FO_TEST_VALID_CALL)};
+#undef FO_TEST_VALID_CALL
+  const std::vector<int64_t> sizes = {5, 17};
+  int refused = 0;
+  for (const OptimizerEntry& e : optimizer_table()) {
+    for (const OptCase& c : e.cases) {
+      const uint32_t own = e.lists(c.args);
+      FO_CHECK(valid[e.id](own, c.args)) << e.name << " " << c.name;
+      for (int k = 0; k < e.n_lists; ++k) {
+        const uint32_t lists = own & ~fm::bit(k);
+        if (!((own & e.optional_lists) >> k & 1u) || valid[e.id](lists, c.args)) continue;
+        ++refused;
+        const std::string ctx = e.name + " " + c.name + " without " + e.list_names[k];
+        const Bucket input(DType::kFloat32, __builtin_popcount(lists), sizes, offset_zero);
+        const std::vector<double> states = step_states(e, c, 2, 0, true);
+        Bucket cpu = clone_bucket(input, offset_zero);
+        fc::StepCall call = step_call(e, c, states);
+        call.lists = lists;
+        run_cpu(fc::kernels_for("default"), e, cpu, call, Slicing::kOneCall);
+        FO_CHECK_EQ(count_bit_differences(cpu, input), 0) << ctx << ": CPU engine";
+        Bucket gpu = clone_bucket(input, offset_zero);
+        DeviceStates st(e.n_states, 2, states_before(e, c.args, 2, 0), false);
+        fo_cuda_shim::state().reset();
+        fcu::Launch l{};
+        l.rows = gpu.table();
+        l.lists = lists;
+        l.args = c.args;
+        l.lr = fcu::DeviceScalar{nullptr, false, c.args.lr};
+        for (int j = 0; j < st.n_states(); ++j) l.states[j] = st.ptrs(j);
+        FO_CHECK_EQ(kLaunchers[e.id].by_dtype[0](l, nullptr), cudaErrorInvalidValue) << ctx;
+        FO_CHECK(fo_cuda_shim::state().launches.empty()) << ctx;
+        fo_cuda_shim::state().reset();
+        FO_CHECK_EQ(count_bit_differences(gpu, input), 0) << ctx << ": CUDA engine";
+      }
+    }
+  }
+  FO_CHECK(refused > 0) << "no case selects a combination without a variant";
+}
+
 }  // namespace fo_test

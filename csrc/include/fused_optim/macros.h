@@ -14,6 +14,15 @@
 #define FO_INLINE inline __attribute__((always_inline))
 #endif
 
+// `#pragma unroll` in device code; host compilers unroll short constant-count loops on
+// their own, and GCC would warn about an unknown pragma (nvcc hands a macro's _Pragma to
+// the host compiler, so it is defined in the device passes only).
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define FO_UNROLL _Pragma("unroll")
+#else
+#define FO_UNROLL
+#endif
+
 // [note: one instruction set per translation unit]
 // The CPU kernels are compiled three times, for the portable x86-64 baseline, AVX2 and
 // AVX-512, with `#pragma GCC target` in csrc/cpu/kernels_<isa>.cpp, and the variant is
