@@ -25,14 +25,11 @@
 // Python side passes from the optimizer's spec.
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
-#include <c10/util/Optional.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <stdexcept>
 #include <map>
 #include <string>
@@ -40,7 +37,6 @@
 
 #include "eager.h"
 #include "ops_common.h"
-#include "parallel_rows.h"
 #include "versions.h"
 
 namespace py = pybind11;
@@ -190,19 +186,6 @@ const at::Tensor& tensor_arg(py::handle obj, const char* name) {
   return THPVariable_Unpack(obj.ptr());
 }
 
-// [note: version counters of mutated tensors] in csrc/ops.cpp: the entry skips the
-// dispatcher's ADInplaceOrView kernel, so it bumps what that kernel would.
-void bump_all(const std::vector<at::TensorList>& lists) {
-  // Every list has one tensor per row (or none); rows split over threads as the checks.
-  parallel_rows(lists[0].size(), [&](size_t begin, size_t end) {
-    for (const at::TensorList& l : lists) {
-      if (l.empty()) continue;
-      bump_versions(end - begin,
-                    [&l, begin](size_t i) -> const at::Tensor& { return l[begin + i]; });
-    }
-  });
-}
-
 // Runs `fn` (the device's implementation) without the GIL, and turns a C++ check
 // failure into the RuntimeError (message without the C++ backtrace) that the op raises
 // through torch.ops.
@@ -260,25 +243,20 @@ bool step_group(const std::string& op, py::handle params, py::handle state,
   RECORD_FUNCTION(b->name.c_str(), std::vector<c10::IValue>());
 
   OpCall call;
-  call.op = b;
-  call.lists.assign(info.lists.size(), at::TensorList());
+  call.init(
+      *b, tensor_arg(lr, "lr"), [&](size_t k) { return floats[k].cast<double>(); },
+      [&](size_t k) { return flags[k].cast<bool>(); }, optional_tensor(grad_scale, "grad_scale"),
+      optional_tensor(found_inf, "found_inf"));
   call.lists[0] = rows.params.list();
   call.lists[1] = rows.grads;
   for (size_t k = 0; k < key_list.size(); ++k) call.lists[key_list[k]] = rows.lists[k]->list();
-  for (const auto& s : rows.states) call.states.push_back(s->list());
-  call.lr = &tensor_arg(lr, "lr");
-  for (size_t k = 0; k < info.floats.size(); ++k) call.args.floats[k] = floats[k].cast<double>();
-  for (size_t k = 0; k < info.flags.size(); ++k) call.args.flags[k] = flags[k].cast<bool>();
-  call.maximize = b->maximize_flag >= 0 && call.args.flags[b->maximize_flag];
-  call.grad_scale = optional_tensor(grad_scale, "grad_scale");
-  call.found_inf = optional_tensor(found_inf, "found_inf");
+  for (size_t j = 0; j < rows.states.size(); ++j) call.states[j] = rows.states[j]->list();
   const DeviceStep device = device_step(rows.params.list()[0].device().type());
   if (device == nullptr) return false;
   run_kernel([&] { device(call); });
-  std::vector<at::TensorList> written = call.lists;
-  if (call.grad_scale == nullptr) written[1] = at::TensorList();  // grads untouched
-  for (const at::TensorList& s : call.states) written.push_back(s);
-  bump_all(written);
+  // [note: version counters of mutated tensors] in csrc/ops.cpp: the entry skips the
+  // dispatcher's ADInplaceOrView kernel, so it bumps what that kernel would.
+  bump_written(*b, call.grad_scale != nullptr, call.lists, call.states);
   return true;
 }
 

@@ -178,47 +178,43 @@ void borrow_list(const c10::IValue& value, BorrowedTensors* out) {
 void read_stack(const OpBinding& b, const torch::jit::Stack& stack, StackCall* s) {
   const size_t base = stack.size() - b.n_args;
   const auto arg = [&](int i) -> const c10::IValue& { return stack[base + i]; };
+  const c10::IValue& gs = arg(b.grad_scale_arg);
+  const c10::IValue& fi = arg(b.found_inf_arg);
   OpCall& c = s->call;
-  c.op = &b;
+  c.init(
+      b, arg(b.lr_arg).toTensor(), [&](size_t k) { return arg(b.float_args[k]).toDouble(); },
+      [&](size_t k) { return arg(b.flag_args[k]).toBool(); },
+      gs.isNone() ? nullptr : &gs.toTensor(), fi.isNone() ? nullptr : &fi.toTensor());
   s->lists.resize(b.list_args.size());
   s->states.resize(b.state_args.size());
   for (size_t k = 0; k < b.list_args.size(); ++k) {
     borrow_list(arg(b.list_args[k]), &s->lists[k]);
-    c.lists.push_back(s->lists[k].list());
+    c.lists[k] = s->lists[k].list();
   }
   for (size_t j = 0; j < b.state_args.size(); ++j) {
     borrow_list(arg(b.state_args[j]), &s->states[j]);
-    c.states.push_back(s->states[j].list());
+    c.states[j] = s->states[j].list();
   }
-  c.lr = &arg(b.lr_arg).toTensor();
-  for (size_t k = 0; k < b.float_args.size(); ++k) c.args.floats[k] = arg(b.float_args[k]).toDouble();
-  for (size_t k = 0; k < b.flag_args.size(); ++k) c.args.flags[k] = arg(b.flag_args[k]).toBool();
-  c.maximize = b.maximize_flag >= 0 && c.args.flags[b.maximize_flag];
-  const c10::IValue& gs = arg(b.grad_scale_arg);
-  const c10::IValue& fi = arg(b.found_inf_arg);
-  c.grad_scale = gs.isNone() ? nullptr : &gs.toTensor();
-  c.found_inf = fi.isNone() ? nullptr : &fi.toTensor();
 }
 
-// The kernel of every op for one device type.
+// The kernel of every op for one device type: `step`, the device's implementation
+// (registered before any op is: register_op binds only the devices that have one).
 class StepKernel final : public c10::OperatorKernel {
  public:
-  StepKernel(const OpBinding* binding, c10::DeviceType type) : binding_(binding), type_(type) {}
+  StepKernel(const OpBinding* binding, DeviceStep step) : binding_(binding), step_(step) {}
 
   void operator()(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
     {
       StackCall s;
       read_stack(*binding_, *stack, &s);
-      const DeviceStep step = device_step(type_);
-      TORCH_CHECK(step != nullptr, binding_->name, ": no kernel for ", type_);
-      step(s.call);
+      step_(s.call);
     }
     torch::jit::drop(*stack, binding_->n_args);
   }
 
  private:
   const OpBinding* binding_;
-  c10::DeviceType type_;
+  DeviceStep step_;
 };
 
 // [note: version counters of mutated tensors]
@@ -237,24 +233,19 @@ class BumpKernel final : public c10::OperatorKernel {
                   torch::jit::Stack* stack) {
     const OpBinding& b = *binding_;
     const size_t base = stack->size() - b.n_args;
-    const bool grads_written = !(*stack)[base + b.grad_scale_arg].isNone();
-    // Copies of the written list IValues: a list IValue shares its list (one count),
-    // where copying the tensors out would bump every tensor's count.
-    std::vector<c10::IValue> written;
-    for (size_t k = 0; k < b.list_args.size(); ++k) {
-      if (k == 1 && !grads_written) continue;  // lists[1] is grads
-      written.push_back((*stack)[base + b.list_args[k]]);
-    }
-    for (int s : b.state_args) written.push_back((*stack)[base + s]);
+    const bool has_grad_scale = !(*stack)[base + b.grad_scale_arg].isNone();
+    // Copies of the list IValues, which the call pops: a list IValue shares its list (one
+    // count), where copying the tensors out would bump every tensor's count.
+    std::vector<c10::IValue> lists, states;
+    for (int a : b.list_args) lists.push_back((*stack)[base + a]);
+    for (int a : b.state_args) states.push_back((*stack)[base + a]);
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-    for (const c10::IValue& value : written) {
-      const c10::ArrayRef<c10::IValue> items = value.toListRef();
-      parallel_rows(items.size(), [&](size_t begin, size_t end) {
-        bump_versions(end - begin, [&](size_t i) -> const at::Tensor& {
-          return items[begin + i].toTensor();
-        });
-      });
-    }
+    const auto items = [](const std::vector<c10::IValue>& values) {
+      std::vector<c10::ArrayRef<c10::IValue>> out;
+      for (const c10::IValue& v : values) out.push_back(v.toListRef());
+      return out;
+    };
+    bump_written(b, has_grad_scale, items(lists), items(states));
   }
 
  private:
@@ -312,8 +303,8 @@ bool register_op(const std::string& schema_text, const std::map<std::string, std
   };
   for (const auto& [key, type] : {std::pair{c10::DispatchKey::CPU, c10::DeviceType::CPU},
                                   std::pair{c10::DispatchKey::CUDA, c10::DeviceType::CUDA}}) {
-    if (device_step(type) != nullptr) {
-      impl(key, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<StepKernel>(b, type)));
+    if (const DeviceStep step = device_step(type); step != nullptr) {
+      impl(key, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<StepKernel>(b, step)));
     }
   }
   impl(c10::DispatchKey::ADInplaceOrView,

@@ -57,6 +57,11 @@ struct OpBinding {
     if (w < 0) return true;
     return list_when_is_flag[k] ? args.flags[w] : args.floats[w] != 0.0;
   }
+
+  // Whether a call writes list k: every list but the grads (lists[1], see bind() in
+  // csrc/ops.cpp), which a step writes only to unscale them, with grad_scale ([note:
+  // version counters of mutated tensors] in csrc/ops.cpp).
+  static bool writes_list(size_t k, bool has_grad_scale) { return k != 1 || has_grad_scale; }
 };
 
 // The bound op of each registered name (csrc/ops.cpp); nullptr if none.
@@ -80,7 +85,6 @@ class BorrowedTensors {
     tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
   }
   at::TensorList list() const { return tensors_; }
-  size_t size() const { return tensors_.size(); }
 
  private:
   std::vector<at::Tensor> tensors_;
@@ -100,6 +104,23 @@ struct OpCall {
 
   const char* name() const { return op->name.c_str(); }
   at::TensorList params() const { return lists[0]; }
+
+  // Makes this a call of `b` with these arguments, float_at(k) and flag_at(k) giving the
+  // k-th float and bool argument in schema order; lists[k] and states[j] are left empty,
+  // for the caller to set.
+  template <typename FloatAt, typename FlagAt>
+  void init(const OpBinding& b, const at::Tensor& lr_tensor, FloatAt float_at, FlagAt flag_at,
+            const at::Tensor* grad_scale_tensor, const at::Tensor* found_inf_tensor) {
+    op = &b;
+    lists.assign(b.list_args.size(), at::TensorList());
+    states.assign(b.state_args.size(), at::TensorList());
+    lr = &lr_tensor;
+    for (size_t k = 0; k < b.float_args.size(); ++k) args.floats[k] = float_at(k);
+    for (size_t k = 0; k < b.flag_args.size(); ++k) args.flags[k] = flag_at(k);
+    maximize = b.maximize_flag >= 0 && args.flags[b.maximize_flag];
+    grad_scale = grad_scale_tensor;
+    found_inf = found_inf_tensor;
+  }
 };
 
 // The implementation of every op for one device type (ops_cpu.cpp, cuda/ops_cuda.cu
