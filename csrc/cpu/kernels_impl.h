@@ -454,18 +454,24 @@ void chunks_typed(const TensorTable& table, const StepCall& call, const Chunk* c
         for (int k = 0, present = 0; k < Op::kLists; ++k) {
           row[k] = math::has<LISTS>(k) ? present++ : 0;
         }
-        Op op;
+        Op op{};  // op.s: set before the first chunk uses it (GCC cannot tell)
         op.grad_sign = call.maximize ? opmath(-1) : opmath(1);
         op.grad_scale = UNSCALE ? quiet_nan_of(static_cast<opmath>(*call.grad_scale)) : opmath(1);
         if constexpr (kStates == 0) {
           op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(call.args, nullptr));
         }
+        // The tensor whose scalars op.s holds: consecutive chunks of one tensor reuse them
+        // (Optim::scalars is double math, pow and divisions: once per tensor, not per chunk).
+        int64_t scalars_tensor = -1;
         void* base[Op::kLists];
         for (int64_t c = begin; c < end; ++c) {
           const Chunk& chunk = chunks[c];
           if constexpr (kStates > 0) {
-            op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(
-                call.args, call.tensor_state + chunk.tensor * kStates));
+            if (chunk.tensor != scalars_tensor) {
+              op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(
+                  call.args, call.tensor_state + chunk.tensor * kStates));
+              scalars_tensor = chunk.tensor;
+            }
           }
           for (int k = 0; k < Op::kLists; ++k) {
             base[k] = table.ptrs[row[k] * table.n_tensors + chunk.tensor];
