@@ -188,6 +188,45 @@ def test_state_advances_once_and_never_with_found_inf(case, step_dtype):
         assert all(torch.equal(a, b) for a, b in zip(lst, old)), "found_inf changed input"
 
 
+def _op_devices():
+    cuda = torch.cuda.is_available() and _extension.op_has_kernel("adam_", "CUDA")
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not cuda, reason="no CUDA device or no CUDA kernels in fused_optim._C"))]
+
+
+@pytest.mark.parametrize("device", _op_devices())
+@pytest.mark.parametrize("case", STATEFUL_CASES, ids=case_ids(STATEFUL_CASES))
+def test_aliased_state_advances_once_per_param(case, device):
+    """One state tensor passed for params 0 and 2 (as torch.optim would step it if two
+    params shared their `step` tensor) advances once per param, in param order, and each
+    param computes with the value after its own advance: torch.optim's for-loop does
+    `step_t += 1` per param. So the call equals the same rows passed one call at a time,
+    bit for bit, on every device ([note: aliased state] in csrc/cuda/kernel_api.h)."""
+    op, args, kwargs = op_inputs(case)
+    n_lists = len(case.spec.list_args())
+
+    def rows():
+        lists = [[t.to(device, copy=True) for t in lst] for lst in args[:n_lists]]
+        states = []
+        for lst in args[n_lists:]:
+            shared, own = lst[0].to(device, copy=True), lst[1].to(device, copy=True)
+            states.append([shared, own, shared])
+        return lists, states
+
+    lists, states = rows()
+    before = [[s.item() for s in lst] for lst in states]
+    op(*lists, *states, **kwargs)
+    one_lists, one_states = rows()
+    for i in range(len(one_lists[0])):
+        op(*[[lst[i]] if lst else [] for lst in one_lists],
+           *[[lst[i]] for lst in one_states], **kwargs)
+    for li, (got, want) in enumerate(zip(lists + states, one_lists + one_states)):
+        for ti, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"{case.id} on {device}: list {li} tensor {ti}"
+    for lst, old in zip(states, before):
+        assert [s.item() for s in lst] == [old[0] + 2, old[1] + 1, old[0] + 2]
+
+
 @pytest.mark.parametrize("scaler", [None, 0.0], ids=["plain", "scaled"])
 @pytest.mark.parametrize("case", FULL_CASES, ids=case_ids(FULL_CASES))
 def test_raw_op_bumps_the_versions_of_what_it_writes(case, scaler):

@@ -30,8 +30,8 @@
 // counters, no host sync, and the sequence captures into a CUDA graph as is. The
 // alternative (a first launch that advances, then the optimizer reading the new value)
 // costs the same one launch; this order leaves the state unchanged when the optimizer's
-// launch fails. A state tensor passed twice in one call (torch never does this) is
-// advanced once.
+// launch fails. A state tensor passed for two rows of one launch would be advanced once;
+// run_step never launches such rows together ([note: aliased state] in kernel_api.h).
 #pragma once
 
 #include <array>

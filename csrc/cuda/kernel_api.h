@@ -12,11 +12,23 @@
 // The bucket is described by the same list-major table as on the CPU
 // (cpu::TensorTable: ptrs[list * n_tensors + t], numels[t], one storage dtype), here
 // holding device pointers.
+//
+// [note: aliased state]
+// torch.optim's for-loop advances a state tensor passed for two params twice (`step += 1`
+// once per param), and each param's update uses the value after its own advance; the
+// CPU op does the same (it advances the rows in order). Every block of a CUDA launch
+// reads the state as it was before the call ([note: per-tensor state] in engine.cuh), so
+// run_step cuts a call into runs of rows in which no state tensor appears twice and
+// enqueues each run (launch<>, then advance_states<>) after the previous one: the second
+// row of a state tensor reads what the first row's advance_states stored, on the device,
+// in stream order. A call without aliased state (every call torch.optim makes) is one
+// run of all its rows; finding that out is one pass over the state pointers on the host.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "cpu/kernel_api.h"
 #include "fused_optim/math/args.h"
@@ -60,6 +72,79 @@ cudaError_t launch(const Launch& launch, cudaStream_t stream);
 // Enqueued after launch<> on the same stream.
 template <typename Optim>
 cudaError_t advance_states(const Launch& launch, cudaStream_t stream);
+
+using LaunchFn = cudaError_t (*)(const Launch&, cudaStream_t);
+
+// Where runs of rows without a state tensor twice end ([note: aliased state]): the rows
+// [0, cuts[0]), [cuts[0], cuts[1]), ..., up to l.rows.n_tensors, of a call with n_states
+// state lists. Empty (one run) when no state tensor appears in two rows.
+inline std::vector<int64_t> aliased_state_cuts(const Launch& l, int n_states) {
+  std::vector<int64_t> cuts;
+  const int64_t n = l.rows.n_tensors;
+  if (n_states == 0 || n < 2) return cuts;
+  // Open addressing, keyed by pointer: the last row that had it. A pointer last seen at
+  // or after the current run's first row, in an earlier row, starts a new run; one seen
+  // twice in the same row (two state lists of one param) cannot be split and does not.
+  struct Slot {
+    const void* ptr;
+    int64_t row;
+  };
+  int bits = 4;
+  while ((int64_t{1} << bits) < 2 * n * n_states) ++bits;
+  std::vector<Slot> slots(size_t{1} << bits, Slot{nullptr, -1});
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  int64_t begin = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    bool repeated = false;
+    for (int j = 0; j < n_states; ++j) {
+      const void* p = l.states[j][t];
+      const uint64_t key = reinterpret_cast<uintptr_t>(p) >> 2;
+      uint64_t h = (key * 0x9e3779b97f4a7c15ull) >> (64 - bits);  // Fibonacci hashing
+      while (slots[h].ptr != nullptr && slots[h].ptr != p) h = (h + 1) & mask;
+      if (slots[h].ptr == p && slots[h].row >= begin && slots[h].row < t) repeated = true;
+      slots[h] = Slot{p, t};
+    }
+    if (repeated) {
+      cuts.push_back(t);
+      begin = t;
+    }
+  }
+  return cuts;
+}
+
+// One call over the bucket: launch, then (when it succeeded) advance, for every run of
+// rows without a state tensor twice, in order on `stream` ([note: aliased state]).
+// Returns the first error; the runs before it have been enqueued.
+inline cudaError_t run_step(const Launch& l, int n_states, LaunchFn launch, LaunchFn advance,
+                            cudaStream_t stream) {
+  const std::vector<int64_t> cuts = aliased_state_cuts(l, n_states);
+  if (cuts.empty()) {
+    const cudaError_t err = launch(l, stream);
+    return err != cudaSuccess ? err : advance(l, stream);
+  }
+  const int64_t n = l.rows.n_tensors;
+  std::vector<void*> ptrs;
+  for (size_t r = 0; r <= cuts.size(); ++r) {
+    const int64_t begin = r == 0 ? 0 : cuts[r - 1];
+    const int64_t end = r == cuts.size() ? n : cuts[r];
+    // The run's rows as a call of their own: the list-major table of [begin, end).
+    ptrs.resize(static_cast<size_t>(l.rows.n_lists * (end - begin)));
+    for (int d = 0; d < l.rows.n_lists; ++d) {
+      for (int64_t t = begin; t < end; ++t) {
+        ptrs[d * (end - begin) + (t - begin)] = l.rows.ptrs[d * n + t];
+      }
+    }
+    Launch run = l;
+    run.rows.n_tensors = end - begin;
+    run.rows.ptrs = ptrs.data();
+    run.rows.numels = l.rows.numels + begin;
+    for (int j = 0; j < n_states; ++j) run.states[j] = l.states[j] + begin;
+    cudaError_t err = launch(run, stream);
+    if (err == cudaSuccess) err = advance(run, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
 
 }  // namespace cuda
 }  // namespace fused_optim

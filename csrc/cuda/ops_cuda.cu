@@ -5,9 +5,10 @@
 // pointer table, and enqueues on the current stream of the params' device: the
 // optimizer's launches (one per ~500-1,100 tensors, see multi_tensor_apply.cuh), then,
 // when it keeps per-tensor state, one state launch per ~4,000 tensors (see [note:
-// per-tensor state] in engine.cuh). Semantics are the CPU op's: found_inf non-zero =>
-// nothing changes, state included; grads are divided by grad_scale and written back
-// unscaled; a list the call's options leave out is empty.
+// per-tensor state] in engine.cuh); both once per run of rows when a state tensor is
+// passed for two params ([note: aliased state] in kernel_api.h). Semantics are the CPU
+// op's: found_inf non-zero => nothing changes, state included; grads are divided by
+// grad_scale and written back unscaled; a list the call's options leave out is empty.
 //
 // [note: no host sync]
 // The per-tensor state, found_inf, grad_scale and a device lr are read by the kernels
@@ -65,10 +66,9 @@ const float* optional_ptr(const at::Tensor* t) {
 
 // The launchers of every optimizer (generated units, csrc/cuda/instantiate.py), by the
 // id of fused_optim/optimizers.h and the storage dtype.
-using LaunchFn = cudaError_t (*)(const cuda::Launch&, cudaStream_t);
 struct Launchers {
-  LaunchFn by_dtype[4];  // cpu::DType order: f32, f64, f16, bf16
-  LaunchFn advance;
+  cuda::LaunchFn by_dtype[4];  // cpu::DType order: f32, f64, f16, bf16
+  cuda::LaunchFn advance;
 };
 
 #define FO_LAUNCHERS(Name)                                                         \
@@ -122,8 +122,9 @@ void cuda_step(const OpCall& c) {
   launch.found_inf = optional_ptr(c.found_inf);
 
   const Launchers& l = kLaunchers[c.op->info->id];
-  C10_CUDA_CHECK(l.by_dtype[static_cast<int>(launch.rows.dtype)](launch, stream));
-  C10_CUDA_CHECK(l.advance(launch, stream));
+  C10_CUDA_CHECK(cuda::run_step(launch, static_cast<int>(c.states.size()),
+                                l.by_dtype[static_cast<int>(launch.rows.dtype)], l.advance,
+                                stream));
 }
 
 struct RegisterCuda {

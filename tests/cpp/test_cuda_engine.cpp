@@ -41,10 +41,9 @@ using fo_cuda_shim::LaunchRecord;
 constexpr int64_t kCudaChunk = fcu::kChunkSize;
 
 // The launchers of every registered optimizer, as csrc/cuda/ops_cuda.cu builds them.
-using LaunchFn = cudaError_t (*)(const fcu::Launch&, cudaStream_t);
 struct EmuLaunchers {
-  LaunchFn by_dtype[4];  // index: cpu::DType
-  LaunchFn advance;
+  fcu::LaunchFn by_dtype[4];  // index: cpu::DType
+  fcu::LaunchFn advance;
 };
 static_assert(static_cast<int>(DType::kFloat32) == 0 && static_cast<int>(DType::kFloat64) == 1 &&
               static_cast<int>(DType::kFloat16) == 2 && static_cast<int>(DType::kBFloat16) == 3);
@@ -70,19 +69,28 @@ std::vector<int64_t> cuda_sizes() {
 }
 
 // Per-tensor state as the CUDA ops see it: one one-element tensor per param and state
-// list, all float32 (torch's default for `step`) or all float64.
+// list, all float32 (torch's default for `step`) or all float64. `owner`, when given:
+// row t passes the state tensors of row owner[t] (owner[t] <= t; the same tensor for
+// several params, [note: aliased state] in kernel_api.h), which hold values[owner[t]].
 class DeviceStates {
  public:
-  DeviceStates(int n_states, int64_t n, const std::vector<double>& values, bool is_double)
-      : ns_(n_states), n_(n), double_(is_double) {
+  DeviceStates(int n_states, int64_t n, const std::vector<double>& values, bool is_double,
+               const std::vector<int64_t>& owner = {})
+      : ns_(n_states), n_(n), double_(is_double), owner_(owner) {
+    if (owner_.empty()) {
+      for (int64_t t = 0; t < n; ++t) owner_.push_back(t);
+    }
     for (int j = 0; j < ns_; ++j) {
       d_[j].assign(n, 0.0);
       f_[j].assign(n, 0.0f);
       for (int64_t t = 0; t < n; ++t) {
         d_[j][t] = values[t * ns_ + j];
         f_[j][t] = static_cast<float>(values[t * ns_ + j]);
-        ptrs_[j].push_back(double_ ? static_cast<void*>(&d_[j][t])
-                                   : static_cast<void*>(&f_[j][t]));
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t o = owner_[t];
+        ptrs_[j].push_back(double_ ? static_cast<void*>(&d_[j][o])
+                                   : static_cast<void*>(&f_[j][o]));
       }
     }
   }
@@ -92,10 +100,12 @@ class DeviceStates {
   int n_states() const { return ns_; }
   bool is_double() const { return double_; }
   void* const* ptrs(int j) const { return ptrs_[j].data(); }
+  // Each row's state as its state tensors hold it now.
   std::vector<double> values() const {
     std::vector<double> v(static_cast<size_t>(n_ * ns_));
     for (int64_t t = 0; t < n_; ++t) {
-      for (int j = 0; j < ns_; ++j) v[t * ns_ + j] = double_ ? d_[j][t] : f_[j][t];
+      const int64_t o = owner_[t];
+      for (int j = 0; j < ns_; ++j) v[t * ns_ + j] = double_ ? d_[j][o] : f_[j][o];
     }
     return v;
   }
@@ -104,6 +114,7 @@ class DeviceStates {
   int ns_;
   int64_t n_;
   bool double_;
+  std::vector<int64_t> owner_;
   std::vector<double> d_[fm::kMaxStates];
   std::vector<float> f_[fm::kMaxStates];
   std::vector<void*> ptrs_[fm::kMaxStates];
@@ -135,11 +146,12 @@ struct CudaRun {
 };
 
 // One step through the emulated engine as csrc/cuda/ops_cuda.cu drives it: launch<> and,
-// when it succeeded, advance_states<>. `rows` defaults to the bucket's table. The shim's
-// test hooks (block ranges, failing launches) are the caller's.
+// when it succeeded, advance_states<>; with `runs`, through run_step (its runs of rows,
+// [note: aliased state]; launch_error then holds its result). `rows` defaults to the
+// bucket's table. The shim's test hooks (block ranges, failing launches) are the caller's.
 CudaRun run_emulated(const OptimizerEntry& e, const OptCase& c, Bucket& b, DeviceStates& st,
                      LrMode lr_mode, const float* found_inf,
-                     const fc::TensorTable* rows = nullptr) {
+                     const fc::TensorTable* rows = nullptr, bool runs = false) {
   fo_cuda_shim::State& shim = fo_cuda_shim::state();
   shim.launches.clear();
   shim.last_error = cudaSuccess;
@@ -162,8 +174,14 @@ CudaRun run_emulated(const OptimizerEntry& e, const OptCase& c, Bucket& b, Devic
   l.grad_scale = c.scaled ? &c.grad_scale : nullptr;
   l.found_inf = found_inf;
   CudaRun r;
-  r.launch_error = kLaunchers[e.id].by_dtype[static_cast<int>(b.dtype)](l, nullptr);
-  if (r.launch_error == cudaSuccess) r.advance_error = kLaunchers[e.id].advance(l, nullptr);
+  const EmuLaunchers& fns = kLaunchers[e.id];
+  if (runs) {
+    r.launch_error =
+        fcu::run_step(l, e.n_states, fns.by_dtype[static_cast<int>(b.dtype)], fns.advance, nullptr);
+  } else {
+    r.launch_error = fns.by_dtype[static_cast<int>(b.dtype)](l, nullptr);
+    if (r.launch_error == cudaSuccess) r.advance_error = fns.advance(l, nullptr);
+  }
   r.launches = shim.launches;
   return r;
 }
@@ -847,6 +865,69 @@ FO_TEST(cuda_engine_launch_errors_are_returned) {
     const CudaRun w = run_emulated(e, c, got, st, LrMode::kValue, nullptr, &wrong);
     FO_CHECK_EQ(w.launch_error, cudaErrorInvalidValue) << ctx;
     FO_CHECK(w.launches.empty()) << ctx;
+  }
+}
+
+// [note: aliased state]: one state tensor passed for rows 0, 2 and 5, another for rows 1
+// and 4 (rows 3 and 6 have their own) advances once per row, in row order, and each row
+// computes with the value after its own advance, as torch.optim's for-loop (`step += 1`
+// per param) and the CPU op do: run_step launches rows [0, 2), [2, 5), [5, 7), each run
+// after the previous one's advance_states. Checked against the reference, bit for bit
+// against the CPU engine's portable variant given the states the CPU op computes, and
+// the stored states; a call without aliased state is one run.
+FO_TEST(cuda_engine_aliased_state_advances_once_per_row) {
+  const std::vector<int64_t> sizes = {5, 17, 0, 33, 9, 513, 3};
+  const std::vector<int64_t> owner = {0, 1, 0, 3, 1, 0, 6};
+  const int64_t n = static_cast<int64_t>(sizes.size());
+  for (const OptimizerEntry& e : optimizer_table()) {
+    if (e.n_states == 0) continue;
+    const OptCase& c = e.engine_case;
+    for (DType d : kAllDTypes) {
+      const std::string ctx = ctx_of(e, c, d, "emulated CUDA, aliased state");
+      const Bucket input = make_bucket(e, c, d, sizes, mixed_offset, 41);
+      const std::vector<double> before = states_before(e, c.args, n, 0);
+      // Each row's state after its own advance, the tensors advanced in row order:
+      // with the header's advance (what the CPU op hands its kernels) and the reference's.
+      std::vector<double> header_rows(before.size()), reference_rows(before.size());
+      for (const bool header : {true, false}) {
+        std::vector<double> tensors = before;  // by owner row
+        std::vector<double>& rows = header ? header_rows : reference_rows;
+        for (int64_t t = 0; t < n; ++t) {
+          const std::vector<double> one(tensors.begin() + owner[t] * e.n_states,
+                                        tensors.begin() + (owner[t] + 1) * e.n_states);
+          const std::vector<double> next = stored_as(advanced(e, c.args, one, header), false);
+          std::copy(next.begin(), next.end(), tensors.begin() + owner[t] * e.n_states);
+          std::copy(next.begin(), next.end(), rows.begin() + t * e.n_states);
+        }
+      }
+      DeviceStates st(e.n_states, n, before, false, owner);
+      fcu::Launch l{};
+      l.rows = input.table();
+      for (int j = 0; j < e.n_states; ++j) l.states[j] = st.ptrs(j);
+      FO_CHECK(fcu::aliased_state_cuts(l, e.n_states) == std::vector<int64_t>({2, 5})) << ctx;
+      Bucket got = clone_bucket(input, mixed_offset);
+      const CudaRun r = run_emulated(e, c, got, st, LrMode::kValue, nullptr, nullptr, true);
+      FO_CHECK_EQ(r.launch_error, cudaSuccess) << ctx;
+      check_bucket(got, input, expected_for(e, c, input, reference_rows), ctx);
+      // Every row's tensors hold the value of the last row that shares them.
+      std::vector<double> stored(before.size());
+      for (int64_t t = 0; t < n; ++t) {
+        int64_t last = t;
+        for (int64_t u = t; u < n; ++u) last = owner[u] == owner[t] ? u : last;
+        for (int j = 0; j < e.n_states; ++j) {
+          stored[t * e.n_states + j] = header_rows[last * e.n_states + j];
+        }
+      }
+      check_states(st, stored, ctx);
+      Bucket cpu = clone_bucket(input, mixed_offset);
+      run_cpu(fc::kernels_for("default"), e, cpu, step_call(e, c, header_rows), Slicing::kOneCall);
+      FO_CHECK_EQ(count_bit_differences(cpu, got), 0) << ctx << ": differs from the CPU engine";
+    }
+    DeviceStates own(e.n_states, n, states_before(e, c.args, n, 0), false);
+    fcu::Launch l{};
+    l.rows.n_tensors = n;
+    for (int j = 0; j < e.n_states; ++j) l.states[j] = own.ptrs(j);
+    FO_CHECK(fcu::aliased_state_cuts(l, e.n_states).empty()) << e.name;
   }
 }
 
