@@ -307,7 +307,7 @@ class FusedOptimizer(Optimizer):
         needed = {key for key, _ in (*states, *present)}
         # One look-up per param (a tensor's hash is a Python call): its state, or
         # _NO_STATE; the rows that lack a key get their state below (a group that keeps
-        # no state adds no entry, as torch.optim.SGD and the eager entry add none).
+        # no state adds no entry, as torch.optim and the eager entry add none).
         state_of = self.state
         rows = [state_of.get(p, _NO_STATE) for p in with_grad]
         new_rows = [i for i, state in enumerate(rows) if not state.keys() >= needed]

@@ -9,8 +9,8 @@
 // A call's template variant is: the optional lists it has (Optim::kOptionalLists: amsgrad's,
 // momentum's), the optimizer's own variant bits (Optim::variant), and whether grads are
 // unscaled (grad_scale given). Each subset is a template argument, so every one is
-// compiled, and Optim::valid<LISTS, V>() names the few no call can select (SGD's Nesterov
-// bit without a momentum buffer): those are never instantiated. The ops check a call
+// compiled, and Optim::valid<LISTS, V>() names the few no call can select (a variant bit
+// that needs an optional list, without it): those are never instantiated. The ops check a call
 // against valid_call before any kernel runs (TORCH_CHECK in CheckedCall, csrc/ops_common.h),
 // so a call that selects no compiled variant fails the same way on every device; the
 // engines, which never see one, refuse it too (dispatch_variant returns false).

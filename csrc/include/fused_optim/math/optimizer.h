@@ -91,7 +91,7 @@ struct CountsSteps : OptimizerBase {
 // The compile-time variant of an L2 weight decay: skipped, not multiplied by 0, when
 // weight_decay is 0 (so inf / NaN params behave as in torch, which skips
 // grad.add(param, alpha=0)). Bit 0 of the variant; an optimizer with more variants adds
-// its bits above it (Sgd). Derived names its float argument kWeightDecay.
+// its bits above it. Derived names its float argument kWeightDecay.
 template <typename Derived, typename Base = CountsSteps>
 struct WithL2Decay : Base {
   static constexpr uint32_t kWeightDecayBit = 1;
