@@ -77,14 +77,15 @@ bool skip_step(const at::Tensor* found_inf) {
   return found_inf != nullptr && found_inf->item<float>() != 0.0f;
 }
 
-// Advances every tensor's per-tensor state (step += 1, ...) in row order, as torch.optim's
-// for-loop does (a state tensor passed for two params advances twice, each row computing
-// with the value after its own advance), and returns the new values, rounded as stored:
-// tensor-major, n_states per tensor.
-std::vector<double> advance_states(const OpCall& c) {
+// Advances every tensor's per-tensor state (step += 1, ...; `args`: the call's, lr
+// included) in row order, as torch.optim's for-loop does (a state tensor passed for two
+// params advances twice, each row computing with the value after its own advance), and
+// returns each tensor's step's state ([note: the step's state] in math/optimizer.h):
+// tensor-major, 2 * n_states per tensor.
+std::vector<double> advance_states(const OpCall& c, const math::Args& args) {
   const size_t n = c.params().size();
   const size_t ns = c.states.size();
-  std::vector<double> out(n * ns);
+  std::vector<double> out(n * 2 * ns);
   if (ns == 0) return out;
   void* ptrs[math::kMaxStates];
   bool is_double[math::kMaxStates];
@@ -97,8 +98,8 @@ std::vector<double> advance_states(const OpCall& c) {
       ptrs[j] = s.data_ptr();
       is_double[j] = s.scalar_type() == c10::ScalarType::Double;
     }
-    double* state = out.data() + i * ns;
-    c.op->info->advance(c.args, ptrs, is_double, state);
+    double* state = out.data() + i * 2 * ns;
+    c.op->info->advance(args, ptrs, is_double, state);
     for (size_t j = 0; j < ns; ++j) store_state(ptrs[j], is_double[j], state[j]);
   }
   return out;
@@ -114,7 +115,7 @@ void cpu_step(const OpCall& c) {
   call.maximize = c.maximize;
   const float grad_scale_value = c.grad_scale != nullptr ? c.grad_scale->item<float>() : 1.0f;
   call.grad_scale = c.grad_scale != nullptr ? &grad_scale_value : nullptr;
-  const std::vector<double> tensor_state = advance_states(c);
+  const std::vector<double> tensor_state = advance_states(c, checked.args);
   call.tensor_state = tensor_state.data();
 
   const FlatTable& flat = checked.lists.flat;

@@ -20,9 +20,10 @@ struct OptimInfo {
   std::vector<std::string> states;  // per-tensor scalar state lists
   std::vector<std::string> floats;  // float arguments, schema order
   std::vector<std::string> flags;   // bool arguments, schema order
-  // A tensor's per-tensor state after this step, from its state tensors ptrs[j] (doubles
-  // where is_double[j], else floats): read, advanced and rounded to each tensor's dtype
-  // (advance_state in fused_optim/dispatch.h); state has states.size() values.
+  // A tensor's step's state, from its state tensors ptrs[j] (doubles where is_double[j],
+  // else floats): the values after this step's advance, rounded to each tensor's dtype,
+  // then the values before it (advance_state in fused_optim/dispatch.h); state has
+  // 2 * states.size() values.
   void (*advance)(const math::Args& args, const void* const* ptrs, const bool* is_double,
                   double* state);
   // Whether a call with these lists present (a bit per list) and arguments selects a

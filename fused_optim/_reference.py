@@ -35,7 +35,7 @@ from torch import Tensor
 from fused_optim.backends import Backend, register_backend
 from fused_optim.spec import Spec
 
-__all__ = ["step", "lr_mul", "lr_div", "lr_sub_from", "opmath_of"]
+__all__ = ["step", "lr_mul", "lr_div", "lr_sub_from", "lr_add_to", "lr_pow", "opmath_of"]
 
 
 def opmath_of(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +60,18 @@ def lr_sub_from(a: float, t: Tensor) -> Tensor:
     """a - t for a tensor t of lr's dtype, in that dtype (torch's ``1 - lr * wd``)."""
     om = opmath_of(t.dtype)
     return (a - t.to(om)).to(t.dtype)
+
+
+def lr_add_to(a: float, t: Tensor) -> Tensor:
+    """a + t for a tensor t of lr's dtype, in that dtype (torch's ``1 + lambd * lr * t``)."""
+    om = opmath_of(t.dtype)
+    return (a + t.to(om)).to(t.dtype)
+
+
+def lr_pow(t: Tensor, exponent: float) -> Tensor:
+    """t ** exponent for a tensor t of lr's dtype, in that dtype."""
+    om = opmath_of(t.dtype)
+    return (t.to(om) ** exponent).to(t.dtype)
 
 
 def _as(x: float | Tensor, dtype: torch.dtype, like: Tensor) -> Tensor | float:

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from fused_optim import _ops  # noqa: F401  (registers each spec's op as it is registered)
 from fused_optim.backends import get_backend, select_backend
-from fused_optim.spec import Spec, register
+from fused_optim.spec import Spec, initial_value, register
 
 _BACKEND_DOC = """backend (str, optional): which implementation runs the step: "auto" (default:
             the environment variable FUSED_OPTIM_BACKEND if set, else the fastest backend
@@ -124,6 +124,8 @@ class FusedOptimizer(Optimizer):
     # capturable=True (whether "xla" is in the devices they name, and whether its foreach
     # path checks capturable before differentiable): see _check_torch_paths.
     _capturable_xla: ClassVar[tuple[bool, bool]] = (True, False)
+    # What those checks' messages name (single-tensor path, foreach path).
+    _capturable_names: ClassVar[tuple[str, str]] = ("params and state_steps",) * 2
     _foreach_capturable_first: ClassVar[bool] = False
     _foreach_rejects_differentiable: ClassVar[bool] = True
 
@@ -257,14 +259,23 @@ class FusedOptimizer(Optimizer):
         spec = self.spec
         for s in spec.scalars:
             if s.key not in state:
-                state[s.key] = torch.full((), s.init, dtype=_scalar_dtype(group), device=p.device)
+                init = initial_value(s.init, group, self.defaults)
+                state[s.key] = torch.as_tensor(init, dtype=_scalar_dtype(group),
+                                               device=p.device).detach().clone()
         if hyper is None:
             hyper = self._hyper(group)
         for s in spec.present(hyper):
             if s.key in state:
                 continue
-            init = self.defaults[s.init] if isinstance(s.init, str) else s.init
-            if init == 0:
+            init = initial_value(s.init, group, self.defaults)
+            if isinstance(init, Tensor):
+                # A tensor lr (Rprop's step sizes start at it): copied on the device, no
+                # host sync; both parts of a complex param take it, as torch's
+                # complex(lr, lr).
+                t = torch.empty_like(p, memory_format=torch.preserve_format)
+                (torch.view_as_real(t) if t.is_complex() else t).copy_(init.detach())
+                state[s.key] = t
+            elif init == 0:
                 state[s.key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             else:
                 value = complex(init, init) if p.is_complex() else init
@@ -376,24 +387,31 @@ class FusedOptimizer(Optimizer):
             return
         from torch.optim import optimizer as torch_optimizer
 
-        def check_capturable(supports_xla: bool) -> None:
+        def check_capturable(supports_xla: bool, names: str) -> None:
             if not group.get("capturable"):
                 return
             devices = torch_optimizer._get_capturable_supported_devices(supports_xla)
             if not all(p.device.type in devices for p in params):
                 raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported "
-                    f"devices: {devices}.")
+                    f"If capturable=True, {names} must be on supported devices: {devices}.")
 
         single_xla, foreach_xla = self._capturable_xla
+        single_names, foreach_names = self._capturable_names
         if group.get("foreach"):
             if self._foreach_capturable_first:
-                check_capturable(foreach_xla)
+                check_capturable(foreach_xla, foreach_names)
             if group.get("differentiable") and self._foreach_rejects_differentiable:
                 raise AssertionError("_foreach ops don't support autograd")
-            check_capturable(foreach_xla)
+            check_capturable(foreach_xla, foreach_names)
         else:
-            check_capturable(single_xla)
+            check_capturable(single_xla, single_names)
+
+    @staticmethod
+    def _check_host_read(group: dict[str, Any]) -> None:
+        """torch.optim reads a per-tensor state with .item() on this path
+        (ScalarState.host_read): on meta params it raises, after its other checks."""
+        if any(p.grad is not None and p.device.type == "meta" for p in group["params"]):
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
 
     def _check_fused(self, params: list[Tensor]) -> None:
         """fused=True: torch's own device and dtype check, of every param with a grad at
@@ -410,6 +428,8 @@ class FusedOptimizer(Optimizer):
         """One step of one param group: the eager entry, else lists, the group's calls
         (``_split_call``), buckets, backends."""
         self._check_torch_paths(group)
+        if self.spec.host_read and not group.get("capturable"):
+            self._check_host_read(group)
         hyper = self._hyper(group)
         if self._step_group_eager(group, hyper):
             return

@@ -6,7 +6,8 @@ is its spec and its math"). The spec says
   * its element-wise lists: one tensor per param, shaped like it, each kept in the
     param's state under a torch.optim key (``exp_avg``), some only under an option
     (``max_exp_avg_sq`` with amsgrad, ``momentum_buffer`` with momentum);
-  * its per-tensor scalar state: one one-element float tensor per param (``step``);
+  * its per-tensor scalar state: one one-element float tensor per param (``step``,
+    NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``), which the kernels read and write;
   * its float and bool arguments, and where each is read from a param group;
 
 and from it come the op schema (torch.ops.fused_optim.<name>_, csrc/ops.cpp), the fake
@@ -24,7 +25,33 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
-__all__ = ["StateList", "ScalarState", "Hyper", "Spec", "register", "specs", "get"]
+__all__ = ["StateList", "ScalarState", "FromGroup", "Hyper", "Spec", "initial_value",
+           "register", "specs", "get"]
+
+
+@dataclass(frozen=True)
+class FromGroup:
+    """A state's initial value read from the param group when the state is created
+    (Rprop's ``step_size`` and ASGD's ``eta`` start at the group's lr)."""
+
+    key: str
+
+
+def initial_value(init: float | str | FromGroup, group: dict[str, Any],
+                  defaults: dict[str, Any]) -> Any:
+    """The value a new state tensor starts at: ``init`` itself, the defaults key a str
+    names (torch.optim.Adagrad fills its sums with its constructor's
+    ``initial_accumulator_value``, whatever a group says), or the group's key
+    (``FromGroup``); a tensor value (a tensor lr) as a 0-dim tensor."""
+    if isinstance(init, FromGroup):
+        value = group[init.key]
+    elif isinstance(init, str):
+        value = defaults[init]
+    else:
+        value = init
+    if hasattr(value, "dim") and value.dim() != 0:
+        value = value.reshape(())
+    return value
 
 
 @dataclass(frozen=True)
@@ -33,24 +60,28 @@ class StateList:
 
     ``when`` names the hyperparameter that keeps the list: present when it is true or
     non-zero (``"amsgrad"``, ``"momentum"``), always when None. ``init`` is the value a
-    new state tensor is filled with, or the name of the defaults key that holds it
-    (an ``initial_accumulator_value``).
+    new state tensor is filled with (see ``initial_value``).
     """
 
     arg: str
     key: str
     when: str | None = None
-    init: float | str = 0.0
+    init: float | str | FromGroup = 0.0
 
 
 @dataclass(frozen=True)
 class ScalarState:
     """Per-tensor scalar state: ``arg`` in the op (a list of one-element tensors), ``key``
-    in each param's state, a float32 tensor on the param's device starting at ``init``."""
+    in each param's state, a float32 tensor (float64 under a float64 default dtype) on
+    the param's device starting at ``init`` (see ``initial_value``). The kernels read
+    and write it themselves: on a GPU it never leaves the device. ``host_read``: torch.optim
+    reads it with ``.item()`` in its default path (ASGD's eta and mu), which fails on meta
+    tensors; so does this optimizer there, with torch's error."""
 
     arg: str
     key: str
-    init: float = 0.0
+    init: float | str | FromGroup = 0.0
+    host_read: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +135,11 @@ class Spec:
     @cached_property
     def flags(self) -> tuple[Hyper, ...]:
         return tuple(h for h in self.hypers if h.kind is bool)
+
+    @cached_property
+    def host_read(self) -> bool:
+        """Whether torch.optim reads a per-tensor state on the host (ScalarState.host_read)."""
+        return any(s.host_read for s in self.scalars)
 
     @cached_property
     def group_hypers(self) -> tuple[Hyper, ...]:

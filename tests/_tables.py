@@ -146,6 +146,44 @@ OPTIMIZERS: list[OptimizerRow] = [
                {"weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.99)}),
         full=({"weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.99)},),
     ),
+    # NAdam: the per-tensor mu_product state; momentum_decay large enough that mu_t moves
+    # visibly within the tests' steps.
+    OptimizerRow(
+        fused_optim.NAdam, torch.optim.NAdam, 1e-2,
+        cases=({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True},
+               {"maximize": True}, {"momentum_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6},
+               {"weight_decay": 0.1, "maximize": True, "momentum_decay": 0.05},
+               {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True,
+                "momentum_decay": 0.05}),
+        full=({"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True,
+               "momentum_decay": 0.05},),
+    ),
+    # RAdam: rho_t > 5 from step 6 with beta2 = 0.999 and with 0.9, so every case runs
+    # both branches within STEPS (10).
+    OptimizerRow(
+        fused_optim.RAdam, torch.optim.RAdam, 1e-2,
+        cases=({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True},
+               {"maximize": True}, {"betas": (0.8, 0.9), "eps": 1e-6},
+               {"weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.9)},
+               {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
+        full=({"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},),
+    ),
+    # ASGD: t0 within STEPS so that averaging starts (mu != 1) mid-run; torch's default
+    # t0 = 1e6 keeps ax a copy of the params.
+    OptimizerRow(
+        fused_optim.ASGD, torch.optim.ASGD, 5e-2,
+        cases=({}, {"t0": 3}, {"lambd": 0.1, "alpha": 0.5, "t0": 2}, {"weight_decay": 0.1},
+               {"maximize": True},
+               {"t0": 4, "lambd": 0.05, "alpha": 0.6, "weight_decay": 0.1, "maximize": True}),
+        full=({"t0": 4, "lambd": 0.05, "alpha": 0.6, "weight_decay": 0.1, "maximize": True},),
+        default={"t0": 4},
+    ),
+    OptimizerRow(
+        fused_optim.Rprop, torch.optim.Rprop, 1e-2,
+        cases=({}, {"maximize": True}, {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.03)},
+               {"maximize": True, "etas": (0.3, 1.5), "step_sizes": (1e-3, 0.03)}),
+        full=({"maximize": True, "etas": (0.3, 1.5), "step_sizes": (1e-3, 0.03)},),
+    ),
 ]
 
 OPTIMIZER_CASES: list[OptCase] = [row.case(o) for row in OPTIMIZERS for o in row.cases]

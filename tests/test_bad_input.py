@@ -16,6 +16,7 @@ import torch
 import fused_optim
 from _oracle import (
     StateView,
+    scalar_keys,
     assert_same_trajectory,
     clone_leaves,
     cpu_capability,
@@ -249,7 +250,7 @@ def test_complex_params_match_torch(case, dtype):
     def as_real(t):
         return torch.view_as_real(t) if t.is_complex() else t
 
-    fv, tv = StateView(fused, fp, as_real), StateView(oracle, tp, as_real)
+    fv, tv = StateView(fused, fp, as_real), StateView(oracle, tp, as_real, fused.spec)
     real_grads = [[as_real(g) for g in step] for step in grads]
     assert_same_trajectory(fv, tv, fv.params, tv.params, STEPS, real_grads, "complex")
 
@@ -306,7 +307,7 @@ def test_noncontiguous_params_and_grads_match_torch(case):
         grads.append([g.contiguous() for g in tg])
     for a, b in zip(fp, tp):
         for key, value in tensor_state(fused, a).items():
-            if key != "step":
+            if key not in scalar_keys(fused):
                 # State takes its param's layout (torch.optim.SGD's momentum buffer takes
                 # the first grad's instead: a layout detail, the numbers are the same).
                 assert value.stride() == torch.empty_like(a).stride(), key
@@ -328,7 +329,7 @@ def test_loaded_state_with_other_layout(case):
     sd = copy.deepcopy(src.state_dict())
     for st in sd["state"].values():
         for k, v in list(st.items()):
-            if k != "step" and v.dim() == 2:
+            if k not in scalar_keys(case) and v.dim() == 2:
                 st[k] = v.t().contiguous().t()  # same values, column-major
     fused = case.fused(fp, **case.options)
     oracle = case.torch(tp, foreach=False, **case.options)
@@ -403,7 +404,8 @@ def test_nonfinite_grads_propagate_like_torch(case, dtype, variant):
             oracle.step()
     for p, q in zip(fp, tp):
         pairs = [(p, q)] + [(v, tensor_state(oracle, q)[k])
-                            for k, v in tensor_state(fused, p).items() if k != "step"]
+                            for k, v in tensor_state(fused, p).items()
+                            if k not in scalar_keys(fused)]
         for a, b in pairs:
             a, b = a.detach().double(), b.detach().double()
             assert torch.equal(a.isnan(), b.isnan())

@@ -17,6 +17,7 @@ import torch
 import fused_optim
 from _oracle import (
     StateView,
+    scalar_keys,
     assert_initial_state,
     assert_same_trajectory,
     clone_leaves,
@@ -93,6 +94,8 @@ def test_state_dict_switch_mid_training(case, direction):
         for key, value in tensor_state(second, p).items():
             if key == "step":
                 assert value.dtype == torch.float32 and value.item() == HALF
+            elif key in scalar_keys(case):
+                assert value.dtype == torch.float32 and value.dim() == 0
             else:
                 assert value.dtype == p.dtype and value.shape == p.shape
     for g in grads[HALF:]:

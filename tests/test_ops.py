@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fused_optim  # noqa: F401  (loads _C, registers the ops)
-from _oracle import cpu_capability
+from _oracle import assert_scalar_state_close, cpu_capability
 from _tables import (
     DEFAULT_CASES,
     FULL_CASES,
@@ -173,14 +173,22 @@ STATEFUL_CASES = [c for c in DEFAULT_CASES if c.spec.scalars]
                          ids=["float32", "float64"])
 @pytest.mark.parametrize("case", STATEFUL_CASES, ids=case_ids(STATEFUL_CASES))
 def test_state_advances_once_and_never_with_found_inf(case, step_dtype):
+    """Each per-tensor state advances once per call, in its own dtype: a step count by
+    one, the others (NAdam's mu_product, ASGD's eta and mu) to the reference's values."""
     op, args, kwargs = op_inputs(case)
     n_lists = len(case.spec.list_args())
     states = [[s.to(step_dtype) for s in lst] for lst in args[n_lists:]]
     before = [[s.item() for s in lst] for lst in states]
+    expected = [[s.clone() for s in lst] for lst in states]
+    _reference.step(case.spec, *[[t.clone() for t in lst] for lst in args[:n_lists]],
+                    *expected, **kwargs)
     op(*args[:n_lists], *states, **kwargs)
-    for lst, old in zip(states, before):
-        assert [s.item() for s in lst] == [v + 1 for v in old]  # the step counts (all so far)
-        assert all(s.dtype == step_dtype for s in lst)
+    for s, lst, old, want in zip(case.spec.scalars, states, before, expected):
+        if s.key == "step":
+            assert [t.item() for t in lst] == [v + 1 for v in old]
+        for a, b in zip(lst, want):
+            assert_scalar_state_close(f"{case.id} {s.key}", a, b)
+        assert all(t.dtype == step_dtype for t in lst)
     op, args, kwargs = op_inputs(case, scaler=1.0)
     snapshot = [[t.clone() for t in lst] for lst in args]
     op(*args, **kwargs)
@@ -223,8 +231,9 @@ def test_aliased_state_advances_once_per_param(case, device):
     for li, (got, want) in enumerate(zip(lists + states, one_lists + one_states)):
         for ti, (a, b) in enumerate(zip(got, want)):
             assert torch.equal(a, b), f"{case.id} on {device}: list {li} tensor {ti}"
-    for lst, old in zip(states, before):
-        assert [s.item() for s in lst] == [old[0] + 2, old[1] + 1, old[0] + 2]
+    for s, lst, old in zip(case.spec.scalars, states, before):
+        if s.key == "step":
+            assert [t.item() for t in lst] == [old[0] + 2, old[1] + 1, old[0] + 2]
 
 
 @pytest.mark.parametrize("scaler", [None, 0.0], ids=["plain", "scaled"])

@@ -16,7 +16,7 @@ import itertools
 import pytest
 import torch
 
-from _oracle import assert_row_close, outcome
+from _oracle import assert_row_close, outcome, scalar_keys
 from _tables import DEFAULT_CASES, FULL_CASES, OPTIMIZERS, case_ids, tolerance
 
 pytestmark = pytest.mark.usefixtures("oracle_threads")
@@ -96,8 +96,8 @@ def _initial_state(case, p, grad):
         q.grad = grad.detach().clone()
         opt.step()
     state = {k: v.detach().clone() for k, v in opt.state[q].items() if isinstance(v, torch.Tensor)}
-    if "step" in state:
-        state["step"] = state["step"].double()  # see DIFF_TOL
+    for key in scalar_keys(case) & state.keys():
+        state[key] = state[key].double()  # see DIFF_TOL
     return state
 
 
@@ -125,7 +125,8 @@ def test_differentiable_matches_torch_numbers_and_gradients(case):
         lr = case.options["lr"]
         if lr_tensor:
             lr = torch.tensor(lr, dtype=torch.float64, requires_grad=True)
-        state = {k: (v.clone().requires_grad_() if v.is_floating_point() and k != "step" else v.clone())
+        state = {k: (v.clone().requires_grad_()
+                     if v.is_floating_point() and k not in scalar_keys(case) else v.clone())
                  for k, v in state0.items()}
         new_p, new_state = _diff_step(cls, p, grad, state, lr, options)
         outputs = [new_p] + [new_state[k] for k in sorted(new_state)]
@@ -157,7 +158,8 @@ def test_differentiable_gradcheck(case):
     p0 = torch.randn(4, generator=gen, dtype=torch.float64)
     g0 = torch.randn(4, generator=gen, dtype=torch.float64)
     state0 = _initial_state(case, p0, g0)
-    keys = sorted(k for k, v in state0.items() if v.is_floating_point() and k != "step")
+    keys = sorted(k for k, v in state0.items()
+                  if v.is_floating_point() and k not in scalar_keys(case))
     options = {k: v for k, v in case.options.items() if k != "lr"}
 
     def fn(p, grad, *values):

@@ -564,9 +564,8 @@ def test_state_advanced_once_per_call_across_chunks(case):
         tri.call(_triton_step)
         ora.call(_oracle_step)
         _against_oracle(f"{case.id} call {call}", tri, ora, steps=call)
-        for key in keys:
+        for key in keys:  # the values themselves: _against_oracle
             now = [s.item() for s in tri.states(key)]
-            assert all(a != b for a, b in zip(now, previous[key])), f"{key} not advanced"
             if key == "step":
                 assert now == [b + 1 for b in previous[key]]
         assert len(launcher._TABLES) == 1
@@ -974,7 +973,11 @@ for label, case, build in jobs:
     print(label, "vector", vector, "div.rn", count(r"div\.rn"), "sqrt.rn", count(r"sqrt\.rn"),
           "div.full", count(r"div\.full"), "fma.rn", count(r"fma\.rn"), "atom", count("atom"))
     assert vector, f"{label}: no 16-byte vectorized loads and stores"
-    assert not count(r"div\.full|div\.approx|sqrt\.approx|fma\.rn"), f"{label}: inexact ops"
+    # No contracted multiply-add in the element math. In fp32 / bf16 kernels that math is
+    # float32, and float64 instructions are per-tensor scalars: libdevice's float64 exp
+    # and log (NAdam's and ASGD's pow) are built from fma.rn.f64, on purpose.
+    fma = r"fma\.rn" if "fp64" in label else r"fma\.rn\.f32"
+    assert not count(rf"div\.full|div\.approx|sqrt\.approx|{fma}"), f"{label}: inexact ops"
     if "table" in label:
         assert bool(count("atom")) == bool(case.spec.scalars), f"{label}: atom"
     if label.split()[0] == "adam":

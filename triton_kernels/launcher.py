@@ -204,7 +204,8 @@ def _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE: tl.constexpr,
                 LISTS: tl.constexpr, VARIANT: tl.constexpr, STATE_DTYPE: tl.constexpr,
                 LR_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, OPMATH: tl.constexpr):
     """(the tensor's advanced state, rounded as stored; the optimizer's per-tensor
-    scalars), from its old state, lr (a device tensor of LR_DTYPE, or float32 parts of
+    scalars, from the step's state: the advanced state, then the old one), from its old
+    state, lr (a device tensor of LR_DTYPE, or float32 parts of
     its float64 value) and the float arguments (float32 parts, see split_f64)."""
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float64)
@@ -218,10 +219,13 @@ def _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE: tl.constexpr,
                  + tl.cast(hyper[3 * k + 2], tl.float64),)
     new_state = ()
     if N_STATES > 0:
-        advanced = ADVANCE(state, lr, h)
+        advanced = ADVANCE(state, lr, h, STATE_DTYPE, LR_DTYPE)
         for j in tl.static_range(N_STATES):
             new_state = new_state + (advanced[j].to(STATE_DTYPE).to(tl.float64),)
-    return new_state, SCALARS(new_state, lr, h, LISTS, VARIANT, LR_DTYPE, OPMATH)
+    step_state = new_state
+    for j in tl.static_range(N_STATES):
+        step_state = step_state + (state[j],)
+    return new_state, SCALARS(step_state, lr, h, LISTS, VARIANT, LR_DTYPE, OPMATH)
 
 
 @triton.jit(do_not_specialize=["n_tensors"])

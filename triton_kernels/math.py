@@ -10,12 +10,17 @@ implementation:
                                   tuple of ints or bools (VARIANT in the kernels)
   <name>_skip_reads(h) -> int     optional, plain Python: lists (a bit each) whose old
                                   values the call's update never reads
-  <name>_advance(state, lr, h)    the tensor's per-tensor state after this step (a tuple
-                                  of float64; default `count_step`: step + 1)
+  <name>_advance(state, lr, h, STATE_DTYPE, LR_DTYPE)
+                                  the tensor's per-tensor state after this step (a tuple
+                                  of float64; default `count_step`: step + 1); the state
+                                  is kept in STATE_DTYPE (float32 or float64), for
+                                  torch's operand roundings (math/optimizer.h's advance)
   <name>_scalars(state, lr, h, LISTS, VARIANT, LR_DTYPE, OPMATH)
                                   the per-tensor scalars of one step (a tuple), from the
-                                  advanced state (rounded as stored), lr and `h` (tuples
-                                  of float64), computed in float64 and rounded once to
+                                  step's state (the advanced state, rounded as stored,
+                                  then the state before the advance: [note: the step's
+                                  state] in math/optimizer.h), lr and `h` (tuples of
+                                  float64), computed in float64 and rounded once to
                                   OPMATH, as the C++ code computes them in double and casts
   <name>_update(x, grad, s, LISTS, VARIANT) -> x
                                   one block of elements: x holds every list of the
@@ -179,7 +184,7 @@ def l2_decay_variant(h) -> tuple[bool]:
 
 
 @triton.jit
-def count_step(state, lr, h):
+def count_step(state, lr, h, STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr):
     """The advance of an optimizer whose only per-tensor state is its step count."""
     return (state[0] + 1.0,)
 
@@ -446,3 +451,241 @@ def adamax_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
     exp_inf = maximum(x[3] * beta2, tl.abs(grad) + eps)
     param = param + div(neg_clr * exp_avg, exp_inf)
     return param, x[1], exp_avg, exp_inf
+
+
+# ---------------------------------------------------------------------------------
+# Per-tensor scalar helpers of the optimizers below
+
+
+@triton.jit
+def pow_f64(base, exponent):
+    """base ** exponent for float64 base > 0 and any float64 exponent, as
+    exp(exponent * log(base)) (libdevice's pow does not run in the interpreter): within a
+    few float64 ulps of C's pow for the exponents used here (|exponent * log(base)| <
+    ~50), far below the float32 rounding every result then takes."""
+    return tl.exp(exponent * tl.log(base))
+
+
+@triton.jit
+def lr_add_to(a, t, LR_DTYPE: tl.constexpr):
+    """a + t for a value t of LR_DTYPE, in that dtype (torch's `1 + lambd * lr * t`)."""
+    if LR_DTYPE == tl.float64:
+        return a + t
+    else:
+        return _lr_round((a + t.to(tl.float32)).to(tl.float64), LR_DTYPE)
+
+
+@triton.jit
+def lr_pow(t, exponent, LR_DTYPE: tl.constexpr):
+    """t ** exponent for a value t of LR_DTYPE, rounded to that dtype; the exponent (a
+    Python float) unrounded, as ATen's pow takes it (LrMath::pow)."""
+    if LR_DTYPE == tl.float64:
+        return pow_f64(t, exponent)
+    else:
+        return _lr_round(pow_f64(t, exponent), LR_DTYPE)
+
+
+# ---------------------------------------------------------------------------------
+# NAdam
+
+
+nadam_variant = adam_variant
+
+
+@triton.jit
+def _nadam_mu(h, step):
+    """mu_t = beta1 * (1 - 0.5 * 0.96^(step * momentum_decay)) (math/nadam.h NAdam::mu)."""
+    return h[0] * (1.0 - 0.5 * pow_f64(step * 0.0 + 0.96, step * h[4]))
+
+
+@triton.jit
+def nadam_advance(state, lr, h, STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr):
+    """step += 1; mu_product *= mu_t, mu_t rounded to the state's dtype first."""
+    step = state[0] + 1.0
+    mu = _nadam_mu(h, step)
+    if STATE_DTYPE == tl.float32:
+        mu = mu.to(tl.float32).to(tl.float64)
+    return (step, state[1] * mu)
+
+
+@triton.jit
+def nadam_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                  LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/nadam.h NAdam::scalars); state = (step, mu_product, ...), h = (beta1, beta2,
+    eps, weight_decay, momentum_decay)."""
+    step = state[0]
+    mu_product = state[1]
+    mu = _nadam_mu(h, step)
+    mu_next = _nadam_mu(h, step + 1.0)
+    return (
+        (1.0 - h[0]).to(OPMATH),                       # one_minus_beta1
+        h[1].to(OPMATH),                               # beta2
+        (1.0 - h[1]).to(OPMATH),                       # one_minus_beta2
+        (1.0 - pow_int(h[1], step)).to(OPMATH),        # bias_correction2
+        h[2].to(OPMATH),                               # eps
+        h[3].to(OPMATH),                               # weight_decay
+        lr_sub_from(1.0, lr_mul(lr, h[3], LR_DTYPE), LR_DTYPE).to(OPMATH),  # decay_factor
+        lr_div(lr_mul(-lr, 1.0 - mu, LR_DTYPE), 1.0 - mu_product, LR_DTYPE).to(OPMATH),
+        lr_div(lr_mul(-lr, mu_next, LR_DTYPE), 1.0 - mu_product * mu_next,
+               LR_DTYPE).to(OPMATH),                   # exp_avg_coef
+    )
+
+
+@triton.jit
+def nadam_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/nadam.h NAdam::update): x = (param, grad, exp_avg, exp_avg_sq)."""
+    one_minus_beta1, beta2, one_minus_beta2, bias_correction2 = s[0], s[1], s[2], s[3]
+    eps, weight_decay, decay_factor, grad_coef, exp_avg_coef = s[4], s[5], s[6], s[7], s[8]
+    param = x[0]
+    if VARIANT[0] == WD_L2:
+        grad = grad + weight_decay * param
+    elif VARIANT[0] == WD_DECOUPLED:
+        param = param * decay_factor
+    exp_avg = lerp(x[2], grad, one_minus_beta1)
+    exp_avg_sq = x[3] * beta2 + (one_minus_beta2 * grad) * grad
+    denom = sqrt(div(exp_avg_sq, bias_correction2)) + eps
+    param = param + div(grad_coef * grad, denom)
+    param = param + div(exp_avg_coef * exp_avg, denom)
+    return param, x[1], exp_avg, exp_avg_sq
+
+
+# ---------------------------------------------------------------------------------
+# RAdam
+
+
+radam_variant = adam_variant
+
+
+@triton.jit
+def radam_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                  LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/radam.h RAdam::scalars); h = (beta1, beta2, eps, weight_decay). The square
+    roots torch takes as ** 0.5 are IEEE square roots here (within an ulp of pow's, in
+    float64)."""
+    step = state[0]
+    beta1 = h[0]
+    beta2 = h[1]
+    beta2_t = pow_int(beta2, step)
+    bias_correction2 = 1.0 - beta2_t
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2_t / bias_correction2
+    rectified = rho_t > 5.0
+    rect = tl.where(rectified, tl.sqrt(tl.where(
+        rectified, (rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+        / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 1.0)), 0.0)
+    return (
+        (1.0 - beta1).to(OPMATH),                      # one_minus_beta1
+        beta2.to(OPMATH),                              # beta2
+        (1.0 - beta2).to(OPMATH),                      # one_minus_beta2
+        (1.0 - pow_int(beta1, step)).to(OPMATH),       # bias_correction1
+        lr.to(OPMATH),                                 # lr
+        tl.sqrt(bias_correction2).to(OPMATH),          # bias_correction2_sqrt
+        rect.to(OPMATH),                               # rect
+        tl.where(rectified, 1.0, 0.0).to(OPMATH),      # rectified
+        h[2].to(OPMATH),                               # eps
+        h[3].to(OPMATH),                               # weight_decay
+        lr_sub_from(1.0, lr_mul(lr, h[3], LR_DTYPE), LR_DTYPE).to(OPMATH),  # decay_factor
+    )
+
+
+@triton.jit
+def radam_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/radam.h RAdam::update): x = (param, grad, exp_avg, exp_avg_sq); the
+    tensor's branch is s[7] (rectified), one value for the whole tensor."""
+    one_minus_beta1, beta2, one_minus_beta2, bias_correction1 = s[0], s[1], s[2], s[3]
+    lr, bias_correction2_sqrt, rect, rectified = s[4], s[5], s[6], s[7]
+    eps, weight_decay, decay_factor = s[8], s[9], s[10]
+    param = x[0]
+    if VARIANT[0] == WD_L2:
+        grad = grad + weight_decay * param
+    elif VARIANT[0] == WD_DECOUPLED:
+        param = param * decay_factor
+    exp_avg = lerp(x[2], grad, one_minus_beta1)
+    exp_avg_sq = x[3] * beta2 + (one_minus_beta2 * grad) * grad
+    step = div(exp_avg, bias_correction1) * lr
+    one = tl.zeros_like(exp_avg_sq) + 1.0
+    adaptive_lr = div(one, sqrt(exp_avg_sq) + eps) * bias_correction2_sqrt
+    param = tl.where(rectified != 0.0, param - (step * adaptive_lr) * rect, param - step)
+    return param, x[1], exp_avg, exp_avg_sq
+
+
+# ---------------------------------------------------------------------------------
+# ASGD
+
+
+asgd_variant = l2_decay_variant
+
+
+@triton.jit
+def asgd_advance(state, lr, h, STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr):
+    """(math/asgd.h Asgd::advance): step += 1, then the next step's eta and mu, eta in
+    lr's dtype; state = (step, eta, mu), h = (lambd, alpha, t0, weight_decay)."""
+    step = state[0] + 1.0
+    base = lr_add_to(1.0, lr_mul(lr_mul(lr, h[0], LR_DTYPE), step, LR_DTYPE), LR_DTYPE)
+    eta = lr_div(lr, lr_pow(base, h[1], LR_DTYPE), LR_DTYPE)
+    since_t0 = step - h[2]
+    mu = 1.0 / tl.where(since_t0 > 1.0, since_t0, 1.0)
+    return (step, eta, mu)
+
+
+@triton.jit
+def asgd_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                 LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/asgd.h Asgd::scalars): from the eta and mu the previous step stored (the
+    old values, state[3:]); h = (lambd, alpha, t0, weight_decay)."""
+    eta = state[4]
+    mu = state[5]
+    return (
+        (1.0 - h[0] * eta).to(OPMATH),                 # decay_factor
+        (-eta).to(OPMATH),                             # neg_eta
+        mu.to(OPMATH),                                 # mu
+        tl.where(mu != 1.0, 1.0, 0.0).to(OPMATH),      # averaging
+        h[3].to(OPMATH),                               # weight_decay
+    )
+
+
+@triton.jit
+def asgd_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/asgd.h Asgd::update): x = (param, grad, ax)."""
+    decay_factor, neg_eta, mu, averaging, weight_decay = s[0], s[1], s[2], s[3], s[4]
+    param = x[0]
+    if VARIANT[0]:
+        grad = grad + weight_decay * param
+    param = param * decay_factor
+    param = param + neg_eta * grad
+    ax = tl.where(averaging != 0.0, x[2] + (param - x[2]) * mu, param)
+    return param, x[1], ax
+
+
+# ---------------------------------------------------------------------------------
+# Rprop
+
+
+def rprop_variant(h) -> tuple[()]:
+    """Rprop has no compile-time variant."""
+    return ()
+
+
+@triton.jit
+def rprop_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                  LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/rprop.h Rprop::scalars); h = (step_size_min, step_size_max, etaminus,
+    etaplus)."""
+    return (h[0].to(OPMATH), h[1].to(OPMATH), h[2].to(OPMATH), h[3].to(OPMATH))
+
+
+@triton.jit
+def rprop_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/rprop.h Rprop::update): x = (param, grad, prev, step_size)."""
+    step_size_min, step_size_max, etaminus, etaplus = s[0], s[1], s[2], s[3]
+    prod = grad * x[2]
+    factor = tl.where(prod > 0.0, etaplus, tl.where(prod < 0.0, etaminus, 1.0))
+    step_size = x[3] * factor
+    step_size = tl.where(step_size < step_size_min, step_size_min, step_size)
+    step_size = tl.where(step_size > step_size_max, step_size_max, step_size)
+    grad = tl.where(prod < 0.0, 0.0, grad)
+    # -1 * sign(grad): -1, 1, or -0 for 0 and NaN (torch.sign gives 0 for both).
+    negative_zero = tl.zeros_like(grad) * -1.0
+    neg_sign = tl.where(grad > 0.0, -1.0, tl.where(grad < 0.0, 1.0, negative_zero))
+    param = x[0] + neg_sign.to(grad.dtype) * step_size
+    return param, x[1], grad, step_size

@@ -46,8 +46,9 @@ struct StepCall {
   uint32_t lists;               // the optimizer's lists present in the table (a bit each)
   bool maximize;                // grads are negated before the optimizer's math
   const float* grad_scale;      // nullptr: grads are not scaled; else grads /= *grad_scale
-  // Per tensor, the optimizer's per-tensor state after this step's advance, rounded to
-  // the state tensors' dtypes: tensor_state[t * n_states + j] (nullptr without state).
+  // Per tensor, its step's state ([note: the step's state] in math/optimizer.h): the
+  // per-tensor state after this step's advance, rounded to the state tensors' dtypes, then
+  // as it was before: tensor_state[t * 2 * n_states + j] (nullptr without state).
   const double* tensor_state;
 };
 

@@ -469,7 +469,7 @@ void chunks_typed(const TensorTable& table, const StepCall& call, const Chunk* c
           if constexpr (kStates > 0) {
             if (chunk.tensor != scalars_tensor) {
               op.s = quiet_nans<opmath>(Optim::template scalars<LISTS, V, opmath>(
-                  call.args, call.tensor_state + chunk.tensor * kStates));
+                  call.args, call.tensor_state + chunk.tensor * 2 * kStates));
               scalars_tensor = chunk.tensor;
             }
           }

@@ -112,7 +112,7 @@ struct OptimFunctor {
   __device__ BlockScalars block_scalars(const void* const* tensor_scalars) const {
     math::Args a = args;
     a.lr = read_scalar(lr);
-    double state[kTensorScalars > 0 ? kTensorScalars : 1] = {0.0};
+    double state[kTensorScalars > 0 ? 2 * kTensorScalars : 1] = {0.0};
     if constexpr (kTensorScalars > 0) {
       advance_state<Optim>(a, tensor_scalars, states_are_double, state);
     }
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kStatesBlockSize)
   const void* ptrs[NS];
 #pragma unroll
   for (int j = 0; j < NS; ++j) ptrs[j] = table.ptrs[j][i];
-  double state[NS];
+  double state[2 * NS];
   advance_state<Optim>(args, ptrs, a.is_double, state);
 #pragma unroll
   for (int j = 0; j < NS; ++j) store_state(table.ptrs[j][i], a.is_double[j], state[j]);

@@ -62,8 +62,8 @@ inline Bucket make_bucket(const OptimizerEntry& e, const OptCase& c, DType d,
   return b;
 }
 
-// The reference applied to every element of `in`; `states`: each tensor's state after
-// this step (the torch statement, see optimizer_table.h).
+// The reference applied to every element of `in`; `states`: each tensor's step's state
+// (step_state with the torch statement, see optimizer_table.h).
 inline Expected expected_for(const OptimizerEntry& e, const OptCase& c, const Bucket& in,
                              const std::vector<double>& states) {
   const Layout lay = layout_for(e, c);
@@ -77,7 +77,7 @@ inline Expected expected_for(const OptimizerEntry& e, const OptCase& c, const Bu
   const bool extended = in.dtype == DType::kFloat64;
   double vals[kMaxLists] = {};
   for (int64_t t = 0; t < in.n_tensors(); ++t) {
-    const double* st = e.n_states ? states.data() + t * e.n_states : nullptr;
+    const double* st = e.n_states ? states.data() + t * 2 * e.n_states : nullptr;
     for (int64_t i = 0; i < in.numels[t]; ++i) {
       for (int r = 0; r < lay.n_rows; ++r) vals[lay.list_of_row[r]] = in.at(r, t).get(i);
       const ElemRef o = e.reference(c.args, st, scale, vals, extended);
@@ -147,7 +147,7 @@ inline int64_t count_bit_differences(const Bucket& a, const Bucket& b) {
 }
 
 // One step's call of the CPU kernels, as csrc/ops_cpu.cpp builds it. `states`: each
-// tensor's state after Optim::advance (must outlive the call).
+// tensor's step's state (step_state in optimizer_table.h; must outlive the call).
 inline fc::StepCall step_call(const OptimizerEntry& e, const OptCase& c,
                               const std::vector<double>& states) {
   fc::StepCall call{};
@@ -168,12 +168,12 @@ inline void run_cpu(const fc::KernelSet& k, const OptimizerEntry& e, Bucket& b,
   });
 }
 
-// The per-tensor states of a step `steps_done` steps after the tests' initial state,
-// after this step's advance: with Optim::advance (`header`: what the ops layer hands the
-// engine) or with the entry's torch statement (what the reference is given).
+// The step's states of a step `steps_done` steps after the tests' initial state
+// (step_state): with Optim::advance (`header`: what the ops layer hands the engine) or
+// with the entry's torch statement (what the reference is given).
 inline std::vector<double> step_states(const OptimizerEntry& e, const OptCase& c,
                                        int64_t n_tensors, int steps_done, bool header) {
-  return advanced(e, c.args, states_before(e, c.args, n_tensors, steps_done), header);
+  return step_state(e, c.args, states_before(e, c.args, n_tensors, steps_done), header);
 }
 
 // One step of case `c` through kernel set `k` on a copy of `input` laid out with `offset`.
@@ -248,7 +248,7 @@ inline void check_nan_scalar_step(const OptimizerEntry& e, const NanScalarCase& 
   const Layout lay = layout_for(e, n.c);
   for (int row = 0; row < lay.n_rows; ++row) {
     const int list = lay.list_of_row[row];
-    if (!(n.nan_grad_scale || list == e.param_list)) continue;
+    if (!(((n.nan_grad_scale ? e.nan_grad_scale_lists : e.nan_lr_lists) >> list) & 1u)) continue;
     int64_t not_nan = 0;
     for (int64_t t = 0; t < r.n_tensors(); ++t) {
       for (int64_t i = 0; i < r.numels[t]; ++i) not_nan += !std::isnan(r.at(row, t).get(i));

@@ -80,7 +80,8 @@ struct OptimizerEntry {
   int n_states;
   std::vector<std::string> float_names, flag_names;
   int maximize_flag;                                  // index among the flags, or -1
-  void (*advance)(const fm::Args&, double* state);    // Optim::advance (the header's)
+  // Optim::advance (the header's); the tests keep every state in float64.
+  void (*advance)(const fm::Args&, double* state, const bool* is_double);
 
   // The test's own statements.
   uint32_t (*lists)(const fm::Args&);  // the lists a call with these arguments has
@@ -88,7 +89,8 @@ struct OptimizerEntry {
   void (*initial_state)(int64_t t, double* state);
   // torch.optim's update of the per-tensor state (Adam's step_t += 1), independent of
   // Optim::advance (which optimizer_advance_matches_torch checks against it).
-  void (*advance_reference)(const fm::Args&, double* state);
+  // is_double[j]: state j is a float64 tensor (else float32), as Optim::advance takes it.
+  void (*advance_reference)(const fm::Args&, double* state, const bool* is_double);
   // One element's random inputs, every list of the optimizer (absent ones: ignored).
   void (*fill)(Rng& rng, const OptCase& c, double* x);
   // reference.h; `extended`: long double (fp64 storage), else double.
@@ -101,6 +103,10 @@ struct OptimizerEntry {
   // The case of step `step` (0, 1, 2) of the multi-step test.
   OptCase (*step_case)(int step);
   std::vector<Teeth> teeth;
+  // The lists a NaN lr / a NaN grad scale makes NaN in one step (default: the params /
+  // every list).
+  uint32_t nan_lr_lists = 1u;
+  uint32_t nan_grad_scale_lists = ~0u;
 };
 
 // Every optimizer with a C++ reference, in id order.
@@ -147,6 +153,16 @@ std::vector<double> states_before(const OptimizerEntry& e, const fm::Args& a, in
 // The states after one more step: with the torch statement (the reference's input) or
 // with Optim::advance (what the ops layer hands the CPU engine).
 std::vector<double> advanced(const OptimizerEntry& e, const fm::Args& a,
-                             const std::vector<double>& before, bool header);
+                             const std::vector<double>& before, bool header,
+                             bool states_double = true);
+
+// Each tensor's step's state ([note: the step's state] in math/optimizer.h): its state
+// after one more step (as `advanced`), then `before`'s; 2 * n_states per tensor. What the
+// CPU engine and the references are given.
+std::vector<double> step_state(const OptimizerEntry& e, const fm::Args& a,
+                               const std::vector<double>& before, bool header);
+// The same from states after and before (n_states per tensor each).
+std::vector<double> step_state_of(const OptimizerEntry& e, const std::vector<double>& after,
+                                  const std::vector<double>& before);
 
 }  // namespace fo_test

@@ -74,6 +74,20 @@ struct TorchLr {
     if (dtype == fm::LrDType::kFloat64) return a - b;
     return round(static_cast<float>(a) - static_cast<float>(b));
   }
+  double add(double a, double b) const {
+    if (dtype == fm::LrDType::kFloat64) return a + b;
+    return round(static_cast<float>(a) + static_cast<float>(b));
+  }
+  // tensor ** python_float (ASGD's eta): ATen's pow_tensor_scalar passes the exponent on
+  // as a double, and a one-element tensor takes the scalar loop, std::pow(float base,
+  // double exp): the base is of lr's dtype, the exponent is NOT rounded to float, the
+  // double result is rounded to float (measured with torch 2.13: bit for bit for
+  // exponents 0.75, 0.6, 0.3). The vectorized loop of larger tensors (Sleef's powf)
+  // does not apply to a 0-dim lr.
+  double pow(double a, double b) const {
+    if (dtype == fm::LrDType::kFloat64) return std::pow(a, b);
+    return round(static_cast<float>(std::pow(static_cast<double>(static_cast<float>(a)), b)));
+  }
 };
 
 // ---------------------------------------------------------------------------------------
@@ -385,6 +399,209 @@ ElemRef adamax_reference(const fm::Args& a, const double* state, const float* gr
   record(out, A::kExpAvg, m);
   record(out, A::kExpInf, Term<R>{u, mag_u});
   record(out, A::kParam, Term<R>{p - update, fabs(p) + mag_update});
+  return out;
+}
+
+
+// ---------------------------------------------------------------------------------------
+// NAdam: torch.optim.nadam._single_tensor_nadam (capturable=False, differentiable=False).
+//   step_t += 1; step = step_t.item(); bias_correction2 = 1 - beta2 ** step
+//   grad = -grad if maximize
+//   weight_decay != 0: param.mul_(1 - lr * wd) if decoupled else grad = grad + wd * param
+//   mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
+//   mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+//   mu_product *= mu
+//   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+//   denom = exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
+//   param.addcdiv_(grad, denom, value=-lr * (1 - mu) / (1 - mu_product))
+//   param.addcdiv_(exp_avg, denom, value=(-lr * mu_next) / (1 - mu_product * mu_next))
+// `state`: [step, mu_product] after this step's update (mu_product as stored: torch reads
+// it back with .item()), then their values before it (unused).
+template <typename R>
+ElemRef nadam_reference(const fm::Args& a, const double* state, const float* grad_scale,
+                        const double* in) {
+  using N = fm::NAdam;
+  using std::fabs;
+  const double step = state[N::kStep];
+  const double mu_product = state[N::kMuProduct];
+  const bool decoupled = a.flags[N::kDecoupledWeightDecay];
+  const double beta1 = a.floats[N::kBeta1], beta2 = a.floats[N::kBeta2];
+  const double momentum_decay = a.floats[N::kMomentumDecay];
+  const double weight_decay = a.floats[N::kWeightDecay];
+  const TorchLr lr{a.lr_dtype};
+  const R b2 = beta2, wd = weight_decay, eps = a.floats[N::kEps];
+  R p = in[N::kParam];
+  ElemRef out;
+
+  const Term<R> g = prepare_grad<R>(in[N::kGrad], p, grad_scale, a.flags[N::kMaximize],
+                                    decoupled ? R(0) : wd, N::kGrad, out);
+  if (weight_decay != 0 && decoupled) {
+    // 1 - lr * weight_decay: Python floats, or two rounded ops of an lr tensor.
+    const R factor = a.lr_dtype == fm::LrDType::kFloat64
+                         ? 1 - static_cast<R>(a.lr) * wd
+                         : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
+    p = p * factor;
+  }
+  // The per-tensor scalars in Python floats (an lr tensor: -lr * x / y in its dtype, the
+  // Python float operands rounded to it).
+  const double mu = beta1 * (1.0 - 0.5 * std::pow(0.96, step * momentum_decay));
+  const double mu_next = beta1 * (1.0 - 0.5 * std::pow(0.96, (step + 1) * momentum_decay));
+  const double bias_correction2 = 1.0 - std::pow(beta2, step);
+  const R c1 = static_cast<R>(lr.div(lr.mul(-a.lr, 1.0 - mu), 1.0 - mu_product));
+  const R c2 = static_cast<R>(lr.div(lr.mul(-a.lr, mu_next), 1.0 - mu_product * mu_next));
+
+  const Term<R> m = lerp<R>(in[N::kExpAvg], g, 1 - static_cast<R>(beta1));
+  const Term<R> v = ema_sq<R>(in[N::kExpAvgSq], b2, 1 - b2, g);
+  const R denom = std::sqrt(v.value / static_cast<R>(bias_correction2)) + eps;
+  // The relative error of denom is at most that of v (mag / value).
+  const R rel_v = v.value > 0 ? v.mag / v.value : R(1);
+  const R t1 = c1 * g.value / denom;
+  const R t2 = c2 * m.value / denom;
+  const R mag_t1 = fabs(c1) * (g.mag + fabs(g.value) * rel_v) / denom;
+  const R mag_t2 = fabs(c2) * (m.mag + fabs(m.value) * rel_v) / denom;
+  record(out, N::kParam, Term<R>{p + t1 + t2, fabs(p) + mag_t1 + mag_t2});
+  record(out, N::kExpAvg, m);
+  record(out, N::kExpAvgSq, v);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// RAdam: torch.optim.radam._single_tensor_radam (capturable=False, differentiable=False).
+//   step_t += 1; step = step_t.item(); grad = -grad if maximize
+//   weight_decay != 0: param.mul_(1 - lr * wd) if decoupled else grad = grad + wd * param
+//   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+//   bias_correction1 = 1 - beta1 ** step; bias_correction2 = 1 - beta2 ** step
+//   bias_corrected_exp_avg = exp_avg / bias_correction1
+//   rho_inf = 2 / (1 - beta2) - 1
+//   rho_t = rho_inf - 2 * step * (beta2 ** step) / bias_correction2
+//   rho_t > 5:  rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+//                       / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+//               adaptive_lr = (bias_correction2 ** 0.5) / exp_avg_sq.sqrt().add_(eps)
+//               param.add_(bias_corrected_exp_avg * lr * adaptive_lr * rect, alpha=-1)
+//   else:       param.add_(bias_corrected_exp_avg * lr, alpha=-1)
+// An lr tensor enters `* lr` with its value only (a 0-dim operand); its dtype rounds
+// 1 - lr * weight_decay.
+template <typename R>
+ElemRef radam_reference(const fm::Args& a, const double* state, const float* grad_scale,
+                        const double* in) {
+  using A = fm::RAdam;
+  using std::fabs;
+  const double step = state[0];
+  const bool decoupled = a.flags[A::kDecoupledWeightDecay];
+  const double beta1 = a.floats[A::kBeta1], beta2 = a.floats[A::kBeta2];
+  const double weight_decay = a.floats[A::kWeightDecay];
+  const TorchLr lr{a.lr_dtype};
+  const R b2 = beta2, wd = weight_decay, eps = a.floats[A::kEps], lr_value = a.lr;
+  R p = in[A::kParam];
+  ElemRef out;
+
+  const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize],
+                                    decoupled ? R(0) : wd, A::kGrad, out);
+  if (weight_decay != 0 && decoupled) {
+    const R factor = a.lr_dtype == fm::LrDType::kFloat64
+                         ? 1 - static_cast<R>(a.lr) * wd
+                         : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
+    p = p * factor;
+  }
+  const Term<R> m = lerp<R>(in[A::kExpAvg], g, 1 - static_cast<R>(beta1));
+  const Term<R> v = ema_sq<R>(in[A::kExpAvgSq], b2, 1 - b2, g);
+  // The per-tensor scalars in Python floats, the branch per tensor.
+  const double bias_correction1 = 1.0 - std::pow(beta1, step);
+  const double bias_correction2 = 1.0 - std::pow(beta2, step);
+  const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+  const double rho_t = rho_inf - 2.0 * step * std::pow(beta2, step) / bias_correction2;
+  const R bc1 = static_cast<R>(bias_correction1);
+  const R corrected = m.value / bc1 * lr_value;
+  const R mag_corrected = m.mag / bc1 * fabs(lr_value);
+  if (rho_t > 5.0) {
+    const R rect = static_cast<R>(std::pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                                               ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t),
+                                           0.5));
+    const R denom = std::sqrt(v.value) + eps;
+    const R adaptive_lr = static_cast<R>(std::pow(bias_correction2, 0.5)) / denom;
+    const R rel_v = v.value > 0 ? v.mag / v.value : R(1);
+    const R update = corrected * adaptive_lr * rect;
+    const R mag_update = (mag_corrected + fabs(corrected) * rel_v) * adaptive_lr * rect;
+    record(out, A::kParam, Term<R>{p - update, fabs(p) + mag_update});
+  } else {
+    record(out, A::kParam, Term<R>{p - corrected, fabs(p) + mag_corrected});
+  }
+  record(out, A::kExpAvg, m);
+  record(out, A::kExpAvgSq, v);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// ASGD: torch.optim.asgd._single_tensor_asgd (capturable=False).
+//   grad = -grad if maximize; step_t += 1
+//   grad = grad + weight_decay * param (weight_decay != 0)
+//   eta_value = eta.item(); param.mul_(1 - lambd * eta_value); param.add_(grad, alpha=-eta_value)
+//   mu.item() != 1: ax.add_(param.sub(ax).mul_(mu))   else: ax.copy_(param)
+//   then eta = lr / ((1 + lambd * lr * step) ** alpha), mu = 1 / max(1, step - t0)
+// The update reads the eta and mu of the previous step, as stored: `state` is
+// [step, eta, mu] after this step's update, then [step, eta, mu] before it (those read).
+template <typename R>
+ElemRef asgd_reference(const fm::Args& a, const double* state, const float* grad_scale,
+                       const double* in) {
+  using A = fm::Asgd;
+  using std::fabs;
+  const double eta = state[A::kStates + A::kEta];
+  const double mu = state[A::kStates + A::kMu];
+  const R wd = a.floats[A::kWeightDecay];
+  const R p = in[A::kParam], ax = in[A::kAx];
+  ElemRef out;
+
+  const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize], wd,
+                                    A::kGrad, out);
+  // 1 - lambd * eta_value: Python floats.
+  const R decayed = p * static_cast<R>(1.0 - a.floats[A::kLambd] * eta);
+  const R eta_r = static_cast<R>(eta);
+  const Term<R> p_new{decayed - eta_r * g.value, fabs(decayed) + fabs(eta_r) * g.mag};
+  record(out, A::kParam, p_new);
+  if (mu != 1.0) {
+    const R mu_r = static_cast<R>(mu);
+    record(out, A::kAx, Term<R>{ax + (p_new.value - ax) * mu_r,
+                                fabs(ax) + fabs(mu_r) * (p_new.mag + fabs(ax))});
+  } else {
+    record(out, A::kAx, p_new);  // ax.copy_(param)
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Rprop: torch.optim.rprop._single_tensor_rprop (capturable=False, differentiable=False).
+//   step += 1; grad = -grad if maximize
+//   sign = grad.mul(prev).sign()          (torch.sign: 0 for 0 and for NaN)
+//   sign[sign.gt(0)] = etaplus; sign[sign.lt(0)] = etaminus; sign[sign.eq(0)] = 1
+//   step_size.mul_(sign).clamp_(step_size_min, step_size_max)
+//   grad = grad.clone(); grad[sign.eq(etaminus)] = 0
+//   param.addcmul_(grad.sign(), step_size, value=-1); prev.copy_(grad)
+// clamp_ is min(max(x, lo), hi): step_size_max where the bounds cross, NaN stays NaN.
+template <typename R>
+ElemRef rprop_reference(const fm::Args& a, const double*, const float* grad_scale,
+                        const double* in) {
+  using A = fm::Rprop;
+  using std::fabs;
+  const R lo = a.floats[A::kStepSizeMin], hi = a.floats[A::kStepSizeMax];
+  const R etaminus = a.floats[A::kEtaminus], etaplus = a.floats[A::kEtaplus];
+  const R p = in[A::kParam], prev = in[A::kPrev], step_size = in[A::kStepSize];
+  ElemRef out;
+
+  Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize], R(0),
+                              A::kGrad, out);
+  const R product = g.value * prev;
+  R sign = product > 0 ? R(1) : product < 0 ? R(-1) : R(0);  // NaN: 0
+  sign = sign > 0 ? etaplus : sign < 0 ? etaminus : R(1);
+  R s = step_size * sign;
+  if (s == s) {  // clamp_: NaN propagates
+    s = s < lo ? lo : s;
+    s = s > hi ? hi : s;
+  }
+  if (sign == etaminus) g = Term<R>{R(0), R(0)};
+  const R grad_sign = g.value > 0 ? R(1) : g.value < 0 ? R(-1) : R(0);  // NaN: 0
+  record(out, A::kParam, Term<R>{p - grad_sign * s, fabs(p) + fabs(s)});
+  record(out, A::kPrev, g);
+  record(out, A::kStepSize, Term<R>{s, fabs(s)});
   return out;
 }
 

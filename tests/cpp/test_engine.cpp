@@ -286,8 +286,8 @@ FO_TEST(tolerance_has_teeth) {
         Rng rng(21);
         Bucket one(d, 1, {1}, offset_zero);
         const std::vector<double> sa =
-            advanced(e, th.a.args, states_before(e, th.a.args, 1, th.steps_done), false);
-        const std::vector<double> sb = advanced(
+            step_state(e, th.a.args, states_before(e, th.a.args, 1, th.steps_done), false);
+        const std::vector<double> sb = step_state(
             e, th.b.args, states_before(e, th.b.args, 1, th.steps_done + th.state_shift), false);
         const float* scale_a = th.a.scaled ? &th.a.grad_scale : nullptr;
         const float* scale_b = th.b.scaled ? &th.b.grad_scale : nullptr;

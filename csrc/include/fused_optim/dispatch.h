@@ -133,16 +133,17 @@ FO_HOST_DEVICE FO_INLINE void store_state(void* p, bool is_double, double v) {
   }
 }
 
-// A tensor's state after this step, from its state tensors ptrs[j] (doubles where
-// is_double[j], else floats): read as stored, advanced (Optim::advance) and rounded to
-// each tensor's dtype, the values store_state then writes and the step computes with.
+// A tensor's step's state ([note: the step's state] in math/optimizer.h), from its
+// state tensors ptrs[j] (doubles where is_double[j], else floats): state[NS + j] as
+// stored, state[j] advanced (Optim::advance) and rounded to each tensor's dtype, the
+// values store_state then writes. `state` holds math::step_state_size<Optim>() doubles.
 template <typename Optim>
 FO_HOST_DEVICE FO_INLINE void advance_state(const math::Args& args, const void* const* ptrs,
                                             const bool* is_double, double* state) {
   constexpr int NS = math::num_states<Optim>();
   FO_UNROLL
-  for (int j = 0; j < NS; ++j) state[j] = load_state(ptrs[j], is_double[j]);
-  Optim::advance(args, state);
+  for (int j = 0; j < NS; ++j) state[NS + j] = state[j] = load_state(ptrs[j], is_double[j]);
+  Optim::advance(args, state, is_double);
   FO_UNROLL
   for (int j = 0; j < NS; ++j) state[j] = round_state(state[j], is_double[j]);
 }

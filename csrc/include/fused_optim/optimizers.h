@@ -8,7 +8,11 @@
 #include "fused_optim/math/adagrad.h"
 #include "fused_optim/math/adam.h"
 #include "fused_optim/math/adamax.h"
+#include "fused_optim/math/asgd.h"
+#include "fused_optim/math/nadam.h"
+#include "fused_optim/math/radam.h"
 #include "fused_optim/math/rmsprop.h"
+#include "fused_optim/math/rprop.h"
 #include "fused_optim/math/sgd.h"
 
 // X(Struct): the structs of fused_optim::math, in a fixed order (their ids).
@@ -18,7 +22,11 @@
   X(Adagrad)                     \
   X(RMSprop)                     \
   X(Adadelta)                    \
-  X(Adamax)
+  X(Adamax)                      \
+  X(NAdam)                       \
+  X(RAdam)                       \
+  X(Asgd)                        \
+  X(Rprop)
 
 namespace fused_optim {
 

@@ -22,15 +22,24 @@
 //   valid<LISTS, V>()                            false for combinations never called
 //   reads<LISTS, V>(list)                        false for a list whose old values the
 //                                               update never reads (a buffer's first step)
-//   advance(args, state)                         a tensor's scalar state after this step
-//                                               (step + 1), in double; the engines round
-//                                               it to each state tensor's dtype
+//   advance(args, state, is_double)              a tensor's scalar state after this step
+//                                               (step + 1, ...), in double, in place;
+//                                               is_double[j] says whether state j is kept
+//                                               in float64 (else float32), for torch's
+//                                               operand roundings (a Python float times a
+//                                               float32 tensor rounds the float first);
+//                                               the engines round each result to its
+//                                               state tensor's dtype
 //   Scalars<S>, scalars<LISTS, V, S>(args, state)
 //                                               the per-tensor values of one step, from
-//                                               the advanced (rounded) state, in double,
-//                                               rounded once to the opmath type S; a
-//                                               struct of S fields only (the CPU engine's
-//                                               quiet_nans walks it as an array of them)
+//                                               the step's state ([note: the step's
+//                                               state]), in double, rounded once to the
+//                                               opmath type S; a struct of S fields only
+//                                               (the CPU engine's quiet_nans walks it as
+//                                               an array of them). A per-tensor branch
+//                                               (RAdam's rectification) is a field that
+//                                               update tests: one branch per tensor, taken
+//                                               alike by every element of it
 //   update<LISTS, V>(x, grad, scalars)           one element: x[list] holds every list's
 //                                               value (absent lists: unused), grad is
 //                                               unscaled and, with maximize, negated
@@ -78,14 +87,16 @@ struct OptimizerBase {
     return true;
   }
 
-  FO_HOST_DEVICE static void advance(const Args&, double*) {}
+  FO_HOST_DEVICE static void advance(const Args&, double*, const bool*) {}
 };
 
 // The per-tensor state of most optimizers: the step count, as torch.optim keeps it
 // (state_steps; state[0] is advanced by one per step).
 struct CountsSteps : OptimizerBase {
   static constexpr std::array<const char*, 1> kStateNames = {"state_steps"};
-  FO_HOST_DEVICE static void advance(const Args&, double* state) { state[0] += 1.0; }
+  FO_HOST_DEVICE static void advance(const Args&, double* state, const bool*) {
+    state[0] += 1.0;
+  }
 };
 
 // The compile-time variant of an L2 weight decay: skipped, not multiplied by 0, when
@@ -111,6 +122,18 @@ struct WithL2Decay : Base {
 template <typename Optim>
 FO_HOST_DEVICE constexpr int num_states() {
   return static_cast<int>(Optim::kStateNames.size());
+}
+
+// [note: the step's state]
+// What scalars() reads of a tensor's per-tensor state: state[j] is state j after this
+// step's advance, rounded as it is stored; state[num_states + j] is state j as stored
+// before it. torch.optim computes most steps from the advanced values (the step count
+// after `step += 1`), some from the old ones (ASGD's eta and mu, which the previous step
+// computed for this one). Both engines and the CPU op lay it out so; this many doubles
+// per tensor:
+template <typename Optim>
+FO_HOST_DEVICE constexpr int step_state_size() {
+  return 2 * num_states<Optim>();
 }
 
 // Every list a call of Optim may have: the required ones plus the optional ones present.

@@ -77,6 +77,10 @@ struct LrMath {
   FO_HOST_DEVICE double mul(double a, double b) const { return result(operand(a) * operand(b)); }
   FO_HOST_DEVICE double div(double a, double b) const { return result(operand(a) / operand(b)); }
   FO_HOST_DEVICE double sub(double a, double b) const { return result(operand(a) - operand(b)); }
+  FO_HOST_DEVICE double add(double a, double b) const { return result(operand(a) + operand(b)); }
+  // a ** b for a Python float b: ATen's CPU pow of a float32 tensor by a scalar takes the
+  // exponent as a double (std::pow(float, double): a double pow, rounded once).
+  FO_HOST_DEVICE double pow(double a, double b) const { return result(::pow(operand(a), b)); }
 };
 
 FO_HOST_DEVICE inline LrMath lr_math(const Args& a) { return LrMath{a.lr_dtype}; }
