@@ -406,13 +406,6 @@ class FusedOptimizer(Optimizer):
         else:
             check_capturable(single_xla, single_names)
 
-    @staticmethod
-    def _check_host_read(group: dict[str, Any]) -> None:
-        """torch.optim reads a per-tensor state with .item() on this path
-        (ScalarState.host_read): on meta params it raises, after its other checks."""
-        if any(p.grad is not None and p.device.type == "meta" for p in group["params"]):
-            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
-
     def _check_fused(self, params: list[Tensor]) -> None:
         """fused=True: torch's own device and dtype check, of every param with a grad at
         the first step, then of each param at its first step (_init_group)."""
@@ -428,8 +421,6 @@ class FusedOptimizer(Optimizer):
         """One step of one param group: the eager entry, else lists, the group's calls
         (``_split_call``), buckets, backends."""
         self._check_torch_paths(group)
-        if self.spec.host_read and not group.get("capturable"):
-            self._check_host_read(group)
         hyper = self._hyper(group)
         if self._step_group_eager(group, hyper):
             return
@@ -537,6 +528,10 @@ class FusedOptimizer(Optimizer):
         differentiable = bool(group.get("differentiable", False))
         per_device: dict[torch.device, tuple] = {}
         for (device, dtype, dense), bucket in buckets.items():
+            if device.type == "meta" and self.spec.host_read and not group.get("capturable"):
+                # torch.optim reads such a state with .item() (ScalarState.host_read):
+                # on meta params that raises, after the state is created, as here.
+                raise RuntimeError("Tensor.item() cannot be called on meta tensors")
             if device not in per_device:
                 per_device[device] = self._device_args(group, device)
             lr_t, gs, fi = per_device[device]
