@@ -34,9 +34,14 @@ def asgd_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor],
     step64 = step.to(torch.float64)
     # lr / ((1 + lambd * lr * step) ** alpha) in lr's dtype; 1 / max(1, step - t0).
     base = lr_add_to(1.0, lr_mul(lr_mul(lr, lambd), step64))
-    state["eta"] = lr_div(lr, lr_pow(base, h["alpha"]))
+    eta = lr_div(lr, lr_pow(base, h["alpha"]))
     since_t0 = step64 - h["t0"]
-    state["mu"] = 1 / torch.where(since_t0 > 1, since_t0, 1.0)
+    mu = 1 / torch.where(since_t0 > 1, since_t0, 1.0)
+    # torch stores torch.as_tensor(value): a Python float in the default dtype, which the
+    # step's dtype records (math/asgd.h).
+    as_tensor = step.dtype
+    state["eta"] = eta.to(as_tensor) if eta.dtype == torch.float64 else eta
+    state["mu"] = mu.to(as_tensor)
     state["step"] = step
 
 

@@ -107,6 +107,38 @@ def test_state_dict_switch_mid_training(case, direction):
     assert_same_trajectory(second, never, params, never_params, 2 * HALF, grads, direction)
 
 
+@pytest.mark.parametrize("case,variant", case_variant_params(FULL_CASES, VARIANTS, SLOW_CASES))
+def test_torch_state_dict_of_float64_params(case, variant):
+    """torch.optim's load_state_dict casts every state but `step` to the param's dtype:
+    a float64 model's loaded state keeps `step` in float32 and the other per-tensor
+    states (NAdam's mu_product, ASGD's eta and mu) in float64. fused_optim keeps those
+    dtypes, as the torch class does, and every backend steps on from them like torch."""
+    backend, cap = variant
+    _, _, params, _, grads = _pair(case, dtype=torch.float64)
+    first = case.torch(params, foreach=False, **case.options)
+    for g in grads[:HALF]:
+        _set_grads(params, g)
+        first.step()
+    saved = copy.deepcopy(first.state_dict())
+    second = case.fused(params, backend=backend, **case.options)
+    second.load_state_dict(copy.deepcopy(saved))
+    again_params = clone_leaves(params)
+    again = case.torch(again_params, foreach=False, **case.options)
+    again.load_state_dict(copy.deepcopy(saved))
+    for p, q in zip(params, again_params):
+        ours, theirs = tensor_state(second, p), tensor_state(again, q)
+        assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}
+    with cpu_capability(cap):
+        for g in grads[HALF:]:
+            _set_grads(params, g)
+            second.step()
+    for g in grads[HALF:]:
+        _set_grads(again_params, g)
+        again.step()
+    assert_same_trajectory(second, again, params, again_params, HALF, grads[HALF:],
+                           f"{case.id} {backend}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_state_dict_format_matches_torch(case):
     fused, oracle, fp, tp, grads = _pair(case)

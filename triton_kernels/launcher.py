@@ -10,7 +10,8 @@ functions. Nothing here names an optimizer.
 Preconditions (checked when a table is built, see `_build_table`): every list as long
 as params; every tensor on params' device, of params' dtype, shape and strides, and
 non-overlapping and dense (element i of each list sits at offset i); per-tensor state
-is one-element float32 (or, all of it, float64) tensors on params' device; grad_scale
+is one-element float32 or float64 tensors on params' device (rows whose states differ in
+dtype go in separate launches, see `_rows_by_state_dtypes`); grad_scale
 and found_inf are one-element float32 tensors on params' device.
 
 Bytes per element: each list the optimizer reads, once, and each it writes, once, in
@@ -199,9 +200,18 @@ def _chunk(ptrs, begin, end, grad_scale, s, UPDATE: tl.constexpr, N_LISTS: tl.co
 
 
 @triton.jit
+def _store_state(ptr, value, mask, IS_F64: tl.constexpr):
+    """Stores a float64 state value in its tensor's dtype (float64, or float32)."""
+    if IS_F64:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value.to(tl.float32), mask=mask)
+
+
+@triton.jit
 def _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE: tl.constexpr,
                 SCALARS: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
-                LISTS: tl.constexpr, VARIANT: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                LISTS: tl.constexpr, VARIANT: tl.constexpr, STATE_F64: tl.constexpr,
                 LR_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, OPMATH: tl.constexpr):
     """(the tensor's advanced state, rounded as stored; the optimizer's per-tensor
     scalars, from the step's state: the advanced state, then the old one), from its old
@@ -219,9 +229,12 @@ def _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE: tl.constexpr,
                  + tl.cast(hyper[3 * k + 2], tl.float64),)
     new_state = ()
     if N_STATES > 0:
-        advanced = ADVANCE(state, lr, h, STATE_DTYPE, LR_DTYPE)
+        advanced = ADVANCE(state, lr, h, STATE_F64, LR_DTYPE)
         for j in tl.static_range(N_STATES):
-            new_state = new_state + (advanced[j].to(STATE_DTYPE).to(tl.float64),)
+            if (STATE_F64 >> j) & 1:
+                new_state = new_state + (advanced[j],)
+            else:
+                new_state = new_state + (advanced[j].to(tl.float32).to(tl.float64),)
     step_state = new_state
     for j in tl.static_range(N_STATES):
         step_state = step_state + (state[j],)
@@ -241,7 +254,7 @@ def _table_kernel(
     N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
     VARIANT: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
     # meta-parameters
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_F64: tl.constexpr,
     LR_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ELEM_ALIGN: tl.constexpr,
@@ -260,11 +273,15 @@ def _table_kernel(
     state = ()
     state_at = ()
     for j in tl.static_range(N_STATES):
-        ptr = tl.load(state_ptrs + j * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
+        address = tl.load(state_ptrs + j * n_tensors + t)
+        if (STATE_F64 >> j) & 1:
+            ptr = address.to(tl.pointer_type(tl.float64))
+        else:
+            ptr = address.to(tl.pointer_type(tl.float32))
         state_at = state_at + (ptr,)
         state = state + (tl.load(ptr).to(tl.float64),)
     new_state, s = _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE, SCALARS, N_FLOATS,
-                               N_STATES, LISTS, VARIANT, STATE_DTYPE, LR_DTYPE, LR_ON_DEVICE,
+                               N_STATES, LISTS, VARIANT, STATE_F64, LR_DTYPE, LR_ON_DEVICE,
                                OPMATH)
     grad_scale = 1.0
     if UNSCALE:
@@ -282,7 +299,7 @@ def _table_kernel(
         arrived = tl.atomic_add(arrivals + t, 1, mask=go, sem="acq_rel", scope="gpu")
         last = go & (arrived == tl.load(n_chunks + t) - 1)
         for j in tl.static_range(N_STATES):
-            tl.store(state_at[j], new_state[j].to(STATE_DTYPE), mask=last)
+            _store_state(state_at[j], new_state[j], last, (STATE_F64 >> j) & 1)
         tl.store(arrivals + t, 0, mask=last)
 
 
@@ -296,7 +313,7 @@ def _tensor_kernel(
     ADVANCE: tl.constexpr, SCALARS: tl.constexpr, UPDATE: tl.constexpr,
     N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
     VARIANT: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_F64: tl.constexpr,
     LR_DTYPE: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -309,7 +326,7 @@ def _tensor_kernel(
     for j in tl.static_range(N_STATES):
         state = state + (tl.load(all_states[j]).to(tl.float64),)
     new_state, s = _scalars_of(state, lr_ptr, (0.0, 0.0, 0.0), hyper, ADVANCE, SCALARS,
-                               N_FLOATS, N_STATES, LISTS, VARIANT, STATE_DTYPE, LR_DTYPE,
+                               N_FLOATS, N_STATES, LISTS, VARIANT, STATE_F64, LR_DTYPE,
                                True, OPMATH)
     grad_scale = 1.0
     if UNSCALE:
@@ -326,7 +343,7 @@ def _tensor_kernel(
 def _state_kernel(s0, s1, s2, s3, lr_ptr, found_inf_ptr, hyper,
                   ADVANCE: tl.constexpr, SCALARS: tl.constexpr, N_FLOATS: tl.constexpr,
                   N_STATES: tl.constexpr, LISTS: tl.constexpr, VARIANT: tl.constexpr,
-                  STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+                  STATE_F64: tl.constexpr, LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr,
                   HAS_FOUND_INF: tl.constexpr):
     """Stores one tensor's advanced state (after its _tensor_kernel, same stream)."""
     all_states = (s0, s1, s2, s3)
@@ -334,13 +351,13 @@ def _state_kernel(s0, s1, s2, s3, lr_ptr, found_inf_ptr, hyper,
     for j in tl.static_range(N_STATES):
         state = state + (tl.load(all_states[j]).to(tl.float64),)
     new_state, _ = _scalars_of(state, lr_ptr, (0.0, 0.0, 0.0), hyper, ADVANCE, SCALARS,
-                               N_FLOATS, N_STATES, LISTS, VARIANT, STATE_DTYPE, LR_DTYPE,
+                               N_FLOATS, N_STATES, LISTS, VARIANT, STATE_F64, LR_DTYPE,
                                True, OPMATH)
     go = True
     if HAS_FOUND_INF:
         go = tl.load(found_inf_ptr) == 0
     for j in tl.static_range(N_STATES):
-        tl.store(all_states[j], new_state[j].to(STATE_DTYPE), mask=go)
+        _store_state(all_states[j], new_state[j], go, (STATE_F64 >> j) & 1)
 
 
 # ---------------------------------------------------------------------------------
@@ -359,7 +376,7 @@ class _Table:
     n_tensors: int
     n_programs: int
     elem_align: int             # every address is a multiple of this many elements
-    state_dtype: torch.dtype | None
+    state_f64: int              # bit j: state list j is float64 (else float32)
 
 
 _TABLES: collections.OrderedDict[tuple, _Table] = collections.OrderedDict()
@@ -416,18 +433,41 @@ def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
                                     f"strides {p.stride()}; every tensor of a row must share "
                                     "one memory layout")
     if states:
-        state_dtype = states[0][1][0].dtype
         for name, tensors in states:
             for i, s in enumerate(tensors):
                 if s.numel() != 1:
                     raise _op_error(op, f"{name}[{i}] must be a one-element tensor")
-                if s.dtype not in (torch.float32, torch.float64) or s.dtype != state_dtype:
-                    raise _op_error(op, f"state must be all float32 or all float64, "
-                                        f"{name}[{i}] is {s.dtype}")
+                if s.dtype not in (torch.float32, torch.float64):
+                    raise _op_error(op, f"state must be float32 or float64, {name}[{i}] is "
+                                        f"{s.dtype}")
                 if s.device != device:
                     raise _op_error(op, f"{name}[{i}] is on {s.device} but the params are "
                                         f"on {device}; the Triton backend reads state on the "
                                         "params' device (as torch's fused Adam keeps it)")
+
+
+def _state_f64(states: list[tuple[str, list[torch.Tensor]]], row: int) -> int:
+    """Row `row`'s state dtypes as the kernels take them (STATE_F64): bit j set where
+    state list j holds a float64 tensor (torch.optim may keep a param's step in float32
+    and its other per-tensor states in float64, e.g. after loading a float64 model's
+    state_dict)."""
+    return sum(1 << j for j, (_, tensors) in enumerate(states)
+               if tensors[row].dtype == torch.float64)
+
+
+def _rows_by_state_dtypes(states: list[tuple[str, list[torch.Tensor]]]
+                          ) -> list[list[int]] | None:
+    """None when every row's states have the first row's dtypes (the common case, one
+    launch); else the rows grouped by their states' dtypes, in order of first use."""
+    if not states:
+        return None
+    first = [tensors[0].dtype for _, tensors in states]
+    if all(t.dtype == d for (_, tensors), d in zip(states, first) for t in tensors):
+        return None
+    groups: dict[int, list[int]] = {}
+    for i in range(len(states[0][1])):
+        groups.setdefault(_state_f64(states, i), []).append(i)
+    return list(groups.values())
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -452,10 +492,10 @@ def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
     ptrs = [t.data_ptr() for lst in lists for t in lst]
     state_ptrs = [s.data_ptr() for _, tensors in states for s in tensors]
     numels = [p.numel() for p in params]
-    # The state's dtype is part of the key: the table fixes how the kernel reads the state
-    # (STATE_DTYPE), and a float64 state may sit where a float32 one did.
-    state_dtype = states[0][1][0].dtype if states else None
-    key = (params[0].device, params[0].dtype, state_dtype, tuple(slots), n_slots,
+    # The states' dtypes are part of the key: the table fixes how the kernel reads each
+    # state list (STATE_F64), and a float64 state may sit where a float32 one did.
+    state_f64 = _state_f64(states, 0)
+    key = (params[0].device, params[0].dtype, state_f64, tuple(slots), n_slots,
            config.chunk, tuple(ptrs), tuple(state_ptrs), tuple(numels))
     table = _TABLES.get(key)
     if table is not None:
@@ -469,7 +509,7 @@ def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
     for i, slot in enumerate(slots):
         slot_ptrs[slot] = ptrs[i * n:(i + 1) * n]
     table = _build_table(op, params[0].device, [p for row in slot_ptrs for p in row],
-                         state_ptrs, numels, config, state_dtype, params[0].element_size())
+                         state_ptrs, numels, config, state_f64, params[0].element_size())
     _TABLES[key] = table
     if len(_TABLES) > _TABLE_CACHE_SIZE:
         _TABLES.popitem(last=False)
@@ -478,7 +518,7 @@ def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
 
 
 def _build_table(op: str, device: torch.device, ptrs: list[int], state_ptrs: list[int],
-                 numels: list[int], config: LaunchConfig, state_dtype: torch.dtype | None,
+                 numels: list[int], config: LaunchConfig, state_f64: int,
                  elem_size: int) -> _Table:
     n = len(numels)
     base = ptrs[0]  # params[0], passed to the kernel as a typed pointer
@@ -502,7 +542,7 @@ def _build_table(op: str, device: torch.device, ptrs: list[int], state_ptrs: lis
     list_offsets, state_ptrs_t, numels_t, n_chunks_t, work_t = torch.split(meta, sizes)
     return _Table(meta, list_offsets, state_ptrs_t, numels_t, n_chunks_t, work_t,
                   torch.zeros(n, dtype=torch.int32, device=device), n, n_programs,
-                  elem_align, state_dtype)
+                  elem_align, state_f64)
 
 
 # ---------------------------------------------------------------------------------
@@ -621,6 +661,17 @@ def step_table(spec, *lists, lr, grad_scale=None, found_inf=None,
     params = call.lists[0]
     if not params:
         return
+    rows = _rows_by_state_dtypes(call.states)
+    if rows is not None:
+        # Rows whose per-tensor states differ in dtype: one launch per kind (a table
+        # reads each state list in one dtype).
+        n_lists = len(spec.list_args())
+        for idx in rows:
+            step_table(spec, *[[lst[i] for i in idx] if lst else lst for lst in lists[:n_lists]],
+                       *[[lst[i] for i in idx] for lst in lists[n_lists:]], lr=lr,
+                       grad_scale=grad_scale, found_inf=found_inf, config=config,
+                       _host_lr=_host_lr, **h)
+        return
     device, dtype = params[0].device, params[0].dtype
     lr_ptr, lr_parts, lr_on_device = _lr_args(op, lr, device, _host_lr)
     _check_scalar(op, "grad_scale", grad_scale, device)
@@ -633,7 +684,7 @@ def step_table(spec, *lists, lr, grad_scale=None, found_inf=None,
         lr_ptr, grad_scale, found_inf, lr_parts, call.hyper,
         **call.constexprs,
         DTYPE=_TL_DTYPE[dtype], OPMATH=_opmath(dtype),
-        STATE_DTYPE=_TL_DTYPE[table.state_dtype or torch.float32],
+        STATE_F64=table.state_f64,
         LR_DTYPE=_TL_DTYPE.get(lr.dtype, tl.float64), LR_ON_DEVICE=lr_on_device,
         UNSCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         MAXIMIZE=bool(h.get("maximize", False)),
@@ -656,11 +707,9 @@ def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None,
     device, dtype = params[0].device, params[0].dtype
     lr_t = lr if lr.device == device else lr.to(device)
     c = call.constexprs
-    state_dtype = call.states[0][1][0].dtype if call.states else torch.float32
     common = dict(N_FLOATS=c["N_FLOATS"], N_STATES=c["N_STATES"], LISTS=c["LISTS"],
-                  VARIANT=c["VARIANT"], STATE_DTYPE=_TL_DTYPE[state_dtype],
-                  LR_DTYPE=_TL_DTYPE.get(lr_t.dtype, tl.float64), OPMATH=_opmath(dtype),
-                  ADVANCE=c["ADVANCE"], SCALARS=c["SCALARS"])
+                  VARIANT=c["VARIANT"], LR_DTYPE=_TL_DTYPE.get(lr_t.dtype, tl.float64),
+                  OPMATH=_opmath(dtype), ADVANCE=c["ADVANCE"], SCALARS=c["SCALARS"])
     # wrap_triton: a traced call becomes a graph node; eager calls get the kernel back.
     kernel = wrap_triton(_tensor_kernel)
     state_kernel = wrap_triton(_state_kernel)
@@ -679,8 +728,9 @@ def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None,
                 WRITES=c["WRITES"], DTYPE=_TL_DTYPE[dtype], UNSCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None, MAXIMIZE=bool(h.get("maximize", False)),
                 CHUNK=config.chunk, BLOCK=config.block, num_warps=config.num_warps,
-                **common,
+                STATE_F64=_state_f64(call.states, i), **common,
             )
         if call.states:
             state_kernel[(1,)](*ss, lr_t, found_inf, call.hyper,
-                               HAS_FOUND_INF=found_inf is not None, **common)
+                               HAS_FOUND_INF=found_inf is not None,
+                               STATE_F64=_state_f64(call.states, i), **common)

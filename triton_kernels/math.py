@@ -10,11 +10,12 @@ implementation:
                                   tuple of ints or bools (VARIANT in the kernels)
   <name>_skip_reads(h) -> int     optional, plain Python: lists (a bit each) whose old
                                   values the call's update never reads
-  <name>_advance(state, lr, h, STATE_DTYPE, LR_DTYPE)
+  <name>_advance(state, lr, h, STATE_F64, LR_DTYPE)
                                   the tensor's per-tensor state after this step (a tuple
-                                  of float64; default `count_step`: step + 1); the state
-                                  is kept in STATE_DTYPE (float32 or float64), for
-                                  torch's operand roundings (math/optimizer.h's advance)
+                                  of float64; default `count_step`: step + 1); bit j of
+                                  STATE_F64 says state j is kept in float64 (else
+                                  float32), for torch's operand roundings
+                                  (math/optimizer.h's advance)
   <name>_scalars(state, lr, h, LISTS, VARIANT, LR_DTYPE, OPMATH)
                                   the per-tensor scalars of one step (a tuple), from the
                                   step's state (the advanced state, rounded as stored,
@@ -184,7 +185,7 @@ def l2_decay_variant(h) -> tuple[bool]:
 
 
 @triton.jit
-def count_step(state, lr, h, STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr):
+def count_step(state, lr, h, STATE_F64: tl.constexpr, LR_DTYPE: tl.constexpr):
     """The advance of an optimizer whose only per-tensor state is its step count."""
     return (state[0] + 1.0,)
 
@@ -499,11 +500,11 @@ def _nadam_mu(h, step):
 
 
 @triton.jit
-def nadam_advance(state, lr, h, STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr):
+def nadam_advance(state, lr, h, STATE_F64: tl.constexpr, LR_DTYPE: tl.constexpr):
     """step += 1; mu_product *= mu_t, mu_t rounded to the state's dtype first."""
     step = state[0] + 1.0
     mu = _nadam_mu(h, step)
-    if STATE_DTYPE == tl.float32:
+    if ((STATE_F64 >> 1) & 1) == 0:  # a float32 mu_product
         mu = mu.to(tl.float32).to(tl.float64)
     return (step, state[1] * mu)
 
@@ -617,7 +618,7 @@ asgd_variant = l2_decay_variant
 
 
 @triton.jit
-def asgd_advance(state, lr, h, STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr):
+def asgd_advance(state, lr, h, STATE_F64: tl.constexpr, LR_DTYPE: tl.constexpr):
     """(math/asgd.h Asgd::advance): step += 1, then the next step's eta and mu, eta in
     lr's dtype; state = (step, eta, mu), h = (lambd, alpha, t0, weight_decay)."""
     step = state[0] + 1.0
@@ -625,6 +626,9 @@ def asgd_advance(state, lr, h, STATE_DTYPE: tl.constexpr, LR_DTYPE: tl.constexpr
     eta = lr_div(lr, lr_pow(base, h[1], LR_DTYPE), LR_DTYPE)
     since_t0 = step - h[2]
     mu = 1.0 / tl.where(since_t0 > 1.0, since_t0, 1.0)
+    if (STATE_F64 & 1) == 0:  # a float32 step: torch.as_tensor gives float32 (asgd.h)
+        eta = eta.to(tl.float32).to(tl.float64)
+        mu = mu.to(tl.float32).to(tl.float64)
     return (step, eta, mu)
 
 

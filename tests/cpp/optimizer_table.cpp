@@ -737,14 +737,19 @@ OptimizerEntry asgd_entry() {
   e.initial_state = [](int64_t t, double* s) { asgd_state_after(step_for_tensor(t) - 1, 2.0, s); };
   // step_t += 1; eta = lr / ((1 + lambd * lr * step) ** alpha); mu = 1 / max(1, step - t0),
   // with Python floats, or in lr's dtype with an lr tensor.
-  e.advance_reference = [](const fm::Args& a, double* s, const bool*) {
+  // torch.as_tensor(Python float) is a tensor of the default dtype: float32 where the
+  // step (created in it) is float32.
+  e.advance_reference = [](const fm::Args& a, double* s, const bool* is_double) {
     const TorchLr lr{a.lr_dtype};
     const double step = s[Asgd::kStep] + 1;
+    const auto as_tensor = [&](double v) {
+      return is_double[Asgd::kStep] ? v : static_cast<double>(static_cast<float>(v));
+    };
     s[Asgd::kStep] = step;
-    s[Asgd::kEta] = lr.div(a.lr, lr.pow(lr.add(1.0, lr.mul(lr.mul(a.floats[Asgd::kLambd], a.lr),
-                                                           step)),
-                                        a.floats[Asgd::kAlpha]));
-    s[Asgd::kMu] = 1.0 / std::max(1.0, step - a.floats[Asgd::kT0]);
+    s[Asgd::kEta] = as_tensor(lr.div(
+        a.lr, lr.pow(lr.add(1.0, lr.mul(lr.mul(a.floats[Asgd::kLambd], a.lr), step)),
+                     a.floats[Asgd::kAlpha])));
+    s[Asgd::kMu] = as_tensor(1.0 / std::max(1.0, step - a.floats[Asgd::kT0]));
   };
   e.fill = asgd_fill;
   e.reference = reference_of<asgd_reference<double>, asgd_reference<long double>>;

@@ -50,17 +50,26 @@ struct Asgd : WithL2Decay<Asgd, OptimizerBase> {
   enum Flag : int { kMaximize, kFlags };
   static constexpr std::array<const char*, kFlags> kFlagNames = {"maximize"};
 
-  // step += 1, then the next step's eta and mu from it.
-  FO_HOST_DEVICE static void advance(const Args& a, double* state, const bool*) {
+  // step += 1, then the next step's eta and mu from it. torch stores
+  // torch.as_tensor(value): a Python float becomes a tensor of the default dtype, which
+  // the step's dtype records (torch.optim creates `step` in it and never casts it on
+  // load), so with a float32 step a Python-float eta or mu is rounded to float32 even
+  // where the state itself is float64 (a float64 model's loaded state_dict). With an lr
+  // tensor, eta is a tensor of lr's dtype already (a float64 lr tensor counts as a
+  // Python float here: the op cannot tell them apart).
+  FO_HOST_DEVICE static void advance(const Args& a, double* state, const bool* is_double) {
     const double step = state[kStep] + 1.0;
     const double lambd = a.floats[kLambd];
     const LrMath lr = lr_math(a);
+    const bool default_float32 = !is_double[kStep];
     // lr / ((1 + lambd * lr * step) ** alpha), in lr's dtype.
     const double base = lr.add(1.0, lr.mul(lr.mul(a.lr, lambd), step));
-    state[kStep] = step;
-    state[kEta] = lr.div(a.lr, lr.pow(base, a.floats[kAlpha]));
+    const double eta = lr.div(a.lr, lr.pow(base, a.floats[kAlpha]));
     const double since_t0 = step - a.floats[kT0];
-    state[kMu] = 1.0 / (since_t0 > 1.0 ? since_t0 : 1.0);
+    const double mu = 1.0 / (since_t0 > 1.0 ? since_t0 : 1.0);
+    state[kStep] = step;
+    state[kEta] = round_to_float_if(eta, default_float32);
+    state[kMu] = round_to_float_if(mu, default_float32);
   }
 
   template <typename S>

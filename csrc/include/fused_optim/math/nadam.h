@@ -80,7 +80,7 @@ struct NAdam : OptimizerBase {
   FO_HOST_DEVICE static void advance(const Args& a, double* state, const bool* is_double) {
     state[kStep] += 1.0;
     const double m = mu(a, state[kStep]);
-    state[kMuProduct] *= is_double[kMuProduct] ? m : round_to_float(m);
+    state[kMuProduct] *= round_to_float_if(m, !is_double[kMuProduct]);
   }
 
   template <typename S>

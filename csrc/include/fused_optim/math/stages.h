@@ -42,6 +42,23 @@ FO_HOST_DEVICE inline double round_to_float(double x) {
   return static_cast<double>(static_cast<float>(x));
 }
 
+// x rounded to float where `to_float`, else x. A bit mask, not a branch: with GCC 12 at
+// -O2 and up, jump threading dropped the rounding of `flag ? round_to_float(v) : v` (and
+// of the same as an if) in ASGD's advance once advance_state was inlined into the
+// registry's entry: eta was stored unrounded (right with -O1 or -fno-thread-jumps). The
+// per-tensor state updates that round on a run-time flag use this.
+FO_HOST_DEVICE inline double round_to_float_if(double x, bool to_float) {
+  const double r = round_to_float(x);
+  uint64_t xb, rb;
+  __builtin_memcpy(&xb, &x, sizeof xb);
+  __builtin_memcpy(&rb, &r, sizeof rb);
+  const uint64_t take = uint64_t{0} - static_cast<uint64_t>(to_float);
+  const uint64_t bits = (rb & take) | (xb & ~take);
+  double out;
+  __builtin_memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
 // x rounded to nearest even with `mantissa_bits` explicit bits, normal exponents down to
 // min_exponent (frexp's convention) and overflow above max_finite to infinity.
 FO_HOST_DEVICE inline double round_to_bits(double x, int mantissa_bits, int min_exponent,
