@@ -269,9 +269,9 @@ class FusedOptimizer(Optimizer):
                 continue
             init = initial_value(s.init, group, self.defaults)
             if isinstance(init, Tensor):
-                # A tensor lr (Rprop's step sizes start at it): copied on the device, no
-                # host sync; both parts of a complex param take it, as torch's
-                # complex(lr, lr).
+                # A tensor lr (a state list may start at the group's lr): copied on the
+                # device, no host sync; both parts of a complex param take it, as
+                # torch's complex(lr, lr).
                 t = torch.empty_like(p, memory_format=torch.preserve_format)
                 (torch.view_as_real(t) if t.is_complex() else t).copy_(init.detach())
                 state[s.key] = t

@@ -7,7 +7,7 @@ is its spec and its math"). The spec says
     param's state under a torch.optim key (``exp_avg``), some only under an option
     (``max_exp_avg_sq`` with amsgrad, ``momentum_buffer`` with momentum);
   * its per-tensor scalar state: one one-element float tensor per param (``step``,
-    NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``), which the kernels read and write;
+    a running product, a step size), which the kernels read and write;
   * its float and bool arguments, and where each is read from a param group;
 
 and from it come the op schema (torch.ops.fused_optim.<name>_, csrc/ops.cpp), the fake
@@ -32,7 +32,7 @@ __all__ = ["StateList", "ScalarState", "FromGroup", "Hyper", "Spec", "initial_va
 @dataclass(frozen=True)
 class FromGroup:
     """A state's initial value read from the param group when the state is created
-    (Rprop's ``step_size`` and ASGD's ``eta`` start at the group's lr)."""
+    (e.g. a per-element or per-tensor step size that starts at the group's lr)."""
 
     key: str
 
@@ -74,8 +74,8 @@ class ScalarState:
     """Per-tensor scalar state: ``arg`` in the op (a list of one-element tensors), ``key``
     in each param's state, a float32 tensor (float64 under a float64 default dtype) on
     the param's device starting at ``init`` (see ``initial_value``). The kernels read
-    and write it themselves: on a GPU it never leaves the device. ``host_read``: torch.optim
-    reads it with ``.item()`` in its default path (ASGD's eta and mu), which fails on meta
+    and write it themselves: on a GPU it never leaves the device. ``host_read``:
+    torch.optim reads it with ``.item()`` in its default path, which fails on meta
     tensors; so does this optimizer there, with torch's error."""
 
     arg: str

@@ -37,7 +37,7 @@
 //                                               opmath type S; a struct of S fields only
 //                                               (the CPU engine's quiet_nans walks it as
 //                                               an array of them). A per-tensor branch
-//                                               (RAdam's rectification) is a field that
+//                                               (a rectification on or off) is a field that
 //                                               update tests: one branch per tensor, taken
 //                                               alike by every element of it
 //   update<LISTS, V>(x, grad, scalars)           one element: x[list] holds every list's
@@ -128,9 +128,8 @@ FO_HOST_DEVICE constexpr int num_states() {
 // What scalars() reads of a tensor's per-tensor state: state[j] is state j after this
 // step's advance, rounded as it is stored; state[num_states + j] is state j as stored
 // before it. torch.optim computes most steps from the advanced values (the step count
-// after `step += 1`), some from the old ones (ASGD's eta and mu, which the previous step
-// computed for this one). Both engines and the CPU op lay it out so; this many doubles
-// per tensor:
+// after `step += 1`), some from the old ones (a step size that the previous step computed
+// for this one). Both engines and the CPU op lay it out so; this many doubles per tensor:
 template <typename Optim>
 FO_HOST_DEVICE constexpr int step_state_size() {
   return 2 * num_states<Optim>();

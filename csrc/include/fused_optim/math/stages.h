@@ -44,9 +44,10 @@ FO_HOST_DEVICE inline double round_to_float(double x) {
 
 // x rounded to float where `to_float`, else x. A bit mask, not a branch: with GCC 12 at
 // -O2 and up, jump threading dropped the rounding of `flag ? round_to_float(v) : v` (and
-// of the same as an if) in ASGD's advance once advance_state was inlined into the
-// registry's entry: eta was stored unrounded (right with -O1 or -fno-thread-jumps). The
-// per-tensor state updates that round on a run-time flag use this.
+// of the same as an if) in a per-tensor state update once advance_state was inlined into
+// the registry's entry: the value was stored unrounded (right with -O1 or
+// -fno-thread-jumps). The per-tensor state updates that round on a run-time flag use
+// this.
 FO_HOST_DEVICE inline double round_to_float_if(double x, bool to_float) {
   const double r = round_to_float(x);
   uint64_t xb, rb;
