@@ -948,8 +948,9 @@ def prepared(case, dtype):
                   CHUNK=16384, BLOCK=1024)
     return consts, {"hyper": ("fp32",) * len(call.hyper)}
 
-def table_kernel(case, dtype, device_scalars):
+def table_kernel(case, dtype, device_scalars, state_f64=0):
     consts, types = prepared(case, dtype)
+    consts["STATE_F64"] = state_f64
     types.update(base="*" + TYPE[dtype], list_offsets="*i64", state_ptrs="*i64",
                  numels="*i64", n_chunks="*i64", work="*i64", arrivals="*i32",
                  n_tensors="i32", lr_parts=("fp32", "fp32", "fp32"))
@@ -989,6 +990,14 @@ if "sgd" in FAMILIES:
 if "adam" in FAMILIES:
     jobs.append(("adam fp64 per-tensor", FAMILIES["adam"],
                  lambda c: tensor_kernel(c, torch.float64)))
+# Every per-tensor state list of every family in float64 but the first (a loaded float64
+# model's state: step float32, the others float64).
+for name, case in FAMILIES.items():
+    n_states = len(case.spec.scalars)
+    if n_states > 1:
+        mask = (1 << n_states) - 2
+        jobs.append((f"{name} fp32 table, state mask {mask}", case,
+                     lambda c, m=mask: table_kernel(c, torch.float32, True, m)))
 for label, case, build in jobs:
     ptx = build(case)
     count = lambda pattern: len(re.findall(pattern, ptx))
