@@ -35,7 +35,8 @@ from torch import Tensor
 from fused_optim.backends import Backend, register_backend
 from fused_optim.spec import Spec
 
-__all__ = ["step", "lr_mul", "lr_div", "lr_sub_from", "lr_add_to", "lr_pow", "opmath_of"]
+__all__ = ["step", "lr_mul", "lr_div", "lr_sub_from", "lr_add_to", "lr_pow", "opmath_of",
+           "weight_decayed"]
 
 
 def opmath_of(dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +73,19 @@ def lr_pow(t: Tensor, exponent: float) -> Tensor:
     """t ** exponent for a tensor t of lr's dtype, in that dtype."""
     om = opmath_of(t.dtype)
     return (t.to(om) ** exponent).to(t.dtype)
+
+
+def weight_decayed(p: Tensor, g: Tensor, lr: Tensor, h: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(param, grad) after the Adam family's weight decay (h's ``weight_decay``,
+    ``decoupled_weight_decay``): none at 0; decoupled, p * (1 - lr * weight_decay) in
+    lr's dtype; else the L2 penalty, g + weight_decay * p (math/optimizer.h's
+    WithWeightDecayModes and Adam's variant)."""
+    weight_decay = h["weight_decay"]
+    if weight_decay == 0:
+        return p, g
+    if h["decoupled_weight_decay"]:
+        return p * lr_sub_from(1, lr_mul(lr, weight_decay)).to(p.dtype), g
+    return p, g + weight_decay * p
 
 
 def _as(x: float | Tensor, dtype: torch.dtype, like: Tensor) -> Tensor | float:

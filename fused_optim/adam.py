@@ -7,8 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_optim._reference import lr_div, lr_mul, lr_sub_from
-from fused_optim.optimizer import FusedOptimizer, check_fused_flags
+from fused_optim._reference import lr_div, weight_decayed
+from fused_optim.optimizer import (
+    FusedOptimizer,
+    check_eps_betas_weight_decay,
+    check_fused_flags,
+)
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -25,12 +29,8 @@ def adam_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor],
     kernels' math (math/adam.h, triton_kernels/math.py) follows it op by op."""
     p, g, m, v = x["param"], grad, x["exp_avg"], x["exp_avg_sq"]
     opmath = p.dtype
-    beta1, beta2, weight_decay, eps = h["beta1"], h["beta2"], h["weight_decay"], h["eps"]
-    if weight_decay != 0:
-        if h["decoupled_weight_decay"]:
-            p = p * lr_sub_from(1, lr_mul(lr, weight_decay)).to(opmath)
-        else:
-            g = g + weight_decay * p
+    beta1, beta2, eps = h["beta1"], h["beta2"], h["eps"]
+    p, g = weight_decayed(p, g, lr, h)
     m = torch.lerp(m, g, 1 - beta1)
     v = v * beta2 + (1 - beta2) * (g * g)
     second_moment = v
@@ -136,14 +136,7 @@ class Adam(FusedOptimizer):
                 raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_eps_betas_weight_decay(eps, betas, weight_decay)
         if not (
             (isinstance(betas[0], float) and isinstance(betas[1], float))
             or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fused_optim._reference import lr_div
-from fused_optim.optimizer import FusedOptimizer, check_lr
+from fused_optim.optimizer import FusedOptimizer, check_eps_betas_weight_decay, check_lr
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -94,14 +94,7 @@ class Adamax(FusedOptimizer):
     ) -> None:
         # The checks and messages of torch.optim.Adamax, in its order.
         check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_eps_betas_weight_decay(eps, betas, weight_decay)
         defaults = {
             "lr": lr,
             "betas": betas,

@@ -70,6 +70,19 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
+def check_eps_betas_weight_decay(eps: Any, betas: Any, weight_decay: Any) -> None:
+    """torch.optim's checks of eps, betas and weight_decay in the Adam family (Adam,
+    Adamax, NAdam, RAdam), in its order, with its messages."""
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
 def check_fused_flags(fused: Any, foreach: Any, differentiable: Any) -> None:
     """torch.optim's checks of fused=True against the other flags, with its messages."""
     if fused and differentiable:

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_optim._reference import lr_mul, lr_sub_from
-from fused_optim.optimizer import FusedOptimizer, check_lr
+from fused_optim._reference import weight_decayed
+from fused_optim.optimizer import FusedOptimizer, check_eps_betas_weight_decay, check_lr
 from fused_optim.spec import Hyper, ScalarState, Spec, StateList
 
 
@@ -19,12 +19,8 @@ def radam_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor]
     per-tensor branch on rho_t > 5 is a torch.where (no host sync)."""
     p, g = x["param"], grad
     opmath = p.dtype
-    beta1, beta2, weight_decay = h["beta1"], h["beta2"], h["weight_decay"]
-    if weight_decay != 0:
-        if h["decoupled_weight_decay"]:
-            p = p * lr_sub_from(1, lr_mul(lr, weight_decay)).to(opmath)
-        else:
-            g = g + weight_decay * p
+    beta1, beta2 = h["beta1"], h["beta2"]
+    p, g = weight_decayed(p, g, lr, h)
     exp_avg = torch.lerp(x["exp_avg"], g, 1 - beta1)
     exp_avg_sq = x["exp_avg_sq"] * beta2 + ((1 - beta2) * g) * g
     step = state["step"] + 1
@@ -125,14 +121,7 @@ class RAdam(FusedOptimizer):
     ) -> None:
         # The checks and messages of torch.optim.RAdam, in its order.
         check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_eps_betas_weight_decay(eps, betas, weight_decay)
         defaults = {
             "lr": lr,
             "betas": betas,

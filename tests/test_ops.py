@@ -187,7 +187,7 @@ def test_state_advances_once_and_never_with_found_inf(case, step_dtype):
         if s.key == "step":
             assert [t.item() for t in lst] == [v + 1 for v in old]
         for a, b in zip(lst, want):
-            assert_scalar_state_close(f"{case.id} {s.key}", a, b)
+            assert_scalar_state_close(f"{case.id} {s.key}", s.key, a, b)
         assert all(t.dtype == step_dtype for t in lst)
     op, args, kwargs = op_inputs(case, scaler=1.0)
     snapshot = [[t.clone() for t in lst] for lst in args]

@@ -125,6 +125,18 @@ Term<R> prepare_grad(R g, R p, const float* grad_scale, bool maximize, R l2, int
   return t;
 }
 
+// AdamW-style decoupled decay, param.mul_(1 - lr * weight_decay) where weight_decay != 0
+// and `decoupled`: the factor in Python floats, or two rounded ops of an lr tensor.
+template <typename R>
+R decoupled_decay(const fm::Args& a, R p, double weight_decay, bool decoupled) {
+  if (weight_decay == 0 || !decoupled) return p;
+  const TorchLr lr{a.lr_dtype};
+  const R factor = a.lr_dtype == fm::LrDType::kFloat64
+                       ? 1 - static_cast<R>(a.lr) * static_cast<R>(weight_decay)
+                       : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
+  return p * factor;
+}
+
 // v = beta * v + weight * x^2: a moving average of squares (weight = 1 - beta: Adam's
 // exp_avg_sq, RMSprop's and Adadelta's square_avg, Adadelta's acc_delta) or a sum of
 // squares (beta = weight = 1: Adagrad's state_sum). Its error is bounded by u times
@@ -181,13 +193,7 @@ ElemRef adam_reference(const fm::Args& a, const double* state, const float* grad
 
   const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, maximize,
                                     decoupled ? R(0) : wd, A::kGrad, out);
-  if (weight_decay != 0 && decoupled) {
-    // 1 - lr * weight_decay: Python floats, or two rounded ops of an lr tensor.
-    const R factor = a.lr_dtype == fm::LrDType::kFloat64
-                         ? 1 - static_cast<R>(a.lr) * wd
-                         : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
-    p = p * factor;
-  }
+  p = decoupled_decay<R>(a, p, weight_decay, decoupled);
   const Term<R> m = lerp<R>(in[A::kExpAvg], g, 1 - static_cast<R>(beta1));
   const Term<R> v = ema_sq<R>(in[A::kExpAvgSq], b2, 1 - b2, g);
   Term<R> second = v;
@@ -435,13 +441,7 @@ ElemRef nadam_reference(const fm::Args& a, const double* state, const float* gra
 
   const Term<R> g = prepare_grad<R>(in[N::kGrad], p, grad_scale, a.flags[N::kMaximize],
                                     decoupled ? R(0) : wd, N::kGrad, out);
-  if (weight_decay != 0 && decoupled) {
-    // 1 - lr * weight_decay: Python floats, or two rounded ops of an lr tensor.
-    const R factor = a.lr_dtype == fm::LrDType::kFloat64
-                         ? 1 - static_cast<R>(a.lr) * wd
-                         : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
-    p = p * factor;
-  }
+  p = decoupled_decay<R>(a, p, weight_decay, decoupled);
   // The per-tensor scalars in Python floats (an lr tensor: -lr * x / y in its dtype, the
   // Python float operands rounded to it).
   const double mu = beta1 * (1.0 - 0.5 * std::pow(0.96, step * momentum_decay));
@@ -490,19 +490,13 @@ ElemRef radam_reference(const fm::Args& a, const double* state, const float* gra
   const bool decoupled = a.flags[A::kDecoupledWeightDecay];
   const double beta1 = a.floats[A::kBeta1], beta2 = a.floats[A::kBeta2];
   const double weight_decay = a.floats[A::kWeightDecay];
-  const TorchLr lr{a.lr_dtype};
   const R b2 = beta2, wd = weight_decay, eps = a.floats[A::kEps], lr_value = a.lr;
   R p = in[A::kParam];
   ElemRef out;
 
   const Term<R> g = prepare_grad<R>(in[A::kGrad], p, grad_scale, a.flags[A::kMaximize],
                                     decoupled ? R(0) : wd, A::kGrad, out);
-  if (weight_decay != 0 && decoupled) {
-    const R factor = a.lr_dtype == fm::LrDType::kFloat64
-                         ? 1 - static_cast<R>(a.lr) * wd
-                         : static_cast<R>(lr.sub(1.0, lr.mul(a.lr, weight_decay)));
-    p = p * factor;
-  }
+  p = decoupled_decay<R>(a, p, weight_decay, decoupled);
   const Term<R> m = lerp<R>(in[A::kExpAvg], g, 1 - static_cast<R>(beta1));
   const Term<R> v = ema_sq<R>(in[A::kExpAvgSq], b2, 1 - b2, g);
   // The per-tensor scalars in Python floats, the branch per tensor.

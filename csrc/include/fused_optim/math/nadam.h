@@ -43,8 +43,9 @@ struct NAdamScalars {
   opmath_t exp_avg_coef;      // c2
 };
 
-// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h).
-struct NAdam : OptimizerBase {
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h):
+// its weight-decay variants (L2 or decoupled) come from WithWeightDecayModes.
+struct NAdam : WithWeightDecayModes<NAdam, OptimizerBase> {
   static constexpr const char* kOp = "nadam_";
   enum List : int { kParam, kGrad, kExpAvg, kExpAvgSq, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {"params", "grads", "exp_avgs",
@@ -58,18 +59,6 @@ struct NAdam : OptimizerBase {
   enum Flag : int { kMaximize, kDecoupledWeightDecay, kFlags };
   static constexpr std::array<const char*, kFlags> kFlagNames = {"maximize",
                                                                  "decoupled_weight_decay"};
-
-  // Variant bits: the L2 penalty, the decoupled decay (neither without weight decay).
-  static constexpr uint32_t kL2 = 1, kDecoupled = 2;
-  static constexpr int kVariantBits = 2;
-  static uint32_t variant(const Args& a) {
-    if (a.floats[kWeightDecay] == 0.0) return 0;
-    return a.flags[kDecoupledWeightDecay] ? kDecoupled : kL2;
-  }
-  template <uint32_t LISTS, uint32_t V>
-  FO_HOST_DEVICE static constexpr bool valid() {
-    return V != (kL2 | kDecoupled);
-  }
 
   // mu_t of step `step`.
   FO_HOST_DEVICE static double mu(const Args& a, double step) {
@@ -102,7 +91,7 @@ struct NAdam : OptimizerBase {
     s.bias_correction2 = static_cast<S>(1.0 - ::pow(beta2, step));
     s.eps = static_cast<S>(a.floats[kEps]);
     s.weight_decay = static_cast<S>(a.floats[kWeightDecay]);
-    s.decay_factor = static_cast<S>(lr.sub(1.0, lr.mul(a.lr, a.floats[kWeightDecay])));
+    s.decay_factor = static_cast<S>(decay_factor(a));
     s.grad_coef = static_cast<S>(lr.div(lr.mul(-a.lr, 1.0 - m), 1.0 - mu_product));
     s.exp_avg_coef = static_cast<S>(lr.div(lr.mul(-a.lr, mu_next), 1.0 - mu_product * mu_next));
     return s;
@@ -110,8 +99,7 @@ struct NAdam : OptimizerBase {
 
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    if constexpr ((V & kL2) != 0) grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
-    if constexpr ((V & kDecoupled) != 0) x[kParam] = decay_weights(x[kParam], s.decay_factor);
+    grad = decayed<V>(grad, x[kParam], s.weight_decay, s.decay_factor);
     x[kExpAvg] = lerp(x[kExpAvg], grad, s.one_minus_beta1);
     x[kExpAvgSq] = average_square(x[kExpAvgSq], grad, s.beta2, s.one_minus_beta2);
     const Vt denom = sqrt_op(x[kExpAvgSq] / s.bias_correction2) + s.eps;

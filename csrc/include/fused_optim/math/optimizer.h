@@ -118,6 +118,38 @@ struct WithL2Decay : Base {
   }
 };
 
+// The compile-time variants of a weight decay that is an L2 penalty or, under the flag
+// Derived::kDecoupledWeightDecay, decoupled (param.mul_(1 - lr * weight_decay) first, as
+// torch's NAdam and RAdam take decoupled_weight_decay): bit 0 the penalty, bit 1 the
+// decoupled decay, neither without weight decay. Derived names its float argument
+// kWeightDecay; its Scalars carry weight_decay and decay_factor (decay_factor(args)).
+template <typename Derived, typename Base = CountsSteps>
+struct WithWeightDecayModes : Base {
+  static constexpr uint32_t kL2 = 1, kDecoupled = 2;
+  static constexpr int kVariantBits = 2;
+  static uint32_t variant(const Args& a) {
+    if (a.floats[Derived::kWeightDecay] == 0.0) return 0;
+    return a.flags[Derived::kDecoupledWeightDecay] ? kDecoupled : kL2;
+  }
+  template <uint32_t LISTS, uint32_t V>
+  FO_HOST_DEVICE static constexpr bool valid() {
+    return V != (kL2 | kDecoupled);
+  }
+  // 1 - lr * weight_decay, in lr's dtype ([note: lr arithmetic] in stages.h).
+  FO_HOST_DEVICE static double decay_factor(const Args& a) {
+    const LrMath lr = lr_math(a);
+    return lr.sub(1.0, lr.mul(a.lr, a.floats[Derived::kWeightDecay]));
+  }
+  // The variant's decay of one element: the grad with the penalty, or the param decayed.
+  template <uint32_t V, typename Vt, typename S>
+  FO_HOST_DEVICE FO_INLINE static Vt decayed(Vt grad, Vt& param, S weight_decay,
+                                             S decay_factor) {
+    if constexpr ((V & kL2) != 0) grad = add_l2_penalty(grad, param, weight_decay);
+    if constexpr ((V & kDecoupled) != 0) param = decay_weights(param, decay_factor);
+    return grad;
+  }
+};
+
 // The number of per-tensor state lists of an optimizer.
 template <typename Optim>
 FO_HOST_DEVICE constexpr int num_states() {

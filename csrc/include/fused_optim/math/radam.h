@@ -46,8 +46,9 @@ struct RAdamScalars {
   opmath_t decay_factor;           // 1 - lr * weight_decay
 };
 
-// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h).
-struct RAdam : CountsSteps {
+// The optimizer (see [note: an optimizer is its spec and its math] in optimizer.h):
+// its weight-decay variants (L2 or decoupled) come from WithWeightDecayModes.
+struct RAdam : WithWeightDecayModes<RAdam> {
   static constexpr const char* kOp = "radam_";
   enum List : int { kParam, kGrad, kExpAvg, kExpAvgSq, kLists };
   static constexpr std::array<const char*, kLists> kListNames = {"params", "grads", "exp_avgs",
@@ -58,18 +59,6 @@ struct RAdam : CountsSteps {
   enum Flag : int { kMaximize, kDecoupledWeightDecay, kFlags };
   static constexpr std::array<const char*, kFlags> kFlagNames = {"maximize",
                                                                  "decoupled_weight_decay"};
-
-  // Variant bits: the L2 penalty, the decoupled decay (neither without weight decay).
-  static constexpr uint32_t kL2 = 1, kDecoupled = 2;
-  static constexpr int kVariantBits = 2;
-  static uint32_t variant(const Args& a) {
-    if (a.floats[kWeightDecay] == 0.0) return 0;
-    return a.flags[kDecoupledWeightDecay] ? kDecoupled : kL2;
-  }
-  template <uint32_t LISTS, uint32_t V>
-  FO_HOST_DEVICE static constexpr bool valid() {
-    return V != (kL2 | kDecoupled);
-  }
 
   template <typename S>
   using Scalars = RAdamScalars<S>;
@@ -84,7 +73,6 @@ struct RAdam : CountsSteps {
     const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
     const double rho_t = rho_inf - 2.0 * step * beta2_t / bias_correction2;
     const bool rectified = rho_t > 5.0;
-    const LrMath lr = lr_math(a);
     Scalars<S> s;
     s.one_minus_beta1 = static_cast<S>(1.0 - beta1);
     s.beta2 = static_cast<S>(beta2);
@@ -99,14 +87,13 @@ struct RAdam : CountsSteps {
     s.rectified = rectified ? S(1) : S(0);
     s.eps = static_cast<S>(a.floats[kEps]);
     s.weight_decay = static_cast<S>(a.floats[kWeightDecay]);
-    s.decay_factor = static_cast<S>(lr.sub(1.0, lr.mul(a.lr, a.floats[kWeightDecay])));
+    s.decay_factor = static_cast<S>(decay_factor(a));
     return s;
   }
 
   template <uint32_t LISTS, uint32_t V, typename Vt, typename S>
   FO_HOST_DEVICE FO_INLINE static void update(Vt (&x)[kLists], Vt grad, const Scalars<S>& s) {
-    if constexpr ((V & kL2) != 0) grad = add_l2_penalty(grad, x[kParam], s.weight_decay);
-    if constexpr ((V & kDecoupled) != 0) x[kParam] = decay_weights(x[kParam], s.decay_factor);
+    grad = decayed<V>(grad, x[kParam], s.weight_decay, s.decay_factor);
     x[kExpAvg] = lerp(x[kExpAvg], grad, s.one_minus_beta1);
     x[kExpAvgSq] = average_square(x[kExpAvgSq], grad, s.beta2, s.one_minus_beta2);
     const Vt step = (x[kExpAvg] / s.bias_correction1) * s.lr;
