@@ -1,6 +1,6 @@
 # make test   set up (venv, torch, build) and run every test: pytest, ctest, nvcc compile check
 # make bench  set up and run the default benchmark
-# make gpu-check  on a machine with one NVIDIA GPU (an H200) and no network, < 8 min, with
+# make gpu-check  on a machine with one NVIDIA GPU (an H200) and no network, < 9 min, with
 #             its python3 (no venv): CUDA build, GPU tests, GPU benchmark into
 #             bench/results/<gpu name>/ (.ci/gpu_check.sh; GPU_CHECK_DRY_RUN=1 PYTHON=...
 #             rehearses the same steps on the CPU with tiny sizes)

@@ -54,6 +54,27 @@ def _generate_cuda_units():
     module.write(os.path.join(ROOT, "csrc", "cuda", "generated"))
 
 
+def _torch_libstdcxx():
+    """The shared C++ runtime (libstdc++.so.6) this process loaded with torch, or None.
+
+    _C must use torch's: exceptions, strings and streams cross between the two. A
+    toolchain whose libstdc++ is static only (GCC 13.3 in /opt/gcc on the H200 machine:
+    bench/results/nvidia-h200/NOTES.md) otherwise links a private copy into _C, whose
+    locale is never initialized, and the first error message that formats an integer
+    crashes. Named on the link line before the driver's implicit -lstdc++, the shared
+    runtime defines every symbol it has; the static archive then adds nothing of it.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def _extensions():
     if os.environ.get("FUSED_OPTIM_NO_EXTENSION") == "1":
         return []
@@ -81,6 +102,8 @@ def _extensions():
     # csrc/*.cpp: the torch-facing ops and module; csrc/cpu/*.cpp: the torch-free
     # engine, kernels and ISA dispatch (also linked alone by the C++ unit tests).
     sources = _sources("*.cpp", "cpu/*.cpp")
+    libstdcxx = _torch_libstdcxx()
+    link_args = [libstdcxx] if libstdcxx else []
 
     if _want_cuda(torch.version.cuda):
         # The kernels: one generated unit per optimizer and dtype (csrc/cuda/instantiate.py).
@@ -96,6 +119,7 @@ def _extensions():
                 include_dirs=include_dirs,
                 define_macros=[("FUSED_OPTIM_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_args,
             )
         ]
     return [
@@ -104,6 +128,7 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
         )
     ]
 

@@ -8,9 +8,14 @@
   the torch.optim oracle's cost, not ours. Fused steps of the "cpu" backend still run with
   the default thread count (tests/_oracle.py: fused_threads), so the CPU engine's
   parallel region really runs.
+* FUSED_OPTIM_FAILURES_LOG=<file>: each failing test's id and short traceback appended
+  there as it fails (under xdist too), so a run killed at its time limit, which prints
+  no summary, still tells what failed (.ci/gpu_check.sh).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -38,3 +43,11 @@ def oracle_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("FUSED_OPTIM_FAILURES_LOG")
+    if not path or not report.failed or hasattr(report, "node"):  # xdist's copy of it
+        return
+    with open(path, "a") as out:
+        out.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -100,6 +100,29 @@ def test_every_spec_is_registered_with_its_schema():
         assert len(schema.returns) == 0
 
 
+def test_extension_shares_torchs_cpp_runtime():
+    # _C must not carry its own copy of libstdc++ (setup.py _torch_libstdcxx): a private
+    # copy's locale is never initialized, and the first error message formatting an
+    # integer crashed there (bench/results/nvidia-h200/NOTES.md). nm comes with binutils,
+    # which the compiler that built _C needs.
+    import shutil
+    import subprocess
+
+    nm = shutil.which("nm")
+    assert nm is not None, "nm (binutils) is needed to inspect fused_optim._C"
+    out = subprocess.run([nm, "-D", "--defined-only", _extension.C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    runtime = [line.split()[-1] for line in out.splitlines()
+               if line.split()[1:2] == ["T"]
+               and line.split()[-1].startswith(("_ZNSt6locale", "_ZNSt8ios_base", "_ZNSo"))]
+    assert not runtime, f"fused_optim._C defines libstdc++'s own symbols: {runtime[:5]}"
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[4\]"):
+        torch.ops.fused_optim.adam_(
+            [torch.zeros(5)], [torch.zeros(4)], [torch.zeros(5)], [torch.zeros(5)], [],
+            [torch.zeros(())], lr=torch.tensor(0.1), beta1=0.9, beta2=0.999, weight_decay=0.0,
+            eps=1e-8, amsgrad=False, maximize=False, decoupled_weight_decay=False)
+
+
 def test_schema_that_disagrees_with_the_cpp_math_is_rejected():
     """csrc/ops.cpp binds a schema to the C++ math by name: a spec whose lists or
     arguments differ from the math of that name fails at registration, naming both."""
