@@ -113,10 +113,15 @@ PyObject* lookup(PyObject* dict, PyObject* key, bool identity_hash) {
   return value;
 }
 
-// A state value the kernels can take without the Python path's help, or nullptr.
+// A state value the kernels can take without the Python path's help, or nullptr (a
+// sparse one, e.g. SGD's momentum buffer after a sparse grad, takes the Python path and
+// its error).
 PyObject* state_tensor(PyObject* param_state, PyObject* key) {
   PyObject* value = lookup(param_state, key, /*identity_hash=*/false);
-  return value != nullptr && plain_tensor(value) ? value : nullptr;
+  return value != nullptr && plain_tensor(value) &&
+                 THPVariable_Unpack(value).layout() == c10::kStrided
+             ? value
+             : nullptr;
 }
 
 // Reads the rows of `params` (a list) from the objects. False when any row needs the

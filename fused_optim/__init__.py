@@ -1,7 +1,7 @@
 """fused_optim: torch.optim drop-ins with one fused kernel call per (device, dtype) bucket.
 
     from fused_optim import AdamW   # also Adam, SGD, Adagrad, RMSprop, Adadelta, Adamax,
-                                    # NAdam, RAdam, ASGD, Rprop
+                                    # NAdam, RAdam, ASGD, Rprop, SparseAdam
     opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
 Backends: "cpu" (C++ SIMD), "cuda" (CUDA C++), "triton", "reference" (plain torch);
@@ -21,8 +21,9 @@ from fused_optim.radam import RAdam
 from fused_optim.rmsprop import RMSprop
 from fused_optim.rprop import Rprop
 from fused_optim.sgd import SGD
+from fused_optim.sparse_adam import SparseAdam
 
 __version__ = "0.1.0"
 
 __all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop",
-           "Rprop", "SGD", "FusedOptimizer", "available_backends", "__version__"]
+           "Rprop", "SGD", "SparseAdam", "FusedOptimizer", "available_backends", "__version__"]

@@ -1,5 +1,8 @@
 """The C++ backends: "cpu" (csrc/cpu) and "cuda" (csrc/cuda).
 
+The row-sparse engine (fused_optim/_sparse.py) has a C++ implementation on the CPU only
+(csrc/sparse_rows.cpp, torch.ops.fused_optim.sparse_rows_); on CUDA it runs on Triton.
+
 Both call the same dispatcher ops, torch.ops.fused_optim.<name>_ (registered from each
 optimizer's spec, _ops.py); the dispatcher picks the CPU or CUDA kernel from the
 tensors' device. They are two registry entries so a user can ask for one explicitly and
@@ -22,6 +25,19 @@ def _step(spec, *lists, **kwargs) -> None:
     getattr(torch.ops.fused_optim, spec.op)(*lists, **kwargs)
 
 
+def _sparse_step(math, params, rows, values, states, constants, *, maximize) -> None:
+    # The row-sparse engine (csrc/sparse_rows.cpp); it bumps the versions of what it
+    # mutates, as the optimizers' ops do.
+    torch.ops.fused_optim.sparse_rows_(params, rows, values, states, constants, math=math,
+                                       maximize=maximize)
+
+
+if _extension.C is not None:
+    @torch.library.register_fake("fused_optim::sparse_rows_")
+    def _sparse_rows_fake(params, rows, values, states, constants, *, math, maximize):
+        return None
+
+
 def _unavailable_for(device_type: str, dispatch_key: str):
     def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
         if _extension.C is None:
@@ -41,5 +57,5 @@ def _unavailable_for(device_type: str, dispatch_key: str):
 # whichever device the group's params are on.
 _ENTRY = getattr(_extension.C, "step_group_", None)
 
-register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY))
+register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step))
 register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY))

@@ -162,4 +162,6 @@ def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-register_backend(Backend("reference", _unavailable, step))
+from fused_optim._sparse import reference_sparse_step  # noqa: E402
+
+register_backend(Backend("reference", _unavailable, step, sparse_step=reference_sparse_step))

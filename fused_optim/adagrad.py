@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fused_optim._reference import lr_div
 from fused_optim.optimizer import FusedOptimizer, check_fused_flags, check_lr
-from fused_optim.spec import Hyper, ScalarState, Spec, StateList
+from fused_optim.spec import Hyper, ScalarState, SparseGrads, Spec, StateList
 
 
 def adagrad_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor], lr: Tensor,
@@ -28,13 +28,50 @@ def adagrad_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tenso
     state["step"] = step
 
 
+def adagrad_sparse_engine(group: dict[str, Any]) -> bool:
+    """torch.optim.Adagrad's refusals of sparse grads; the row math runs every other case."""
+    if group.get("fused"):
+        raise RuntimeError("`fused` does not support sparse grad or complex param")
+    if group["weight_decay"] != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    return True
+
+
+def adagrad_sparse_constants(group: dict[str, Any], state: dict[str, Any]) -> list[float]:
+    """Advances the param's step and returns the row math's constants, eps and -clr, as
+    torch.optim.Adagrad computes them (its sparse path reads the step on the host)."""
+    state["step"] += 1
+    step = state["step"].item()
+    # torch's expression: with a tensor lr, tensor arithmetic in lr's dtype.
+    clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+    if isinstance(clr, Tensor):
+        clr = clr.item()
+    return [group["eps"], -clr]
+
+
+def adagrad_sparse_reference(param: Tensor, grad: Tensor, states: list[Tensor],
+                             c: list[float]) -> None:
+    """torch.optim.Adagrad's sparse update of one param (grad signed, uncoalesced): the
+    sums and the param change at the grad's rows only. Each op rounds to the param's
+    dtype."""
+    (state_sum,) = states
+    eps, neg_clr = c
+    grad = grad.coalesce()  # the update is non-linear: the indices must be unique
+    indices, values = grad._indices(), grad._values()
+    state_sum.add_(torch.sparse_coo_tensor(indices, values.pow(2), grad.size()))
+    std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
+    param.add_(torch.sparse_coo_tensor(indices, values / std_values, grad.size()), alpha=neg_clr)
+
+
 class Adagrad(FusedOptimizer):
     r"""Implements Adagrad, with every bucket of tensors updated by one fused kernel call.
 
     The numbers, arguments, defaults, validation errors and state (``step``, ``sum``,
     created for every param at construction, as torch does) are those of
-    :class:`torch.optim.Adagrad`, and ``state_dict()`` loads both ways with it.
-    Sparse gradients are not supported yet (use torch.optim.Adagrad for those).
+    :class:`torch.optim.Adagrad`, and ``state_dict()`` loads both ways with it. Sparse
+    gradients (``nn.Embedding(sparse=True)``) are stepped by the row-sparse engine at the
+    rows they touch, as torch.optim.Adagrad steps them (without weight decay, which
+    torch refuses with them).
 
     .. math::
        \begin{aligned}
@@ -79,9 +116,10 @@ class Adagrad(FusedOptimizer):
                 Hyper("maximize", bool)),
         reference=adagrad_reference,
         state_at_init=True,
+        sparse=SparseGrads(only=False, math="adagrad", states=("sum",), coalesce=True,
+                           constants=adagrad_sparse_constants,
+                           reference=adagrad_sparse_reference, engine=adagrad_sparse_engine),
     )
-    _sparse_error = ("fused_optim.Adagrad does not support sparse gradients yet; use "
-                     "torch.optim.Adagrad for sparse gradients")
 
     def __init__(
         self,

@@ -57,12 +57,15 @@ class Backend:
     optional whole-group entry (csrc/eager.cpp): one eager step of a param group read
     straight from its params list and the optimizer's state, or False (nothing
     changed) when the group needs the list path; see FusedOptimizer._step_group_eager.
+    ``sparse_step`` is the row-sparse engine's entry (fused_optim/_sparse.py), None
+    where the backend has none.
     """
 
     name: str
     unavailable: Callable[[torch.device, torch.dtype], str | None]
     step: Callable[..., None]
     step_group: Callable[..., bool] | None = None
+    sparse_step: Callable[..., None] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fused_optim import _ops  # noqa: F401  (registers each spec's op as it is registered)
+from fused_optim._sparse import step_sparse
 from fused_optim.backends import get_backend, select_backend
 from fused_optim.spec import Spec, initial_value, register
 
@@ -140,6 +141,9 @@ class FusedOptimizer(Optimizer):
     # What those checks' messages name (single-tensor path, foreach path).
     _capturable_names: ClassVar[tuple[str, str]] = ("params and state_steps",) * 2
     _foreach_capturable_first: ClassVar[bool] = False
+    # Per-param state torch.optim keeps as Python values (SparseAdam's int step): a
+    # loaded state_dict must have them; they are not tensors to check.
+    _host_state_keys: ClassVar[tuple[str, ...]] = ()
     _foreach_rejects_differentiable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -232,6 +236,8 @@ class FusedOptimizer(Optimizer):
             )
         scalar_keys = {s.key for s in self.spec.scalars}
         for key in expected:
+            if key in self._host_state_keys:
+                continue
             value = state[key]
             if key in scalar_keys:
                 if not isinstance(value, Tensor):
@@ -246,7 +252,7 @@ class FusedOptimizer(Optimizer):
                     f"{type(self).__name__}.load_state_dict: state {key!r} of {where} has "
                     f"shape {shape} but the param has shape {tuple(p.shape)}"
                 )
-            if value.numel() > 1 and value.stride() != p.stride():
+            if value.layout == torch.strided and value.numel() > 1 and value.stride() != p.stride():
                 # Saved from params of another memory layout (torch.optim keeps any):
                 # the kernels read a row's tensors at the same offsets, so the state takes
                 # the param's layout, once, here.
@@ -322,10 +328,12 @@ class FusedOptimizer(Optimizer):
             hyper = self._hyper(group)
         n_lists = len(spec.list_args()) + len(spec.scalars)
         with_grad = [p for p in group["params"] if p.grad is not None]
-        for p in with_grad:
-            if p.grad.is_sparse:
+        if any(p.grad.is_sparse for p in with_grad):
+            if spec.sparse is None:
                 raise RuntimeError(self._sparse_error
                                    or f"{type(self).__name__} does not support sparse gradients")
+            # Stepped by the row-sparse engine (_step_group, fused_optim/_sparse.py).
+            with_grad = [p for p in with_grad if not p.grad.is_sparse]
         present = [(s.key, lists[2 + i]) for i, s in enumerate(spec.lists) if spec.has(s, hyper)]
         states = [(s.key, lists[len(spec.lists) + 2 + j]) for j, s in enumerate(spec.scalars)]
         needed = {key for key, _ in (*states, *present)}
@@ -435,13 +443,51 @@ class FusedOptimizer(Optimizer):
         (``_split_call``), buckets, backends."""
         self._check_torch_paths(group)
         hyper = self._hyper(group)
-        if self._step_group_eager(group, hyper):
+        rule = self.spec.sparse
+        # The eager entry takes dense grads only (and returns False, having changed
+        # nothing, at a sparse one): groups with sparse grads take the list path.
+        if not (rule is not None and rule.only) and self._step_group_eager(group, hyper):
             return
-        new_rows: list[int] = []
-        lists, states = self._group_lists(group, hyper, new_rows)
-        for call_lists, call_states, call_hyper in self._split_call(
-                group, lists, states, hyper, new_rows):
-            self._run_buckets(group, call_lists, call_states, call_hyper)
+        sparse = self._sparse_params(group) or []
+        engine = self._check_sparse(group, sparse)
+        if not (sparse and self.spec.sparse.only):
+            new_rows: list[int] = []
+            lists, states = self._group_lists(group, hyper, new_rows)
+            for call_lists, call_states, call_hyper in self._split_call(
+                    group, lists, states, hyper, new_rows):
+                self._run_buckets(group, call_lists, call_states, call_hyper)
+        if sparse:
+            step_sparse(self, group, sparse, hyper, engine)
+
+    def _sparse_params(self, group: dict[str, Any]) -> list[Tensor] | None:
+        """The group's params whose grads are sparse, None when there are none; for an
+        optimizer that takes sparse grads only (``SparseGrads.only``), every param with a
+        grad, after torch's error for a dense one."""
+        rule = self.spec.sparse
+        if rule is not None and rule.only:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if any(not p.grad.is_sparse for p in with_grad):
+                raise RuntimeError(rule.dense_error)
+            return with_grad or None
+        sparse = [p for p in group["params"] if p.grad is not None and p.grad.is_sparse]
+        return sparse or None
+
+    def _check_sparse(self, group: dict[str, Any], sparse: list[Tensor]) -> bool:
+        """Before anything changes: the error for sparse grads this optimizer or these
+        options refuse (torch's), and whether the row-sparse engine runs them (else
+        ``_sparse_torch_step``)."""
+        if not sparse:
+            return True
+        rule = self.spec.sparse
+        if rule is None:
+            raise RuntimeError(self._sparse_error
+                               or f"{type(self).__name__} does not support sparse gradients")
+        return rule.engine is None or rule.engine(group)
+
+    def _sparse_torch_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """The step of sparse-grad params under options the row math does not cover
+        (``SparseGrads.engine`` returned False), in torch.optim's own ops."""
+        raise NotImplementedError(f"{type(self).__name__}: no torch path for these sparse options")
 
     def _group_lists(self, group: dict[str, Any], hyper: dict[str, Any] | None = None,
                      new_rows: list[int] | None = None,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fused_optim.optimizer import FusedOptimizer, check_fused_flags
-from fused_optim.spec import Hyper, Spec, StateList
+from fused_optim.spec import Hyper, SparseGrads, Spec, StateList
 
 
 def sgd_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor], lr: Tensor,
@@ -30,6 +30,32 @@ def sgd_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor], 
     x["param"] = p + (-lr).to(opmath) * g
 
 
+def sgd_sparse_engine(group: dict[str, Any]) -> bool:
+    """torch.optim.SGD's refusals of sparse grads; the row math runs plain SGD (no
+    momentum), the class's torch path (_sparse_torch_step) the momentum buffer, which
+    torch keeps as a sparse tensor."""
+    if group.get("fused"):
+        raise RuntimeError("`_fused_sgd` does not support sparse gradients")
+    if group["weight_decay"] != 0:
+        # torch's grad.add(param, alpha=weight_decay) with a sparse grad
+        raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
+    return group["momentum"] == 0
+
+
+def sgd_sparse_constants(group: dict[str, Any], _state: dict[str, Any]) -> list[float]:
+    """The row math's constant: -lr (a tensor lr read on the host, as torch.optim.SGD's
+    sparse path does)."""
+    lr = group["lr"]
+    return [-(float(lr.item()) if isinstance(lr, Tensor) else lr)]
+
+
+def sgd_sparse_reference(param: Tensor, grad: Tensor, _states: list[Tensor],
+                         c: list[float]) -> None:
+    """torch.optim.SGD's update of one param by a sparse grad (signed, uncoalesced):
+    param.add_(grad, alpha=-lr), which adds each entry to its row in turn."""
+    param.add_(grad, alpha=c[0])
+
+
 def _is_nan(x: Any) -> bool:
     if isinstance(x, Tensor):
         return bool(torch.isnan(x).any())
@@ -43,8 +69,9 @@ class SGD(FusedOptimizer):
     The numbers, arguments, defaults, validation errors and state (``momentum_buffer``
     when momentum is non-zero) are those of :class:`torch.optim.SGD`, and
     ``state_dict()`` loads both ways with it. Unlike torch.optim.SGD, a NaN lr, momentum,
-    dampening or weight_decay is rejected, and sparse gradients raise (use torch.optim.SGD
-    for those).
+    dampening or weight_decay is rejected. Sparse gradients (``nn.Embedding(sparse=True)``)
+    are stepped as torch.optim.SGD steps them: by the row-sparse engine without momentum,
+    in torch's own sparse ops with it (torch keeps a sparse momentum buffer).
 
     .. math::
        \begin{aligned}
@@ -86,9 +113,10 @@ class SGD(FusedOptimizer):
                 Hyper("is_first_step", bool, group_key="")),
         reference=sgd_reference,
         bench={"momentum": 0.9},
+        sparse=SparseGrads(only=False, math="sgd", states=(), coalesce=False,
+                           constants=sgd_sparse_constants, reference=sgd_sparse_reference,
+                           engine=sgd_sparse_engine),
     )
-    _sparse_error = ("fused_optim.SGD does not support sparse gradients yet; use "
-                     "torch.optim.SGD for sparse gradients")
     _foreach_rejects_differentiable = False  # torch.optim.SGD's foreach path has no check
 
     def __init__(
@@ -145,7 +173,40 @@ class SGD(FusedOptimizer):
                 return
         super()._check_loaded_state(group, p, state, where)
 
+    def _sparse_torch_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """torch.optim.SGD's single-tensor step of params with sparse grads and momentum:
+        the momentum buffer starts as a (sparse) copy of the grad and stays sparse."""
+        lr = group["lr"]
+        lr = float(lr.item()) if isinstance(lr, Tensor) else lr
+        momentum, dampening = group["momentum"], group["dampening"]
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            inv_scale = grad_scale.double().reciprocal().float()
+            for p in params:
+                p.grad._values().mul_(inv_scale.to(p.grad.device))
+        if found_inf is not None and bool(found_inf.reshape(()).item() != 0):
+            return
+        for p in params:
+            grad = -p.grad if group["maximize"] else p.grad
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+            p.add_(grad, alpha=-lr)
+
     def _split_call(self, group, lists, states, hyper, new_rows):
+        if lists[2] and any(b.is_sparse for b in lists[2]):
+            # A buffer made sparse by a sparse grad (torch keeps it so); torch's
+            # buf.mul_(momentum).add_(dense grad) then raises this.
+            raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) "
+                               "instead.")
+        return self._split_first_step(group, lists, states, hyper, new_rows)
+
+    def _split_first_step(self, group, lists, states, hyper, new_rows):
         """A momentum buffer is created on its param's first step as a copy of the
         (decayed) grad, as torch.optim.SGD does: the kernels take that as a flag
         (is_first_step), so the rows whose buffer this step created and the others go in

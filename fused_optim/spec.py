@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
-__all__ = ["StateList", "ScalarState", "FromGroup", "Hyper", "Spec", "initial_value",
-           "register", "specs", "get"]
+__all__ = ["StateList", "ScalarState", "FromGroup", "Hyper", "SparseGrads", "Spec",
+           "initial_value", "register", "specs", "get"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,40 @@ class Hyper:
 
 
 @dataclass(frozen=True)
+class SparseGrads:
+    """How an optimizer steps a param whose grad is a sparse COO tensor (as
+    ``nn.Embedding(sparse=True)`` makes them): on the rows the grad touches only, through
+    the row-sparse engine (fused_optim/_sparse.py), whose every backend runs the row math
+    named ``math`` (C++: the struct of that name in csrc/include/fused_optim/math/ listed in
+    FO_FOR_EACH_ROW_MATH; Triton: ``<math>_rows`` in triton_kernels/math.py).
+
+    * ``only``: True when the optimizer takes sparse grads only (torch.optim.SparseAdam;
+      a dense grad raises ``dense_error``), False when it takes both.
+    * ``states``: the element-wise state keys the row math reads and writes, in order.
+    * ``coalesce``: True when duplicate indices are summed first, in the order torch's
+      ``coalesce()`` sums them, and each touched row is updated once; False when each
+      entry updates its row in turn, in index order (torch's ``param.add_(sparse)``).
+    * ``constants(group, state)``: advances the param's per-tensor state (its step) as
+      torch.optim does and returns the row math's per-tensor constants, as Python floats
+      (torch.optim computes them in Python floats too).
+    * ``reference(param, grad, states, constants)``: the row math as torch.optim runs it,
+      in torch ops on a 2-D param ([rows, row length]) and its signed, uncoalesced grad.
+    * ``engine(group)``: raises the error torch.optim raises for options it refuses with
+      sparse grads; returns False for options the row math does not cover, whose sparse
+      params the class's ``_sparse_torch_step`` then runs in torch ops.
+    """
+
+    only: bool
+    math: str
+    states: tuple[str, ...]
+    coalesce: bool
+    constants: Callable[[dict[str, Any], dict[str, Any]], list[float]]
+    reference: Callable[..., None]
+    engine: Callable[[dict[str, Any]], bool] | None = None
+    dense_error: str | None = None
+
+
+@dataclass(frozen=True)
 class Spec:
     """The spec of one element-wise optimizer (one op: Adam and AdamW share ``adam``).
 
@@ -120,6 +154,7 @@ class Spec:
     reference: Callable[..., Any]
     state_at_init: bool = False
     bench: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    sparse: SparseGrads | None = None
 
     @property
     def op(self) -> str:

@@ -61,7 +61,10 @@ _ORDER: dict[str, list[str]] = {}
 
 def _register(spec: Spec) -> None:
     """Defines torch.ops.fused_optim_triton.<spec.op> from the spec: triton_op infers
-    the schema from a signature, which is built here from the spec's arguments."""
+    the schema from a signature, which is built here from the spec's arguments. A spec
+    that takes sparse grads only has no dense op."""
+    if spec.sparse is not None and spec.sparse.only:
+        return
     lists = [*spec.list_args(), *(s.arg for s in spec.scalars)]
     names = [h.name for h in (*spec.floats, *spec.flags)]
     _ORDER[spec.op] = names

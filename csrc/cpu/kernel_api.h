@@ -60,11 +60,42 @@ using ChunksFn = void (*)(const TensorTable&, const StepCall&, const Chunk* chun
 // The number of optimizers of fused_optim/optimizers.h (checked there by the kernels).
 constexpr int kMaxOptimizers = 32;
 
+// One call of a row math ([note: row math] in fused_optim/math/optimizer.h): the touched
+// rows of a bucket's params. Param t is a [rows, row_len[t]] matrix, as is each of its
+// states; its sparse grad's entries are value rows values[t] ([nnz, row_len[t]]), taken
+// in the order perm[t] gives (entry perm[t][k] k-th).
+struct RowCall {
+  int64_t n_tensors;
+  DType dtype;
+  void* const* params;          // [n_tensors]
+  void* const* states;          // [n_states * n_tensors], state-major
+  const void* const* values;    // [n_tensors]
+  const int64_t* const* perm;   // [n_tensors]
+  const int64_t* row_len;       // [n_tensors]
+  const double* constants;      // [n_tensors * n_constants]
+  bool maximize;                // values are negated first
+};
+
+// The entries perm[tensor][begin, end) of a call, all of row `row` of that tensor.
+struct RowSegment {
+  int64_t tensor;
+  int64_t row;
+  int64_t begin;
+  int64_t end;
+};
+
+// Steps segments[begin, end) of a call. Called concurrently; segments of one call name
+// distinct rows, so no two threads touch the same element.
+using RowsFn = void (*)(const RowCall&, const RowSegment* segments, int64_t begin, int64_t end);
+
+constexpr int kMaxRowMaths = 8;
+
 // The kernels of one instruction set: chunks[id], id being the optimizer's position in
-// FO_FOR_EACH_OPTIMIZER.
+// FO_FOR_EACH_OPTIMIZER; rows[id], the row math's in FO_FOR_EACH_ROW_MATH.
 struct KernelSet {
   const char* name;  // "default", "avx2", "avx512"
   ChunksFn chunks[kMaxOptimizers];
+  RowsFn rows[kMaxRowMaths];
 };
 
 // Defined by each kernels_<isa>.cpp.

@@ -33,7 +33,8 @@ namespace cpu {
 
 const KernelSet& kernels_avx2() {
 #if defined(FO_ISA_SUPPORTED)
-  static const KernelSet set{"avx2", {FO_FOR_EACH_OPTIMIZER(FO_CHUNKS_OF)}};
+  static const KernelSet set{"avx2", {FO_FOR_EACH_OPTIMIZER(FO_CHUNKS_OF)},
+                                  {FO_FOR_EACH_ROW_MATH(FO_ROWS_OF)}};
 #else
   static const KernelSet set{"avx2", {}};  // not built for this architecture
 #endif

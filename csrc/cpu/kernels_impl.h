@@ -490,10 +490,102 @@ void chunks(const TensorTable& table, const StepCall& call, const Chunk* chunks,
   });
 }
 
+// ---------------------------------------------------------------------------------
+// The row-sparse kernels ([note: row math] in fused_optim/math/optimizer.h): the rows
+// a sparse grad touches, kRowBlock elements of a row at a time.
+
+constexpr int64_t kRowBlock = 256;
+
+// The storage's roundings for a row math (update<R> in [note: row math]).
+template <DType D>
+struct RowRounding {
+  using S = Storage<D>;
+  using opmath = typename S::opmath;
+  static FO_INLINE opmath r(opmath x) { return S::to_opmath(S::from_opmath(x)); }
+  static FO_INLINE opmath add_scaled(opmath p, opmath alpha, opmath x) {
+    if constexpr (D == DType::kFloat16 || D == DType::kBFloat16) {
+      return r(p + r(r(alpha) * x));
+    } else {
+      return std::fma(alpha, x, p);
+    }
+  }
+};
+
+template <typename RowMath, DType D>
+void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, int64_t end) {
+  using S = Storage<D>;
+  using T = typename S::type;
+  using O = typename S::opmath;
+  constexpr int kS = RowMath::kStates;
+  constexpr int kC = RowMath::kConstants;
+  using R = RowRounding<D>;
+  const int64_t n = call.n_tensors;
+  O acc[kRowBlock];
+  for (int64_t g = begin; g < end; ++g) {
+    const RowSegment& seg = segments[g];
+    const int64_t t = seg.tensor;
+    const int64_t len = call.row_len[t];
+    const int64_t* perm = call.perm[t];
+    const T* values = static_cast<const T*>(call.values[t]);
+    T* p = static_cast<T*>(call.params[t]) + seg.row * len;
+    T* st[kS > 0 ? kS : 1];
+    for (int j = 0; j < kS; ++j) st[j] = static_cast<T*>(call.states[j * n + t]) + seg.row * len;
+    O c[kC];
+    for (int j = 0; j < kC; ++j) c[j] = quiet_nan_of(static_cast<O>(call.constants[t * kC + j]));
+    const O sign = call.maximize ? O(-1) : O(1);
+    for (int64_t e0 = 0; e0 < len; e0 += kRowBlock) {
+      const int64_t m = std::min(kRowBlock, len - e0);
+      if constexpr (RowMath::kCoalesce) {
+        // The row's entries summed in perm order, each sum rounded (coalesce()), then
+        // one update per element.
+        const T* v = values + perm[seg.begin] * len + e0;
+        for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(v[e]);
+        for (int64_t k = seg.begin + 1; k < seg.end; ++k) {
+          v = values + perm[k] * len + e0;
+#pragma omp simd
+          for (int64_t e = 0; e < m; ++e) acc[e] = R::r(acc[e] + S::to_opmath(v[e]));
+        }
+#pragma omp simd
+        for (int64_t e = 0; e < m; ++e) {
+          O pe = S::to_opmath(p[e0 + e]);
+          O se[kS > 0 ? kS : 1];
+          for (int j = 0; j < kS; ++j) se[j] = S::to_opmath(st[j][e0 + e]);
+          RowMath::template update<R>(pe, sign * acc[e], se, c);
+          p[e0 + e] = S::from_opmath(pe);
+          for (int j = 0; j < kS; ++j) st[j][e0 + e] = S::from_opmath(se[j]);
+        }
+      } else {
+        // One update per entry, in perm order, on the row kept in opmath meanwhile.
+        for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(p[e0 + e]);
+        for (int64_t k = seg.begin; k < seg.end; ++k) {
+          const T* v = values + perm[k] * len + e0;
+#pragma omp simd
+          for (int64_t e = 0; e < m; ++e) {
+            O se[kS > 0 ? kS : 1];
+            RowMath::template update<R>(acc[e], sign * S::to_opmath(v[e]), se, c);
+          }
+        }
+        for (int64_t e = 0; e < m; ++e) p[e0 + e] = S::from_opmath(acc[e]);
+      }
+    }
+  }
+}
+
+// The kernel of one row math: RowsFn in kernel_api.h.
+template <typename RowMath>
+void rows(const RowCall& call, const RowSegment* segments, int64_t begin, int64_t end) {
+  dispatch_dtype(call.dtype, [&](auto dtype_c) {
+    rows_typed<RowMath, decltype(dtype_c)::value>(call, segments, begin, end);
+  });
+}
+
 }  // namespace
 }  // namespace FO_CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fused_optim
+
+// The row-math entries of this unit's KernelSet, in FO_FOR_EACH_ROW_MATH order.
+#define FO_ROWS_OF(Name) &::fused_optim::cpu::FO_CPU_CAPABILITY::rows<::fused_optim::math::Name>,
 
 // The entries of this unit's KernelSet, in FO_FOR_EACH_OPTIMIZER order (kernels_<isa>.cpp).
 #define FO_CHUNKS_OF(Name) &::fused_optim::cpu::FO_CPU_CAPABILITY::chunks<::fused_optim::math::Name>,

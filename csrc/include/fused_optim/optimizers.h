@@ -14,6 +14,7 @@
 #include "fused_optim/math/rmsprop.h"
 #include "fused_optim/math/rprop.h"
 #include "fused_optim/math/sgd.h"
+#include "fused_optim/math/sparse_adam.h"
 
 // X(Struct): the structs of fused_optim::math, in a fixed order (their ids).
 #define FO_FOR_EACH_OPTIMIZER(X) \
@@ -27,6 +28,13 @@
   X(RAdam)                       \
   X(Asgd)                        \
   X(Rprop)
+
+// X(Struct): the row maths of the optimizers that take sparse grads ([note: row math] in
+// fused_optim/math/optimizer.h), for the row-sparse engine.
+#define FO_FOR_EACH_ROW_MATH(X) \
+  X(SparseAdamRows)             \
+  X(AdagradRows)                \
+  X(SgdRows)
 
 namespace fused_optim {
 

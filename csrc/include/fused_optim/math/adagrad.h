@@ -60,6 +60,24 @@ struct Adagrad : WithL2Decay<Adagrad> {
   }
 };
 
+// Adagrad on a sparse grad's rows ([note: row math] in optimizer.h), as torch.optim's
+// sparse path computes it, op by op on the coalesced values: its constants are eps and
+// -clr. A row's add_(values, alpha) is one fused multiply-add in torch's vectorized add
+// kernel (the rows of an embedding), so it is one here.
+//   state_sum.add_(sparse(g.pow(2)))  std = sqrt(sum at g's rows) + eps
+//   param.add_(sparse(g / std), alpha=-clr)
+struct AdagradRows {
+  static constexpr const char* kMath = "adagrad";
+  static constexpr int kStates = 1, kConstants = 2;
+  static constexpr bool kCoalesce = true;
+  template <typename R, typename O = typename R::opmath>
+  FO_HOST_DEVICE FO_INLINE static void update(O& p, O g, O* s, const O* c) {
+    s[0] = R::r(s[0] + R::r(g * g));
+    const O std = R::r(R::r(sqrt_op(s[0])) + c[0]);
+    p = R::add_scaled(p, c[1], R::r(g / std));
+  }
+};
+
 }  // namespace FO_CPU_CAPABILITY
 }  // namespace math
 }  // namespace fused_optim

@@ -167,6 +167,36 @@ FO_HOST_DEVICE constexpr int step_state_size() {
   return 2 * num_states<Optim>();
 }
 
+// [note: row math]
+// An optimizer that takes sparse grads (fused_optim/spec.py SparseGrads) has a row math:
+// a struct, listed in FO_FOR_EACH_ROW_MATH (optimizers.h), that steps one element of a
+// row the grad touches, for the row-sparse engine (fused_optim/_sparse.py,
+// csrc/sparse_rows.cpp, triton_kernels/sparse.py):
+//
+//   static constexpr const char* kMath;      its name, the spec's SparseGrads.math
+//   kStates                                  the element-wise states it reads and writes
+//   kConstants                               its per-tensor constants (computed by the
+//                                            spec's SparseGrads.constants, in double)
+//   kCoalesce                                true: the engine sums a row's duplicate
+//                                            entries first (in the order of torch's
+//                                            coalesce()) and calls update once per
+//                                            element; false: once per entry, in index order
+//   update<R>(p, g, s, c)                    p and s[] the element's param and states, g
+//                                            its (summed, signed) grad, c the tensor's
+//                                            constants, all in the opmath type
+//                                            R::opmath; R is the storage's rounding
+//                                            (the engine's): R::r(x) rounds x to the
+//                                            storage dtype, which torch's sparse path
+//                                            does after every op, and
+//                                            R::add_scaled(p, alpha, x) is torch's
+//                                            p.add_(x, alpha=alpha) on that storage (one
+//                                            fused multiply-add in float32 / float64;
+//                                            alpha rounded to the dtype, then a rounded
+//                                            product and sum, in bfloat16 / float16)
+//
+// torch.optim's sparse paths are sequences of tensor ops on the values, each rounding
+// to the param's dtype: the row maths write out every rounding.
+
 // Every list a call of Optim may have: the required ones plus the optional ones present.
 template <typename Optim>
 FO_HOST_DEVICE constexpr uint32_t required_lists() {

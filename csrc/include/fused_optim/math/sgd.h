@@ -96,6 +96,20 @@ struct Sgd : WithL2Decay<Sgd, OptimizerBase> {
   }
 };
 
+// SGD on a sparse grad's rows ([note: row math] in optimizer.h), without momentum (torch
+// keeps a sparse buffer with it: fused_optim/sgd.py runs torch's ops then). torch's
+// param.add_(grad, alpha=-lr) adds each entry of the uncoalesced grad to its row in turn,
+// in index order: so does this, one entry per call. Its constant is -lr.
+struct SgdRows {
+  static constexpr const char* kMath = "sgd";
+  static constexpr int kStates = 0, kConstants = 1;
+  static constexpr bool kCoalesce = false;
+  template <typename R, typename O = typename R::opmath>
+  FO_HOST_DEVICE FO_INLINE static void update(O& p, O g, O*, const O* c) {
+    p = R::add_scaled(p, c[0], g);
+  }
+};
+
 }  // namespace FO_CPU_CAPABILITY
 }  // namespace math
 }  // namespace fused_optim

@@ -1,0 +1,214 @@
+// The row-sparse engine on the CPU: torch.ops.fused_optim.sparse_rows_, the step of
+// every param of a bucket whose grad is sparse (fused_optim/_sparse.py builds the call).
+//
+//   sparse_rows_(Tensor(a!)[] params, Tensor[] rows, Tensor[] values, Tensor(b!)[] states,
+//                Tensor constants, *, str math, bool maximize) -> ()
+//
+// params and states are [rows, row length] matrices, rows[t] the row of each entry of
+// param t's grad (int64 [nnz]), values[t] its entries ([nnz, row length], the param's
+// dtype), states state-major (every param's first state, then the second ...),
+// constants float64 [params, the row math's constants]. `math` names a row math of
+// FO_FOR_EACH_ROW_MATH ([note: row math] in fused_optim/math/optimizer.h).
+//
+// Per param: the entries ordered by row, with torch's own sort (coalesce() sorts its
+// flattened indices with sort(0), and sums each row's entries in the order that sort
+// leaves them: a row math that coalesces gets the same sums, bit for bit), or with a
+// stable sort for a math that applies entries one by one in index order; rows already
+// strictly increasing (a coalesced grad) skip the sort. Then ONE parallel region over
+// the touched rows of every param: each row's entries summed (or applied in turn), its
+// states read, updated and written, by the instruction set's kernel (csrc/cpu,
+// kernels_impl.h rows_typed). Rows are distinct within a param, so threads never share
+// an element.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/sort.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cpu/dispatch.h"
+#include "cpu/kernel_api.h"
+#include "fused_optim/optimizers.h"
+#include "ops_common.h"
+
+namespace fused_optim {
+namespace {
+
+constexpr const char* kOp = "fused_optim::sparse_rows_";
+
+struct RowMathInfo {
+  const char* name;
+  int id;
+  int states;
+  int constants;
+  bool coalesce;
+};
+
+std::vector<RowMathInfo> row_maths() {
+  std::vector<RowMathInfo> out;
+#define FO_ROW_MATH_INFO(Name)                                                            \
+  out.push_back(RowMathInfo{math::Name::kMath, static_cast<int>(out.size()),             \
+                            math::Name::kStates, math::Name::kConstants,                 \
+                            math::Name::kCoalesce});
+  FO_FOR_EACH_ROW_MATH(FO_ROW_MATH_INFO)
+#undef FO_ROW_MATH_INFO
+  return out;
+}
+
+const RowMathInfo& find_math(c10::string_view name) {
+  static const std::vector<RowMathInfo> maths = row_maths();
+  std::string known;
+  for (const RowMathInfo& m : maths) {
+    if (name == m.name) return m;
+    known += std::string(known.empty() ? "" : ", ") + m.name;
+  }
+  TORCH_CHECK(false, kOp, ": no row math '", std::string(name), "' (known: ", known, ")");
+}
+
+// Elements per work item of the parallel region (a few rows of a wide embedding, many
+// of a narrow one).
+constexpr int64_t kRowsGrain = 16384;
+
+void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList values,
+                     at::TensorList states, const at::Tensor& constants, c10::string_view math,
+                     bool maximize) {
+  const RowMathInfo& m = find_math(math);
+  const size_t n = params.size();
+  TORCH_CHECK(rows.size() == n && values.size() == n, kOp, ": expected one rows and one "
+              "values tensor per param (", n, "), got ", rows.size(), " and ", values.size());
+  TORCH_CHECK(states.size() == n * static_cast<size_t>(m.states), kOp, ": the row math '",
+              m.name, "' keeps ", m.states, " states per param: expected ", n * m.states,
+              " state tensors, got ", states.size());
+  TORCH_CHECK(constants.device().is_cpu() && constants.scalar_type() == at::kDouble &&
+                  constants.dim() == 2 && constants.size(0) == static_cast<int64_t>(n) &&
+                  constants.size(1) == m.constants && constants.is_contiguous(),
+              kOp, ": constants must be a contiguous float64 CPU tensor of shape [", n, ", ",
+              m.constants, "], got ", constants.scalar_type(), " ", constants.sizes(), " on ",
+              constants.device());
+  if (n == 0) return;
+  const c10::ScalarType dtype = params[0].scalar_type();
+  const cpu::DType kernel_dtype = to_kernel_dtype(kOp, dtype);
+  std::vector<void*> param_ptrs(n), state_ptrs(states.size());
+  std::vector<const void*> value_ptrs(n);
+  std::vector<const int64_t*> perms(n);
+  std::vector<int64_t> row_len(n);
+  std::vector<at::Tensor> keep;  // the sort permutations, alive until the kernels ran
+  std::vector<cpu::RowSegment> segments;
+  for (size_t t = 0; t < n; ++t) {
+    const at::Tensor& p = params[t];
+    const at::Tensor& r = rows[t];
+    const at::Tensor& v = values[t];
+    TORCH_CHECK(p.device().is_cpu() && p.layout() == c10::kStrided && p.dim() == 2 &&
+                    p.is_contiguous(),
+                kOp, ": params[", t, "] must be a contiguous 2-D CPU tensor, got ", p.sizes(),
+                " on ", p.device());
+    TORCH_CHECK(p.scalar_type() == dtype, kOp, ": all params of one call must have one "
+                "dtype; params[", t, "] is ", p.scalar_type(), ", params[0] is ", dtype);
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kLong && r.dim() == 1 &&
+                    r.is_contiguous(),
+                kOp, ": rows[", t, "] must be a contiguous 1-D int64 CPU tensor, got ",
+                r.scalar_type(), " ", r.sizes());
+    TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == dtype && v.dim() == 2 &&
+                    v.size(0) == r.size(0) && v.size(1) == p.size(1) && v.is_contiguous(),
+                kOp, ": values[", t, "] must be a contiguous ", dtype, " CPU tensor of shape [",
+                r.size(0), ", ", p.size(1), "], got ", v.scalar_type(), " ", v.sizes());
+    for (int j = 0; j < m.states; ++j) {
+      const at::Tensor& s = states[j * n + t];
+      TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == dtype && s.sizes() == p.sizes() &&
+                      s.is_contiguous(),
+                  kOp, ": states[", j * n + t, "] must be a contiguous ", dtype,
+                  " CPU tensor shaped like params[", t, "] ", p.sizes(), ", got ",
+                  s.scalar_type(), " ", s.sizes());
+      state_ptrs[j * n + t] = s.data_ptr();
+    }
+    param_ptrs[t] = p.data_ptr();
+    value_ptrs[t] = v.data_ptr();
+    row_len[t] = p.size(1);
+    const int64_t nnz = r.size(0);
+    if (nnz == 0 || p.size(1) == 0) continue;
+    // Entry order: by row (see the file comment).
+    const int64_t* idx = r.data_ptr<int64_t>();
+    bool increasing = true;
+    for (int64_t k = 1; k < nnz && increasing; ++k) increasing = idx[k - 1] < idx[k];
+    const int64_t* sorted = idx;
+    const int64_t* perm = nullptr;
+    if (!increasing) {
+      auto [sorted_t, perm_t] = m.coalesce ? at::sort(r, 0, false)
+                                           : at::sort(r, /*stable=*/true, 0, false);
+      keep.push_back(sorted_t);
+      keep.push_back(perm_t);
+      sorted = sorted_t.data_ptr<int64_t>();
+      perm = perm_t.data_ptr<int64_t>();
+    } else {
+      keep.push_back(at::arange(nnz, r.options()));
+      perm = keep.back().data_ptr<int64_t>();
+    }
+    perms[t] = perm;
+    const int64_t n_rows = p.size(0);
+    TORCH_CHECK(sorted[0] >= 0 && sorted[nnz - 1] < n_rows, kOp, ": rows[", t,
+                "] has an index out of range for a param of ", n_rows, " rows (",
+                sorted[0] < 0 ? sorted[0] : sorted[nnz - 1], ")");
+    for (int64_t b = 0; b < nnz;) {
+      int64_t e = b + 1;
+      while (e < nnz && sorted[e] == sorted[b]) ++e;
+      segments.push_back(cpu::RowSegment{static_cast<int64_t>(t), sorted[b], b, e});
+      b = e;
+    }
+  }
+  if (segments.empty()) return;
+  cpu::RowCall call;
+  call.n_tensors = static_cast<int64_t>(n);
+  call.dtype = kernel_dtype;
+  call.params = param_ptrs.data();
+  call.states = state_ptrs.data();
+  call.values = value_ptrs.data();
+  call.perm = perms.data();
+  call.row_len = row_len.data();
+  call.constants = constants.data_ptr<double>();
+  call.maximize = maximize;
+  const cpu::RowsFn kernel = cpu::active_kernels().rows[m.id];
+  // Work per segment: its row length times its entries; a grain of ~kRowsGrain elements.
+  int64_t work = 0;
+  for (const cpu::RowSegment& s : segments) work += row_len[s.tensor] * (s.end - s.begin);
+  const int64_t count = static_cast<int64_t>(segments.size());
+  const int64_t grain = std::max<int64_t>(1, count * kRowsGrain / std::max<int64_t>(work, 1));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    kernel(call, segments.data(), begin, end);
+  });
+}
+
+// [note: version counters of mutated tensors] in csrc/ops.cpp: the params and states.
+void sparse_rows_bump(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                      torch::jit::Stack* stack) {
+  const size_t base = stack->size() - 7;
+  const c10::IValue params = (*stack)[base];
+  const c10::IValue states = (*stack)[base + 3];
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const c10::IValue* list : {&params, &states}) {
+    for (const c10::IValue& v : list->toListRef()) {
+      const at::Tensor& t = v.toTensor();
+      if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fused_optim
+
+TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
+  m.def(
+      "sparse_rows_(Tensor(a!)[] params, Tensor[] rows, Tensor[] values, Tensor(b!)[] states, "
+      "Tensor constants, *, str math, bool maximize) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("sparse_rows_", &fused_optim::sparse_rows_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fused_optim, ADInplaceOrView, m) {
+  m.impl("sparse_rows_", torch::CppFunction::makeFromBoxedFunction<&fused_optim::sparse_rows_bump>());
+}
