@@ -34,40 +34,10 @@
 #include "cpu/kernel_api.h"
 #include "fused_optim/optimizers.h"
 #include "ops_common.h"
+#include "sparse_rows.h"
 
 namespace fused_optim {
 namespace {
-
-constexpr const char* kOp = "fused_optim::sparse_rows_";
-
-struct RowMathInfo {
-  const char* name;
-  int id;
-  int states;
-  int constants;
-  bool coalesce;
-};
-
-std::vector<RowMathInfo> row_maths() {
-  std::vector<RowMathInfo> out;
-#define FO_ROW_MATH_INFO(Name)                                                            \
-  out.push_back(RowMathInfo{math::Name::kMath, static_cast<int>(out.size()),             \
-                            math::Name::kStates, math::Name::kConstants,                 \
-                            math::Name::kCoalesce});
-  FO_FOR_EACH_ROW_MATH(FO_ROW_MATH_INFO)
-#undef FO_ROW_MATH_INFO
-  return out;
-}
-
-const RowMathInfo& find_math(c10::string_view name) {
-  static const std::vector<RowMathInfo> maths = row_maths();
-  std::string known;
-  for (const RowMathInfo& m : maths) {
-    if (name == m.name) return m;
-    known += std::string(known.empty() ? "" : ", ") + m.name;
-  }
-  TORCH_CHECK(false, kOp, ": no row math '", std::string(name), "' (known: ", known, ")");
-}
 
 // Elements per work item of the parallel region (a few rows of a wide embedding, many
 // of a narrow one).
@@ -76,22 +46,11 @@ constexpr int64_t kRowsGrain = 16384;
 void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList values,
                      at::TensorList states, const at::Tensor& constants, c10::string_view math,
                      bool maximize) {
-  const RowMathInfo& m = find_math(math);
+  const RowMathInfo& m = find_row_math(math);
+  check_sparse_rows(m, params, rows, values, states, constants, c10::DeviceType::CPU);
   const size_t n = params.size();
-  TORCH_CHECK(rows.size() == n && values.size() == n, kOp, ": expected one rows and one "
-              "values tensor per param (", n, "), got ", rows.size(), " and ", values.size());
-  TORCH_CHECK(states.size() == n * static_cast<size_t>(m.states), kOp, ": the row math '",
-              m.name, "' keeps ", m.states, " states per param: expected ", n * m.states,
-              " state tensors, got ", states.size());
-  TORCH_CHECK(constants.device().is_cpu() && constants.scalar_type() == at::kDouble &&
-                  constants.dim() == 2 && constants.size(0) == static_cast<int64_t>(n) &&
-                  constants.size(1) == m.constants && constants.is_contiguous(),
-              kOp, ": constants must be a contiguous float64 CPU tensor of shape [", n, ", ",
-              m.constants, "], got ", constants.scalar_type(), " ", constants.sizes(), " on ",
-              constants.device());
   if (n == 0) return;
-  const c10::ScalarType dtype = params[0].scalar_type();
-  const cpu::DType kernel_dtype = to_kernel_dtype(kOp, dtype);
+  const cpu::DType kernel_dtype = to_kernel_dtype(kSparseRowsOp, params[0].scalar_type());
   std::vector<void*> param_ptrs(n), state_ptrs(states.size());
   std::vector<const void*> value_ptrs(n);
   std::vector<const int64_t*> perms(n);
@@ -102,27 +61,8 @@ void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList 
     const at::Tensor& p = params[t];
     const at::Tensor& r = rows[t];
     const at::Tensor& v = values[t];
-    TORCH_CHECK(p.device().is_cpu() && p.layout() == c10::kStrided && p.dim() == 2 &&
-                    p.is_contiguous(),
-                kOp, ": params[", t, "] must be a contiguous 2-D CPU tensor, got ", p.sizes(),
-                " on ", p.device());
-    TORCH_CHECK(p.scalar_type() == dtype, kOp, ": all params of one call must have one "
-                "dtype; params[", t, "] is ", p.scalar_type(), ", params[0] is ", dtype);
-    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kLong && r.dim() == 1 &&
-                    r.is_contiguous(),
-                kOp, ": rows[", t, "] must be a contiguous 1-D int64 CPU tensor, got ",
-                r.scalar_type(), " ", r.sizes());
-    TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == dtype && v.dim() == 2 &&
-                    v.size(0) == r.size(0) && v.size(1) == p.size(1) && v.is_contiguous(),
-                kOp, ": values[", t, "] must be a contiguous ", dtype, " CPU tensor of shape [",
-                r.size(0), ", ", p.size(1), "], got ", v.scalar_type(), " ", v.sizes());
     for (int j = 0; j < m.states; ++j) {
       const at::Tensor& s = states[j * n + t];
-      TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == dtype && s.sizes() == p.sizes() &&
-                      s.is_contiguous(),
-                  kOp, ": states[", j * n + t, "] must be a contiguous ", dtype,
-                  " CPU tensor shaped like params[", t, "] ", p.sizes(), ", got ",
-                  s.scalar_type(), " ", s.sizes());
       state_ptrs[j * n + t] = s.data_ptr();
     }
     param_ptrs[t] = p.data_ptr();
@@ -149,7 +89,7 @@ void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList 
     }
     perms[t] = perm;
     const int64_t n_rows = p.size(0);
-    TORCH_CHECK(sorted[0] >= 0 && sorted[nnz - 1] < n_rows, kOp, ": rows[", t,
+    TORCH_CHECK(sorted[0] >= 0 && sorted[nnz - 1] < n_rows, kSparseRowsOp, ": rows[", t,
                 "] has an index out of range for a param of ", n_rows, " rows (",
                 sorted[0] < 0 ? sorted[0] : sorted[nnz - 1], ")");
     for (int64_t b = 0; b < nnz;) {
@@ -197,6 +137,87 @@ void sparse_rows_bump(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Shared with the CUDA op (csrc/cuda/sparse_rows_cuda.cu): see sparse_rows.h.
+
+namespace {
+
+std::vector<RowMathInfo> row_maths() {
+  std::vector<RowMathInfo> out;
+#define FO_ROW_MATH_INFO(Name)                                                            \
+  out.push_back(RowMathInfo{math::Name::kMath, static_cast<int>(out.size()),             \
+                            math::Name::kStates, math::Name::kConstants,                 \
+                            math::Name::kCoalesce});
+  FO_FOR_EACH_ROW_MATH(FO_ROW_MATH_INFO)
+#undef FO_ROW_MATH_INFO
+  return out;
+}
+
+}  // namespace
+
+const RowMathInfo& find_row_math(c10::string_view name) {
+  static const std::vector<RowMathInfo> maths = row_maths();
+  std::string known;
+  for (const RowMathInfo& m : maths) {
+    if (name == m.name) return m;
+    known += std::string(known.empty() ? "" : ", ") + m.name;
+  }
+  TORCH_CHECK(false, kSparseRowsOp, ": no row math '", std::string(name), "' (known: ", known,
+              ")");
+}
+
+void check_sparse_rows(const RowMathInfo& m, at::TensorList params, at::TensorList rows,
+                       at::TensorList values, at::TensorList states,
+                       const at::Tensor& constants, c10::DeviceType type) {
+  const char* op = kSparseRowsOp;
+  const size_t n = params.size();
+  TORCH_CHECK(rows.size() == n && values.size() == n, op, ": expected one rows and one "
+              "values tensor per param (", n, "), got ", rows.size(), " and ", values.size());
+  TORCH_CHECK(states.size() == n * static_cast<size_t>(m.states), op, ": the row math '",
+              m.name, "' keeps ", m.states, " states per param: expected ", n * m.states,
+              " state tensors, got ", states.size());
+  TORCH_CHECK(constants.device().is_cpu() && constants.scalar_type() == at::kDouble &&
+                  constants.dim() == 2 && constants.size(0) == static_cast<int64_t>(n) &&
+                  constants.size(1) == m.constants && constants.is_contiguous(),
+              op, ": constants must be a contiguous float64 CPU tensor of shape [", n, ", ",
+              m.constants, "], got ", constants.scalar_type(), " ", constants.sizes(), " on ",
+              constants.device());
+  if (n == 0) return;
+  const c10::ScalarType dtype = params[0].scalar_type();
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.type() == type, op, ": ", c10::DeviceTypeName(type),
+              " kernel called with params on ", device);
+  for (size_t t = 0; t < n; ++t) {
+    const at::Tensor& p = params[t];
+    const at::Tensor& r = rows[t];
+    const at::Tensor& v = values[t];
+    TORCH_CHECK(p.device() == device && p.layout() == c10::kStrided && p.dim() == 2 &&
+                    p.is_contiguous(),
+                op, ": params[", t, "] must be a contiguous 2-D tensor on ", device, ", got ",
+                p.sizes(), " on ", p.device());
+    TORCH_CHECK(p.scalar_type() == dtype, op, ": all params of one call must have one "
+                "dtype; params[", t, "] is ", p.scalar_type(), ", params[0] is ", dtype);
+    TORCH_CHECK(r.device() == device && r.scalar_type() == at::kLong && r.dim() == 1 &&
+                    r.is_contiguous(),
+                op, ": rows[", t, "] must be a contiguous 1-D int64 tensor on ", device,
+                ", got ", r.scalar_type(), " ", r.sizes(), " on ", r.device());
+    TORCH_CHECK(v.device() == device && v.scalar_type() == dtype && v.dim() == 2 &&
+                    v.size(0) == r.size(0) && v.size(1) == p.size(1) && v.is_contiguous(),
+                op, ": values[", t, "] must be a contiguous ", dtype, " tensor of shape [",
+                r.size(0), ", ", p.size(1), "] on ", device, ", got ", v.scalar_type(), " ",
+                v.sizes(), " on ", v.device());
+    for (int j = 0; j < m.states; ++j) {
+      const at::Tensor& s = states[j * n + t];
+      TORCH_CHECK(s.device() == device && s.scalar_type() == dtype && s.sizes() == p.sizes() &&
+                      s.is_contiguous(),
+                  op, ": states[", j * n + t, "] must be a contiguous ", dtype,
+                  " tensor shaped like params[", t, "] ", p.sizes(), " on ", device, ", got ",
+                  s.scalar_type(), " ", s.sizes(), " on ", s.device());
+    }
+  }
+}
+
 }  // namespace fused_optim
 
 TORCH_LIBRARY_FRAGMENT(fused_optim, m) {

@@ -1,7 +1,7 @@
 """The C++ backends: "cpu" (csrc/cpu) and "cuda" (csrc/cuda).
 
-The row-sparse engine (fused_optim/_sparse.py) has a C++ implementation on the CPU only
-(csrc/sparse_rows.cpp, torch.ops.fused_optim.sparse_rows_); on CUDA it runs on Triton.
+Both also run the row-sparse engine (fused_optim/_sparse.py) through one op,
+torch.ops.fused_optim.sparse_rows_ (csrc/sparse_rows.cpp, csrc/cuda/sparse_rows_cuda.cu).
 
 Both call the same dispatcher ops, torch.ops.fused_optim.<name>_ (registered from each
 optimizer's spec, _ops.py); the dispatcher picks the CPU or CUDA kernel from the
@@ -26,8 +26,8 @@ def _step(spec, *lists, **kwargs) -> None:
 
 
 def _sparse_step(math, params, rows, values, states, constants, *, maximize) -> None:
-    # The row-sparse engine (csrc/sparse_rows.cpp); it bumps the versions of what it
-    # mutates, as the optimizers' ops do.
+    # The row-sparse engine's op (CPU or CUDA kernel by the tensors' device); it bumps the
+    # versions of what it mutates, as the optimizers' ops do.
     torch.ops.fused_optim.sparse_rows_(params, rows, values, states, constants, math=math,
                                        maximize=maximize)
 
@@ -58,4 +58,4 @@ def _unavailable_for(device_type: str, dispatch_key: str):
 _ENTRY = getattr(_extension.C, "step_group_", None)
 
 register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step))
-register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY))
+register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY, _sparse_step))

@@ -23,8 +23,8 @@ optimizer that takes sparse grads says how in its spec (``Spec.sparse``, a
     ``[params, constants]``. Every backend runs the same row math: coalesce (or not, see
     ``SparseGrads.coalesce``), then one pass over the touched rows that gathers the
     state, updates, and scatters back;
-  * the backend: the group's, or where it has no sparse engine ("cuda" has none yet)
-    the next of its device's auto order that has one, else "reference";
+  * the backend: the group's, or where it has none the next of its device's auto order
+    that has a sparse engine, else "reference";
   * complex params, rows that are not contiguous and ``differentiable=True`` go to the
     reference, whose row math is torch.optim's own sparse ops.
 """

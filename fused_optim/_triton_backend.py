@@ -10,7 +10,8 @@ Where it runs:
   * CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1, set before the
     kernels are first imported): that is how CI tests the kernels without a GPU.
 Storage dtypes: float32, float16, bfloat16 (math in float32) and float64 (math in
-float64).
+float64). It has a row-sparse engine (sparse grads: fused_optim/_sparse.py), in
+triton_kernels/sparse.py.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ def _ensure_subpackage() -> None:
 
 
 def load_kernels() -> ModuleType:
-    """Imports the Triton ops (registering torch.ops.fused_optim_triton.*) and returns
-    the module fused_optim.triton_kernels.ops. Raises ImportError if that fails."""
+    """Imports the Triton ops (registering torch.ops.fused_optim_triton.*) and the
+    row-sparse engine (triton_kernels/sparse.py), and returns the module
+    fused_optim.triton_kernels.ops. Raises ImportError if that fails. Both are imported
+    together so that their kernels are of one flavour, compiled or interpreted (decided
+    by TRITON_INTERPRET when a kernel is defined)."""
     global _kernels, _load_error
     if _kernels is not None:
         return _kernels
@@ -81,7 +85,9 @@ def load_kernels() -> ModuleType:
         raise ImportError(_load_error)
     try:
         _ensure_subpackage()
-        _kernels = importlib.import_module("fused_optim.triton_kernels.ops")
+        ops = importlib.import_module("fused_optim.triton_kernels.ops")
+        importlib.import_module("fused_optim.triton_kernels.sparse")
+        _kernels = ops
     except Exception as exc:  # ImportError, or a triton too old for the kernels' API
         _load_error = f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
         raise ImportError(_load_error) from exc
@@ -155,4 +161,11 @@ def _step(spec, *lists, **kwargs) -> None:
     load_kernels().step(spec, *lists, **kwargs)
 
 
-register_backend(Backend("triton", unavailable, _step))
+def _sparse_step(math, params, rows, values, states, constants, *, maximize) -> None:
+    # The row-sparse engine (fused_optim/_sparse.py): one launch per bucket.
+    load_kernels()
+    sys.modules["fused_optim.triton_kernels.sparse"].sparse_step(
+        math, params, rows, values, states, constants, maximize=maximize)
+
+
+register_backend(Backend("triton", unavailable, _step, sparse_step=_sparse_step))

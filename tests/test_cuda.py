@@ -677,3 +677,79 @@ def test_every_optimizer_found_inf_and_cuda_graph(case, backend):
             assert sorted(sg) == sorted(se)
             for key in sg:
                 assert torch.equal(sg[key], se[key]), f"replay {k}: {key} of param {i} differs"
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse grads: the row-sparse engine on the GPU (fused_optim/_sparse.py; the "cuda"
+# backend's op csrc/cuda/sparse_rows_cuda.cu, the "triton" backend's
+# triton_kernels/sparse.py), against torch.optim on the same GPU. tests/test_sparse.py
+# holds the CPU's (bit-level) tests; here torch's CUDA coalesce() may sum a row's
+# duplicates in another order than the engines' index order, so sums part by a rounding
+# or so and carry it on: params and states are compared within 8 ulps (fp32) / 2 ulps
+# (bf16) of each tensor's largest magnitude per step.
+
+SPARSE_CONFIGS = [("SparseAdam", {"lr": 4e-2}), ("Adagrad", {"lr": 0.1}),
+                  ("SGD", {"lr": 4.8e-3}), ("SGD", {"lr": 4.8e-3, "momentum": 0.9})]
+
+
+def _sparse_grad(num: int, dim: int, lookups: int, dtype: torch.dtype,
+                 gen: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, max(1, num // 2), (lookups,), generator=gen)
+    values = torch.randn(lookups, dim, generator=gen).to(dtype)
+    return torch.sparse_coo_tensor(idx[None], values, (num, dim)).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("config", SPARSE_CONFIGS,
+                         ids=lambda c: c[0] + ("-momentum" if "momentum" in c[1] else ""))
+def test_sparse_embedding_parity(config, dtype, backend):
+    """Two embeddings (one wider than a block of 256 threads), 4 steps: duplicates,
+    untouched rows, a step without lookups."""
+    import fused_optim
+
+    name, options = config
+    gen = torch.Generator().manual_seed(10)
+    shapes = [(1000, 300), (37, 5)]
+    init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    ps = [torch.nn.Parameter(p.to(DEVICE)) for p in init]
+    tps = [torch.nn.Parameter(p.to(DEVICE)) for p in init]
+    fused = getattr(fused_optim, name)(ps, backend=backend, **options)
+    oracle = getattr(torch.optim, name)(tps, **options)
+    for step in range(4):
+        grads = [_sparse_grad(1000, 300, 700, dtype, gen),
+                 _sparse_grad(37, 5, 0 if step == 2 else 9, dtype, gen)]
+        for p, tp, g in zip(ps, tps, grads):
+            p.grad, tp.grad = g.clone(), g.clone()
+        fused.step()
+        oracle.step()
+    ulps = 8 if dtype == torch.float32 else 2
+    eps = torch.finfo(dtype).eps
+    for i, (p, tp) in enumerate(zip(ps, tps)):
+        pairs = [("param", p.detach(), tp.detach())]
+        for key, v in oracle.state[tp].items():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                mine = fused.state[p][key]
+                if v.is_sparse:
+                    v, mine = v.coalesce().to_dense(), mine.coalesce().to_dense()
+                pairs.append((key, mine, v))
+        for what, a, b in pairs:
+            scale = b.float().abs().max().item()
+            torch.testing.assert_close(a.float(), b.float(), rtol=0,
+                                       atol=ulps * 4 * eps * scale,
+                                       msg=lambda m: f"{name} {backend} param {i} {what}: {m}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_sparse_rows_out_of_range_is_an_error(backend):
+    """An index past the param's rows raises before anything is written."""
+    import fused_optim
+
+    p = torch.nn.Parameter(torch.zeros(4, 2, device=DEVICE))
+    opt = fused_optim.SGD([p], lr=0.1, backend=backend)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.ones(2, 2), (4, 2),
+                                     check_invariants=False).to(DEVICE)
+    with pytest.raises(RuntimeError, match="out of range"):
+        opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(p.detach().cpu(), torch.zeros(4, 2))

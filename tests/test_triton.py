@@ -737,6 +737,281 @@ def test_bf16_step_rounds_ties_like_torch():
 
 
 # ---------------------------------------------------------------------------------------
+# The row-sparse engine (triton_kernels/sparse.py) against the C++ one
+# (torch.ops.fused_optim.sparse_rows_, csrc/sparse_rows.cpp)
+
+SPARSE_MATHS = ["sparse_adam", "adagrad", "sgd"]
+# Param 0 has no entries (the kernel then addresses everything from param 1); param 1's
+# row 3 five times, row 1 twice, rows 2, 4 and 6-11 never; param 2's rows 6 and 2 three
+# times each (interleaved), rows 1 and 3-5 never. Widths 5 and 3 with a row block of 4
+# (test_sparse_matches_cpu_op): a full block and a masked one, and a param with no
+# second block.
+SPARSE_SHAPES = [(4, 2), (13, 5), (7, 3)]
+SPARSE_ROWS = [[], [3, 1, 3, 0, 12, 3, 5, 3, 1, 3], [6, 2, 2, 0, 6, 6, 2]]
+# Per-tensor constants of each row math (SparseGrads.constants' order), different for
+# every param so that a kernel reading another param's constants shows:
+# sparse_adam (1 - beta1, 1 - beta2, eps, -step_size), adagrad (eps, -clr), sgd (-lr).
+SPARSE_CONSTANTS = {
+    "sparse_adam": [[0.3, 0.1, 1e-4, -1.0], [0.1, 1e-3, 1e-8, -1e-2],
+                    [0.2, 1e-2, 1e-6, -3e-2]],
+    "adagrad": [[1e-3, -1.0], [1e-10, -5e-2], [1e-6, -0.1]],
+    "sgd": [[-1.0], [-5e-2], [-0.3]],
+}
+
+
+def _needs_sparse_cpu_op() -> None:
+    if _extension.C is None:
+        pytest.skip(f"no C++ op to compare with: {_extension.LOAD_ERROR}")
+    if not hasattr(torch.ops.fused_optim, "sparse_rows_"):
+        pytest.skip("no C++ op to compare with: fused_optim._C has no sparse_rows_")
+
+
+def _sparse_engine():
+    from fused_optim.triton_kernels import sparse
+    return sparse
+
+
+def _math_module():
+    from fused_optim.triton_kernels import math
+    return math
+
+
+class _SparseCall:
+    """One sparse_step call's arguments (fused_optim/_sparse.py's contract): params,
+    states (state-major, non-negative: the row maths take square roots of them), the
+    entries' rows and values, the constants."""
+
+    def __init__(self, math: str, dtype: torch.dtype, shapes, rows, gen: torch.Generator,
+                 constants=None):
+        n_states = getattr(_math_module(), f"{math}_rows_shape").states
+        self.math = math
+        self.params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
+                       for s in shapes]
+        self.states = [torch.rand(s, generator=gen, dtype=torch.float64).to(dtype)
+                       for _ in range(n_states) for s in shapes]
+        self.rows = [torch.tensor(r, dtype=torch.int64) for r in rows]
+        self.values = [torch.randn(len(r), s[1], generator=gen,
+                                   dtype=torch.float64).to(dtype)
+                       for r, s in zip(rows, shapes)]
+        self.constants = torch.tensor(constants or SPARSE_CONSTANTS[math][:len(shapes)],
+                                      dtype=torch.float64)
+
+    def clone(self) -> "_SparseCall":
+        other = object.__new__(_SparseCall)
+        other.__dict__.update(self.__dict__)
+        other.params = [p.clone() for p in self.params]
+        other.states = [s.clone() for s in self.states]
+        return other
+
+    def run(self, fn, maximize: bool) -> None:
+        fn(self.math, self.params, self.rows, self.values, self.states, self.constants,
+           maximize=maximize)
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"param": self.params, "state": self.states}
+
+
+def _cpu_sparse_step(math, params, rows, values, states, constants, *, maximize) -> None:
+    with cpu_capability("default"):
+        torch.ops.fused_optim.sparse_rows_(params, rows, values, states, constants,
+                                           math=math, maximize=maximize)
+
+
+@needs_interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("math", SPARSE_MATHS)
+def test_sparse_matches_cpu_op(math, dtype, monkeypatch):
+    """Three params in one call (the first without entries), duplicate rows, a row touched five
+    times, untouched rows, rows of two blocks (a row block of 4 elements), maximize off
+    then on: params and states bit for bit those of the C++ engine after each call.
+    Exact, not within ulps: the row maths are the same operation sequence with the same
+    roundings and fused multiply-adds, and the entries are summed in the same order (the
+    C++ engine sorts a coalescing math's entries with torch's unstable sort, which leaves
+    these few duplicates in index order: checked below; many duplicates are the next
+    test's). The warning filter: masked-off lanes of the interpreter divide 0 by fp16's
+    eps rounded to 0."""
+    _needs_sparse_cpu_op()
+    sparse = _sparse_engine()
+    monkeypatch.setattr(sparse, "MAX_BLOCK", 4)
+    for r in SPARSE_ROWS:
+        r = torch.tensor(r, dtype=torch.int64)
+        assert torch.equal(torch.sort(r).indices, torch.sort(r, stable=True).indices)
+    gen = torch.Generator().manual_seed(0)
+    tri = _SparseCall(math, dtype, SPARSE_SHAPES, SPARSE_ROWS, gen)
+    cpu = tri.clone()
+    n = len(SPARSE_SHAPES)
+    for maximize in (False, True):
+        before = tri.clone()
+        versions = [t._version for t in tri.params + tri.states]
+        tri.run(backends.get_backend("triton").sparse_step, maximize)
+        cpu.run(_cpu_sparse_step, maximize)
+        _compare(f"sparse {math} {dtype_id(dtype)} maximize={maximize}", tri.tensors(),
+                 cpu.tensors(), exact=True)
+        # Only the touched rows changed (each of them, in the params: an element's
+        # update may round away in fp16 / bf16, a whole row's does not), and autograd
+        # was told about the in-place writes (not for param 0, which has no entries).
+        for t, r in enumerate(SPARSE_ROWS):
+            touched = torch.zeros(SPARSE_SHAPES[t][0], dtype=torch.bool)
+            touched[r] = True
+            for j, (a, b) in enumerate(zip(tri.params[t::n] + tri.states[t::n],
+                                           before.params[t::n] + before.states[t::n])):
+                assert torch.equal(_bits(a[~touched]), _bits(b[~touched])), (t, j)
+            assert (tri.params[t][touched] != before.params[t][touched]).any(1).all(), t
+        assert [t._version > v for t, v in zip(tri.params + tri.states, versions)] == [
+            i % n != 0 for i in range(len(versions))]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("math", [m for m in SPARSE_MATHS
+                                  if m != "sgd"])  # the maths that coalesce
+def test_sparse_sums_duplicates_in_index_order(math, dtype):
+    """Many duplicates (40 and 30 entries of two rows, interleaved, and a single one):
+    the engine sums a row's entries in index order (its stable sort), each sum rounded
+    to the storage dtype, exactly as the C++ engine updates with those sums given as a
+    coalesced grad (strictly increasing rows: no sort). The C++ engine on the raw
+    entries sums in its unstable sort's order, which differs here (checked): measured
+    up to 16 fp32 ulps (Adagrad's sum, cancellation in the grad's sum) and 19 bf16 ulps
+    from this engine, which is why the order is tested exactly instead."""
+    _needs_sparse_cpu_op()
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.cat([torch.full((40,), 2), torch.full((30,), 4), torch.tensor([0])])
+    rows = rows[torch.randperm(len(rows), generator=gen)]
+    assert not torch.equal(torch.sort(rows).indices, torch.sort(rows, stable=True).indices)
+    tri = _SparseCall(math, dtype, [(6, 5)], [rows.tolist()], gen)
+    coalesced = tri.clone()
+    unique = rows.unique()
+    sums = []
+    for row in unique.tolist():
+        at = (rows == row).nonzero().flatten().tolist()
+        acc = tri.values[0][at[0]]
+        for i in at[1:]:
+            acc = (acc.float() + tri.values[0][i].float()).to(dtype)  # opmath add, rounded
+        sums.append(acc)
+    coalesced.rows, coalesced.values = [unique], [torch.stack(sums)]
+    tri.run(backends.get_backend("triton").sparse_step, False)
+    coalesced.run(_cpu_sparse_step, False)
+    _compare(f"sparse {math} {dtype_id(dtype)} duplicates", tri.tensors(),
+             coalesced.tensors(), exact=True)
+
+
+# (fused_optim class, torch.optim class, options): every optimizer whose spec takes sparse
+# grads through the row math, with maximize and its other options.
+SPARSE_CLASS_CASES = [
+    (fused_optim.SparseAdam, torch.optim.SparseAdam, {"lr": 1e-2}),
+    (fused_optim.SparseAdam, torch.optim.SparseAdam,
+     {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True}),
+    (fused_optim.SGD, torch.optim.SGD, {"lr": 5e-2}),
+    (fused_optim.SGD, torch.optim.SGD, {"lr": 5e-2, "maximize": True}),
+    (fused_optim.Adagrad, torch.optim.Adagrad,
+     {"lr": 5e-2, "lr_decay": 0.1, "initial_accumulator_value": 0.1}),
+    (fused_optim.Adagrad, torch.optim.Adagrad, {"lr": 5e-2, "maximize": True}),
+]
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("oracle_threads")
+@pytest.mark.parametrize("fused,reference,options", SPARSE_CLASS_CASES,
+                         ids=[f"{f.__name__}-{'-'.join(o)}"
+                              for f, _, o in SPARSE_CLASS_CASES])
+def test_sparse_embedding_matches_torch_optim(fused, reference, options, monkeypatch):
+    """nn.Embedding(20, 4, sparse=True) for 3 steps (a row looked up five times per
+    batch): backend="triton" bit for bit the "cpu" backend (the C++ engine), and within
+    TOLERANCES of torch.optim (measured: SparseAdam and SGD bit-equal, Adagrad 1 ulp:
+    torch's own sparse ops, not the row math's order, decide that last place); weight and
+    every state. The Triton engine ran once per step (not a fallback)."""
+    _needs_sparse_cpu_op()
+    sparse = _sparse_engine()
+    calls = []
+    real = sparse.sparse_step
+    monkeypatch.setattr(sparse, "sparse_step",
+                        lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(20, 4, generator=gen)
+    sides = {}
+    for name in ("triton", "cpu", "torch"):
+        emb = torch.nn.Embedding(20, 4, sparse=True)
+        with torch.no_grad():
+            emb.weight.copy_(weight)
+        opt = (reference(emb.parameters(), **options) if name == "torch"
+               else fused(emb.parameters(), backend=name, **options))
+        sides[name] = (emb, opt)
+    for step in range(1, 4):
+        idx = torch.randint(0, 20, (3, 4), generator=gen)
+        idx[0, :] = 5
+        idx[1, 0] = 5
+        out_grad = torch.randn(3, 4, 4, generator=gen)
+        for emb, opt in sides.values():
+            opt.zero_grad()
+            emb(idx).backward(out_grad)
+            opt.step()
+        got = {"weight": [sides["triton"][0].weight.detach()]}
+        want = {name: {"weight": [sides[name][0].weight.detach()]}
+                for name in ("cpu", "torch")}
+        for key, value in sides["triton"][1].state[sides["triton"][0].weight].items():
+            got[key] = [torch.as_tensor(value)]
+            for name in ("cpu", "torch"):
+                emb, opt = sides[name]
+                want[name][key] = [torch.as_tensor(opt.state[emb.weight][key])]
+        label = f"{fused.__name__} {options} step {step}"
+        _compare(f"{label} vs cpu", got, want["cpu"], exact=True)
+        # A step count (SparseAdam's is an int, a tensor in fused_optim's state_dict form
+        # or not) compared as a number; the floating-point rest within tolerance.
+        for key in [k for k, v in got.items() if not v[0].is_floating_point()
+                    or v[0].numel() == 1]:
+            assert float(got.pop(key)[0]) == float(want["torch"].pop(key)[0]), (label, key)
+        _compare(f"{label} vs torch.optim", got, want["torch"], exact=False, steps=step)
+    assert len(calls) == 3, calls
+
+
+@needs_interpreter
+def test_sparse_step_edge_cases_and_checks():
+    """Params without entries (and with empty rows) change nothing; each row math's
+    shape agrees with its spec (states, coalescing); a call that breaks the contract
+    raises before anything runs."""
+    from fused_optim.spec import specs
+
+    step = backends.get_backend("triton").sparse_step
+    maths = {s.sparse.math: s.sparse for s in specs() if s.sparse is not None}
+    assert sorted(maths) == sorted(SPARSE_MATHS)
+    for name, rule in maths.items():
+        shape = getattr(_math_module(), f"{name}_rows_shape")
+        assert (shape.states, shape.coalesce) == (len(rule.states), rule.coalesce), name
+        assert shape.constants == len(SPARSE_CONSTANTS[name][0]), name
+
+    gen = torch.Generator().manual_seed(3)
+    call = _SparseCall("adagrad", torch.float32, [(4, 3), (5, 0)], [[], [1, 1]], gen,
+                       constants=[[1e-10, -0.1], [1e-10, -0.1]])
+    before = call.clone()
+    call.run(step, False)
+    _compare("no entries", call.tensors(), before.tensors(), exact=True)
+
+    def expect(message, **changes):
+        args = dict(math="adagrad", params=call.params, rows=call.rows, values=call.values,
+                    states=call.states, constants=call.constants)
+        args.update(changes)
+        with pytest.raises((RuntimeError, NotImplementedError), match=message):
+            step(args.pop("math"), *args.values(), maximize=False)
+
+    expect("no Triton row math 'adam'", math="adam")
+    expect("keeps 1 states per param: expected 2 state tensors, got 1",
+           states=call.states[:1])
+    expect(r"constants must be a float64 CPU tensor of shape \[2, 2\]",
+           constants=call.constants[:, :1].contiguous())
+    expect(r"rows\[0\] must be a 1-D int64", rows=[call.rows[0].int(), call.rows[1]])
+    expect(r"values\[1\] must be a contiguous torch.float32 tensor of shape \[2, 0\]",
+           values=[call.values[0], torch.zeros(2, 1)])
+    expect(r"params\[1\] must be a contiguous 2-D", params=[call.params[0], torch.zeros(5)])
+    expect(r"states\[0\] must be a contiguous", states=[call.states[0].double(),
+                                                         call.states[1]])
+    for bad in ([1, 4], [-1, 1]):  # params[0] has 4 rows
+        expect("row index out of range", rows=[torch.tensor(bad), call.rows[1]],
+               values=[torch.ones(2, 3), call.values[1]])
+    _compare("after the errors", call.tensors(), before.tensors(), exact=True)
+
+
+# ---------------------------------------------------------------------------------------
 # Errors, availability, registration
 
 
@@ -1016,6 +1291,34 @@ for label, case, build in jobs:
     if label.split()[0] == "adam":
         f = "f64" if "fp64" in label else "f32"
         assert count(rf"div\.rn\.{f}") and count(rf"sqrt\.rn\.{f}"), f"{label}: no IEEE ops"
+
+# The row-sparse kernel (triton_kernels/sparse.py) of every row math: fp32, bf16 and
+# fp64 with aligned rows (ELEM_ALIGN: 16-byte vectorized accesses), fp16 without.
+from fused_optim.triton_kernels import math as M, sparse as SP
+for math in ("sparse_adam", "adagrad", "sgd"):
+    shape = getattr(M, f"{math}_rows_shape")
+    for dtype, align in ((torch.float32, 4), (torch.bfloat16, 8), (torch.float64, 2),
+                         (torch.float16, 1)):
+        label = f"{math} {TYPE.get(dtype, 'fp16')} rows, ELEM_ALIGN {align}"
+        ptx = compile_ptx(SP._rows_kernel, dict(
+            base="*" + TYPE.get(dtype, "fp16"), table="*i64", keys="*i64", perm="*i64",
+            tensor_of="*i64", nnz="i32"), dict(
+            ROWS=getattr(M, f"{math}_rows"), N_STATES=shape.states,
+            N_CONSTANTS=shape.constants, COALESCE=shape.coalesce, DTYPE=L._TL_DTYPE[dtype],
+            OPMATH=L._opmath(dtype), MAXIMIZE=True, BLOCK=1024, ELEM_ALIGN=align))
+        count = lambda pattern: len(re.findall(pattern, ptx))
+        print(label, "v4/v2 loads", count(r"ld\.global\.v[24]"), "div.rn", count(r"div\.rn"),
+              "sqrt.rn", count(r"sqrt\.rn"), "fma.rn", count(r"fma\.rn"))
+        if align > 1:
+            width = "v2" if dtype == torch.float64 else "v4"
+            assert count(rf"ld\.global\.{width}") and count(rf"st\.global\.{width}"), label
+        assert not count(r"div\.full|div\.approx|sqrt\.approx"), f"{label}: inexact ops"
+        # Fused multiply-adds exactly where the row math has one (add_scaled in fp32 /
+        # fp64: sgd, adagrad), none contracted anywhere else.
+        fused = math in ("sgd", "adagrad") and dtype in (torch.float32, torch.float64)
+        assert bool(count(r"fma\.rn")) == fused, f"{label}: fma.rn"
+        if math != "sgd":
+            assert count(r"div\.rn") and count(r"sqrt\.rn"), f"{label}: no IEEE ops"
 print("OK")
 """
 
@@ -1023,10 +1326,11 @@ print("OK")
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_sm90():
     """The interpreter does not type-check like the compiler: compile the table kernel of
-    every optimizer family (fp32; SGD also bf16) and Adam's fp64 per-tensor kernel to PTX
-    for sm_90 (no GPU needed), and check what the design relies on: 16-byte vectorized
-    accesses, IEEE division and sqrt, no contracted FMA, the arrivals atomic exactly where
-    there is per-tensor state."""
+    every optimizer family (fp32; SGD also bf16), Adam's fp64 per-tensor kernel and the
+    row-sparse kernel of every row math (fp32, bf16, fp64, fp16) to PTX for sm_90 (no GPU
+    needed), and check what the design relies on: 16-byte vectorized accesses, IEEE
+    division and sqrt, no contracted FMA (the row maths' explicit ones where they have
+    them), the arrivals atomic exactly where there is per-tensor state."""
     res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, str(TESTS)],
                          env=_subprocess_env(), cwd=str(ROOT), capture_output=True, text=True,
                          timeout=600)

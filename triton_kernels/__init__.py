@@ -2,6 +2,8 @@
 
     math.py      the element-wise math, one @triton.jit function per algorithm
     launcher.py  the multi-tensor engine: a resident pointer table, one launch per bucket
+    sparse.py    the row-sparse engine (sparse grads, nn.Embedding(sparse=True)): one
+                 launch per bucket
     ops.py       torch.library.triton_op registrations (torch.ops.fused_optim_triton.*)
 
 Importing this package imports nothing from Triton; importing its modules needs triton.

@@ -33,6 +33,10 @@ implementation:
 Element values arrive in opmath (float32, or float64 for float64 storage). Memory
 traffic is the kernels' business (launcher.py); nothing here loads or stores.
 
+An optimizer that takes sparse grads also has a row math for the row-sparse engine
+(sparse.py), under its SparseGrads.math name: `<math>_rows(p, g, s, c, DTYPE)` and
+`<math>_rows_shape` (see "Row maths" at the end of this file).
+
 [note: exact float64 hyperparameters]
 A Python float passed to a Triton kernel becomes a float32 argument (the interpreter
 ignores `x: tl.float64` annotations). beta1 = 0.9 rounded to float32 changes
@@ -61,6 +65,8 @@ As in csrc/include/fused_optim/math/stages.h: torch.optim computes with a tensor
 the tensor's dtype (a Python float operand rounded to it first), so `lr_mul`, `lr_div`
 and `lr_sub_from` compute in LR_DTYPE's opmath and round the result to LR_DTYPE.
 """
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -693,3 +699,96 @@ def rprop_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
     neg_sign = tl.where(grad > 0.0, -1.0, tl.where(grad < 0.0, 1.0, negative_zero))
     param = x[0] + neg_sign.to(grad.dtype) * step_size
     return param, x[1], grad, step_size
+
+
+# ---------------------------------------------------------------------------------
+# Row maths: the row-sparse engine's per-element steps (triton_kernels/sparse.py)
+#
+# [note: row math] in csrc/include/fused_optim/math/optimizer.h: an optimizer that takes
+# sparse grads (its spec's SparseGrads) has a row math named SparseGrads.math, here
+# `<math>_rows(p, g, s, c, DTYPE) -> (p, s)`: one block of elements of a row its grad
+# touches, p the param and s the tuple of its element-wise states (the spec's
+# SparseGrads.states order), g the (summed, signed) grad, c the tuple of the tensor's
+# per-tensor constants (SparseGrads.constants, float64 rounded once to opmath), all in
+# opmath. The C++ struct's R::r(x) is `round_to(x, DTYPE)` here and R::add_scaled
+# `add_scaled`, in the same order: torch.optim's sparse paths are sequences of tensor ops
+# that each round to the param's dtype. `<math>_rows_shape` is the struct's kStates,
+# kConstants, kCoalesce, which the engine checks a call against.
+
+
+class RowShape(NamedTuple):
+    states: int       # kStates: element-wise states, read and written
+    constants: int    # kConstants: per-tensor constants
+    coalesce: bool    # kCoalesce: a row's entries summed first, else applied in turn
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """r(x) of the row maths: x rounded to the storage dtype DTYPE (to nearest even) and
+    back to x's opmath type; nothing to do for float32 and float64 storage, whose opmath
+    is the storage type."""
+    if DTYPE == tl.float32:
+        return x
+    elif DTYPE == tl.float64:
+        return x
+    else:
+        return to_storage(x, DTYPE).to(x.dtype)
+
+
+@triton.jit
+def add_scaled(p, alpha, x, DTYPE: tl.constexpr):
+    """torch's p.add_(x, alpha=alpha) on storage DTYPE (R::add_scaled of the row maths):
+    one fused multiply-add in float32 / float64 (ATen's vectorized add kernel); in
+    bfloat16 / float16, alpha rounded to the dtype, then a rounded product and a
+    rounded sum."""
+    if DTYPE == tl.float32:
+        return tl.fma(alpha, x, p)
+    elif DTYPE == tl.float64:
+        return tl.fma(alpha, x, p)
+    else:
+        return round_to(p + round_to(round_to(alpha, DTYPE) * x, DTYPE), DTYPE)
+
+
+sparse_adam_rows_shape = RowShape(states=2, constants=4, coalesce=True)
+
+
+@triton.jit
+def sparse_adam_rows(p, g, s, c, DTYPE: tl.constexpr):
+    """torch.optim.SparseAdam on a block of a touched row (math/sparse_adam.h
+    SparseAdamRows): s = (exp_avg, exp_avg_sq), c = (1 - beta1, 1 - beta2, eps,
+    -step_size)."""
+    m_old = s[0]
+    v_old = s[1]
+    m_upd = round_to(round_to(g - m_old, DTYPE) * c[0], DTYPE)
+    m = round_to(m_old + m_upd, DTYPE)
+    v_upd = round_to(round_to(round_to(g * g, DTYPE) - v_old, DTYPE) * c[1], DTYPE)
+    v = round_to(v_old + v_upd, DTYPE)
+    numer = round_to(m_upd + m_old, DTYPE)
+    denom = round_to(round_to(sqrt(round_to(v_upd + v_old, DTYPE)), DTYPE) + c[2], DTYPE)
+    p = round_to(p + round_to(c[3] * round_to(div(numer, denom), DTYPE), DTYPE), DTYPE)
+    return p, (m, v)
+
+
+adagrad_rows_shape = RowShape(states=1, constants=2, coalesce=True)
+
+
+@triton.jit
+def adagrad_rows(p, g, s, c, DTYPE: tl.constexpr):
+    """torch.optim.Adagrad's sparse update of a block of a touched row (math/adagrad.h
+    AdagradRows): s = (sum,), c = (eps, -clr); the param's add_(values, alpha=-clr) is
+    add_scaled."""
+    state_sum = round_to(s[0] + round_to(g * g, DTYPE), DTYPE)
+    std = round_to(round_to(sqrt(state_sum), DTYPE) + c[0], DTYPE)
+    p = add_scaled(p, c[1], round_to(div(g, std), DTYPE), DTYPE)
+    return p, (state_sum,)
+
+
+sgd_rows_shape = RowShape(states=0, constants=1, coalesce=False)
+
+
+@triton.jit
+def sgd_rows(p, g, s, c, DTYPE: tl.constexpr):
+    """torch.optim.SGD without momentum on a block of a row, for ONE entry of the grad
+    (math/sgd.h SgdRows: torch's param.add_(grad, alpha=-lr) adds the entries in turn,
+    each an add_scaled): c = (-lr,), no state."""
+    return add_scaled(p, c[0], g, DTYPE), s
