@@ -10,15 +10,14 @@
 // constants float64 [params, the row math's constants]. `math` names a row math of
 // FO_FOR_EACH_ROW_MATH ([note: row math] in fused_optim/math/optimizer.h).
 //
-// Per param: the entries ordered by row, with torch's own sort (coalesce() sorts its
-// flattened indices with sort(0), and sums each row's entries in the order that sort
-// leaves them: a row math that coalesces gets the same sums, bit for bit), or with a
-// stable sort for a math that applies entries one by one in index order; rows already
-// strictly increasing (a coalesced grad) skip the sort. Then ONE parallel region over
-// the touched rows of every param: each row's entries summed (or applied in turn), its
-// states read, updated and written, by the instruction set's kernel (csrc/cpu,
-// kernels_impl.h rows_typed). Rows are distinct within a param, so threads never share
-// an element.
+// A row math that coalesces: per param, the entries ordered by row with torch's own
+// sort (coalesce() sorts its flattened indices with sort(0), and sums each row's entries
+// in the order that sort leaves them: the sums here are the same, bit for bit); rows
+// already strictly increasing (a coalesced grad) keep their order. Then ONE parallel
+// region over the touched rows of every param: each row's entries summed, its states
+// read, updated and written, by the instruction set's kernel (csrc/cpu, kernels_impl.h
+// rows_typed). Rows are distinct within a param, so threads never share an element. A
+// row math that applies entries one by one needs no sort (apply_in_index_order).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
@@ -42,6 +41,37 @@ namespace {
 // Elements per work item of the parallel region (a few rows of a wide embedding, many
 // of a narrow one).
 constexpr int64_t kRowsGrain = 16384;
+
+// A math that applies entries one by one (SparseGrads.coalesce False: torch's
+// param.add_(sparse) adds each entry to its row in index order) needs no sort: thread j
+// of T takes the rows [R j / T, R (j + 1) / T) of every param and applies, in index
+// order, the entries that fall there (each a one-entry segment). Every entry of a row
+// goes to one thread, in order; each thread reads all the indices (8 B per entry) and
+// the values and rows of its own entries.
+void apply_in_index_order(const cpu::RowCall& call, at::TensorList params, at::TensorList rows,
+                          cpu::RowsFn kernel) {
+  const int64_t n = call.n_tensors;
+  int64_t work = 0;
+  for (int64_t t = 0; t < n; ++t) work += rows[t].size(0) * call.row_len[t];
+  const int64_t threads = work < kRowsGrain ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<cpu::RowSegment> mine;
+    for (int64_t j = begin; j < end; ++j) {
+      mine.clear();
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t nnz = rows[t].size(0);
+        if (nnz == 0 || call.row_len[t] == 0) continue;
+        const int64_t n_rows = params[t].size(0);
+        const int64_t lo = n_rows * j / threads, hi = n_rows * (j + 1) / threads;
+        const int64_t* idx = rows[t].data_ptr<int64_t>();
+        for (int64_t k = 0; k < nnz; ++k) {
+          if (idx[k] >= lo && idx[k] < hi) mine.push_back(cpu::RowSegment{t, idx[k], k, k + 1});
+        }
+      }
+      kernel(call, mine.data(), 0, static_cast<int64_t>(mine.size()));
+    }
+  });
+}
 
 void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList values,
                      at::TensorList states, const at::Tensor& constants, c10::string_view math,
@@ -70,25 +100,31 @@ void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList 
     row_len[t] = p.size(1);
     const int64_t nnz = r.size(0);
     if (nnz == 0 || p.size(1) == 0) continue;
-    // Entry order: by row (see the file comment).
     const int64_t* idx = r.data_ptr<int64_t>();
+    const int64_t n_rows = p.size(0);
+    if (!m.coalesce) {
+      // Applied entry by entry in index order: no sort (see apply_in_index_order).
+      const auto [lo, hi] = std::minmax_element(idx, idx + nnz);
+      TORCH_CHECK(*lo >= 0 && *hi < n_rows, kSparseRowsOp, ": rows[", t,
+                  "] has an index out of range for a param of ", n_rows, " rows (",
+                  *lo < 0 ? *lo : *hi, ")");
+      perms[t] = nullptr;
+      continue;
+    }
+    // Entry order: by row, with coalesce()'s sort (see the file comment); a grad with
+    // strictly increasing rows (coalesced) keeps its order.
     bool increasing = true;
     for (int64_t k = 1; k < nnz && increasing; ++k) increasing = idx[k - 1] < idx[k];
     const int64_t* sorted = idx;
-    const int64_t* perm = nullptr;
+    const int64_t* perm = nullptr;  // the identity
     if (!increasing) {
-      auto [sorted_t, perm_t] = m.coalesce ? at::sort(r, 0, false)
-                                           : at::sort(r, /*stable=*/true, 0, false);
+      auto [sorted_t, perm_t] = at::sort(r, 0, false);
       keep.push_back(sorted_t);
       keep.push_back(perm_t);
       sorted = sorted_t.data_ptr<int64_t>();
       perm = perm_t.data_ptr<int64_t>();
-    } else {
-      keep.push_back(at::arange(nnz, r.options()));
-      perm = keep.back().data_ptr<int64_t>();
     }
     perms[t] = perm;
-    const int64_t n_rows = p.size(0);
     TORCH_CHECK(sorted[0] >= 0 && sorted[nnz - 1] < n_rows, kSparseRowsOp, ": rows[", t,
                 "] has an index out of range for a param of ", n_rows, " rows (",
                 sorted[0] < 0 ? sorted[0] : sorted[nnz - 1], ")");
@@ -99,7 +135,6 @@ void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList 
       b = e;
     }
   }
-  if (segments.empty()) return;
   cpu::RowCall call;
   call.n_tensors = static_cast<int64_t>(n);
   call.dtype = kernel_dtype;
@@ -111,6 +146,11 @@ void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList 
   call.constants = constants.data_ptr<double>();
   call.maximize = maximize;
   const cpu::RowsFn kernel = cpu::active_kernels().rows[m.id];
+  if (!m.coalesce) {
+    apply_in_index_order(call, params, rows, kernel);
+    return;
+  }
+  if (segments.empty()) return;
   // Work per segment: its row length times its entries; a grain of ~kRowsGrain elements.
   int64_t work = 0;
   for (const cpu::RowSegment& s : segments) work += row_len[s.tensor] * (s.end - s.begin);

@@ -70,7 +70,7 @@ struct RowCall {
   void* const* params;          // [n_tensors]
   void* const* states;          // [n_states * n_tensors], state-major
   const void* const* values;    // [n_tensors]
-  const int64_t* const* perm;   // [n_tensors]
+  const int64_t* const* perm;   // [n_tensors]; nullptr: the identity
   const int64_t* row_len;       // [n_tensors]
   const double* constants;      // [n_tensors * n_constants]
   bool maximize;                // values are negated first

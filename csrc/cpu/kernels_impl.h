@@ -538,10 +538,10 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
       if constexpr (RowMath::kCoalesce) {
         // The row's entries summed in perm order, each sum rounded (coalesce()), then
         // one update per element.
-        const T* v = values + perm[seg.begin] * len + e0;
+        const T* v = values + (perm ? perm[seg.begin] : seg.begin) * len + e0;
         for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(v[e]);
         for (int64_t k = seg.begin + 1; k < seg.end; ++k) {
-          v = values + perm[k] * len + e0;
+          v = values + (perm ? perm[k] : k) * len + e0;
 #pragma omp simd
           for (int64_t e = 0; e < m; ++e) acc[e] = R::r(acc[e] + S::to_opmath(v[e]));
         }
@@ -558,7 +558,7 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
         // One update per entry, in perm order, on the row kept in opmath meanwhile.
         for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(p[e0 + e]);
         for (int64_t k = seg.begin; k < seg.end; ++k) {
-          const T* v = values + perm[k] * len + e0;
+          const T* v = values + (perm ? perm[k] : k) * len + e0;
 #pragma omp simd
           for (int64_t e = 0; e < m; ++e) {
             O se[kS > 0 ? kS : 1];
