@@ -511,6 +511,34 @@ struct RowRounding {
   }
 };
 
+// [note: prefetching touched rows]
+// The rows a sparse grad touches are scattered over a table that is usually far larger
+// than the caches (256 MB for Embedding(1M, 64) fp32), and each is a few hundred bytes:
+// the pass waits on one cache (and TLB) miss after another, which the hardware
+// prefetcher cannot predict. So the loop fetches ahead: the param and state rows of the
+// segment kSegmentsAhead on, and the value rows of the entries kEntriesAhead on.
+constexpr int64_t kSegmentsAhead = 16;
+constexpr int64_t kEntriesAhead = 4;
+constexpr int64_t kPrefetchBytes = 1024;  // of each row (the rest streams)
+
+FO_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 1);
+}
+
+template <typename T, int kS>
+FO_INLINE void prefetch_segment(const RowCall& call, const RowSegment& seg) {
+  const int64_t t = seg.tensor, n = call.n_tensors, len = call.row_len[t];
+  const int64_t bytes = std::min<int64_t>(len * static_cast<int64_t>(sizeof(T)), kPrefetchBytes);
+  prefetch_bytes(static_cast<const T*>(call.params[t]) + seg.row * len, bytes);
+  for (int j = 0; j < kS; ++j) {
+    prefetch_bytes(static_cast<const T*>(call.states[j * n + t]) + seg.row * len, bytes);
+  }
+  const int64_t* perm = call.perm[t];
+  prefetch_bytes(static_cast<const T*>(call.values[t]) +
+                     (perm ? perm[seg.begin] : seg.begin) * len, bytes);
+}
+
 template <typename RowMath, DType D>
 void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, int64_t end) {
   using S = Storage<D>;
@@ -521,14 +549,18 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
   using R = RowRounding<D>;
   const int64_t n = call.n_tensors;
   O acc[kRowBlock];
+  for (int64_t g = begin; g < std::min(begin + kSegmentsAhead, end); ++g) {
+    prefetch_segment<T, kS>(call, segments[g]);
+  }
   for (int64_t g = begin; g < end; ++g) {
+    if (g + kSegmentsAhead < end) prefetch_segment<T, kS>(call, segments[g + kSegmentsAhead]);
     const RowSegment& seg = segments[g];
     const int64_t t = seg.tensor;
     const int64_t len = call.row_len[t];
     const int64_t* perm = call.perm[t];
     const T* values = static_cast<const T*>(call.values[t]);
     T* p = static_cast<T*>(call.params[t]) + seg.row * len;
-    T* st[kS > 0 ? kS : 1];
+    T* st[kS > 0 ? kS : 1] = {};
     for (int j = 0; j < kS; ++j) st[j] = static_cast<T*>(call.states[j * n + t]) + seg.row * len;
     O c[kC];
     for (int j = 0; j < kC; ++j) c[j] = quiet_nan_of(static_cast<O>(call.constants[t * kC + j]));
@@ -541,18 +573,32 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
         const T* v = values + (perm ? perm[seg.begin] : seg.begin) * len + e0;
         for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(v[e]);
         for (int64_t k = seg.begin + 1; k < seg.end; ++k) {
+          if (k + kEntriesAhead < seg.end) {
+            const int64_t ahead = perm ? perm[k + kEntriesAhead] : k + kEntriesAhead;
+            prefetch_bytes(values + ahead * len + e0,
+                           std::min<int64_t>(m * static_cast<int64_t>(sizeof(T)), kPrefetchBytes));
+          }
           v = values + (perm ? perm[k] : k) * len + e0;
 #pragma omp simd
           for (int64_t e = 0; e < m; ++e) acc[e] = R::r(acc[e] + S::to_opmath(v[e]));
         }
-#pragma omp simd
+        // The state rows as named pointers: GCC vectorizes this loop for every math and
+        // dtype only when no pointer array is indexed inside it (it kept 5 of 8
+        // instantiations scalar before; SparseAdam fp32, 1M x 64, 16K lookups: the op
+        // took 3.8 ms, against Adagrad's 1.4).
+        static_assert(kS <= 2, "rows_typed names two state rows");
+        T* __restrict s0 = st[0];
+        T* __restrict s1 = st[kS > 1 ? 1 : 0];
+        T* __restrict pr = p + e0;
         for (int64_t e = 0; e < m; ++e) {
-          O pe = S::to_opmath(p[e0 + e]);
+          O pe = S::to_opmath(pr[e]);
           O se[kS > 0 ? kS : 1];
-          for (int j = 0; j < kS; ++j) se[j] = S::to_opmath(st[j][e0 + e]);
+          if constexpr (kS > 0) se[0] = S::to_opmath(s0[e0 + e]);
+          if constexpr (kS > 1) se[1] = S::to_opmath(s1[e0 + e]);
           RowMath::template update<R>(pe, sign * acc[e], se, c);
-          p[e0 + e] = S::from_opmath(pe);
-          for (int j = 0; j < kS; ++j) st[j][e0 + e] = S::from_opmath(se[j]);
+          pr[e] = S::from_opmath(pe);
+          if constexpr (kS > 0) s0[e0 + e] = S::from_opmath(se[0]);
+          if constexpr (kS > 1) s1[e0 + e] = S::from_opmath(se[1]);
         }
       } else {
         // One update per entry, in perm order, on the row kept in opmath meanwhile.
