@@ -13,13 +13,18 @@
 #                fused_optim exports, through fused_optim's classes, on every GPU backend
 #                ("cuda", and "triton" as COMPILED kernels, asserted not interpreted), fp32
 #                and bf16, against torch.optim's for-loop on the GPU, and a CUDA-graph
-#                replay against eager steps.
+#                replay against eager steps; then every optimizer that takes sparse grads
+#                (nn.Embedding(sparse=True)) on every GPU backend with a row-sparse engine
+#                ("cuda" and "triton"), against torch.optim's class.
 #   3. bench     the GPU benchmark (python3 -m bench from the repo root, i.e. what
 #                `fused-optim-bench` runs): AdamW, SGD and Adagrad (an optimizer fused_optim
 #                does not have is skipped with a message), fp32 and bf16, on 8x128M (1B
 #                elements, bandwidth-bound) and 8192x8K (64M elements in 8,192 tensors,
 #                launch-bound), against torch-forloop/foreach/fused, once eager and once
-#                with --cuda-graph; JSON, PNG and log under bench/results/<gpu name>/.
+#                with --cuda-graph; between them a sparse run: SparseAdam, SGD and Adagrad
+#                on the embedding shapes (sparse grads, fp32: torch.optim's one
+#                implementation against fused_optim[cuda] and [triton]); JSON, PNG and log under
+#                bench/results/<gpu name>/.
 #   4. summary   of every step; exit status 1 if the build, a test or the smoke check
 #                failed, or a benchmark run failed (each later step still runs).
 #
@@ -29,14 +34,17 @@
 # The copy there has no .git: FUSED_OPTIM_COMMIT names the commit in the results' JSON
 # and file names ("nocommit" without it). With $OUT set, the files to commit are copied to
 # $OUT/<gpu name>/ (the JSON, PNG and log of each benchmark run, and this script's log) and
-# the full build and test output to $OUT/build_and_tests.log: 8 files at most. Commit them
-# with `cp <files>/<gpu name>/* bench/results/<gpu name>/`.
+# the full build and test output to $OUT/build_and_tests.log: 8 files at most (the device
+# tool's limit): the JSONs, PNGs and this script's log first; a benchmark run's own log,
+# whose text this script's log holds too, is left out past the limit (with all three runs,
+# all three are). Commit them with `cp <files>/<gpu name>/* bench/results/<gpu name>/`.
 #
 # Time on an H200 (16 cores), measured at 87cdd47 (bench/results/nvidia-h200/NOTES.md):
 # build 38 s, test_triton.py 47 s (during the build), test_cuda.py over 181 s (it hit its
 # limit then: 240 s now), smoke 17 s, benchmark 75 s eager and 65 s graph. Every step
 # has a time limit drawn from a budget of GPU_CHECK_BUDGET_S (540 s); a step that would not
-# fit is skipped with a message, the --cuda-graph run first.
+# fit is skipped with a message: the sparse run (at most 90 s; run only with 30 s for
+# itself and 55 s more for the graph run left) and the --cuda-graph run first.
 #
 # Memory: a benchmark case holds every provider's params, grads and states at once (the
 # rounds interleave them). 1B fp32 AdamW: 16 GB per provider, 5 providers + inputs ~100 GB
@@ -53,6 +61,10 @@
 #   GPU_CHECK_OPTIMS       optimizers to benchmark (default adamw,sgd,adagrad)
 #   GPU_CHECK_PROVIDERS    --providers (default torch,fused_optim[cuda],fused_optim[triton])
 #   GPU_CHECK_SHAPES       --shapes (default 8x128M,8192x8K)
+#   GPU_CHECK_SPARSE_OPTIMS    optimizers of the sparse run (default sparseadam,sgd,adagrad;
+#                              set it empty for no sparse run)
+#   GPU_CHECK_SPARSE_SHAPES    its --shapes (default embeddings: the three embedding shapes)
+#   GPU_CHECK_SPARSE_PROVIDERS its --providers (default torch,fused_optim[cuda],fused_optim[triton])
 #   GPU_CHECK_RESULTS      --out folder (default bench/results)
 #   GPU_CHECK_BUDGET_S     the whole script's time budget in seconds (default 540)
 #   GPU_CHECK_PYTEST_ARGS  extra pytest arguments for both test runs, shell-quoted
@@ -75,6 +87,8 @@ if [[ $DRY == 1 ]]; then
   RESULTS="${GPU_CHECK_RESULTS:-${TMPDIR:-/tmp}/fused_optim_gpu_check_dry/results}"
   SHAPES="${GPU_CHECK_SHAPES:-4x64K,64x1K}"
   PROVIDERS="${GPU_CHECK_PROVIDERS:-torch,fused_optim[cpu]}"
+  SPARSE_SHAPES="${GPU_CHECK_SPARSE_SHAPES:-emb4096x16:1024,emb4096x16:1024:32}"
+  SPARSE_PROVIDERS="${GPU_CHECK_SPARSE_PROVIDERS:-torch,fused_optim[cpu]}"
   # The same command lines, tiny: a few rounds, a small probe.
   SIZING=(--warmup 1 --repeat 3 --min-repeat 2 --budget 0.2 --probe-numel 1048576)
 else
@@ -82,6 +96,9 @@ else
   RESULTS="${GPU_CHECK_RESULTS:-bench/results}"
   SHAPES="${GPU_CHECK_SHAPES:-8x128M,8192x8K}"
   PROVIDERS="${GPU_CHECK_PROVIDERS:-torch,fused_optim[cuda],fused_optim[triton]}"
+  # Embedding(1M, 64) and (100K, 128): under a GiB per provider; milliseconds a step.
+  SPARSE_SHAPES="${GPU_CHECK_SPARSE_SHAPES:-embeddings}"
+  SPARSE_PROVIDERS="${GPU_CHECK_SPARSE_PROVIDERS:-torch,fused_optim[cuda],fused_optim[triton]}"
   # 1B elements: ~65 ms a round for 5 providers, ~12 rounds; 8,192 tensors: the for-loop
   # takes ~0.5-1 s a step there, so 1 warm-up + 3 timed rounds.
   SIZING=(--warmup 1 --repeat 15 --min-repeat 3 --budget 0.75 --memory-fraction 0.9)
@@ -100,8 +117,8 @@ pytest_line() {  # the last "N passed, M skipped ..." line of a pytest log
 }
 
 main() {
-  local rc_build=0 rc_cuda=0 rc_triton=0 rc_smoke=0 rc_eager=-1 rc_graph=-1
-  local s_build=0 s_cuda=0 s_triton=0 s_smoke=0 s_eager=0 s_graph=0
+  local rc_build=0 rc_cuda=0 rc_triton=0 rc_smoke=0 rc_eager=-1 rc_graph=-1 rc_sparse=-1
+  local s_build=0 s_cuda=0 s_triton=0 s_smoke=0 s_eager=0 s_graph=0 s_sparse=0
   local t
 
   hr "gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ)$([[ $DRY == 1 ]] && echo ' (DRY RUN: CPU, tiny sizes, no build)')"
@@ -228,6 +245,9 @@ the benchmark's wrong-result threshold, WRONG_FRACTION of a no-op step's figure
         per step and carry it on: ~3 bf16 ulps (eps 2^-7 = 7.8e-3) over 3 steps;
         2e-2 = 2.6 eps of the largest |param|. Measured on the CPU backends (dry run):
         <= 1.1e-2 (RMSprop), <= 6.4e-3 for the others; err / no-op <= 0.15 (Adam).
+Sparse grads (one Embedding(5003, 33) table, 4099 lookups a step over a quarter of its
+rows, so rows repeat): the same tolerances, against torch.optim's class (its one
+implementation for sparse grads), on the backends with a row-sparse engine.
 """
 import sys
 import warnings
@@ -235,8 +255,9 @@ import warnings
 import torch
 
 import fused_optim
-from bench.providers import GRAD_STD, PARAM_STD, Hyper, optimizers
+from bench.providers import GRAD_STD, PARAM_STD, Hyper, grads_reason, optimizers
 from bench.runner import WRONG_FRACTION
+from fused_optim.backends import get_backend
 
 device = torch.device(sys.argv[1])
 STEPS, SIZES = 3, [1, 3, 4099, 65537, 1 << 20]
@@ -285,6 +306,9 @@ def rel_err(a, b):
 
 
 for name, cls in optimizers().items():
+    if grads_reason(name, False) is not None:
+        print(f"skip {name} (dense grads): {grads_reason(name, False)}")
+        continue
     hyper = Hyper.for_optim(name)
     kw = hyper.torch_kwargs()
     tcls = getattr(torch.optim, cls.__name__, None)
@@ -332,6 +356,49 @@ for name, cls in optimizers().items():
                 ok, what = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {name:8s} graph    {b:7s} replay vs eager: {what}")
+
+
+def sparse_data(dtype, seed=0, rows=5003, dim=33, lookups=4099):
+    """An embedding table and STEPS uncoalesced sparse grads of it, as
+    nn.Embedding(sparse=True)'s backward makes them (indices [1, lookups])."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    p0 = (torch.randn(rows, dim, generator=gen, device=device) * PARAM_STD).to(dtype)
+    grads = []
+    for _ in range(STEPS):
+        idx = torch.randint(0, rows // 4, (lookups,), generator=gen, device=device)
+        values = (torch.randn(lookups, dim, generator=gen, device=device) * GRAD_STD).to(dtype)
+        grads.append([torch.sparse_coo_tensor(idx[None], values, (rows, dim),
+                                              check_invariants=True)])
+    return [p0], grads
+
+
+sparse_backends = [b for b in backends if get_backend(b).sparse_step is not None]
+print(f"backends with a row-sparse engine on {device}: {sparse_backends or 'none yet'}")
+for name, cls in optimizers().items():
+    if grads_reason(name, True) is not None:
+        continue
+    kw = Hyper.for_optim(name, sparse=True).torch_kwargs()
+    tcls = getattr(torch.optim, cls.__name__, None)
+    if tcls is None:
+        print(f"skip {name} (sparse grads): torch.optim has no {cls.__name__}")
+        continue
+    for dtype, tol in TOL.items():
+        p0, grads = sparse_data(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = run(lambda ps: tcls(ps, **kw), p0, grads)
+        noop = rel_err(p0, ref)
+        for b in sparse_backends:
+            try:
+                got = run(lambda ps: cls(ps, backend=b, **kw), p0, grads)
+                err = rel_err(got, ref)
+                ok = err <= tol and err < WRONG_FRACTION * noop
+            except Exception as e:  # noqa: BLE001
+                err, ok = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", False
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {name:10s} {str(dtype)[6:]:8s} {b:7s} sparse "
+                  f"max err {err if isinstance(err, str) else f'{err:.1e}'} "
+                  f"(tol {tol:g}; a no-op step shows {noop:.1e})")
 print(f"smoke: {failures} failure(s)")
 sys.exit(1 if failures else 0)
 EOF
@@ -350,21 +417,9 @@ EOF
 
   # ---- 3. benchmark ----
   hr "3. benchmark"
-  local optims
-  optims="$("$PY" - "${GPU_CHECK_OPTIMS:-adamw,sgd,adagrad}" <<'EOF'
-import sys
-from bench.providers import optim_names
-have = optim_names()
-keep = []
-for name in [n.strip().lower() for n in sys.argv[1].split(",") if n.strip()]:
-    if name in have:
-        keep.append(name)
-    else:
-        print(f"gpu-check: skipping {name!r}: fused_optim has no such optimizer "
-              f"(it has: {', '.join(have)})", file=sys.stderr)
-print(",".join(keep))
-EOF
-)"
+  local optims sparse_optims
+  optims="$(pick_optims "${GPU_CHECK_OPTIMS:-adamw,sgd,adagrad}" dense)"
+  sparse_optims="$(pick_optims "${GPU_CHECK_SPARSE_OPTIMS-sparseadam,sgd,adagrad}" sparse)"
   RESULT_FILES=()
   if [[ -z $optims ]]; then
     echo "gpu-check: no optimizer to benchmark"
@@ -381,6 +436,21 @@ EOF
       bench_run eager "$tl" "${common[@]}"
       rc_eager=$?
       s_eager=$(( SECONDS - t ))
+      # Sparse grads (the embedding shapes), fp32, eager (a sparse step syncs with the
+      # host): 9 short cases; the graph run keeps 55 s.
+      tl=$(min 90 $(( $(left) - 55 )))
+      if [[ -z $sparse_optims ]]; then
+        echo "gpu-check: no optimizer for the sparse run"
+      elif (( tl < 30 )); then
+        echo "gpu-check: ${tl} s left for the sparse run: skipped"
+      else
+        t=$SECONDS
+        bench_run sparse "$tl" --device "$DEVICE" --optim "$sparse_optims" --dtype fp32 \
+          --shapes "$SPARSE_SHAPES" --providers "$SPARSE_PROVIDERS" "${SIZING[@]}" \
+          --out "$RESULTS"
+        rc_sparse=$?
+        s_sparse=$(( SECONDS - t ))
+      fi
       tl=$(min 150 $(( $(left) - 10 )))
       if (( tl < 45 )); then
         echo "gpu-check: ${tl} s left: the --cuda-graph run is skipped"
@@ -403,19 +473,44 @@ EOF
     test_triton.py "$(word "$rc_triton")" "$s_triton" "$(pytest_line "$WORK/test_triton.log")" \
     smoke "$(word "$rc_smoke")" "$s_smoke" "$(tail -n 1 "$WORK/smoke.log")" \
     "bench eager" "$(word "$rc_eager")" "$s_eager" "$(grep -m1 '^wrote .*json' "$WORK/bench-eager.log" 2>/dev/null)" \
+    "bench sparse" "$(word "$rc_sparse")" "$s_sparse" "$(grep -m1 '^wrote .*json' "$WORK/bench-sparse.log" 2>/dev/null)" \
     "bench graph" "$(word "$rc_graph")" "$s_graph" "$(grep -m1 '^wrote .*json' "$WORK/bench-graph.log" 2>/dev/null)"
-  for mode in eager graph; do
+  for mode in eager sparse graph; do
     if [[ -f $WORK/bench-$mode.log ]]; then
       echo
       echo "[$mode] $(sed -n '/^summary: /,/^$/p' "$WORK/bench-$mode.log")"
     fi
   done
   for rc in "$rc_build" "$rc_cuda" "$rc_triton" "$rc_smoke"; do (( rc != 0 )) && status=1; done
-  for rc in "$rc_eager" "$rc_graph"; do (( rc > 0 )) && status=1; done
+  for rc in "$rc_eager" "$rc_sparse" "$rc_graph"; do (( rc > 0 )) && status=1; done
   echo
   echo "gpu-check: $([[ $status == 0 ]] && echo PASSED || echo FAILED) in $(( SECONDS - T0 )) s"
   printf '%s\n' "${RESULT_FILES[@]}" > "$WORK/result_files"
   return "$status"
+}
+
+# The optimizers of a benchmark run (comma list $1) that fused_optim has and that take
+# $2 ("dense" or "sparse") grads, as a comma list; the others are named on stderr.
+pick_optims() {
+  "$PY" - "$1" "$2" <<'EOF'
+import sys
+from bench.providers import grads_reason, optim_names, resolve_optims
+have = optim_names()
+keep = []
+for name in [n.strip().lower() for n in sys.argv[1].split(",") if n.strip()]:
+    try:
+        (name,) = resolve_optims([name])
+    except ValueError:
+        print(f"gpu-check: skipping {name!r}: fused_optim has no such optimizer "
+              f"(it has: {', '.join(have)})", file=sys.stderr)
+        continue
+    why = grads_reason(name, sys.argv[2] == "sparse")
+    if why is None:
+        keep.append(name)
+    else:
+        print(f"gpu-check: skipping {name!r} in the {sys.argv[2]} run: {why}", file=sys.stderr)
+print(",".join(keep))
+EOF
 }
 
 # One benchmark run: its output to the console and to a log kept next to its JSON.
@@ -458,10 +553,23 @@ if [[ -n $DEVDIR ]]; then
   echo "files to commit (under $RESULTS/$DEVDIR/):"
   printf '  %s\n' "${FILES[@]}"
   if [[ -n ${OUT:-} ]]; then
+    # 8 files at most come back, build_and_tests.log one of them: the JSONs, PNGs and
+    # this script's log first; a run's own log (its text is in this script's) last.
     mkdir -p "$OUT/$DEVDIR"
-    for f in "${FILES[@]}"; do cp "$f" "$OUT/$DEVDIR/"; done
+    mapfile -t ORDERED < <(printf '%s\n' "${FILES[@]}" | grep -E '\.json$'
+                           printf '%s\n' "${FILES[@]}" | grep -E '\.png$'
+                           printf '%s\n' "${FILES[@]}" | grep -E 'gpu-check\.log$'
+                           printf '%s\n' "${FILES[@]}" | grep -E '\.log$' \
+                             | grep -v -E 'gpu-check\.log$')
+    LEFT=()
+    for i in "${!ORDERED[@]}"; do
+      if (( i < 7 )); then cp "${ORDERED[$i]}" "$OUT/$DEVDIR/"; else LEFT+=("${ORDERED[$i]##*/}"); fi
+    done
     cp "$WORK/build_and_tests.log" "$OUT/"
     echo "copied to \$OUT: $DEVDIR/ ($(ls "$OUT/$DEVDIR" | wc -l) files) and build_and_tests.log"
+    if (( ${#LEFT[@]} )); then
+      echo "not copied to \$OUT (8 files at most; their text is in the gpu-check log): ${LEFT[*]}"
+    fi
   fi
 fi
 exit "$STATUS"

@@ -5,6 +5,8 @@
         --shapes gpt2-124m,llama-1b-layer,resnet50 --providers all --device cuda \\
         --json out.json --plot out.png
     fused-optim-bench --list               # the optimizers, which providers run here and why not
+    fused-optim-bench --optim sparseadam,adagrad,sgd --shapes embeddings --dtype fp32 \\
+        --providers torch,'fused_optim[cpu]'   # sparse grads: nn.Embedding(sparse=True)
 
 The optimizers are fused_optim's (every exported class with a spec, by its class name
 lowercased; see providers.optimizers). The table goes to stdout, progress to stderr.
@@ -30,7 +32,7 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from .providers import optim_names
     from .runner import Config
-    from .shapes import MODELS, SWEEPS
+    from .shapes import EMBEDDING_GROUP, EMBEDDINGS, MODELS, SWEEPS
 
     d = Config()
     ap = argparse.ArgumentParser(
@@ -50,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "dtype (default: fp32,bf16)")
     ap.add_argument("--shapes", default=",".join(d.shapes),
                     help=f"comma list of models ({', '.join(MODELS)}), sweeps "
-                         f"({', '.join(SWEEPS)}) or NxM literals like 8x4M, 2048x16K "
-                         f"(default: {','.join(d.shapes)})")
+                         f"({', '.join(SWEEPS)}), NxM literals like 8x4M, 2048x16K, or "
+                         f"embedding tables with sparse grads ({', '.join(EMBEDDINGS)}, "
+                         f"'{EMBEDDING_GROUP}' for the three, embRxD:L[:H] literals like "
+                         "emb1000x16:256: R rows of D, L lookups a step [from H hot rows]; "
+                         "the optimizers that take sparse grads run on them: sparseadam, "
+                         f"sgd, adagrad) (default: {','.join(d.shapes)})")
     ap.add_argument("--scale", type=float, default=None,
                     help="multiply the element count of every tensor of the models and "
                          "sweeps (not NxM literals); default 0.25 on CPU, 1 on CUDA")
@@ -175,16 +181,22 @@ def _list(cfg) -> int:
     import torch
 
     from .bytes_model import algorithm_for
-    from .providers import Hyper, all_providers, optim_names, resolve_optims, select
+    from .providers import Hyper, all_providers, grads_reason, optim_names, resolve_optims, select
     from .runner import DTYPES
 
     device = torch.device(cfg.device)
     print("optimizers (fused_optim's, --optim all):")
     for name in optim_names():
-        h = Hyper.for_optim(name)
-        alg = algorithm_for(name)
-        print(f"  {name:12s} spec {h.spec.name!r}, bench kwargs {h.kwargs}, "
-              f"reads {'+'.join(alg.reads)}, writes {'+'.join(alg.writes)}")
+        lines = []
+        for sparse in (False, True):
+            if grads_reason(name, sparse) is not None:
+                continue
+            h = Hyper.for_optim(name, sparse=sparse)
+            alg = algorithm_for(name, sparse=sparse)
+            lines.append(f"{'sparse' if sparse else 'dense'} grads: bench kwargs {h.kwargs}, "
+                         f"reads {'+'.join(alg.reads)}, writes {'+'.join(alg.writes)}")
+        print(f"  {name:12s} spec {Hyper.for_optim(name).spec.name!r}, "
+              + f"\n  {'':12s} ".join(lines))
     optims = resolve_optims(cfg.optims)
     chosen, left_out = select(all_providers(), cfg.providers, device)
     for name, why in left_out.items():
@@ -192,9 +204,15 @@ def _list(cfg) -> int:
     for p in chosen:
         for optim in optims:
             for dt in cfg.dtypes:
-                reason = p.available(device, DTYPES[dt], optim)
-                state = "ok" if reason is None else f"skipped: {reason}"
-                print(f"{p.name:24s} {optim}/{dt:5s} {state}")
+                for sparse in (False, True):
+                    why = grads_reason(optim, sparse)
+                    if why is not None:
+                        continue
+                    check = p.sparse_grads if sparse else p.available
+                    reason = check(device, DTYPES[dt], optim)
+                    state = "ok" if reason is None else f"skipped: {reason}"
+                    kind = f"{optim}/{dt}" + ("/sparse" if sparse else "")
+                    print(f"{p.name:24s} {kind:22s} {state}")
     return 0
 
 
@@ -240,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.plot}")
         return 0
     try:
-        from .providers import resolve_optims
+        from .providers import grads_reason, resolve_optims
 
         cfg.optims = resolve_optims(cfg.optims)
-        n_cases = len(cfg.optims) * len(cfg.dtypes) * len(resolve(cfg.shapes,
-                                                                     cfg.resolved_scale()))
+        shapes = resolve(cfg.shapes, cfg.resolved_scale())
+        n_cases = len(cfg.dtypes) * sum(grads_reason(o, s.sparse) is None
+                                        for o in cfg.optims for s in shapes)
     except ValueError as e:
         print(f"fused-optim-bench: {e}", file=sys.stderr)
         return 2

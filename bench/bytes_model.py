@@ -22,6 +22,22 @@ The storage policy of a run is read off the optimizer itself after its first ste
 (``policy_of``): each provider keeps its states in the dtype it chooses (torch keeps them
 in the param dtype, DeepSpeedCPUAdam in fp32, 8-bit optimizers in 1 B plus block scales),
 and the GB/s of each provider is computed with the bytes that provider actually moves.
+
+A step on sparse grads (an embedding shape: ``nn.Embedding(sparse=True)``) touches rows,
+not the table (``sparse_bytes_per_step``): for each distinct row the lookups touch, the
+param row and every state row are read and written once; each grad entry (one per
+lookup, duplicates included) is read once, with its int64 row index:
+
+    per touched row element   reads p + each state, writes p + each state
+    per lookup                reads row_len grad values + 8 B of index
+
+    fp32 SparseAdam (exp_avg, exp_avg_sq): 24 B per touched element + 4 B per grad value
+    fp32 Adagrad (sum): 16 B; fp32 SGD (no state): 8 B; + 4 B per grad value each
+    + 8 B per lookup
+
+The distinct rows are counted on the grads the run draws (a step's coalesced nnz).
+Coalescing itself (sorting the indices, summing duplicates) moves no more than this in an
+ideal kernel that sums the entries of a row as it reads them, and is not counted.
 """
 
 from __future__ import annotations
@@ -32,7 +48,10 @@ from typing import Any
 import torch
 
 __all__ = ["Algorithm", "algorithm_for", "algorithm_of_spec", "StoragePolicy",
-           "bytes_per_element", "policy_of"]
+           "bytes_per_element", "sparse_bytes_per_step", "policy_of", "INDEX_BYTES"]
+
+# An nn.Embedding grad's row indices are int64.
+INDEX_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -63,12 +82,14 @@ def algorithm_of_spec(spec, options: dict[str, Any], name: str | None = None) ->
     return Algorithm(name or spec.name, ("param", "grad", *states), ("param", *states))
 
 
-def algorithm_for(optim: str, options: dict[str, Any] | None = None) -> Algorithm:
+def algorithm_for(optim: str, options: dict[str, Any] | None = None, *,
+                  sparse: bool = False) -> Algorithm:
     """The algorithm of a benchmarked optimizer (its name: the fused_optim class name
-    lowercased) under the benchmark's hyperparameters, updated with ``options``."""
+    lowercased) under the benchmark's hyperparameters (of its sparse-grad cases with
+    ``sparse``), updated with ``options``."""
     from .providers import Hyper
 
-    hyper = Hyper.for_optim(optim)
+    hyper = Hyper.for_optim(optim, sparse=sparse)
     return algorithm_of_spec(hyper.spec, {**hyper.values, **(options or {})}, optim)
 
 
@@ -106,6 +127,20 @@ def bytes_per_element(algorithm: str | Algorithm, policy: StoragePolicy) -> tupl
     alg = algorithm_for(algorithm) if isinstance(algorithm, str) else algorithm
     return (sum(policy.bytes_of(r) for r in alg.reads),
             sum(policy.bytes_of(w) for w in alg.writes))
+
+
+def sparse_bytes_per_step(algorithm: str | Algorithm, policy: StoragePolicy, *,
+                          unique_rows: float, lookups: int, row_len: int,
+                          index_bytes: int = INDEX_BYTES) -> tuple[float, float]:
+    """(bytes read, bytes written) by one step on a sparse grad (see the module doc):
+    ``unique_rows`` distinct rows of ``row_len`` elements touched by ``lookups`` entries.
+    ``policy.grad`` is the bytes of one grad value."""
+    alg = algorithm_for(algorithm, sparse=True) if isinstance(algorithm, str) else algorithm
+    touched = unique_rows * row_len
+    read = (touched * sum(policy.bytes_of(r) for r in alg.reads if r != "grad")
+            + lookups * (row_len * policy.grad + index_bytes))
+    write = touched * sum(policy.bytes_of(w) for w in alg.writes)
+    return read, write
 
 
 def policy_of(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[Algorithm, StoragePolicy]:

@@ -19,6 +19,13 @@ names an optimizer: its benchmark options are its spec's ``bench`` dict (``Hyper
 
 "torch-forloop" is also the reference of the correctness column: every provider's params
 after the timed steps are compared with its.
+
+Sparse grads (the embedding shapes): an optimizer runs on them when its spec says how
+(``Spec.sparse``), and one whose spec takes sparse grads only (SparseAdam) runs on them
+only (``grads_reason``). torch.optim has one implementation for sparse grads, timed as
+torch-forloop (foreach=True falls back to it, fused=True raises); fused_optim's backends
+run when they have a row-sparse engine; the other libraries take dense grads only
+(``Provider.sparse_grads``).
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from typing import Any
 import torch
 
 __all__ = ["Hyper", "Provider", "all_providers", "select", "optimizers", "optim_names",
-           "resolve_optims", "REFERENCE", "BASELINE", "TORCH_FAMILY", "PARAM_STD", "GRAD_STD"]
+           "resolve_optims", "grads_reason", "REFERENCE", "BASELINE", "TORCH_FAMILY",
+           "PARAM_STD", "GRAD_STD"]
 
 REFERENCE = "torch-forloop"   # the correctness reference
 BASELINE = "torch-fused"      # the speed baseline of the ratio column
@@ -76,15 +84,34 @@ def optim_names() -> list[str]:
 
 def resolve_optims(names: list[str]) -> list[str]:
     """Expands "all" (every benchmarkable optimizer) and checks each name; keeps order,
-    drops repeats. Raises ValueError naming the known ones."""
+    drops repeats. A name may spell the class name with "_" or "-" ("sparse_adam").
+    Raises ValueError naming the known ones."""
     out: list[str] = []
+    known = optim_names()
     for n in names:
-        for name in (optim_names() if n == "all" else [n.strip().lower()]):
+        for name in (known if n == "all" else [n.strip().lower()]):
+            if name not in known and name.replace("_", "").replace("-", "") in known:
+                name = name.replace("_", "").replace("-", "")
             if name not in out:
                 out.append(name)
     for name in out:
         Hyper.for_optim(name)   # ValueError for an unknown name
     return out
+
+
+def grads_reason(optim: str, sparse: bool) -> str | None:
+    """Why ``optim`` does not run on dense (``sparse`` False) or sparse grads, or None.
+    From its spec: ``Spec.sparse`` says how it takes sparse grads, and ``only`` that it
+    takes nothing else. Raises ValueError for an unknown name."""
+    spec = Hyper.for_optim(optim).spec
+    rule = getattr(spec, "sparse", None)
+    cls = optimizers()[optim].__name__
+    if sparse and rule is None:
+        return f"fused_optim.{cls} takes dense grads only"
+    if not sparse and rule is not None and rule.only:
+        return (f"fused_optim.{cls} takes sparse grads only: run it on an embedding shape "
+                "(--shapes embeddings)")
+    return None
 
 
 def _torch_class(hyper: Hyper):
@@ -129,16 +156,24 @@ class Hyper:
     kwargs: dict[str, Any]
     values: dict[str, Any]
     spec: Any = field(repr=False, default=None)
+    sparse: bool = False         # the hyperparameters of the sparse-grad cases
 
     @classmethod
-    def for_optim(cls, optim: str) -> Hyper:
+    def for_optim(cls, optim: str, *, sparse: bool = False) -> Hyper:
         """The benchmark's hyperparameters for ``optim``: the class defaults, the spec's
         ``bench`` options, and lr: the class default, raised tenfold (at most three
         times) while one step from the benchmark's init moves the median param by fewer
         than 4 bf16 ulps, so that a provider that does not step shows in the error column
         in bf16 too. (Default lrs pass as they are, except where the step is lr x grad:
-        1e-3 there moves a param ~0.02 by ~1 ulp, and 1e-2 is used.)"""
-        return _hyper_for(optim)
+        1e-3 there moves a param ~0.02 by ~1 ulp, and 1e-2 is used.)
+
+        ``sparse``: the hyperparameters of the sparse-grad (embedding) cases. The spec's
+        ``bench`` options stay only where its row-sparse engine runs them
+        (``SparseGrads.engine``): SGD's momentum does not (torch keeps a sparse momentum
+        buffer, stepped in torch ops), so SGD runs plain there, as the class defaults
+        (no weight decay: torch refuses it with sparse grads). The lr is sized as above,
+        on a sparse grad."""
+        return _hyper_for(optim, bool(sparse))
 
     def torch_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for torch.optim's and fused_optim's constructors."""
@@ -162,9 +197,11 @@ class Hyper:
         return bool(self.values.get(name))
 
     def to_dict(self) -> dict:
-        return {"optim": self.optim, "class": self.class_name, "kwargs": _jsonable(self.kwargs),
-                "values": _jsonable({k: v for k, v in self.values.items()
-                                     if k not in _SWITCHES})}
+        d = {"optim": self.optim, "class": self.class_name, "kwargs": _jsonable(self.kwargs),
+             "values": _jsonable({k: v for k, v in self.values.items() if k not in _SWITCHES})}
+        if self.sparse:
+            d["grads"] = "sparse"
+        return d
 
 
 def _jsonable(d: dict) -> dict:
@@ -179,7 +216,7 @@ def _jsonable(d: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _hyper_for(optim: str) -> Hyper:
+def _hyper_for(optim: str, sparse: bool = False) -> Hyper:
     try:
         known = optimizers()
     except Exception as e:  # noqa: BLE001
@@ -192,9 +229,26 @@ def _hyper_for(optim: str) -> Hyper:
     spec = cls.spec
     bench = dict(getattr(spec, "bench", None) or {})
     defaults = _defaults_of(cls, bench)
-    lr = _visible_lr(cls, bench, float(defaults.get("lr", 1e-3)))
+    if sparse and bench and not _engine_runs(spec, defaults):
+        bench = {}
+        defaults = _defaults_of(cls, bench)
+    lr = _visible_lr(cls, bench, float(defaults.get("lr", 1e-3)), sparse)
     kwargs = {"lr": lr, **bench}
-    return Hyper(optim, cls.__name__, kwargs, {**defaults, **kwargs}, spec)
+    return Hyper(optim, cls.__name__, kwargs, {**defaults, **kwargs}, spec, sparse)
+
+
+def _engine_runs(spec, group: dict) -> bool:
+    """Whether the row-sparse engine steps sparse grads under ``group``'s options (see
+    Hyper.for_optim); False where the spec takes no sparse grads."""
+    rule = getattr(spec, "sparse", None)
+    if rule is None:
+        return False
+    if rule.engine is None:
+        return True
+    try:
+        return bool(rule.engine(group))
+    except Exception:  # noqa: BLE001  (an option torch refuses with sparse grads)
+        return False
 
 
 def _defaults_of(cls, kwargs: dict) -> dict:
@@ -202,13 +256,18 @@ def _defaults_of(cls, kwargs: dict) -> dict:
     return dict(cls([torch.nn.Parameter(torch.zeros(1))], **kwargs).defaults)
 
 
-def _visible_lr(cls, bench: dict, lr: float) -> float:
+def _visible_lr(cls, bench: dict, lr: float, sparse: bool = False) -> float:
     """See Hyper.for_optim. Measured on the CPU on 4096 elements with torch.optim's class
-    of the same name (fused_optim's when torch has none), from a fixed seed."""
+    of the same name (fused_optim's when torch has none), from a fixed seed; ``sparse``:
+    4096 rows of one element, every row touched by a sparse grad."""
     ctor = getattr(torch.optim, cls.__name__, None) or cls
     gen = torch.Generator().manual_seed(0)
     p0 = torch.randn(4096, generator=gen) * PARAM_STD
     g0 = torch.randn(4096, generator=gen) * GRAD_STD
+    if sparse:
+        p0 = p0[:, None]
+        g0 = torch.sparse_coo_tensor(torch.arange(4096)[None], g0[:, None], (4096, 1),
+                                     check_invariants=True)
     # bf16 keeps 8 significant bits: one ulp at |p| is 2^(floor(log2 |p|) - 7).
     ulp = torch.exp2(torch.floor(torch.log2(p0.abs().clamp_min(1e-30))) - 7)
     for attempt in range(4):   # the default, then up to three tenfold raises
@@ -262,6 +321,11 @@ class Provider:
     def make(self, params: list[torch.Tensor], hyper: Hyper, *, capturable: bool = False):
         raise NotImplementedError
 
+    def sparse_grads(self, device: torch.device, dtype: torch.dtype, optim: str) -> str | None:
+        """``available`` for the sparse-grad (embedding) cases: None, or why this
+        provider does not run them. The base class: a provider takes dense grads only."""
+        return f"{self.name} takes dense grads only"
+
     def version(self) -> str | None:
         return None
 
@@ -314,6 +378,22 @@ class TorchOptim(Provider):
             return f"torch.optim.{hyper.class_name} has no foreach implementation"
         return None
 
+    def sparse_grads(self, device, dtype, optim):
+        """torch.optim has one implementation for sparse grads: timed as torch-forloop;
+        foreach=True falls back to it (SGD, Adagrad) and fused=True raises."""
+        if self.impl != "forloop":
+            hyper, _ = _hyper_or_reason(optim)
+            cls = _torch_class(hyper) if hyper else None
+            if cls is None or not _accepts(cls, self.impl):
+                why = f"it has no {self.impl} option"
+            elif self.impl == "foreach":
+                why = "foreach=True falls back to it"
+            else:
+                why = "fused=True raises"
+            return (f"torch.optim.{hyper.class_name if hyper else optim} has one "
+                    f"implementation for sparse grads, timed as torch-forloop ({why})")
+        return self.available(device, dtype, optim)
+
     def make(self, params, hyper, *, capturable=False):
         cls = _torch_class(hyper)
         kw = hyper.torch_kwargs()
@@ -363,6 +443,19 @@ class FusedOptim(Provider):
         if self.backend not in reasons:
             return f"backend {self.backend!r} is not registered"
         return reasons[self.backend]
+
+    def sparse_grads(self, device, dtype, optim):
+        """Pinned backends only where the backend has a row-sparse engine: elsewhere
+        fused_optim steps sparse grads on another backend, which this name would hide."""
+        reason = self.available(device, dtype, optim)
+        if reason is not None:
+            return reason
+        from fused_optim.backends import get_backend
+
+        if getattr(get_backend(self.backend), "sparse_step", None) is None:
+            return (f"backend {self.backend!r} has no row-sparse engine (fused_optim steps "
+                    "sparse grads on another backend)")
+        return None
 
     def make(self, params, hyper, *, capturable=False):
         cls = optimizers()[hyper.optim]

@@ -38,6 +38,9 @@ _STATS = {"n": int, "median": _NUM, "mean": _NUM, "stdev": _NUM, "min": _NUM, "m
 # Added after the first committed results: checked when present (older documents load).
 _RESULT_OPTIONAL = {"ratio_vs_fastest_torch": _OPT_NUM, "wrong": bool}
 _PROBE = {"limit_gbps": _NUM, "limit_stream": str, "runs": list}
+# Added with the sparse-grad cases: the (optimizer, shape) pairs not run.
+_TOP_OPTIONAL = {"skipped_cases": list}
+_SKIPPED_CASE = {"optim": str, "dtype": str, "shape": str, "reason": str}
 _STATUSES = ("ok", "skipped", "failed")
 
 
@@ -57,6 +60,9 @@ def validate(doc: dict) -> None:
     from .runner import SCHEMA
 
     _check(doc, _TOP, "doc")
+    _check(doc, {k: t for k, t in _TOP_OPTIONAL.items() if k in doc}, "doc")
+    for i, c in enumerate(doc.get("skipped_cases", [])):
+        _check(c, _SKIPPED_CASE, f"doc.skipped_cases[{i}]")
     if doc["schema"] != SCHEMA:
         raise ValueError(f"doc.schema: {doc['schema']!r} is not {SCHEMA!r}")
     _check(doc["machine"], _MACHINE, "doc.machine")
@@ -154,7 +160,7 @@ def _row(r: dict) -> list[str]:
         _fmt(r["pct_limit"], ".0f", "%"),
         _fmt(r["ratio_vs_baseline"], ".2f", "x"),
         _fmt(r.get("ratio_vs_fastest_torch"), ".2f", "x"),
-        _fmt(bpe, "g"),
+        _fmt(bpe, ".4g"),
         _fmt_bytes(r["peak_mem_bytes"]),
         _fmt(r["max_rel_err"], ".1e"),
         _note(r),
@@ -185,6 +191,17 @@ def _case_title(doc: dict, key, rows) -> str:
         extra += f"; a no-op step would show max err {info['noop_err']:.1e}"
     if info.get("reference_error"):
         extra += f"; no max err: the torch.optim reference failed ({info['reference_error']})"
+    sp = info.get("sparse")
+    if sp:
+        emb = next((s.get("embedding") for s in doc.get("shapes", []) if s["name"] == shape),
+                   None) or {}
+        hot = f" from {emb['hot_rows']:,} hot rows" if emb.get("hot_rows") else ""
+        table = (f"Embedding({emb['num_embeddings']:,}, {emb['embedding_dim']})"
+                 if emb else f"{r0['numel'] / 1e6:.1f}M elements")
+        return (f"{optim} {dtype} {shape}: {table}, sparse grads of {sp['lookups']:,} "
+                f"lookups{hot}, {sp['mean_unique_rows']:,.0f} distinct rows a step "
+                f"(B/elem per touched row element; torch.optim has one implementation "
+                f"for sparse grads: torch-forloop){extra}")
     return (f"{optim} {dtype} {shape}: {r0['n_tensors']} tensors, "
             f"{r0['numel'] / 1e6:.1f}M elements{extra}")
 
@@ -231,7 +248,8 @@ def _in_case(r: dict) -> bool:
 
 
 def _skip_lines(doc: dict) -> list[str]:
-    """Providers unavailable for a whole (optim, dtype), once each."""
+    """Providers unavailable for a whole (optim, dtype), once each; then the (optimizer,
+    shape) pairs not run (an optimizer on grads it does not take), once per reason."""
     out, seen = [], set()
     for r in doc["results"]:
         if (r["status"] == "skipped" and not _in_case(r) and r["reason"]
@@ -240,6 +258,13 @@ def _skip_lines(doc: dict) -> list[str]:
             combos = sorted({f"{x['optim']}/{x['dtype']}" for x in doc["results"]
                              if x["provider"] == r["provider"] and x["reason"] == r["reason"]})
             out.append(f"{r['provider']} ({', '.join(combos)}): {r['reason']}")
+    cases: dict[tuple[str, str], list[str]] = {}
+    for c in doc.get("skipped_cases", []):
+        shapes = cases.setdefault((c["optim"], c["reason"]), [])
+        if c["shape"] not in shapes:
+            shapes.append(c["shape"])
+    for (optim, reason), shapes in cases.items():
+        out.append(f"{optim} on {', '.join(shapes)}: {reason}")
     return out
 
 
@@ -306,7 +331,10 @@ def _legend(doc: dict) -> str:
             "the provider's storage (B/elem) over the median; vs torch-fused: median of "
             "per-round speedups (>1 faster); vs fastest: the same against the fastest torch "
             "implementation in the case (lowest median of torch-forloop/foreach/fused, named "
-            "in the header); peak mem: optimizer state + step transients; "
+            "in the header); sparse grads (embedding shapes): bytes of the touched rows "
+            "(param and states read and written once per distinct row, each grad value and "
+            "its 8 B index read once), B/elem per touched row element; "
+            "peak mem: optimizer state + step transients; "
             "max err: max |p - p_torch_forloop| / max |p_torch_forloop| over all params, "
             f"after the same steps. Wall time {doc.get('wall_s', 0):.0f} s.")
 

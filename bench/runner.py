@@ -30,6 +30,19 @@ One case, step by step:
 
 The optimizers, their hyperparameters and the bytes a step moves come from fused_optim's
 specs (providers.Hyper, bytes_model.algorithm_of_spec): nothing here names one.
+
+Embedding shapes (sparse grads) differ in three places. Inputs: the param is one
+[rows, dim] table, and GRADS_PER_CASE grads are drawn once per case, each from the
+table's own embedding backward (``F.embedding(..., sparse=True)``: uncoalesced COO,
+indices [1, lookups], values [lookups, dim]), from the run's seed; every provider gets
+its own copies and steps them in turn, the grad set before each step, outside the
+timing (backward is never timed); the reference steps the same sequence. Providers:
+``Provider.sparse_grads`` instead of ``available`` (torch.optim has one implementation
+for them); no CUDA graph (a sparse step syncs with the host). Bytes: the touched rows'
+traffic (``bytes_model.sparse_bytes_per_step``), with the distinct rows counted on the
+drawn grads (their mean over the cycle), and B/elem per element of the touched rows.
+An optimizer runs on the grads its spec takes (``providers.grads_reason``); the other
+(optimizer, shape) pairs are listed in ``skipped_cases``.
 """
 
 from __future__ import annotations
@@ -40,11 +53,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import machine, probe as probe_mod
-from .bytes_model import Algorithm, StoragePolicy, algorithm_of_spec, bytes_per_element, policy_of
+from .bytes_model import (Algorithm, StoragePolicy, algorithm_of_spec, bytes_per_element,
+                          policy_of, sparse_bytes_per_step)
 from .providers import (BASELINE, GRAD_STD, PARAM_STD, REFERENCE, TORCH_FAMILY, Hyper, Provider,
-                        TorchOptim, all_providers, resolve_optims, select)
+                        TorchOptim, all_providers, grads_reason, resolve_optims, select)
 from .shapes import Shape, resolve
 from .stats import paired_ratio, summarize
 
@@ -59,6 +74,11 @@ WRONG_FRACTION = 0.25
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
+
+# Sparse grads drawn per embedding case and stepped in turn: different lookups each step
+# (a step's cost depends on its rows), few enough to draw quickly and to hold one copy
+# per provider (4 x 32 MiB for 65,536 lookups of 128 fp32).
+GRADS_PER_CASE = 4
 
 
 @dataclass
@@ -208,6 +228,13 @@ class _Entry:
         self.events: list = []
         self.mode = "eager"
         self.slow_steps = 0
+        self.grads: list[torch.Tensor] | None = None   # sparse cases: the grads, in turn
+        self.elements: float | None = None   # what bytes_rw is per (touched elements)
+
+    def feed(self) -> None:
+        """Sparse cases: sets the grad of the next step (outside the timing)."""
+        if self.grads:
+            self.params[0].grad = self.grads[self.steps % len(self.grads)]
 
     def fail(self, where: str, exc: BaseException) -> None:
         text = str(exc).strip().splitlines()
@@ -219,25 +246,74 @@ class _Entry:
         self.opt = None
         self.graph = None
         self.params = []
+        self.grads = None
 
 
 def _make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int):
+    """The initial params and (dense shapes) grads, flat; an embedding's grads are
+    ``_embedding_grads``."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     n = shape.numel
     p0 = (torch.randn(n, generator=gen, device=device) * PARAM_STD).to(dtype)
+    if shape.sparse:
+        return p0, None
     g0 = (torch.randn(n, generator=gen, device=device) * GRAD_STD).to(dtype)
     return p0, g0
 
 
-def _copies(shape: Shape, p0: torch.Tensor, g0: torch.Tensor) -> list[torch.Tensor]:
-    """Separate tensors (as a model's parameters are), each with its own grad."""
-    params, off = [], 0
-    for size in shape.sizes:
-        p = torch.nn.Parameter(p0[off:off + size].clone())
-        p.grad = g0[off:off + size].clone()
-        params.append(p)
+def _embedding_grads(shape: Shape, p0: torch.Tensor, seed: int,
+                     count: int = GRADS_PER_CASE) -> list[torch.Tensor]:
+    """``count`` grads of the embedding table ``p0`` (flat), each the one its
+    ``F.embedding(..., sparse=True)`` backward makes for a step's lookups (see
+    shapes.Embedding), values N(0, 0.1) in the param's dtype."""
+    emb = shape.embedding
+    rows, dim = emb.num_embeddings, emb.embedding_dim
+    device = p0.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 1)
+    hot = None
+    if emb.hot_rows:
+        hot = torch.randperm(rows, generator=gen, device=device)[:emb.hot_rows]
+    weight = p0.view(rows, dim).detach().requires_grad_()
+    grads = []
+    for _ in range(count):
+        if hot is None:
+            idx = torch.randint(0, rows, (emb.lookups,), generator=gen, device=device)
+        else:
+            idx = hot[torch.randint(0, hot.numel(), (emb.lookups,), generator=gen,
+                                    device=device)]
+        upstream = (torch.randn(emb.lookups, dim, generator=gen, device=device)
+                    * GRAD_STD).to(p0.dtype)
+        F.embedding(idx, weight, sparse=True).backward(upstream)
+        grads.append(weight.grad)
+        weight.grad = None
+    return grads
+
+
+def _unique_rows(grad: torch.Tensor) -> int:
+    return int(torch.unique(grad._indices()[0]).numel())
+
+
+def _views(shape: Shape, flat: torch.Tensor) -> list[torch.Tensor]:
+    """The case's tensors as views of one flat tensor, in their shapes."""
+    out, off = [], 0
+    for size, dims in zip(shape.sizes, shape.dims()):
+        out.append(flat[off:off + size].view(dims))
         off += size
+    return out
+
+
+def _copies(shape: Shape, p0: torch.Tensor, g0: torch.Tensor | None) -> list[torch.Tensor]:
+    """Separate tensors (as a model's parameters are), each with its own grad (none for
+    an embedding: its grads are fed per step, see _Entry.feed)."""
+    params = []
+    grads = _views(shape, g0) if g0 is not None else [None] * shape.count
+    for p, g in zip(_views(shape, p0), grads):
+        p = torch.nn.Parameter(p.clone())
+        if g is not None:
+            p.grad = g.clone()
+        params.append(p)
     return params
 
 
@@ -262,8 +338,16 @@ def _estimate_bytes(shape: Shape, dtype: torch.dtype, n_providers: int, n_states
     # inputs and, when torch-forloop is not among the providers, the reference's own
     # copy; transients of the torch for-loop/foreach are about one more state.
     size = torch.empty((), dtype=dtype).element_size()
+    copies = n_providers + int(own_reference)
+    if shape.embedding is not None:
+        # The table and its states per provider, its GRADS_PER_CASE grads (values and
+        # indices), and transients of a few grads' size (torch's coalesce, sparse_mask).
+        emb = shape.embedding
+        grad = emb.lookups * (emb.embedding_dim * size + 8)
+        per = shape.numel * (size + n_states * max(size, 4)) + (GRADS_PER_CASE + 4) * grad
+        return per * copies + shape.numel * size + GRADS_PER_CASE * grad
     per = shape.numel * (2 * size + (n_states + 1) * max(size, 4))
-    return per * (n_providers + int(own_reference)) + 2 * shape.numel * size
+    return per * copies + 2 * shape.numel * size
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -279,7 +363,7 @@ class _Case:
         self.cfg, self.device, self.optim = cfg, device, optim
         self.dtype_name, self.dtype, self.shape = dtype_name, DTYPES[dtype_name], shape
         self.providers, self.progress = providers, progress
-        self.hyper = Hyper.for_optim(optim)
+        self.hyper = Hyper.for_optim(optim, sparse=shape.sparse)
         self.algorithm: Algorithm = algorithm_of_spec(self.hyper.spec, self.hyper.values, optim)
         self.cuda = device.type == "cuda"
         self.meter = _CudaMemory(device) if self.cuda else _CpuMemory()
@@ -296,6 +380,7 @@ class _Case:
         e.steps += 1
 
     def _timed_step(self, e: _Entry, keep: bool) -> None:
+        e.feed()
         if self.gap_s:
             # [note: idle gap] After a parallel region, the OpenMP workers of torch's
             # libgomp spin on the other cores for a while (GOMP_SPINCOUNT, milliseconds)
@@ -354,23 +439,35 @@ class _Case:
             return entries, info
 
         p0, g0 = _make_inputs(shape, self.dtype, self.device, cfg.seed)
+        grads = None
+        if shape.sparse:
+            grads = _embedding_grads(shape, p0, cfg.seed)
+            emb = shape.embedding
+            unique = [_unique_rows(g) for g in grads]
+            info["sparse"] = {"lookups": emb.lookups, "row_len": emb.embedding_dim,
+                              "unique_rows": unique, "grads_cycled": len(grads),
+                              "mean_unique_rows": sum(unique) / len(unique)}
+        graphs = cfg.cuda_graph and self.cuda and not shape.sparse
 
         # 2. make + first step, one provider at a time, memory metered.
         for e in entries:
             try:
                 e.params = _copies(shape, p0, g0)
+                if grads is not None:
+                    e.grads = [g.clone() for g in grads]
+                    e.feed()
                 self.meter.start()
                 e.opt = e.provider.make(e.params, self.hyper,
-                                        capturable=cfg.cuda_graph and e.provider.capturable
-                                        and self.cuda)
+                                        capturable=graphs and e.provider.capturable)
                 e.opt.step()
                 e.steps = 1
                 e.peak_mem = self.meter.stop()
                 _, e.policy = policy_of(e.opt, e.params)
-                e.bytes_rw = bytes_per_element(self.algorithm, _with_defaults(
-                    e.policy, self.algorithm))
-                if cfg.cuda_graph and self.cuda and e.provider.capturable:
+                self._bytes(e, info)
+                if graphs and e.provider.capturable:
                     self._capture(e)
+                elif cfg.cuda_graph and self.cuda and shape.sparse:
+                    e.reason = "sparse grads: timed eagerly (the step syncs with the host)"
             except Exception as exc:  # noqa: BLE001  (one provider must not stop the run)
                 e.fail("first step", exc)
         live = [e for e in entries if e.status == "ok"]
@@ -453,12 +550,16 @@ class _Case:
                 ref = ref_entry.params
             else:
                 steps = max((e.steps for e in entries if e.status == "ok"), default=0)
-                ref = _copies(shape, p0, g0)
+                ref_e = _Entry(TorchOptim("forloop"))
+                ref = ref_e.params = _copies(shape, p0, g0)
+                ref_e.grads = grads
                 opt = TorchOptim("forloop").make(ref, self.hyper)
                 for _ in range(steps):
+                    ref_e.feed()
                     opt.step()
+                    ref_e.steps += 1
             info["reference_steps"] = max((e.steps for e in entries), default=0)
-            info["noop_err"] = _rel_err([p0[o:o + n] for o, n in _offsets(shape)], ref)
+            info["noop_err"] = _rel_err(_views(shape, p0), ref)
             for e in entries:
                 if e.status == "ok":
                     e.max_rel_err = _rel_err(e.params, ref)
@@ -477,6 +578,20 @@ class _Case:
             e.release()
         return entries, info
 
+    def _bytes(self, e: _Entry, info: dict) -> None:
+        """The bytes one step of ``e`` moves, per element: of the params (dense), of the
+        touched rows (sparse: ``e.elements`` of them)."""
+        policy = _with_defaults(e.policy, self.algorithm)
+        if not self.shape.sparse:
+            e.bytes_rw = bytes_per_element(self.algorithm, policy)
+            return
+        sp = info["sparse"]
+        rd, wr = sparse_bytes_per_step(self.algorithm, policy,
+                                       unique_rows=sp["mean_unique_rows"],
+                                       lookups=sp["lookups"], row_len=sp["row_len"])
+        e.elements = sp["mean_unique_rows"] * sp["row_len"]
+        e.bytes_rw = (rd / e.elements, wr / e.elements)
+
     @property
     def label(self) -> str:
         return f"{self.optim} {self.dtype_name} {self.shape.name}"
@@ -487,13 +602,6 @@ class _Stepper:
 
     def __init__(self, fn):
         self.step = lambda: fn()
-
-
-def _offsets(shape: Shape):
-    off = 0
-    for n in shape.sizes:
-        yield off, n
-        off += n
 
 
 def _with_defaults(observed: StoragePolicy, alg: Algorithm) -> StoragePolicy:
@@ -549,39 +657,31 @@ def run(cfg: Config, progress: Progress | None = None) -> dict:
         probe_start = probe_mod.measure(device, numel=cfg.probe_numel)
 
     doc["config"]["optims"] = optims
+    doc["skipped_cases"] = []
     for optim in optims:
         for dtype_name in cfg.dtypes:
-            dtype = DTYPES[dtype_name]
-            active: list[Provider] = []
-            for p in known:
-                if p.name in left_out:
-                    for shape in shapes:
-                        doc["results"].append(_result(p, optim, dtype_name, shape, None,
-                                                      status="skipped", reason=left_out[p.name]))
-            for p in chosen:
-                reason = p.available(device, dtype, optim)
-                if reason is None:
-                    try:
-                        before = p.setup_s
-                        p.prepare(device, dtype, optim)
-                        if p.setup_s - before > 0.5:
-                            progress.note(f"{p.name}: one-off setup {p.setup_s - before:.1f} s "
-                                          "(not timed)")
-                    except Exception as exc:  # noqa: BLE001
-                        reason = f"setup failed: {type(exc).__name__}: {exc}"[:300]
-                rec = doc["providers"].setdefault(p.name, {
-                    "family": p.family, "version": p.version(), "available": {}})
-                rec["available"][f"{optim}/{dtype_name}"] = reason
-                if reason is None:
-                    active.append(p)
-                else:
-                    for shape in shapes:
-                        doc["results"].append(_result(p, optim, dtype_name, shape, None,
-                                                      status="skipped", reason=reason))
+            # The providers that run this (optim, dtype), per kind of grads (dense,
+            # sparse), asked once each; the others with their reasons.
+            by_kind: dict[bool, tuple[list[Provider], dict[str, str]]] = {}
             for shape in shapes:
+                why = grads_reason(optim, shape.sparse)
+                if why is not None:
+                    doc["skipped_cases"].append({"optim": optim, "dtype": dtype_name,
+                                                 "shape": shape.name, "reason": why})
+                    continue
+                if shape.sparse not in by_kind:
+                    by_kind[shape.sparse] = _providers_for(doc, chosen, device, optim,
+                                                           dtype_name, shape.sparse, progress)
+                active, skipped = by_kind[shape.sparse]
+                for p in known:
+                    why = left_out.get(p.name, skipped.get(p.name))
+                    if why is not None:
+                        doc["results"].append(_result(p, optim, dtype_name, shape, None,
+                                                      status="skipped", reason=why))
                 case = _Case(cfg, device, optim, dtype_name, shape, active, progress)
                 entries, info = case.run()
                 doc["cases"].append({"optim": optim, "dtype": dtype_name, "shape": shape.name,
+                                     "grads": "sparse" if shape.sparse else "dense",
                                      "hyper": case.hyper.to_dict(),
                                      "bytes_model": {"reads": list(case.algorithm.reads),
                                                      "writes": list(case.algorithm.writes)},
@@ -611,6 +711,36 @@ def run(cfg: Config, progress: Progress | None = None) -> dict:
     return doc
 
 
+def _providers_for(doc: dict, chosen: list[Provider], device: torch.device, optim: str,
+                   dtype_name: str, sparse: bool,
+                   progress: Progress) -> tuple[list[Provider], dict[str, str]]:
+    """The chosen providers that run (optim, dtype) on dense or sparse grads (prepared),
+    and the others' reasons; recorded in doc["providers"][name]["available"] under
+    "optim/dtype" (dense) or "optim/dtype/sparse"."""
+    dtype = DTYPES[dtype_name]
+    active: list[Provider] = []
+    skipped: dict[str, str] = {}
+    for p in chosen:
+        reason = (p.sparse_grads if sparse else p.available)(device, dtype, optim)
+        if reason is None:
+            try:
+                before = p.setup_s
+                p.prepare(device, dtype, optim)
+                if p.setup_s - before > 0.5:
+                    progress.note(f"{p.name}: one-off setup {p.setup_s - before:.1f} s "
+                                  "(not timed)")
+            except Exception as exc:  # noqa: BLE001
+                reason = f"setup failed: {type(exc).__name__}: {exc}"[:300]
+        rec = doc["providers"].setdefault(p.name, {
+            "family": p.family, "version": p.version(), "available": {}})
+        rec["available"][f"{optim}/{dtype_name}" + ("/sparse" if sparse else "")] = reason
+        if reason is None:
+            active.append(p)
+        else:
+            skipped[p.name] = reason
+    return active, skipped
+
+
 def _result(p: Provider, optim: str, dtype_name: str, shape: Shape, e: _Entry | None, *,
             status: str | None = None, reason: str | None = None) -> dict:
     res = {
@@ -634,7 +764,10 @@ def _result(p: Provider, optim: str, dtype_name: str, shape: Shape, e: _Entry | 
         rd, wr = e.bytes_rw
         res["bytes_per_element"] = {"read": rd, "write": wr, "total": rd + wr,
                                     "policy": e.policy.describe() if e.policy else None}
-        res["bytes_per_step"] = (rd + wr) * shape.numel
+        if e.elements is not None:   # sparse: per element of the touched rows
+            res["bytes_per_element"]["per"] = "touched row element"
+            res["bytes_per_element"]["elements"] = e.elements
+        res["bytes_per_step"] = (rd + wr) * (shape.numel if e.elements is None else e.elements)
     if e.status == "ok" and e.samples:
         ms = [s * 1e3 for s in e.samples]
         res["samples_ms"] = ms

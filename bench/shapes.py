@@ -14,10 +14,20 @@ Spec strings accepted by ``resolve`` (the CLI's --shapes):
   sweep-size     8 tensors, total 2M..128M elements          (bandwidth-bound)
   sweep-count    16M elements in 1..4096 tensors              (launch-bound)
   NxM            N tensors of M elements, M may end in K (x1024) or M (x1024^2): 8x4M
+  embedding-1m, embedding-100k, embedding-100k-hot            sparse grads (EMBEDDINGS)
+  embeddings     the three of them
+  embRxD:L[:H]   Embedding(R, D) with L lookups a step [drawn from H hot rows]:
+                 emb1000x16:256, emb1000x16:256:8 (R, L, H may end in K or M as above)
+
+An embedding shape is one ``nn.Embedding(R, D, sparse=True)`` table: its grads are sparse
+COO tensors as the embedding's backward makes them (the runner draws them, see
+``Embedding``), so only the optimizers that take sparse grads run on it, and a step costs
+the rows the lookups touch, not the table.
 
 ``scale`` multiplies every tensor's element count of the real models and sweeps (tensor
-count unchanged, so launch-bound shapes stay launch-bound); literal NxM specs are taken as
-written.
+count unchanged, so launch-bound shapes stay launch-bound); literal NxM specs and
+embedding shapes are taken as written (an embedding step's cost is set by its lookups,
+and the issue's sizes are the point).
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ import os
 import re
 from dataclasses import dataclass
 
-__all__ = ["Shape", "resolve", "load_model", "MODELS", "SWEEPS", "DEFAULT_SHAPES"]
+__all__ = ["Shape", "Embedding", "resolve", "load_model", "MODELS", "SWEEPS", "EMBEDDINGS",
+           "DEFAULT_SHAPES"]
 
 SHAPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes")
 
@@ -36,14 +47,41 @@ DEFAULT_SHAPES = ["8x4M", "2048x16K", "gpt2-124m", "resnet50"]
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """One ``nn.Embedding(num_embeddings, embedding_dim, sparse=True)`` and the lookups of
+    a step: ``lookups`` row indices drawn uniformly from all rows, or, with ``hot_rows``,
+    from that many rows (drawn once, uniformly): heavy duplication, ~lookups / hot_rows
+    entries per touched row. The grad of a step is what the embedding's backward makes:
+    an uncoalesced sparse COO tensor, indices [1, lookups] (duplicates included), values
+    [lookups, embedding_dim]."""
+
+    num_embeddings: int
+    embedding_dim: int
+    lookups: int
+    hot_rows: int | None = None
+
+    def describe(self) -> str:
+        draw = (f"from {self.hot_rows:,} hot rows" if self.hot_rows
+                else "uniform over the rows")
+        return (f"Embedding({self.num_embeddings:,}, {self.embedding_dim}), "
+                f"{self.lookups:,} lookups a step {draw}")
+
+    def to_dict(self) -> dict:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "lookups": self.lookups, "hot_rows": self.hot_rows}
+
+
+@dataclass(frozen=True)
 class Shape:
-    """One benchmarked parameter list: the element count of each tensor."""
+    """One benchmarked parameter list: the element count of each tensor; for an
+    embedding shape, its one table and the lookups of a step (``embedding``)."""
 
     name: str
     sizes: tuple[int, ...]
-    group: str = ""          # "model", "sweep-size", "sweep-count", "literal"
+    group: str = ""          # "model", "sweep-size", "sweep-count", "literal", "embedding"
     scale: float = 1.0       # applied to the original sizes
     source: str = ""
+    embedding: Embedding | None = None
 
     @property
     def numel(self) -> int:
@@ -53,10 +91,24 @@ class Shape:
     def count(self) -> int:
         return len(self.sizes)
 
+    @property
+    def sparse(self) -> bool:
+        """The grads are sparse (an embedding shape)."""
+        return self.embedding is not None
+
+    def dims(self) -> list[tuple[int, ...]]:
+        """Each tensor's shape: 1-D for a parameter list, [rows, dim] for an embedding."""
+        if self.embedding is not None:
+            return [(self.embedding.num_embeddings, self.embedding.embedding_dim)]
+        return [(n,) for n in self.sizes]
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "group": self.group, "scale": self.scale,
-                "n_tensors": self.count, "numel": self.numel, "source": self.source,
-                "min_tensor": min(self.sizes), "max_tensor": max(self.sizes)}
+        d = {"name": self.name, "group": self.group, "scale": self.scale,
+             "n_tensors": self.count, "numel": self.numel, "source": self.source,
+             "min_tensor": min(self.sizes), "max_tensor": max(self.sizes)}
+        if self.embedding is not None:
+            d["embedding"] = self.embedding.to_dict()
+        return d
 
 
 # --------------------------------------------------------------------------------------
@@ -219,6 +271,39 @@ SWEEPS = {
 
 _LITERAL = re.compile(r"^(\d+)x(\d+)([KkMm]?)$")
 
+# --------------------------------------------------------------------------------------
+# Embedding tables with sparse grads (nn.Embedding(sparse=True)).
+# --------------------------------------------------------------------------------------
+
+# The sparse-embedding issue's three shapes: a large table with few lookups (almost every
+# lookup a distinct row), a smaller, wider one with many (~48K distinct rows of 100K), and
+# the same with the lookups drawn from ~1,000 hot rows (~65 entries summed per row: the
+# coalescing is the work).
+EMBEDDINGS = {
+    "embedding-1m": Embedding(1_000_000, 64, 16_384),
+    "embedding-100k": Embedding(100_000, 128, 65_536),
+    "embedding-100k-hot": Embedding(100_000, 128, 65_536, hot_rows=1_000),
+}
+# "embeddings" expands to all of them, as a sweep does.
+EMBEDDING_GROUP = "embeddings"
+_EMB_LITERAL = re.compile(r"^emb(\d+[KkMm]?)x(\d+):(\d+[KkMm]?)(?::(\d+[KkMm]?))?$")
+
+
+def _count(text: str) -> int:
+    unit = text[-1].lower()
+    if unit in "km":
+        return int(text[:-1]) * {"k": 1024, "m": _M}[unit]
+    return int(text)
+
+
+def _embedding_shape(name: str, emb: Embedding, group: str = "embedding") -> Shape:
+    if min(emb.num_embeddings, emb.embedding_dim, emb.lookups) < 1 or (
+            emb.hot_rows is not None and not 1 <= emb.hot_rows <= emb.num_embeddings):
+        raise ValueError(f"shape {name!r}: rows, dim and lookups must be >= 1 and the hot "
+                         "rows between 1 and the rows")
+    return Shape(name, (emb.num_embeddings * emb.embedding_dim,), group, 1.0,
+                 emb.describe(), emb)
+
 
 def _fmt_count(n: int) -> str:
     for unit, div in (("M", _M), ("K", 1024)):
@@ -252,6 +337,14 @@ def resolve(specs: list[str] | str, scale: float = 1.0) -> list[Shape]:
                 per = _scaled(total // count, scale)
                 out.append(Shape(f"{count}x{_fmt_count(per)}", (per,) * count, spec, scale,
                                  f"{spec}: {count} tensors of {per} elements"))
+        elif spec in EMBEDDINGS:
+            out.append(_embedding_shape(spec, EMBEDDINGS[spec]))
+        elif spec == EMBEDDING_GROUP:
+            out += [_embedding_shape(n, e) for n, e in EMBEDDINGS.items()]
+        elif _EMB_LITERAL.match(spec):
+            rows, dim, lookups, hot = _EMB_LITERAL.match(spec).groups()
+            out.append(_embedding_shape(spec, Embedding(
+                _count(rows), _count(dim), _count(lookups), _count(hot) if hot else None)))
         elif spec in _BUILDERS:
             doc = load_model(spec)
             sizes = tuple(_scaled(_numel(s), scale) for _, s in doc["params"])
@@ -259,8 +352,9 @@ def resolve(specs: list[str] | str, scale: float = 1.0) -> list[Shape]:
             out.append(Shape(name, sizes, "model", scale, doc["source"]))
         else:
             raise ValueError(
-                f"unknown shape {spec!r}: expected one of {', '.join(MODELS + list(SWEEPS))} "
-                "or NxM (e.g. 8x4M, 2048x16K)")
+                f"unknown shape {spec!r}: expected one of "
+                f"{', '.join(MODELS + list(SWEEPS) + list(EMBEDDINGS) + [EMBEDDING_GROUP])}, "
+                "NxM (e.g. 8x4M, 2048x16K) or embRxD:L[:H] (e.g. emb1000x16:256)")
     seen, unique = set(), []
     for s in out:
         if s.name not in seen:

@@ -1,6 +1,7 @@
 """Tests of the benchmark harness itself (fused_optim.bench): the byte model, the
 statistics, the shape lists, provider discovery with providers missing, the JSON schema,
-and a tiny end-to-end run. Seconds, no GPU, no optional package needed."""
+and tiny end-to-end runs, dense and sparse (embedding shapes). Seconds, no GPU, no
+optional package needed."""
 
 from __future__ import annotations
 
@@ -107,16 +108,24 @@ def test_algorithm_comes_from_the_spec():
 
 
 def test_benchmarked_optimizers_are_the_tested_ones():
-    """The benchmark's optimizers (``--optim all``) are exactly the classes of the parity
-    tests' table (tests/_tables.py OPTIMIZERS, itself checked against fused_optim's
-    exports by tests/test_optimizers.py), in fused_optim's ``__all__`` order."""
+    """The benchmark's optimizers (``--optim all``) that take dense grads are exactly the
+    classes of the parity tests' table (tests/_tables.py OPTIMIZERS, itself checked
+    against fused_optim's exports by tests/test_optimizers.py), in fused_optim's
+    ``__all__`` order; the others take sparse grads only (SparseAdam: tests/test_sparse.py)
+    and run on the embedding shapes only."""
     import fused_optim
     from _tables import OPTIMIZERS
 
     tested = sorted((row.fused for row in OPTIMIZERS),
                     key=lambda cls: fused_optim.__all__.index(cls.__name__))
-    assert list(providers.optimizers().values()) == tested
-    assert providers.optim_names() == [cls.__name__.lower() for cls in tested]
+    dense = {n: c for n, c in providers.optimizers().items()
+             if providers.grads_reason(n, sparse=False) is None}
+    assert list(dense.values()) == tested
+    sparse_only = [n for n in providers.optim_names() if n not in dense]
+    assert "sparseadam" in sparse_only
+    for name in sparse_only:
+        assert providers.optimizers()[name].spec.sparse.only
+        assert "sparse grads only" in providers.grads_reason(name, sparse=False)
 
 
 def test_every_benchmarked_optimizer_has_a_spec_derived_algorithm():
@@ -184,6 +193,9 @@ def test_hyperparameters_of_the_existing_optimizers():
 def test_resolve_optims():
     assert providers.resolve_optims(["all"]) == providers.optim_names()
     assert providers.resolve_optims(["adamw", "all", "ADAMW"])[0] == "adamw"
+    # The class name lowercased, or spelled with "_" / "-" (the spec's name).
+    assert providers.resolve_optims(["sparse_adam", "SparseAdam", "sparse-adam"]) == [
+        "sparseadam"]
     with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
         providers.resolve_optims(["nope"])
 
@@ -517,9 +529,13 @@ def test_cli_end_to_end(tmp_path, tiny_providers, capsys):
     assert "sha" in m["commit"]
     assert {r["provider"] for r in doc["results"]} == {"torch-fused", "torch-forloop", "missing"}
     # --optim all: every optimizer fused_optim exports, each compared with its own
-    # torch.optim for-loop (the reference agrees with itself exactly).
+    # torch.optim for-loop (the reference agrees with itself exactly); one that takes
+    # sparse grads only is listed as a skipped case on a dense shape.
     assert doc["config"]["optims"] == providers.optim_names()
-    assert {r["optim"] for r in doc["results"]} == set(providers.optim_names())
+    dense = {n for n in providers.optim_names() if providers.grads_reason(n, False) is None}
+    assert {r["optim"] for r in doc["results"]} == dense
+    assert {c["optim"] for c in doc["skipped_cases"]} == set(providers.optim_names()) - dense
+    assert "sparseadam on 5x777: fused_optim.SparseAdam takes sparse grads only" in printed
     for r in doc["results"]:
         if r["provider"] == "torch-forloop" and r["status"] == "ok":
             assert r["max_rel_err"] == 0.0
@@ -688,3 +704,220 @@ def test_gpu_check_script_parses():
     res = subprocess.run([bash, "-n", os.path.join(ROOT, ".ci", "gpu_check.sh")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Sparse grads: embedding shapes
+# --------------------------------------------------------------------------------------
+
+def test_embedding_shapes_resolve():
+    one, hundred, hot = shapes.resolve("embeddings")
+    assert [s.name for s in (one, hundred, hot)] == [
+        "embedding-1m", "embedding-100k", "embedding-100k-hot"]
+    assert one.embedding == shapes.Embedding(1_000_000, 64, 16_384)
+    assert hundred.embedding == shapes.Embedding(100_000, 128, 65_536)
+    assert hot.embedding == shapes.Embedding(100_000, 128, 65_536, hot_rows=1_000)
+    assert one.sparse and not shapes.resolve("8x4M")[0].sparse
+    assert (one.count, one.numel, one.dims()) == (1, 64_000_000, [(1_000_000, 64)])
+    # Taken as written: --scale shrinks models and sweeps, never an embedding.
+    assert shapes.resolve(["embedding-1m"], scale=0.25)[0] == one
+    (lit,) = shapes.resolve("emb1000x16:256:8")
+    assert lit.embedding == shapes.Embedding(1000, 16, 256, hot_rows=8)
+    assert shapes.resolve("emb2Kx16:1K")[0].embedding == shapes.Embedding(2048, 16, 1024)
+    assert lit.to_dict()["embedding"]["hot_rows"] == 8
+    assert "Embedding(1,000, 16), 256 lookups a step from 8 hot rows" == lit.source
+    for bad in ("emb1000x16", "emb0x16:4", "emb10x4:4:11", "emb10x4:4:0"):
+        with pytest.raises(ValueError):
+            shapes.resolve([bad])
+
+
+def test_embedding_grads_are_the_embedding_backwards():
+    """Each grad is what nn.Embedding(sparse=True)'s backward makes: uncoalesced COO,
+    indices [1, lookups] with duplicates, values [lookups, dim]; the same from the same
+    seed; the hot shape's lookups fall on its hot rows only."""
+    (shape,) = shapes.resolve("emb64x8:100")
+    p0 = torch.randn(64 * 8).to(torch.bfloat16)
+    grads = runner._embedding_grads(shape, p0, seed=3)
+    assert len(grads) == runner.GRADS_PER_CASE
+    for g in grads:
+        assert g.is_sparse and not g.is_coalesced() and g.shape == (64, 8)
+        assert g._indices().shape == (1, 100) and g._values().shape == (100, 8)
+        assert g.dtype == torch.bfloat16
+        assert runner._unique_rows(g) < 100    # 100 draws of 64 rows repeat some
+    # As the module's own backward makes them, for the same lookups and upstream grad.
+    idx = grads[0]._indices()[0]
+    emb = torch.nn.Embedding(64, 8, sparse=True).to(torch.bfloat16)
+    emb(idx).backward(grads[0]._values())
+    want = emb.weight.grad
+    assert not want.is_coalesced()
+    assert torch.equal(want._indices(), grads[0]._indices())
+    assert torch.equal(want._values(), grads[0]._values())
+    again = runner._embedding_grads(shape, p0, seed=3)
+    assert all(torch.equal(a.to_dense(), b.to_dense()) for a, b in zip(grads, again))
+    assert not torch.equal(grads[0].to_dense(), grads[1].to_dense())
+    (hot,) = shapes.resolve("emb1000x4:512:5")
+    rows = {r for g in runner._embedding_grads(hot, torch.zeros(4000), seed=0)
+            for r in g._indices()[0].tolist()}
+    assert len(rows) == 5
+
+
+def test_sparse_hyperparameters():
+    """Sparse cases run the row-sparse engine's step: SGD without its bench momentum
+    (torch would keep a sparse buffer, stepped in torch ops), no weight decay anywhere."""
+    sgd = providers.Hyper.for_optim("sgd", sparse=True)
+    assert sgd.kwargs == {"lr": 1e-2} and sgd.values["momentum"] == 0
+    assert sgd.sparse and sgd.to_dict()["grads"] == "sparse"
+    assert providers.Hyper.for_optim("sgd").kwargs["momentum"] == 0.9   # dense unchanged
+    ada = providers.Hyper.for_optim("adagrad", sparse=True)
+    assert ada.kwargs == {"lr": 1e-2} and ada.values["weight_decay"] == 0
+    adam = providers.Hyper.for_optim("sparseadam", sparse=True)
+    assert adam.kwargs == {"lr": 1e-3} and adam.class_name == "SparseAdam"
+    assert providers.grads_reason("adamw", sparse=True) == (
+        "fused_optim.AdamW takes dense grads only")
+    for name in ("sgd", "adagrad", "sparseadam"):
+        assert providers.grads_reason(name, sparse=True) is None
+
+
+@pytest.mark.parametrize("optim,states", [("sparseadam", 2), ("adagrad", 1), ("sgd", 0)])
+def test_sparse_bytes_model(optim, states):
+    """Per distinct touched row: the param and each state read and written; per lookup:
+    its grad values and its int64 index read once."""
+    alg = bytes_model.algorithm_for(optim, sparse=True)
+    assert len(alg.states) == states
+    unique, lookups, dim = 900, 1000, 16
+    fp32 = bytes_model.StoragePolicy.uniform(torch.float32)
+    rd, wr = bytes_model.sparse_bytes_per_step(alg, fp32, unique_rows=unique, lookups=lookups,
+                                               row_len=dim)
+    assert rd == unique * dim * 4 * (1 + states) + lookups * (dim * 4 + 8)
+    assert wr == unique * dim * 4 * (1 + states)
+    assert (rd, wr) == bytes_model.sparse_bytes_per_step(optim, fp32, unique_rows=unique,
+                                                         lookups=lookups, row_len=dim)
+    # bf16 params and grads, fp32 states (what a provider may keep).
+    mixed = bytes_model.StoragePolicy.uniform(torch.bfloat16, torch.float32)
+    rd, wr = bytes_model.sparse_bytes_per_step(alg, mixed, unique_rows=unique,
+                                               lookups=lookups, row_len=dim)
+    assert rd == unique * dim * (2 + 4 * states) + lookups * (dim * 2 + 8)
+    assert wr == unique * dim * (2 + 4 * states)
+
+
+def test_policy_of_a_sparse_grad_counts_a_value_per_element():
+    p = torch.nn.Parameter(torch.zeros(10, 4))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 3]]), torch.ones(3, 4), (10, 4))
+    opt = torch.optim.Adagrad([p])
+    opt.step()
+    alg, pol = bytes_model.policy_of(opt, [p])
+    assert alg.states == ("sum",) and pol.grad == 4 and pol.param == 4
+
+
+def test_memory_estimate_of_an_embedding_counts_its_table_not_a_dense_grad():
+    (shape,) = shapes.resolve("emb1000x16:256")
+    n, grad = 16_000, 256 * (16 * 4 + 8)
+    per = n * (4 + 2 * 4) + (runner.GRADS_PER_CASE + 4) * grad
+    assert runner._estimate_bytes(shape, torch.float32, 2, 2) == (
+        3 * per + 4 * n + runner.GRADS_PER_CASE * grad)
+
+
+class _SparseNoOp(_NoOp):
+    """A provider that takes sparse grads and does nothing with them; it records the
+    grad of each step (the values' sum) to check what every provider is fed."""
+
+    def __init__(self):
+        providers.Provider.__init__(self, name="sparse-noop", family="test")
+        self.seen: list[float] = []
+
+    def sparse_grads(self, device, dtype, optim):
+        return None
+
+    def make(self, params, hyper, *, capturable=False):
+        opt = super().make(params, hyper)
+        opt.step = lambda closure=None: self.seen.append(
+            params[0].grad._values().double().sum().item())
+        return opt
+
+
+@pytest.fixture()
+def sparse_providers(monkeypatch):
+    base = [p for p in providers.all_providers()
+            if p.name in ("torch-forloop", "torch-fused", "fused_optim[cpu]")]
+    noop = _SparseNoOp()
+    monkeypatch.setattr(runner, "all_providers", lambda: base + [noop, _Missing()])
+    return noop
+
+
+def test_sparse_cases_run_end_to_end(sparse_providers):
+    """The three optimizers that take sparse grads on a uniform and a heavy-duplication
+    embedding, torch's for-loop against fused_optim's cpu backend: each steps the same
+    cycle of grads, matches the for-loop, and reports the touched rows' bytes; a provider
+    that does not step is marked wrong; torch-fused is listed as torch's one
+    implementation; AdamW (dense grads only) is a skipped case."""
+    noop = sparse_providers
+    cfg = _tiny_cfg(shapes=["emb1000x16:256", "emb1000x16:256:8"], dtypes=["fp32"],
+                    optims=["sparseadam", "adagrad", "sgd", "adamw"], repeat=3, min_repeat=3)
+    doc = runner.run(cfg)
+    report.validate(doc)
+    assert {(c["optim"], c["shape"]) for c in doc["skipped_cases"]} == {
+        ("adamw", "emb1000x16:256"), ("adamw", "emb1000x16:256:8")}
+    res = {(r["optim"], r["shape"], r["provider"]): r for r in doc["results"]}
+    for case in doc["cases"]:
+        key = (case["optim"], case["shape"])
+        ref, ours = res[(*key, "torch-forloop")], res[(*key, "fused_optim[cpu]")]
+        assert case["grads"] == "sparse" and ref["status"] == ours["status"] == "ok"
+        assert ref["max_rel_err"] == 0.0 and ref["steps"] == ours["steps"] == 1 + 1 + 3
+        # fp32: the same row math; 1e-6 is ~8 ulps of the largest param.
+        assert ours["max_rel_err"] < 1e-6 and not ours["wrong"]
+        assert res[(*key, "sparse-noop")]["wrong"]
+        assert res[(*key, "sparse-noop")]["max_rel_err"] == pytest.approx(case["noop_err"])
+        fused = res[(*key, "torch-fused")]
+        assert fused["status"] == "skipped" and "one implementation" in fused["reason"]
+        assert res[(*key, "missing")]["status"] == "skipped"
+        # The bytes of the touched rows, from the distinct rows of the drawn grads.
+        sp = case["sparse"]
+        assert sp["lookups"] == 256 and sp["row_len"] == 16 and len(sp["unique_rows"]) == 4
+        if key[1].endswith(":8"):
+            assert sp["unique_rows"] == [8] * 4
+        else:
+            assert 200 < sp["mean_unique_rows"] < 256
+        states = {"sparseadam": 2, "adagrad": 1, "sgd": 0}[key[0]]
+        touched = sp["mean_unique_rows"] * 16
+        want = touched * 4 * (1 + states) * 2 + 256 * (16 * 4 + 8)
+        for r in (ref, ours):
+            assert r["bytes_per_step"] == pytest.approx(want)
+            assert r["bytes_per_element"]["total"] == pytest.approx(want / touched)
+            assert r["gbps"] > 0
+            if shutil.which("cc") or shutil.which("gcc"):
+                assert r["pct_limit"] > 0
+        assert case["fastest_torch"]["provider"] == "torch-forloop"
+        assert case["best_fused_optim"]["provider"] == "fused_optim[cpu]"
+        assert case["hyper"]["kwargs"] == {"sgd": {"lr": 1e-2}, "adagrad": {"lr": 1e-2},
+                                           "sparseadam": {"lr": 1e-3}}[key[0]]
+    # Every provider is fed the same grads in turn: 4 drawn, 5 steps a case.
+    per_case = []
+    for optim in ("sparseadam", "adagrad", "sgd"):
+        for spec in ("emb1000x16:256", "emb1000x16:256:8"):
+            (shape,) = shapes.resolve(spec)
+            p0, _ = runner._make_inputs(shape, torch.float32, torch.device("cpu"), cfg.seed)
+            sums = [g._values().double().sum().item()
+                    for g in runner._embedding_grads(shape, p0, cfg.seed)]
+            per_case += [sums[i % len(sums)] for i in range(5)]
+    assert noop.seen == per_case
+    text = report.render_table(doc)
+    assert "Embedding(1,000, 16), sparse grads of 256 lookups from 8 hot rows" in text
+    assert "adamw on emb1000x16:256, emb1000x16:256:8: fused_optim.AdamW takes dense" in text
+
+
+def test_sparse_cli(tmp_path, capsys):
+    out_json = tmp_path / "s.json"
+    args = ["--optim", "sparse_adam", "--shapes", "emb500x8:128:16", "--dtype", "bf16",
+            "--providers", "torch,fused_optim[cpu]", "--repeat", "2", "--warmup", "1",
+            "--no-probe", "--gap-ms", "0", "--json", str(out_json), "--quiet"]
+    assert cli.main(args) == 0
+    doc = json.loads(out_json.read_text())
+    report.validate(doc)
+    assert doc["config"]["optims"] == ["sparseadam"]
+    ok = {r["provider"]: r for r in doc["results"] if r["status"] == "ok"}
+    assert set(ok) == {"torch-forloop", "fused_optim[cpu]"}
+    # bf16: the same ops rounding to bf16; 2e-2 is the dense bf16 bound (~3 eps of the
+    # largest param over a few steps).
+    assert ok["fused_optim[cpu]"]["max_rel_err"] < 2e-2
+    assert doc["shapes"][0]["embedding"]["hot_rows"] == 16
+    assert "torch-forloop" in capsys.readouterr().out
