@@ -52,7 +52,9 @@ def coo_rows(param: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     indices = grad._indices()
     values = grad._values()
     if sparse_dim == 1:
-        rows = indices[0]
+        rows = indices[0].contiguous()  # a row of the [1, nnz] indices: no copy
+        if values.dim() == 2 and values.is_contiguous():
+            return param.view(-1, row_len), rows, values
     else:
         # The row-major index over the sparse dims, as coalesce() flattens them.
         strides = [math.prod(lead[d + 1:]) for d in range(sparse_dim)]

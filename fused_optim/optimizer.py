@@ -438,6 +438,14 @@ class FusedOptimizer(Optimizer):
 
     _fused_checked = False
 
+    @property
+    def _sparse_groups(self) -> set[int]:
+        """ids of the param groups whose last step had sparse grads (see _step_group)."""
+        groups = self.__dict__.get("_sparse_group_ids")
+        if groups is None:
+            groups = self.__dict__["_sparse_group_ids"] = set()
+        return groups
+
     def _step_group(self, group: dict[str, Any]) -> None:
         """One step of one param group: the eager entry, else lists, the group's calls
         (``_split_call``), buckets, backends."""
@@ -445,12 +453,17 @@ class FusedOptimizer(Optimizer):
         hyper = self._hyper(group)
         rule = self.spec.sparse
         # The eager entry takes dense grads only (and returns False, having changed
-        # nothing, at a sparse one): groups with sparse grads take the list path.
-        if not (rule is not None and rule.only) and self._step_group_eager(group, hyper):
+        # nothing, at a sparse one): groups with sparse grads take the list path, and a
+        # group that had them last step does not try the entry first (a cold attempt
+        # cost 0.08 ms of a 1.7 ms SGD step at Embedding(1M, 64)).
+        sparse_before = rule is not None and (rule.only or id(group) in self._sparse_groups)
+        if not sparse_before and self._step_group_eager(group, hyper):
             return
-        sparse = self._sparse_params(group) or []
+        sparse, dense = self._sparse_params(group)
+        if rule is not None and not rule.only:
+            (self._sparse_groups.add if sparse else self._sparse_groups.discard)(id(group))
         engine = self._check_sparse(group, sparse)
-        if not (sparse and self.spec.sparse.only):
+        if dense:
             new_rows: list[int] = []
             lists, states = self._group_lists(group, hyper, new_rows)
             for call_lists, call_states, call_hyper in self._split_call(
@@ -459,18 +472,19 @@ class FusedOptimizer(Optimizer):
         if sparse:
             step_sparse(self, group, sparse, hyper, engine)
 
-    def _sparse_params(self, group: dict[str, Any]) -> list[Tensor] | None:
-        """The group's params whose grads are sparse, None when there are none; for an
-        optimizer that takes sparse grads only (``SparseGrads.only``), every param with a
-        grad, after torch's error for a dense one."""
+    def _sparse_params(self, group: dict[str, Any]) -> tuple[list[Tensor], bool]:
+        """(the group's params whose grads are sparse, whether the dense path has work:
+        a dense grad, or no grad at all, whose state a dense step may still create); for
+        an optimizer that takes sparse grads only (``SparseGrads.only``), every param
+        with a grad, after torch's error for a dense one."""
         rule = self.spec.sparse
+        with_grad = [p for p in group["params"] if p.grad is not None]
         if rule is not None and rule.only:
-            with_grad = [p for p in group["params"] if p.grad is not None]
             if any(not p.grad.is_sparse for p in with_grad):
                 raise RuntimeError(rule.dense_error)
-            return with_grad or None
-        sparse = [p for p in group["params"] if p.grad is not None and p.grad.is_sparse]
-        return sparse or None
+            return with_grad, False
+        sparse = [p for p in with_grad if p.grad.is_sparse]
+        return sparse, len(sparse) < len(with_grad) or not with_grad
 
     def _check_sparse(self, group: dict[str, Any], sparse: list[Tensor]) -> bool:
         """Before anything changes: the error for sparse grads this optimizer or these
