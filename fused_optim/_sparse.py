@@ -79,15 +79,11 @@ def _sparse_backend(requested: str | None, device: torch.device, dtype: torch.dt
     return get_backend("reference")
 
 
-def step_sparse(opt: Any, group: dict[str, Any], params: list[Tensor],
-                hyper: dict[str, Any], engine: bool = True) -> None:
-    """One step of a group's params whose grads are sparse (see the module docstring);
-    `engine` False: the options are outside the row math (``SparseGrads.engine``)."""
-    spec = opt.spec
-    rule = spec.sparse
-    if not engine:
-        opt._sparse_torch_step(group, params)
-        return
+def unscale_and_check_skip(opt: Any, params: list[Tensor]) -> bool:
+    """torch.amp.GradScaler's part of a sparse step: the grads' values multiplied by
+    1 / grad_scale in place (as GradScaler unscales them itself for torch.optim), then
+    True when found_inf is set (read on the host: the sparse path's one sync for it), so
+    that nothing of the step runs."""
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
     if grad_scale is not None:
@@ -95,7 +91,19 @@ def step_sparse(opt: Any, group: dict[str, Any], params: list[Tensor],
         for p in params:
             values = p.grad._values()
             values.mul_(inv_scale.to(values.device))
-    if found_inf is not None and bool(found_inf.reshape(()).item() != 0):
+    return found_inf is not None and bool(found_inf.reshape(()).item() != 0)
+
+
+def step_sparse(opt: Any, group: dict[str, Any], params: list[Tensor],
+                hyper: dict[str, Any], engine: bool = True) -> None:
+    """One step of a group's params whose grads are sparse (see the module docstring);
+    `engine` False: the options are outside the row math (``SparseGrads.engine``)."""
+    spec = opt.spec
+    rule = spec.sparse
+    if unscale_and_check_skip(opt, params):
+        return
+    if not engine:
+        opt._sparse_torch_step(group, params)
         return
     state_of = opt.state
     needs_state = bool(rule.states or spec.scalars)

@@ -71,15 +71,20 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
+def check_betas(betas: Any) -> None:
+    """torch.optim's checks of betas (each in [0, 1)), with its messages."""
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
 def check_eps_betas_weight_decay(eps: Any, betas: Any, weight_decay: Any) -> None:
     """torch.optim's checks of eps, betas and weight_decay in the Adam family (Adam,
     Adamax, NAdam, RAdam), in its order, with its messages."""
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    check_betas(betas)
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 

@@ -175,18 +175,10 @@ class SGD(FusedOptimizer):
 
     def _sparse_torch_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """torch.optim.SGD's single-tensor step of params with sparse grads and momentum:
-        the momentum buffer starts as a (sparse) copy of the grad and stays sparse."""
-        lr = group["lr"]
-        lr = float(lr.item()) if isinstance(lr, Tensor) else lr
+        the momentum buffer starts as a (sparse) copy of the grad and stays sparse.
+        (GradScaler's unscale and skip ran before: fused_optim/_sparse.py.)"""
+        lr = -sgd_sparse_constants(group, {})[0]
         momentum, dampening = group["momentum"], group["dampening"]
-        found_inf = getattr(self, "found_inf", None)
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            inv_scale = grad_scale.double().reciprocal().float()
-            for p in params:
-                p.grad._values().mul_(inv_scale.to(p.grad.device))
-        if found_inf is not None and bool(found_inf.reshape(()).item() != 0):
-            return
         for p in params:
             grad = -p.grad if group["maximize"] else p.grad
             state = self.state[p]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_optim.optimizer import FusedOptimizer
+from fused_optim.optimizer import FusedOptimizer, check_betas
 from fused_optim.spec import Hyper, SparseGrads, Spec, StateList
 
 
@@ -129,10 +129,7 @@ class SparseAdam(FusedOptimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 < eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        check_betas(betas)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize}
         super().__init__(params, defaults, backend=backend)
         sparse_params, complex_params = [], []

@@ -503,11 +503,8 @@ struct RowRounding {
   using opmath = typename S::opmath;
   static FO_INLINE opmath r(opmath x) { return S::to_opmath(S::from_opmath(x)); }
   static FO_INLINE opmath add_scaled(opmath p, opmath alpha, opmath x) {
-    if constexpr (D == DType::kFloat16 || D == DType::kBFloat16) {
-      return r(p + r(r(alpha) * x));
-    } else {
-      return std::fma(alpha, x, p);
-    }
+    return math::add_scaled_as_torch<RowRounding, D == DType::kFloat16 || D == DType::kBFloat16>(
+        p, alpha, x);
   }
 };
 

@@ -28,11 +28,9 @@ struct DeviceRowRounding {
   using opmath = typename S::opmath;
   static __device__ FO_INLINE opmath r(opmath x) { return S::to_opmath(S::from_opmath(x)); }
   static __device__ FO_INLINE opmath add_scaled(opmath p, opmath alpha, opmath x) {
-    if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-      return r(p + r(r(alpha) * x));
-    } else {
-      return fma(alpha, x, p);
-    }
+    return math::add_scaled_as_torch<DeviceRowRounding,
+                                     std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>>(
+        p, alpha, x);
   }
 };
 

@@ -197,6 +197,22 @@ FO_HOST_DEVICE constexpr int step_state_size() {
 // torch.optim's sparse paths are sequences of tensor ops on the values, each rounding
 // to the param's dtype: the row maths write out every rounding.
 
+// torch's p.add_(x, alpha=alpha) on a storage whose rounding is R::r (an engine's
+// R::add_scaled, [note: row math]): one fused multiply-add in float32 / float64
+// (kHalf false); in bfloat16 / float16 alpha rounded to the dtype, then a rounded
+// product and a rounded sum, as torch's reduced-precision add kernel does.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable  // R::r is __device__ in the CUDA engine
+#endif
+template <typename R, bool kHalf, typename O>
+FO_HOST_DEVICE FO_INLINE O add_scaled_as_torch(O p, O alpha, O x) {
+  if constexpr (kHalf) {
+    return R::r(p + R::r(R::r(alpha) * x));
+  } else {
+    return fma_op(alpha, x, p);
+  }
+}
+
 // Every list a call of Optim may have: the required ones plus the optional ones present.
 template <typename Optim>
 FO_HOST_DEVICE constexpr uint32_t required_lists() {

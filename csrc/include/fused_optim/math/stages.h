@@ -160,6 +160,22 @@ FO_HOST_DEVICE FO_INLINE double sqrt_op(double x) {
 #endif
 }
 
+// a * b + c with one rounding (a fused multiply-add), on host and device.
+FO_HOST_DEVICE FO_INLINE float fma_op(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return ::fmaf(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+FO_HOST_DEVICE FO_INLINE double fma_op(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(a, b, c);
+#else
+  return __builtin_fma(a, b, c);
+#endif
+}
+
 // |x| (torch.abs: the sign bit cleared, NaN stays NaN), on host and device.
 FO_HOST_DEVICE FO_INLINE float abs_op(float x) {
 #if defined(__CUDA_ARCH__)
