@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop a provider (not torch-fused or torch-forloop) from a case "
                          "when its warm-up steps take longer (seconds; default: 5)")
     ap.add_argument("--gap-ms", type=float, default=None,
-                    help="idle time before each step, outside the timing, so the previous "
-                         "provider's OpenMP threads stop spinning (default: 20 CPU, 0 CUDA)")
+                    help="idle time, outside the timing, before a step on another thread "
+                         "pool than the step before, so the previous provider's OpenMP "
+                         "threads stop spinning (default: 20 CPU, 0 CUDA)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="CUDA: capture capturable providers once and time graph replays")
     ap.add_argument("--memory-fraction", type=float, default=d.memory_fraction,

@@ -310,6 +310,9 @@ class Provider:
     capturable: bool = False      # can run inside a CUDA graph (--cuda-graph)
     note: str = ""
     setup_s: float = 0.0          # one-off prepare time, reported, never timed
+    # The thread pool its CPU steps run on ([note: idle gap] in runner.py): "torch" is
+    # torch's OpenMP pool (at::parallel_for), which fused_optim's CPU kernels share.
+    threads: str = "torch"
     _prepared: set = field(default_factory=set, repr=False)
 
     def available(self, device: torch.device, dtype: torch.dtype, optim: str) -> str | None:
@@ -486,7 +489,8 @@ class DeepSpeed(Provider):
     TORCH_CLASSES = frozenset({"Adam", "AdamW"})
 
     def __init__(self):
-        super().__init__(name="deepspeed", family="deepspeed")
+        super().__init__(name="deepspeed", family="deepspeed",
+                         threads="deepspeed-openmp")  # its own libgomp
 
     def available(self, device, dtype, optim):
         hyper, reason = _hyper_or_reason(optim)

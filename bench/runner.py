@@ -369,6 +369,7 @@ class _Case:
         self.meter = _CudaMemory(device) if self.cuda else _CpuMemory()
         gap = cfg.gap_ms if cfg.gap_ms is not None else (0.0 if self.cuda else 20.0)
         self.gap_s = gap / 1e3
+        self.last_pool: str | None = None  # the thread pool of the step before
 
     # ---- timing primitives --------------------------------------------------------
 
@@ -381,17 +382,26 @@ class _Case:
 
     def _timed_step(self, e: _Entry, keep: bool) -> None:
         e.feed()
-        if self.gap_s:
-            # [note: idle gap] After a parallel region, the OpenMP workers of torch's
-            # libgomp spin on the other cores for a while (GOMP_SPINCOUNT, milliseconds)
-            # before sleeping. A provider that brings its own threads (DeepSpeed's libgomp,
-            # the probe's pthreads) and runs right after a torch provider finds those
-            # cores busy: an order effect of interleaving, not a property of either. A
-            # short sleep, outside the timing, lets the spinners park first. Measured here
-            # (2-core EPYC VM, fp32 8x4M): without it the in-round probe stream read
-            # 31-35 GB/s and providers showed 108-119% of it; with 20 ms, 36-38 GB/s and
-            # <= 100%, the providers' own times unchanged within their spread.
+        pool = e.provider.threads
+        if self.gap_s and self.last_pool not in (None, pool, "pthreads"):
+            # [note: idle gap] After a parallel region, the OpenMP workers of a pool
+            # (torch's libgomp, DeepSpeed's own) spin on the other cores for a while
+            # (GOMP_SPINCOUNT, milliseconds) before sleeping. A provider that brings other
+            # threads (DeepSpeed's libgomp, the probe's pthreads) and runs right after a
+            # torch provider finds those cores busy: an order effect of interleaving, not
+            # a property of either. A short sleep, outside the timing, lets the spinners
+            # park first. Measured here (2-core EPYC VM, fp32 8x4M): without it the
+            # in-round probe stream read 31-35 GB/s and providers showed 108-119% of it;
+            # with 20 ms, 36-38 GB/s and <= 100%, the providers' own times unchanged
+            # within their spread.
+            # Only where the pool changes: the sleep itself costs the step after it. On
+            # this VM the first op after a 20 ms sleep waits for the idle cores to come
+            # back: a 1000-element add took 147 us instead of 3, a 16 MB add 0.65-7.8 ms
+            # instead of 0.11, a sparse SGD step on Embedding(1M, 64) 2.2 ms instead of
+            # 1.3. Steps of one pool in a row (torch.optim and fused_optim[cpu] share
+            # torch's) run back to back, as steps do in training, after a backward pass.
             time.sleep(self.gap_s)
+        self.last_pool = pool
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -475,7 +485,8 @@ class _Case:
         # stream over as many elements as the case, capped.
         limit = None
         if cfg.probe and live:
-            limit = _Entry(Provider(name="limit:adamw-stream", family="probe"))
+            limit = _Entry(Provider(name="limit:adamw-stream", family="probe",
+                                    threads="pthreads"))
             # The case's own tensor sizes (the layout matters, see probe.adamw_stream),
             # shrunk proportionally past the cap.
             shrink = min(1.0, cfg.case_probe_max_numel / shape.numel)

@@ -647,6 +647,33 @@ def test_a_very_slow_provider_is_dropped_not_waited_for(monkeypatch):
     assert fused["status"] == "ok" and len(fused["samples_ms"]) == 5
 
 
+class _OwnPool(_NoOp):
+    def __init__(self):
+        providers.Provider.__init__(self, name="own-pool", family="test", threads="own-openmp")
+
+
+def test_idle_gap_only_where_the_thread_pool_changes(monkeypatch):
+    # [note: idle gap] in runner.py: steps on torch's pool run back to back; a step on
+    # another pool (a provider's own OpenMP, the probe's pthreads) first waits for
+    # torch's spinners to park, and torch's pool after another OpenMP pool waits for its.
+    base = [p for p in providers.all_providers() if p.name in ("torch-forloop", "torch-fused")]
+    monkeypatch.setattr(runner, "all_providers", lambda: base + [_OwnPool()])
+    order: list[str] = []
+    real_step = runner._Case._step
+    monkeypatch.setattr(runner._Case, "_step",
+                        lambda self, e: (order.append(e.provider.threads), real_step(self, e)))
+    monkeypatch.setattr(runner.time, "sleep", lambda s: order.append(f"sleep {s:g}"))
+    runner.run(_tiny_cfg(shapes=["2x100"], dtypes=["fp32"], gap_ms=7.0, repeat=3,
+                         min_repeat=3))
+    steps = [i for i, x in enumerate(order) if not x.startswith("sleep")]
+    pools = {"torch", "own-openmp", "pthreads"}
+    assert {order[i] for i in steps} == pools  # every pool ran, the probe's included
+    for before, i in zip(steps, steps[1:]):
+        slept = order[before + 1:i] == ["sleep 0.007"]
+        assert order[before + 1:i] in ([], ["sleep 0.007"])
+        assert slept == (order[before] not in (order[i], "pthreads")), order[before:i + 1]
+
+
 _TRITON_PROBE_CHECK = r"""
 import importlib.util, os, sys, torch
 root = sys.argv[1]
