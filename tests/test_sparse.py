@@ -375,6 +375,57 @@ def test_sparse_adam_constructor_checks():
         assert theirs is not None and ours == theirs
 
 
+def _grad_of_rows(idx: Tensor, num: int, dim: int, dtype: torch.dtype, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(idx.numel(), dim, generator=gen, dtype=torch.float64).to(dtype)
+    return torch.sparse_coo_tensor(idx[None], values, (num, dim))
+
+
+# Grads around torch's choice of sort in coalesce() ([note: entry order of a coalescing
+# sum] in csrc/sparse_rows.cpp): below 32,768 entries std::sort, whose order among equal
+# rows is its own; from 32,768 on a stable radix sort. (name, rows of the table, entries,
+# rows drawn from): many entries per row on both sides of the threshold, and a grad below
+# it whose rows have at most two entries (the engine's own order, no torch sort).
+ORDER_CASES = [("std-sort-heavy", 64, 5000, 64), ("std-sort-last", 300, 32767, 300),
+               ("radix-first", 300, 32768, 300), ("radix", 50, 40000, 50),
+               ("at-most-two", 5000, 7000, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: c[0])
+def test_duplicate_sums_are_coalesce_sums(case, dtype):
+    """Adagrad's sum (sum += g * g, g the coalesced grad) bit-equal to torch's after one
+    step: each row's entries were added in coalesce()'s order. With many entries a row,
+    the stable order (input order) gives other bits than std::sort's below the
+    threshold: the comparison can tell the orders apart."""
+    name, num, nnz, drawn = case
+    gen = torch.Generator().manual_seed(nnz)
+    if drawn is None:  # every row at most twice, in a random order
+        idx = torch.cat([torch.randperm(num, generator=gen), torch.randperm(num, generator=gen)])
+        idx = idx[torch.randperm(2 * num, generator=gen)][:nnz]
+        assert torch.bincount(idx).max() == 2
+    else:
+        idx = torch.randint(0, drawn, (nnz,), generator=gen)
+    grad = _grad_of_rows(idx, num, 4, dtype, seed=nnz)
+    p = torch.nn.Parameter(torch.zeros(num, 4, dtype=dtype))
+    tp = torch.nn.Parameter(torch.zeros(num, 4, dtype=dtype))
+    ours = fused_optim.Adagrad([p], lr=0.1, backend="cpu")
+    theirs = torch.optim.Adagrad([tp], lr=0.1)
+    p.grad, tp.grad = grad.clone(), grad.clone()
+    ours.step()
+    theirs.step()
+    assert torch.equal(ours.state[p]["sum"], theirs.state[tp]["sum"]), name
+    if name.startswith("std-sort"):
+        # The test can fail: summing in input order (a stable sort) differs here.
+        stable = torch.sort(idx, stable=True).indices
+        v = grad._values()[stable].to(torch.float64 if dtype == torch.float64 else dtype)
+        rows = idx[stable]
+        sums = torch.zeros(num, 4, dtype=dtype)
+        for k in range(nnz):  # one rounding per add, as coalesce() sums
+            sums[rows[k]] += v[k]
+        assert not torch.equal(sums, grad.coalesce().to_dense()), name
+
+
 def test_out_of_range_row_is_an_error():
     """The engine's op checks its indices instead of writing out of bounds."""
     p = torch.zeros(4, 2)

@@ -17,6 +17,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/kernel_api.h"
+#include "cpu/row_order.h"
 #include "fused_optim/optimizers.h"
 #include "harness.h"
 #include "test_util.h"
@@ -208,6 +209,37 @@ FO_TEST(rows_kernels_match_a_plain_loop_bit_for_bit) {
 #define FO_CHECK_ROW_MATH(Name) check_all_dtypes<fm::Name>(variant);
     FO_FOR_EACH_ROW_MATH(FO_CHECK_ROW_MATH)
 #undef FO_CHECK_ROW_MATH
+  }
+}
+
+// cpu/row_order.h: the engine's order of a grad's entries by row is std::stable_sort's,
+// for row counts that take one, two and three radix passes, with heavy duplication,
+// without any, and in edge cases (no entries, one row).
+FO_TEST(stable_order_by_row_is_a_stable_sort) {
+  std::mt19937_64 gen(7);
+  std::vector<int64_t> order, sorted;
+  for (int64_t n_rows : {int64_t{1}, int64_t{2}, int64_t{5}, int64_t{2048}, int64_t{2049},
+                         int64_t{1000000}, int64_t{1} << 33}) {
+    for (int64_t nnz : {int64_t{0}, int64_t{1}, int64_t{7}, int64_t{5000}}) {
+      for (int64_t distinct : {int64_t{3}, n_rows}) {
+        std::vector<int64_t> idx(nnz);
+        for (int64_t& x : idx) {
+          x = static_cast<int64_t>(gen() % static_cast<uint64_t>(std::min(distinct, n_rows)));
+          if (distinct == 3) x = x * (n_rows / 3);  // three rows, far apart
+        }
+        std::vector<int64_t> want(nnz);
+        std::iota(want.begin(), want.end(), int64_t{0});
+        std::stable_sort(want.begin(), want.end(),
+                         [&](int64_t a, int64_t b) { return idx[a] < idx[b]; });
+        fc::stable_order_by_row(idx.data(), nnz, n_rows, order, sorted);
+        const std::string ctx = "rows " + std::to_string(n_rows) + ", nnz " +
+                                std::to_string(nnz) + ", distinct " + std::to_string(distinct);
+        FO_CHECK(order == want) << ctx << ": order is not the stable sort's";
+        bool keys_match = static_cast<int64_t>(sorted.size()) == nnz;
+        for (int64_t k = 0; keys_match && k < nnz; ++k) keys_match = sorted[k] == idx[want[k]];
+        FO_CHECK(keys_match) << ctx << ": sorted rows";
+      }
+    }
   }
 }
 
