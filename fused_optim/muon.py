@@ -209,7 +209,7 @@ class Muon(Optimizer):
             lr = lr.squeeze()  # torch's _to_scalar: a tensor lr stays a (0-dim) tensor
         torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
         batches = _batches(grads)
-        updates: list[tuple[list[int], Tensor]] = []
+        updates: list[tuple[list[int], list[Tensor]]] = []
         for rows in batches:
             shape = params[rows[0]].shape
             for start, stop in chunks(len(rows), shape.numel()):
@@ -222,13 +222,15 @@ class Muon(Optimizer):
         _decay_(params, 1 - lr * group["weight_decay"])
         for part, update in updates:
             alpha = -_as_number(adjusted_lr(lr, group["adjust_lr_fn"], params[part[0]].shape))
-            torch._foreach_add_([params[i] for i in part], list(update.unbind(0)), alpha=alpha)
+            torch._foreach_add_([params[i] for i in part], update, alpha=alpha)
 
     @staticmethod
-    def _orthogonalized(grads: list[Tensor], bufs: list[Tensor], group: dict[str, Any]) -> Tensor:
-        """The Newton-Schulz output for a batch of same-shape params, [batch, m, n] bf16:
-        the update (the buffer, or lerp(grad, buffer, momentum) with nesterov) cast to bf16
-        into one stacked tensor, then one batched iteration over it."""
+    def _orthogonalized(grads: list[Tensor], bufs: list[Tensor],
+                        group: dict[str, Any]) -> list[Tensor]:
+        """The Newton-Schulz outputs (bf16) of a batch of same-shape params: the update
+        (the buffer, or lerp(grad, buffer, momentum) with nesterov) cast to bf16 into one
+        stacked tensor, then one batched iteration over it (or one per matrix where a
+        batch would round otherwise: _newton_schulz.batch_is_exact)."""
         g0 = grads[0]
         x = torch.empty((len(grads), *g0.shape), dtype=torch.bfloat16, device=g0.device)
         slots = list(x.unbind(0))
@@ -236,8 +238,12 @@ class Muon(Optimizer):
             torch._foreach_copy_(slots, torch._foreach_lerp(grads, bufs, group["momentum"]))
         else:
             torch._foreach_copy_(slots, bufs)
-        out = newton_schulz_(x, group["ns_coefficients"], group["ns_steps"], group["eps"])
-        if not group["nesterov"] and bufs[0].dtype == torch.bfloat16:
+        args = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+        if len(slots) > 1 and _newton_schulz.batch_is_exact(x.device, *g0.shape):
+            out = list(newton_schulz_(x, *args).unbind(0))
+        else:
+            out = [newton_schulz_(slot, *args) for slot in slots]
+        if not group["nesterov"] and g0.dtype == torch.bfloat16:
             # torch's iteration casts the buffer with .bfloat16(), which returns the
             # buffer itself when it is bf16, and then divides it by its norm in place:
             # so does this, for the same numbers.
