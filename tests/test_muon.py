@@ -117,10 +117,12 @@ def test_parity_shapes(dtype, options):
     _run(SHAPES, dtype, options)
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("options", OPTIONS, ids=_options_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_parity_batch_of_equal_shapes(dtype, nesterov):
-    _run(BATCH, dtype, {"nesterov": nesterov, "adjust_lr_fn": "match_rms_adamw"})
+def test_parity_batch_of_equal_shapes(dtype, options):
+    """Batches of equal shapes (wide, tall, square at the least batched side) beside a
+    matrix run alone."""
+    _run(BATCH, dtype, options, steps=8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
