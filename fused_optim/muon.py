@@ -8,9 +8,12 @@ A step of a param group runs, for all its params at once:
      lerp(g, B, momentum) with nesterov) written as bf16 into one [batch, m, n] tensor,
      then ONE batched Newton-Schulz run over it (fused_optim/_newton_schulz.py: a bmm /
      baddbmm per product instead of one mm / addmm per param);
-  3. decay: one multi-tensor call, p <- p * (1 - lr * weight_decay);
+  3. decay: one multi-tensor call per batch, p <- p * (1 - lr * weight_decay);
   4. update: one multi-tensor call per batch, p <- p - lr' O, with lr' torch's
      shape-adjusted lr (equal across a batch).
+
+A batch is cut into chunks of at most _newton_schulz.MAX_BATCH_ELEMENTS elements, each
+stepped (2-4) before the next is orthogonalized, so the extra memory is one chunk's.
 
 Why torch's multi-tensor (foreach) ops and not the spec-driven engine for 1, 3 and 4: they
 run the very kernels of torch's per-param code, so the numbers are torch's bit for bit
@@ -208,21 +211,23 @@ class Muon(Optimizer):
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.squeeze()  # torch's _to_scalar: a tensor lr stays a (0-dim) tensor
         torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-        batches = _batches(grads)
-        updates: list[tuple[list[int], list[Tensor]]] = []
-        for rows in batches:
-            shape = params[rows[0]].shape
-            for start, stop in chunks(len(rows), shape.numel()):
-                part = rows[start:stop]
-                updates.append((part, self._orthogonalized(
-                    [grads[i] for i in part], [bufs[i] for i in part], group)))
         # Decoupled weight decay (always applied, as torch does: a multiplication by 1
         # without it), then the update, in torch's dtypes: with a tensor lr, 1 - lr * wd
-        # is a tensor of lr's dtype and lr' a Python number read from one.
-        _decay_(params, 1 - lr * group["weight_decay"])
-        for part, update in updates:
-            alpha = -_as_number(adjusted_lr(lr, group["adjust_lr_fn"], params[part[0]].shape))
-            torch._foreach_add_([params[i] for i in part], update, alpha=alpha)
+        # is a tensor of lr's dtype and lr' a Python number read from one (one host
+        # read per shape; torch reads it per param).
+        decay = 1 - lr * group["weight_decay"]
+        for rows in _batches(grads):
+            shape = params[rows[0]].shape
+            alpha = -_as_number(adjusted_lr(lr, group["adjust_lr_fn"], shape))
+            # A chunk's params are stepped before the next chunk's update is computed:
+            # extra memory stays one chunk's, whatever the model's size.
+            for start, stop in chunks(len(rows), shape.numel()):
+                part = rows[start:stop]
+                update = self._orthogonalized([grads[i] for i in part],
+                                              [bufs[i] for i in part], group)
+                chunk = [params[i] for i in part]
+                _decay_(chunk, decay)
+                torch._foreach_add_(chunk, update, alpha=alpha)
 
     @staticmethod
     def _orthogonalized(grads: list[Tensor], bufs: list[Tensor],
@@ -243,11 +248,13 @@ class Muon(Optimizer):
             out = list(newton_schulz_(x, *args).unbind(0))
         else:
             out = [newton_schulz_(slot, *args) for slot in slots]
-        if not group["nesterov"] and g0.dtype == torch.bfloat16:
+        if not group["nesterov"]:
             # torch's iteration casts the buffer with .bfloat16(), which returns the
             # buffer itself when it is bf16, and then divides it by its norm in place:
             # so does this, for the same numbers.
-            torch._foreach_copy_(bufs, slots)
+            aliased = [i for i, b in enumerate(bufs) if b.dtype == torch.bfloat16]
+            if aliased:
+                torch._foreach_copy_([bufs[i] for i in aliased], [slots[i] for i in aliased])
         return out
 
 
