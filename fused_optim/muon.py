@@ -17,10 +17,11 @@ stepped (2-4) before the next is orthogonalized, so the extra memory is one chun
 
 Why torch's multi-tensor (foreach) ops and not the spec-driven engine for 1, 3 and 4: they
 run the very kernels of torch's per-param code, so the numbers are torch's bit for bit
-in every dtype, and they cost under 1% of a step whose time is the Newton-Schulz
-products (24 params of 1024 x 1024 on the dev CPU: ~20 ms of element-wise work in a
-~1.5 s step). Fusing them in the engine would need a list of another dtype (the bf16
-update) and a per-param lr, concepts the spec does not have yet.
+in every dtype, and they are a few percent of a step whose time is the Newton-Schulz
+products (24 params of 1024 x 1024 fp32 on the 2-core dev CPU, under load: 65-90 ms of
+element-wise work in a step of 2-9 s). Fusing them in the spec-driven engine would need
+a list of another dtype (the bf16 update) and a per-param lr, concepts the spec does not
+have yet, and rounding that follows torch's two separate ops (mul_, then add_).
 """
 
 from __future__ import annotations
