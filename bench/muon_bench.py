@@ -130,8 +130,8 @@ def run_case(shapes, dtype, *, warmup: int, repeat: int, seed: int, lr: float,
 
 def format_case(case: dict) -> str:
     shapes = ",".join(f"{c}x{r}x{k}" for c, r, k in case["shapes"])
-    lines = [f"{shapes} {case['dtype']}: Newton-Schulz {case['ns_flops_per_step'] / 1e9:.1f} "
-             "GFLOP a step"]
+    gflop = case["ns_flops_per_step"] / 1e9
+    lines = [f"{shapes} {case['dtype']}: Newton-Schulz {gflop:.1f} GFLOP a step"]
     lines.append(f"  {'provider':<24}{'median s':>10}{'IQR %':>8}{'GFLOP/s':>9}"
                  f"{'vs torch':>10}{'max err':>10}")
     for name, r in case["results"].items():

@@ -177,6 +177,34 @@ def test_mixed_dtypes_in_one_group():
         _assert_same(ref_opt, opt, ref_params, params, f"step {step + 1}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_parity_cuda(dtype):
+    """On a GPU the batches are cuBLAS's batched bf16 gemm, whose bits need not be its
+    single gemm's (unverified: no GPU on the dev machine). Tolerance: 2^-6 lr' per step
+    on each param element (a couple of bf16 ulps of an update whose entries are under
+    1), for fp64 / fp32 / bf16 params alike; the test prints whether it was exact."""
+    ref_params = [torch.randn(s, dtype=dtype, device="cuda") for s in BATCH + SHAPES]
+    params = [p.clone().requires_grad_() for p in ref_params]
+    ref_params = [p.requires_grad_() for p in ref_params]
+    ref_opt = torch.optim.Muon(ref_params, lr=LR, adjust_lr_fn="match_rms_adamw")
+    opt = fused_optim.Muon(params, lr=LR, adjust_lr_fn="match_rms_adamw")
+    exact = True
+    for step in range(1, 9):
+        for r, p in zip(ref_params, params):
+            r.grad = torch.randn_like(r)
+            p.grad = r.grad.clone()
+        ref_opt.step()
+        opt.step()
+        for r, p in zip(ref_params, params):
+            exact &= torch.equal(r, p)
+            atol = step * 2.0 ** -6 * LR * 0.2 * max(r.shape)
+            if dtype == torch.bfloat16:
+                atol += step * 2.0 ** -8 * r.detach().abs().max().item()  # storage rounding
+            torch.testing.assert_close(p, r, rtol=0, atol=atol)
+    print(f"cuda {dtype}: {'bit-equal' if exact else 'within tolerance'} to torch")
+
+
 # -- the batching --------------------------------------------------------------------------
 
 
