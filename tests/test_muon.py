@@ -32,6 +32,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_optim
 from fused_optim import _newton_schulz
 
+# One intra-op thread (tests/conftest.py), as the other parity tests: a 2-core machine
+# shared with other work thrashes with two. (Parity with two threads: the benchmark's
+# max err column, bench/muon_bench.py.)
+pytestmark = pytest.mark.usefixtures("oracle_threads")
+
 # Shapes crossing SIMD and gemm-block boundaries: square, wide, tall, a column, a row.
 SHAPES = [(16, 16), (24, 40), (40, 24), (33, 7), (7, 33), (1, 9), (9, 1)]
 # A batch of equal shapes beside a few others, both orientations.
@@ -136,6 +141,14 @@ def test_parity_tensor_lr(dtype, lr_dtype):
     """A tensor lr: torch keeps it a tensor, so 1 - lr * weight_decay and the adjusted lr
     round in lr's dtype; a [1]-shaped lr is squeezed, as torch does."""
     _run(SHAPES[:4], dtype, {}, lr=torch.tensor([0.03], dtype=lr_dtype), steps=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_two_threads(dtype):
+    """The batched products with two intra-op threads (ATen and oneDNN split the work
+    otherwise)."""
+    torch.set_num_threads(2)  # restored by tests/conftest.py
+    _run(BATCH, dtype, {}, steps=4)
 
 
 def test_parity_large_batch():
