@@ -259,6 +259,26 @@ def test_chunked_batches_give_the_same_bits(monkeypatch):
     _run(BATCH, torch.float32, {}, steps=3)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_sides_from_the_threshold(threads):
+    """Matrices at and just above the least batched side, many random draws, 7
+    iterations: each batched result is torch's per-matrix result to the bit (below it,
+    ATen's bf16 kernels differ between bmm and mm: _newton_schulz.batch_is_exact)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    torch.set_num_threads(threads)  # restored by tests/conftest.py
+    side = _newton_schulz.MIN_BATCHED_SIDE
+    coefficients = (3.4445, -4.7750, 2.0315)
+    for shape in [(side, side), (side, 3 * side), (3 * side, side), (side + 3, side + 7)]:
+        assert _newton_schulz.batch_is_exact(torch.device("cpu"), *shape)
+        for _ in range(20):
+            g = torch.randn(4, *shape)
+            out = _newton_schulz.newton_schulz_(g.bfloat16(), coefficients, 7, 1e-7)
+            for i in range(4):
+                assert torch.equal(out[i], _zeropower_via_newtonschulz(g[i], coefficients, 7, 1e-7)), shape
+    assert not _newton_schulz.batch_is_exact(torch.device("cpu"), side - 1, 100)
+
+
 def test_newton_schulz_matches_torchs_per_matrix():
     """The engine alone against torch's iteration, matrix by matrix, in bits."""
     from torch.optim._muon import _zeropower_via_newtonschulz
