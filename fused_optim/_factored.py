@@ -22,8 +22,8 @@ plus O(m + n) for the factors (a vector's variance: +8 in pass 1, +4 in pass 2).
 
 A call is ``engine(params, grads, row_vars, col_vars, variances, state_steps, *, lr,
 beta2_decay, eps1, eps2, d, weight_decay, maximize)`` over one bucket: the first
-``len(row_vars)`` params are the factored ones (their row_vars as ``[B, m]``, col_vars
-as ``[B, n]``, contiguous), the rest have ``variances`` (flat), in that order; lr is a
+``len(row_vars)`` params are the factored ones (with their ``row_var`` and ``col_var``
+as torch.optim keeps them), the rest have ``variances``, in that order; lr is a
 one-element tensor (a float lr as float64), eps1 already resolved (torch's ``None``:
 the dtype's eps). The arithmetic follows torch's for-loop (_single_tensor_adafactor)
 op by op, with each intermediate tensor torch materializes rounded to the param's dtype
@@ -92,7 +92,7 @@ def reference_adafactor(params: list[Tensor], grads: list[Tensor], row_vars: lis
                         eps1: float, eps2: float, d: float, weight_decay: float,
                         maximize: bool) -> None:
     """The reference engine: each tensor's step in torch ops (see the module docstring),
-    no host sync. row_vars / col_vars are [B, m] / [B, n] views of the factors."""
+    no host sync."""
     n_factored = len(row_vars)
     for i, (p, g, step) in enumerate(zip(params, grads, state_steps)):
         dtype = p.dtype
@@ -114,15 +114,15 @@ def reference_adafactor(params: list[Tensor], grads: list[Tensor], row_vars: lis
         w = weight.to(om)
         if i < n_factored:
             rv, cv = row_vars[i], col_vars[i]
-            m, n = rv.shape[-1], cv.shape[-1]
+            m, n = p.shape[-2], p.shape[-1]
             G3 = G.reshape(-1, m, n)
             sq = G3.square()
             row_mean = r(r(r(sq.sum(-1).sqrt()).square()) / n)
             col_mean = r(r(r(sq.sum(-2).sqrt()).square()) / m)
-            R = r(_lerp(rv.to(om), row_mean, w))
-            C = r(_lerp(cv.to(om), col_mean, w))
-            rv.copy_(R)
-            cv.copy_(C)
+            R = r(_lerp(rv.to(om).reshape(-1, m), row_mean, w))
+            C = r(_lerp(cv.to(om).reshape(-1, n), col_mean, w))
+            rv.copy_(R.reshape(rv.shape))
+            cv.copy_(C.reshape(cv.shape))
             mean = r(R.sum(-1, keepdim=True) / m)
             mean = torch.clamp_min(mean, r(torch.tensor(eps1, dtype=om)))
             V = r(r(R[:, :, None] * C[:, None, :]) / mean[:, :, None]).reshape(G.shape)
@@ -149,7 +149,25 @@ def reference_adafactor(params: list[Tensor], grads: list[Tensor], row_vars: lis
 
 
 def _native_adafactor(*args: Any, **kwargs: Any) -> None:
+    # The op bumps the versions of what it mutates, as the optimizers' ops do.
     torch.ops.fused_optim.adafactor_(*args, **kwargs)
+
+
+def _register_fake() -> None:
+    if not _has_native_op():
+        return
+
+    @torch.library.register_fake("fused_optim::adafactor_")
+    def _adafactor_fake(params, grads, row_vars, col_vars, variances, state_steps, *, lr,
+                        beta2_decay, eps1, eps2, d, weight_decay, maximize):
+        torch._check(len(grads) == len(params) and len(state_steps) == len(params),
+                     lambda: "fused_optim::adafactor_: expected one grad and one state_step "
+                             "per param")
+        torch._check(len(row_vars) == len(col_vars)
+                     and len(row_vars) + len(variances) == len(params),
+                     lambda: "fused_optim::adafactor_: expected row_vars and col_vars for the "
+                             "first params and variances for the rest")
+        return None
 
 
 def _triton_adafactor(*args: Any, **kwargs: Any) -> None:
@@ -180,3 +198,6 @@ def engine_for(requested: str | None, device: torch.device, dtype: torch.dtype,
     if backend.name == "triton":
         return "triton", _triton_adafactor
     return "reference", reference_adafactor
+
+
+_register_fake()

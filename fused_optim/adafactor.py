@@ -212,12 +212,8 @@ class Adafactor(FusedOptimizer):
             factored = [p for p in bucket if "row_var" in self.state[p]]
             vectors = [p for p in bucket if "row_var" not in self.state[p]]
             ordered = factored + vectors
-            row_vars, col_vars = [], []
-            for p in factored:
-                state = self.state[p]
-                m, n = p.shape[-2], p.shape[-1]
-                row_vars.append(state["row_var"].view(-1, m))
-                col_vars.append(state["col_var"].view(-1, n))
+            row_vars = [self.state[p]["row_var"] for p in factored]
+            col_vars = [self.state[p]["col_var"] for p in factored]
             variances = [self.state[p]["variance"] for p in vectors]
             engine(
                 ordered, [p.grad for p in ordered],
