@@ -350,3 +350,99 @@ def test_non_contiguous_param(backend):
         opt.step()
         opt_ref.step()
     assert _rel_err(ref.detach(), ours.detach()) <= RTOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------
+# The C++ op: opcheck, every CPU kernel variant against the reference engine.
+
+needs_cpu_op = pytest.mark.skipif("cpu" not in BACKENDS,
+                                  reason="fused_optim._C has no adafactor_ op (not built)")
+
+
+def _op_inputs(dtype=torch.float32, lr=None, seed=0):
+    """Arguments of one adafactor_ call after two reference steps (realistic factors)."""
+    from fused_optim._factored import reference_adafactor
+
+    g = torch.Generator().manual_seed(seed)
+    factored_shapes = [(5, 7), (2, 3, 33), (1, 1)]
+    vector_shapes = [(9,), (), (4097,)]
+    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+              for s in factored_shapes + vector_shapes]
+    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
+    row_vars = [torch.zeros(*s[:-1], 1, dtype=dtype) for s in factored_shapes]
+    col_vars = [torch.zeros(*s[:-2], 1, s[-1], dtype=dtype) for s in factored_shapes]
+    variances = [torch.zeros(s, dtype=dtype) for s in vector_shapes]
+    steps = [torch.tensor(0.0) for _ in params]
+    kwargs = dict(lr=torch.tensor(0.05, dtype=torch.float64) if lr is None else lr,
+                  beta2_decay=-0.8, eps1=torch.finfo(dtype).eps, eps2=1e-3, d=1.0, weight_decay=0.1,
+                  maximize=True)
+    for _ in range(2):
+        reference_adafactor(params, grads, row_vars, col_vars, variances, steps, **kwargs)
+    return [params, grads, row_vars, col_vars, variances, steps], kwargs
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(dtype):
+    args, kwargs = _op_inputs(dtype)
+    torch.library.opcheck(torch.ops.fused_optim.adafactor_.default, args, kwargs)
+
+
+@needs_cpu_op
+def test_op_bumps_versions():
+    args, kwargs = _op_inputs()
+    before = [t._version for lst in args for t in lst]
+    torch.ops.fused_optim.adafactor_(*args, **kwargs)
+    after = [t._version for lst in args for t in lst]
+    grads = {id(t) for t in args[1]}
+    for t, b, a in zip([t for lst in args for t in lst], before, after):
+        assert (a == b) if id(t) in grads else (a > b)
+
+
+@needs_cpu_op
+def test_op_rejects_bad_calls():
+    args, kwargs = _op_inputs()
+    params, grads, row_vars, col_vars, variances, steps = args
+    op = torch.ops.fused_optim.adafactor_
+    with pytest.raises(RuntimeError, match="row_vars and col_vars for the first params"):
+        op(params, grads, row_vars[:-1], col_vars, variances, steps, **kwargs)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        op(params, grads, [row_vars[0].expand(5, 2)] + row_vars[1:], col_vars, variances,
+           steps, **kwargs)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(params[:-1] + [params[-1].double()], grads, row_vars, col_vars, variances, steps,
+           **kwargs)
+
+
+def _capabilities():
+    from fused_optim import _extension
+
+    if _extension.C is None:
+        return []
+    return list(_extension.C.supported_cpu_capabilities())
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("cap", _capabilities())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("lr", [None, torch.tensor(0.02)], ids=["float-lr", "tensor-lr"])
+def test_op_matches_reference_engine(cap, dtype, lr):
+    """The C++ op and the reference engine on the same inputs, every CPU kernel variant:
+    the steps equal, every tensor within the sums' rounding (fp32/fp64: a few ulps of
+    each tensor's largest element; half: 1 ulp of the dtype, a sum on the other side of
+    a rounding boundary)."""
+    from fused_optim import _extension
+    from fused_optim._factored import reference_adafactor
+
+    _extension.C.set_cpu_capability(cap)
+    args, kwargs = _op_inputs(dtype, lr)
+    mine = [[t.clone() for t in lst] for lst in args]
+    reference_adafactor(*args, **kwargs)
+    torch.ops.fused_optim.adafactor_(*mine, **kwargs)
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2.0**-7,
+           torch.float16: 2.0**-10}[dtype]
+    for lst_ref, lst_mine in zip(args, mine):
+        for a, b in zip(lst_ref, lst_mine):
+            assert _rel_err(a, b) <= tol, (tuple(a.shape), _rel_err(a, b))
+    assert all(torch.equal(a, b) for a, b in zip(args[5], mine[5]))
