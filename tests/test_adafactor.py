@@ -446,3 +446,15 @@ def test_op_matches_reference_engine(cap, dtype, lr):
         for a, b in zip(lst_ref, lst_mine):
             assert _rel_err(a, b) <= tol, (tuple(a.shape), _rel_err(a, b))
     assert all(torch.equal(a, b) for a, b in zip(args[5], mine[5]))
+
+
+def test_bench_byte_model_and_tiny_run():
+    from fused_optim.bench import adafactor as bench
+
+    shapes = bench.parse_shapes("2x3x4,1x5")
+    assert shapes == [(3, 4), (3, 4), (5,)]
+    assert bench.bytes_per_step(shapes, torch.float32) == 24 * 24 + 36 * 5
+    out = bench.run(shapes, rounds=2, warmup=1, backend=BACKENDS[-1])
+    assert out["max_rel_err_vs_forloop"] < 1e-5
+    assert set(out["providers"]) == {f"fused_optim[{BACKENDS[-1]}]", "torch-forloop",
+                                     "torch-foreach"}
