@@ -30,9 +30,10 @@ op by op, with each intermediate tensor torch materializes rounded to the param'
 (a no-op for fp32 / fp64 params); only the order of the sums differs.
 
 Backends: "reference" (this module, plain torch, no host sync), "cpu"
-(torch.ops.fused_optim.adafactor_, csrc/factored.cpp + csrc/cpu/factored_impl.h),
+(torch.ops.fused_optim.adafactor_, csrc/factored.cpp + csrc/cpu/factored_impl.h), "cuda"
+(the same op, csrc/cuda/factored_cuda.cu + factored.cu; compiled, not yet run on a GPU),
 "triton" (triton_kernels/factored.py). A bucket whose selected backend has no factored
-engine runs on the reference.
+engine (or whose tensors are not contiguous) runs on the reference.
 """
 
 from __future__ import annotations

@@ -458,3 +458,23 @@ def test_bench_byte_model_and_tiny_run():
     assert out["max_rel_err_vs_forloop"] < 1e-5
     assert set(out["providers"]) == {f"fused_optim[{BACKENDS[-1]}]", "torch-forloop",
                                      "torch-foreach"}
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_op_same_bits_on_every_cpu_variant(dtype):
+    """[note: sums in fixed lanes] (csrc/cpu/factored_impl.h): every instruction set sums in
+    the same order, so the variants agree to the bit, as the element-wise kernels do."""
+    from fused_optim import _extension
+
+    outs = []
+    for cap in _capabilities():
+        _extension.C.set_cpu_capability(cap)
+        args, kwargs = _op_inputs(dtype)
+        for _ in range(2):
+            torch.ops.fused_optim.adafactor_(*args, **kwargs)
+        outs.append(args)
+    for other in outs[1:]:
+        for la, lb in zip(outs[0], other):
+            assert all(torch.equal(a, b) for a, b in zip(la, lb))

@@ -11,7 +11,8 @@
 //   pass 3  reads param, grad, writes param: 12 B.
 // The update is recomputed in passes 2 and 3 from the factors (never stored): fp32,
 // 24 B per element in all, the traffic floor of the step with three grad reads.
-// Sums accumulate in double (exact squares of fp32 values, so only the sums round).
+// Sums accumulate in double (exact squares of fp32 values, so only the sums round), in
+// fixed lanes ([note: sums in fixed lanes]).
 #pragma once
 
 #include "fused_optim/math/adafactor.h"
@@ -20,6 +21,30 @@ namespace fused_optim {
 namespace cpu {
 inline namespace FO_CPU_CAPABILITY {
 namespace {
+
+// [note: sums in fixed lanes]
+// Every sum of a pass (param^2, a row's g^2, update^2) accumulates in kLanes float64
+// lanes, element j of a run into lane j % kLanes, and the lanes add up in order: the
+// same operations in the same order for every instruction set (an `omp simd`
+// reduction would add in as many lanes as the vector has), so the variants agree to the
+// bit, as the element-wise kernels do.
+constexpr int kLanes = 16;
+
+template <typename F>
+FO_INLINE void in_lanes(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) f(j + l, l);
+  }
+  for (int l = 0; j + l < n; ++l) f(j + l, l);
+}
+
+FO_INLINE double lane_sum(const double (&lanes)[kLanes]) {
+  double total = 0.0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
 
 template <DType D>
 struct AdafactorPasses {
@@ -35,19 +60,17 @@ struct AdafactorPasses {
     for (int64_t k = begin; k < end; ++k) {
       const FactoredItem& item = c.items[k];
       const FactoredTensor& t = c.tensors[item.tensor];
-      double psq = 0.0;
+      double psq[kLanes] = {};
       if (t.row_var == nullptr) {
         const T* __restrict p = static_cast<const T*>(t.param) + item.begin;
         const T* __restrict g = static_cast<const T*>(t.grad) + item.begin;
         T* __restrict var = static_cast<T*>(t.variance) + item.begin;
         const O w = static_cast<O>(t.weight);
-        const int64_t len = item.end - item.begin;
-#pragma omp simd reduction(+ : psq)
-        for (int64_t i = 0; i < len; ++i) {
-          psq += sq(S::to_opmath(p[i]));
+        in_lanes(item.end - item.begin, [&](int64_t i, int l) {
+          psq[l] += sq(S::to_opmath(p[i]));
           const O gv = S::to_opmath(g[i]);
           var[i] = S::from_opmath(A::moved<R>(S::to_opmath(var[i]), R::r(gv * gv), w));
-        }
+        });
       } else {
         const int64_t n = t.cols;
         const int64_t base = item.batch * t.rows;
@@ -56,18 +79,17 @@ struct AdafactorPasses {
         for (int64_t i = item.begin; i < item.end; ++i) {
           const T* __restrict p = static_cast<const T*>(t.param) + (base + i) * n;
           const T* __restrict g = static_cast<const T*>(t.grad) + (base + i) * n;
-          double rs = 0.0;
-#pragma omp simd reduction(+ : rs, psq)
-          for (int64_t j = 0; j < n; ++j) {
+          double rs[kLanes] = {};
+          in_lanes(n, [&](int64_t j, int l) {
             const double s = sq(S::to_opmath(g[j]));
-            rs += s;
+            rs[l] += s;
             colp[j] += s;
-            psq += sq(S::to_opmath(p[j]));
-          }
-          t.row_sums[base + i] = rs;
+            psq[l] += sq(S::to_opmath(p[j]));
+          });
+          t.row_sums[base + i] = lane_sum(rs);
         }
       }
-      c.sums[k] = psq;
+      c.sums[k] = lane_sum(psq);
     }
   }
 
@@ -76,16 +98,13 @@ struct AdafactorPasses {
     for (int64_t k = begin; k < end; ++k) {
       const FactoredItem& item = c.items[k];
       const FactoredTensor& t = c.tensors[item.tensor];
-      double usq = 0.0;
+      double usq[kLanes] = {};
       if (t.row_var == nullptr) {
-        const T* g = static_cast<const T*>(t.grad) + item.begin;
+        const T* __restrict g = static_cast<const T*>(t.grad) + item.begin;
         const T* __restrict var = static_cast<const T*>(t.variance) + item.begin;
-        const int64_t len = item.end - item.begin;
-#pragma omp simd reduction(+ : usq)
-        for (int64_t j = 0; j < len; ++j) {
-          const O u = A::update<R>(S::to_opmath(g[j]), S::to_opmath(var[j]), eps1_sq);
-          usq += sq(u);
-        }
+        in_lanes(item.end - item.begin, [&](int64_t j, int l) {
+          usq[l] += sq(A::update<R>(S::to_opmath(g[j]), S::to_opmath(var[j]), eps1_sq));
+        });
       } else {
         const int64_t n = t.cols;
         const int64_t base = item.batch * t.rows;
@@ -94,14 +113,13 @@ struct AdafactorPasses {
         for (int64_t i = item.begin; i < item.end; ++i) {
           const T* __restrict g = static_cast<const T*>(t.grad) + (base + i) * n;
           const O rv = S::to_opmath(static_cast<const T*>(t.row_var)[base + i]);
-#pragma omp simd reduction(+ : usq)
-          for (int64_t j = 0; j < n; ++j) {
+          in_lanes(n, [&](int64_t j, int l) {
             const O v = A::factored_estimate<R>(rv, S::to_opmath(cv[j]), mean);
-            usq += sq(A::update<R>(S::to_opmath(g[j]), v, eps1_sq));
-          }
+            usq[l] += sq(A::update<R>(S::to_opmath(g[j]), v, eps1_sq));
+          });
         }
       }
-      c.sums[k] = usq;
+      c.sums[k] = lane_sum(usq);
     }
   }
 
