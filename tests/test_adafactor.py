@@ -21,14 +21,13 @@ rounding boundary.
 
 from __future__ import annotations
 
-import math
+import os
 import re
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fused_optim
 from fused_optim import Adafactor
 from fused_optim._factored import engine_for
 
@@ -56,13 +55,32 @@ CASES = [
 
 
 def _backends() -> list[str]:
+    """The backends whose factored engine runs here; "cuda" / "triton" (on a GPU) step
+    CUDA copies of the params, compared with torch's CPU for-loop."""
     out = ["reference"]
     if engine_for("cpu", torch.device("cpu"), torch.float32, True)[0] == "cpu":
         out.append("cpu")
+    if torch.cuda.is_available():
+        for name in ("cuda", "triton"):
+            try:
+                if engine_for(name, torch.device("cuda"), torch.float32, True)[0] == name:
+                    out.append(name)
+            except ValueError:
+                pass
     return out
 
 
+def _device(backend: str) -> str:
+    """Where a backend's parity runs step: "cuda" on a GPU, the CPU otherwise (and for
+    Triton under the interpreter)."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()
+                             and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "cuda"
+    return "cpu"
+
+
 BACKENDS = _backends()
+CPU_BACKENDS = [b for b in BACKENDS if _device(b) == "cpu"]
 
 
 def _case_id(case: dict) -> str:
@@ -88,8 +106,9 @@ def run_parity(dtype, shapes, case, backend, steps, rtol=None, grads_like=None):
     torch.manual_seed(0)
     rtol = RTOL[dtype] if rtol is None else rtol
     init = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    device = _device(backend)
     ref = [p.clone().requires_grad_() for p in init]
-    ours = [p.clone().requires_grad_() for p in init]
+    ours = [p.clone().to(device).requires_grad_() for p in init]
     opt_ref = torch.optim.Adafactor(ref, **_options(case, dtype))
     opt = Adafactor(ours, backend=backend, **_options(case, dtype))
     for step in range(steps):
@@ -97,7 +116,7 @@ def run_parity(dtype, shapes, case, backend, steps, rtol=None, grads_like=None):
             g = torch.randn(a.shape, dtype=torch.float64).to(dtype)
             if step % 4 == 3:
                 g = g * 1e-3  # small grads: the eps1 floors and clipping both matter
-            a.grad, b.grad = g.clone(), g.clone()
+            a.grad, b.grad = g.clone(), g.clone().to(device)
         opt_ref.step()
         opt.step()
         for i, (a, b) in enumerate(zip(ref, ours)):
@@ -131,7 +150,7 @@ def test_many_steps_large(backend):
                backend, steps=30)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mixed_group_eps1_from_first_param(backend):
     """eps=(None, ...) with params of two dtypes in one group: torch's for-loop takes the
     first param's dtype eps for all (a float64 first param gives a float32 one 2e-16)."""
@@ -242,7 +261,7 @@ def test_complex_and_sparse_errors():
             cls(emb.parameters()).step()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_host_sync(backend):
     """A step calls no aten::_local_scalar_dense (no .item(), float(tensor) or bool(tensor))."""
 
@@ -271,7 +290,7 @@ def test_no_host_sync(backend):
             assert "fused_optim.adafactor_.default" in mode.ops
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_scheduler_closure_hooks(backend):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -337,7 +356,7 @@ def test_param_without_grad_and_empty_group():
     assert b not in opt.state and set(opt.state[a]) == {"step", "row_var", "col_var"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_non_contiguous_param(backend):
     torch.manual_seed(0)
     base = torch.randn(6, 8)
@@ -454,9 +473,9 @@ def test_bench_byte_model_and_tiny_run():
     shapes = bench.parse_shapes("2x3x4,1x5")
     assert shapes == [(3, 4), (3, 4), (5,)]
     assert bench.bytes_per_step(shapes, torch.float32) == 24 * 24 + 36 * 5
-    out = bench.run(shapes, rounds=2, warmup=1, backend=BACKENDS[-1])
+    out = bench.run(shapes, rounds=2, warmup=1, backend=CPU_BACKENDS[-1])
     assert out["max_rel_err_vs_forloop"] < 1e-5
-    assert set(out["providers"]) == {f"fused_optim[{BACKENDS[-1]}]", "torch-forloop",
+    assert set(out["providers"]) == {f"fused_optim[{CPU_BACKENDS[-1]}]", "torch-forloop",
                                      "torch-foreach"}
 
 
