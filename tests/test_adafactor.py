@@ -497,3 +497,23 @@ def test_op_same_bits_on_every_cpu_variant(dtype):
     for other in outs[1:]:
         for la, lb in zip(outs[0], other):
             assert all(torch.equal(a, b) for a, b in zip(la, lb))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS[-1:])
+def test_torch_compile_step(backend):
+    """A compiled step (the op's fake kernel lets dynamo trace the call) gives torch's
+    numbers."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 5), (3,), (2, 3, 4)]]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt = Adafactor(ours, lr=0.01, weight_decay=0.1, backend=backend)
+    opt_ref = torch.optim.Adafactor(ref, lr=0.01, weight_decay=0.1)
+    step = torch.compile(opt.step)
+    for _ in range(3):
+        for a, b in zip(ours, ref):
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g.clone(), g.clone()
+        step()
+        opt_ref.step()
+    for a, b in zip(ref, ours):
+        assert _rel_err(a.detach(), b.detach()) <= RTOL[torch.float32]
