@@ -1,7 +1,8 @@
 """fused_optim: torch.optim drop-ins with one fused kernel call per (device, dtype) bucket.
 
     from fused_optim import AdamW   # also Adam, SGD, Adagrad, RMSprop, Adadelta, Adamax,
-                                    # NAdam, RAdam, ASGD, Rprop, SparseAdam, Muon
+                                    # NAdam, RAdam, ASGD, Rprop, SparseAdam, Adafactor,
+                                    # Muon
     opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
 Backends: "cpu" (C++ SIMD), "cuda" (CUDA C++), "triton", "reference" (plain torch);
@@ -10,6 +11,7 @@ see fused_optim.backends.
 
 from fused_optim import _extension  # noqa: F401  (loads _C)
 from fused_optim.adadelta import Adadelta
+from fused_optim.adafactor import Adafactor
 from fused_optim.adagrad import Adagrad
 from fused_optim.adam import Adam, AdamW
 from fused_optim.adamax import Adamax
@@ -26,5 +28,6 @@ from fused_optim.sparse_adam import SparseAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Muon", "NAdam", "RAdam", "RMSprop",
+__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Muon",
+           "NAdam", "RAdam", "RMSprop",
            "Rprop", "SGD", "SparseAdam", "FusedOptimizer", "available_backends", "__version__"]

@@ -90,12 +90,52 @@ using RowsFn = void (*)(const RowCall&, const RowSegment* segments, int64_t begi
 
 constexpr int kMaxRowMaths = 8;
 
+// [note: factored engine] One call of the factored-moment engine (csrc/factored.cpp,
+// fused_optim/_factored.py): a bucket's Adafactor step in three passes over work items.
+// A factored tensor is `batches` matrices of rows x cols; a vector is one "row" of
+// `cols` elements (rows = batches = 1).
+struct FactoredTensor {
+  int64_t batches, rows, cols;
+  void* param;
+  const void* grad;
+  void* row_var;         // [batches * rows], storage dtype; nullptr for a vector
+  void* col_var;         // [batches * cols]
+  void* variance;        // [cols] (a vector only)
+  double* row_sums;      // [batches * rows]: sum_j g^2 (pass 1 writes)
+  const double* means;   // [batches]: the clamped row_var means (passes 2, 3 read)
+  double weight;         // 1 - beta2_t (pass 1: a vector's variance)
+  double step_alpha;     // pass 3
+};
+
+// Elements [begin, end) of a vector, or rows [begin, end) of matrix `batch`. Pass 1
+// writes the item's partial sum of param^2 to sums[item] and its partial column sums
+// of g^2 to col_partials + col_offset; pass 2 its partial sum of update^2 to sums[item].
+struct FactoredItem {
+  int64_t tensor, batch, begin, end, col_offset;
+};
+
+struct FactoredCall {
+  DType dtype;
+  bool maximize;
+  bool decay;             // weight_decay != 0
+  double eps1_sq;         // eps1 * eps1 (rounded to the storage dtype by the kernels)
+  double decay_factor;    // 1 - lr * weight_decay
+  FactoredTensor* tensors;
+  const FactoredItem* items;
+  double* sums;           // [items]
+  double* col_partials;
+};
+
+// Runs items [begin, end) of pass 0, 1 or 2 (the engine's passes 1-3).
+using FactoredFn = void (*)(const FactoredCall&, int64_t begin, int64_t end);
+
 // The kernels of one instruction set: chunks[id], id being the optimizer's position in
 // FO_FOR_EACH_OPTIMIZER; rows[id], the row math's in FO_FOR_EACH_ROW_MATH.
 struct KernelSet {
   const char* name;  // "default", "avx2", "avx512"
   ChunksFn chunks[kMaxOptimizers];
   RowsFn rows[kMaxRowMaths];
+  FactoredFn adafactor[3];  // [note: factored engine]
 };
 
 // Defined by each kernels_<isa>.cpp.
