@@ -1,7 +1,7 @@
 """fused_optim: torch.optim drop-ins with one fused kernel call per (device, dtype) bucket.
 
     from fused_optim import AdamW   # also Adam, SGD, Adagrad, RMSprop, Adadelta, Adamax,
-                                    # NAdam, RAdam, ASGD, Rprop, SparseAdam
+                                    # NAdam, RAdam, ASGD, Rprop, SparseAdam, LBFGS
     opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
 Backends: "cpu" (C++ SIMD), "cuda" (CUDA C++), "triton", "reference" (plain torch);
@@ -15,6 +15,7 @@ from fused_optim.adam import Adam, AdamW
 from fused_optim.adamax import Adamax
 from fused_optim.asgd import ASGD
 from fused_optim.backends import available_backends
+from fused_optim.lbfgs import LBFGS
 from fused_optim.nadam import NAdam
 from fused_optim.optimizer import FusedOptimizer
 from fused_optim.radam import RAdam
@@ -25,5 +26,5 @@ from fused_optim.sparse_adam import SparseAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop",
+__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "NAdam", "RAdam", "RMSprop",
            "Rprop", "SGD", "SparseAdam", "FusedOptimizer", "available_backends", "__version__"]
