@@ -56,133 +56,178 @@ from fused_optim.optimizer import check_lr
 
 
 class _History:
-    """The L-BFGS memory of one optimizer: the row buffer and the Gram matrices.
+    """The L-BFGS memory of one optimizer: one row buffer and the small Gram matrices.
 
-    Physical slot k holds y in row 3 + 2k and s in row 4 + 2k; ``order`` lists the slots
-    oldest first (torch's list order). ``sy[k, l] = s_k . y_l``, ``yy[k, l] = y_k . y_l``
-    and ``ro[k] = 1 / (y_k . s_k)`` are indexed by slot, in the flat dtype.
+    Row 0 of ``buf`` holds the flat grad g of the current direction; slot k holds y in row
+    1 + 2k and s in row 2 + 2k. ``order`` lists the stored slots oldest first (torch's
+    list order), ``free`` the others (one spare once the history is full: the candidate
+    pair of an iteration is written into a free slot before ``ys > 1e-10`` decides whether
+    it is kept). Per slot, in the flat dtype: ``sy[k, l] = s_k . y_l``,
+    ``yy[k, l] = y_k . y_l``, ``ro[k] = 1 / (y_k . s_k)``, and ``yg[k] = y_k . g``,
+    ``sg[k] = s_k . g`` at the g of the last direction.
     """
 
-    def __init__(self, like: Tensor, capacity: int, history_size: int) -> None:
+    def __init__(self, like: Tensor, history_size: int) -> None:
         self.history_size = history_size
         self.n = like.numel()
+        self.dtype, self.device = like.dtype, like.device
         self.order: list[int] = []
-        self.used = 0  # slots that ever held a pair (a prefix of the slots)
-        self._like = like
-        self._first_capacity = capacity
-        self.buf: Tensor | None = None  # allocated at the first use (an iteration > 1)
+        self.free: list[int] = []
+        self.used = 0  # slots [0, used) have been written
+        self.capacity = 0
+        self.buf: Tensor | None = None
         self._order_index: Tensor | None = None
-        self._new_slot: int | None = None
-
-    def ensure(self) -> None:
-        if self.buf is None:
-            self._allocate(self._like, self._first_capacity)
-            self._like = None
+        # The last direction as a combination of the rows: (coefficient of g, of each
+        # slot's y, of each slot's s) and the tensor it made.
+        self.d_coef: tuple[Tensor, Tensor, Tensor] | None = None
+        self.d_ref: Tensor | None = None
 
     # -- storage ---------------------------------------------------------------------
 
-    def _allocate(self, like: Tensor, capacity: int) -> None:
-        self.capacity = capacity
-        self.buf = like.new_empty((3 + 2 * capacity, self.n))
-        self.sy = like.new_zeros((capacity, capacity))
-        self.yy = like.new_zeros((capacity, capacity))
-        self.ro = like.new_zeros((capacity,))
-
-    def _grow(self) -> None:
-        """Room for one more slot: capacity x1.5 (at least 4), at most history_size."""
-        old = self.buf, self.sy, self.yy, self.ro, self.used
-        capacity = max(self.used + 1, min(self.history_size, max(4, self.capacity * 3 // 2)))
-        self._allocate(old[0], capacity)
-        rows = 3 + 2 * old[4]
-        self.buf[:rows].copy_(old[0][:rows])
-        u = old[4]
-        self.sy[:u, :u].copy_(old[1][:u, :u])
-        self.yy[:u, :u].copy_(old[2][:u, :u])
-        self.ro[:u].copy_(old[3][:u])
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` slots (at most history_size + 1, at least one free slot
+        beyond those written): one allocation and copy, at the start of a step that
+        may need it, so a step never grows its buffer twice."""
+        slots = max(min(slots, self.history_size + 1), self.used + 1)
+        if slots <= self.capacity:
+            return
+        old = (self.buf, self.sy, self.yy, self.ro, self.yg, self.sg) if self.buf is not None else None
+        u = self.used
+        new = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # zeros: rows not yet written take part in the products with coefficient 0
+        self.buf = new(1 + 2 * slots, self.n)
+        self.sy, self.yy = new(slots, slots), new(slots, slots)
+        self.ro, self.yg, self.sg = new(slots), new(slots), new(slots)
+        if old is not None:
+            self.buf[: 1 + 2 * u].copy_(old[0][: 1 + 2 * u])
+            self.sy[:u, :u].copy_(old[1][:u, :u])
+            self.yy[:u, :u].copy_(old[2][:u, :u])
+            for dst, src in zip((self.ro, self.yg, self.sg), old[3:]):
+                dst[:u].copy_(src[:u])
+            if self.d_coef is not None:
+                v_g, cy, cs = self.d_coef
+                self.d_coef = (v_g, torch.cat([cy, new(slots - cy.numel())]),
+                               torch.cat([cs, new(slots - cs.numel())]))
+        self.capacity = slots
 
     @property
     def grad_row(self) -> Tensor:
         return self.buf[0]
 
     def y(self, slot: int) -> Tensor:
-        return self.buf[3 + 2 * slot]
+        return self.buf[1 + 2 * slot]
 
     def s(self, slot: int) -> Tensor:
-        return self.buf[4 + 2 * slot]
+        return self.buf[2 + 2 * slot]
 
     def order_index(self) -> Tensor:
         if self._order_index is None:
-            self._order_index = torch.tensor(self.order, dtype=torch.long,
-                                             device=self.buf.device)
+            self._order_index = torch.tensor(self.order, dtype=torch.long, device=self.device)
         return self._order_index
+
+    def _rows(self) -> Tensor:
+        """The rows of every written slot (y0, s0, y1, s1, ...)."""
+        return self.buf[1: 1 + 2 * self.used]
 
     # -- the iteration ---------------------------------------------------------------
 
-    def products(self) -> Tensor:
-        """Every inner product of the used rows with (g, y, s) of rows 0-2: ONE pass
-        over the buffer. Row r of the result is (row_r . g, row_r . y, row_r . s)."""
-        rows = self.buf[: 3 + 2 * self.used]
-        return torch.mm(rows, self.buf[:3].t())
-
-    def accept(self, p: Tensor, ys: Tensor) -> None:
-        """Stores the candidate pair (rows 1-2) as the newest entry, dropping the oldest
-        one when the history is full, and updates the Gram matrices from the products
-        `p` of this iteration."""
-        if len(self.order) == self.history_size:
-            slot = self.order.pop(0)
-        else:
+    def candidate(self, prev_flat_grad: Tensor, d: Tensor, t) -> tuple[int, Tensor, Tensor]:
+        """Writes this iteration's pair y = g - g_prev, s = d * t (torch's ops) into a
+        free slot; returns (slot, y . s, y . y) (torch's dots)."""
+        if not self.free:
             if self.used == self.capacity:
-                self._grow()
-            slot = self.used
+                self.reserve(self.used + 1)
+            self.free.append(self.used)
             self.used += 1
-        self.buf[3 + 2 * slot: 5 + 2 * slot].copy_(self.buf[1:3])
-        u = p.shape[0] - 3  # the stored rows the products cover (2 per slot)
-        if u:
-            py, ps = p[3::2], p[4::2]  # rows of y_l, s_l: (. g, . y, . s)
-            k = py.shape[0]
-            self.sy[slot, :k] = py[:, 2]  # s_new . y_l
-            self.sy[:k, slot] = ps[:, 1]  # s_l . y_new
-            self.yy[slot, :k] = py[:, 1]
-            self.yy[:k, slot] = py[:, 1]
-        self.sy[slot, slot] = p[2, 1]
-        self.yy[slot, slot] = p[1, 1]
-        self.ro[slot] = 1.0 / ys
-        self.order.append(slot)
-        self._order_index = None
-        self._new_slot = slot
+        slot = self.free[0]
+        y, s = self.y(slot), self.s(slot)
+        torch.sub(self.grad_row, prev_flat_grad, out=y)
+        torch.mul(d, t, out=s)
+        return slot, y.dot(s), y.dot(y)
 
-    def direction(self, p: Tensor, h_diag: Tensor | int, al_list: list) -> Tensor:
-        """torch's two-loop recursion, from the products `p` (of this iteration, before
-        any pair was accepted, with the accepted pair's own products in rows 1-2):
-        returns d and fills al_list[:m] with torch's al values (0-dim tensors)."""
+    def products(self) -> tuple[Tensor, Tensor]:
+        """(y_k . g, s_k . g) of every written slot, the candidate's included: ONE
+        matrix-vector pass over the rows."""
+        p = torch.mv(self._rows(), self.grad_row)
+        return p[0::2], p[1::2]
+
+    def accept(self, slot: int, ys: Tensor, yy: Tensor, py: Tensor, ps: Tensor, d: Tensor,
+               t) -> None:
+        """Stores the candidate pair as the newest entry (the oldest one leaves when the
+        history is full) and adds its inner products to the Gram matrices, without
+        another pass over the history:
+
+          s_i . y = s_i . g - s_i . g_prev,  y_i . y = y_i . g - y_i . g_prev
+          s . y_i = t (y_i . d),  y_i . d from the combination that made d
+
+        (g_prev: the g of the last direction, whose products are yg / sg)."""
+        old = self.order
+        if old:
+            oi = self.order_index()
+            self.sy[oi, slot] = ps[oi] - self.sg[oi]
+            y_new = py[oi] - self.yg[oi]
+            self.yy[oi, slot] = y_new
+            self.yy[slot, oi] = y_new
+            self.sy[slot, oi] = torch.mul(self._y_dot(d, oi), t)
+        self.sy[slot, slot] = ys
+        self.yy[slot, slot] = yy
+        self.ro[slot] = 1.0 / ys
+        self.free.remove(slot)
+        self.order.append(slot)
+        if len(self.order) > self.history_size:
+            self.free.append(self.order.pop(0))
+        self._order_index = None
+
+    def reject(self, slot: int) -> None:
+        # the slot stays free; its rows join the direction's product with coefficient
+        # 0, so they must hold finite numbers
+        self.buf[1 + 2 * slot: 3 + 2 * slot].zero_()
+
+    def _y_dot(self, d: Tensor, oi: Tensor) -> Tensor:
+        """y_i . d for the slots oi: from the Gram matrices when d is the last
+        direction made here, else one pass over those rows."""
+        if self.d_coef is not None and self.d_ref is d:
+            v_g, cy, cs = self.d_coef
+            full = torch.mv(self.yy, cy) + torch.mv(self.sy.t(), cs) + self.yg * v_g
+            return full[oi]
+        return torch.stack([self.y(k).dot(d) for k in self.order]) if len(self.order) < 3 else (
+            torch.mv(self.buf[1: 1 + 2 * self.used: 2], d)[oi])
+
+    def set_products(self, py: Tensor, ps: Tensor) -> None:
+        """yg / sg at the new g (after accept, which reads those at the previous g)."""
+        self.yg[: self.used] = py
+        self.sg[: self.used] = ps
+
+    def first_direction(self, d: Tensor) -> None:
+        """d = -g (torch's first iteration)."""
+        self.d_ref = d
+        self.d_coef = None if self.capacity == 0 else (
+            torch.full((), -1, dtype=self.dtype, device=self.device),
+            torch.zeros(self.capacity, dtype=self.dtype, device=self.device),
+            torch.zeros(self.capacity, dtype=self.dtype, device=self.device))
+
+    def direction(self, h_diag: Tensor | int, al_list: list) -> Tensor:
+        """torch's two-loop recursion at the g in row 0: returns d and puts torch's al
+        values (0-dim tensors) into al_list[:m]."""
         m = len(self.order)
-        dtype = self.buf.dtype
+        dtype, device = self.dtype, self.device
+        neg_h = torch.as_tensor(h_diag, dtype=dtype, device=device).neg()
+        cy = torch.zeros(self.capacity, dtype=dtype, device=device)
+        cs = torch.zeros(self.capacity, dtype=dtype, device=device)
         if m == 0:
-            # no history: d = -g * H (H is 1 or torch's H_diag tensor)
-            return torch.mul(self.grad_row.neg(), h_diag)
+            # no history: d = -g * H (H is 1, or torch's H_diag tensor)
+            d = torch.mul(self.grad_row.neg(), h_diag)
+            self.d_coef, self.d_ref = (neg_h, cy, cs), d
+            return d
         idx = self.order_index()
-        k = (p.shape[0] - 3) // 2  # slots covered by p's rows
-        # (. g) of every stored y and s, per slot; a slot filled this iteration takes
-        # rows 1-2.
-        yg = self.buf.new_empty((self.capacity,))
-        sg = self.buf.new_empty((self.capacity,))
-        if k:
-            yg[:k] = p[3::2, 0]
-            sg[:k] = p[4::2, 0]
-        new = self._new_slot
-        if new is not None:
-            yg[new] = p[1, 0]
-            sg[new] = p[2, 0]
-            self._new_slot = None
-        yg, sg = yg[idx], sg[idx]
+        yg, sg = self.yg[idx], self.sg[idx]
         sy = self.sy[idx][:, idx]  # sy[i, j] = s_i . y_j, oldest first
         yy = self.yy[idx][:, idx]
         ro = self.ro[idx]
-        eye = torch.eye(m, dtype=dtype, device=sy.device)
+        eye = torch.eye(m, dtype=dtype, device=device)
         # First loop: z_i = s_i . q_i with q_i = -g - sum_{j>i} al_j y_j, al = z * ro.
-        upper = torch.triu(sy, 1) * ro
-        z = torch.linalg.solve_triangular(eye + upper, -sg[:, None], upper=True,
-                                          unitriangular=True)[:, 0]
+        z = torch.linalg.solve_triangular(eye + torch.triu(sy, 1) * ro, -sg[:, None],
+                                          upper=True, unitriangular=True)[:, 0]
         al = z * ro
         # r_0 = H q with q = -g - sum_j al_j y_j; second loop: w_i = y_i . r_i,
         # r_i = r_0 + sum_{j<i} (al_j - be_j) s_j, be = w * ro.
@@ -190,15 +235,16 @@ class _History:
         lower = torch.tril(sy.t(), -1)
         w = torch.linalg.solve_triangular(eye + lower * ro, (e + torch.mv(lower, al))[:, None],
                                           upper=False, unitriangular=True)[:, 0]
-        be = w * ro
-        c = al - be
+        c = al - w * ro
         # d = -H g - sum H al_i y_i + sum c_i s_i: one pass over the rows.
-        neg_h = torch.as_tensor(h_diag, dtype=dtype, device=sy.device).neg()
-        coef = self.buf.new_zeros((3 + 2 * self.used,))
+        cy[idx] = al * neg_h
+        cs[idx] = c
+        coef = torch.empty(1 + 2 * self.used, dtype=dtype, device=device)
         coef[0] = neg_h
-        coef[3::2][idx] = al * neg_h
-        coef[4::2][idx] = c
-        d = torch.mv(self.buf[: 3 + 2 * self.used].t(), coef)
+        coef[1::2] = cy[: self.used]
+        coef[2::2] = cs[: self.used]
+        d = torch.mv(self.buf[: 1 + 2 * self.used].t(), coef)
+        self.d_coef, self.d_ref = (neg_h, cy, cs), d
         al_list[:m] = list(al.unbind())
         return d
 
@@ -206,17 +252,21 @@ class _History:
 
     def lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """(old_dirs, old_stps, ro) as torch keeps them: oldest first."""
+        if self.buf is None:
+            return [], [], []
         return ([self.y(k) for k in self.order], [self.s(k) for k in self.order],
                 [self.ro[k] for k in self.order])
 
     @classmethod
     def from_lists(cls, like: Tensor, history_size: int, dirs: list[Tensor],
-                   stps: list[Tensor], ro: list[Tensor]) -> _History:
-        """A buffer holding torch's lists (a loaded state): the Gram matrices are
-        recomputed from the vectors; ro is taken as stored."""
+                   stps: list[Tensor], ro: list[Tensor], prev_flat_grad: Tensor | None,
+                   slots: int) -> _History:
+        """A buffer holding torch's lists (a loaded state): the Gram matrices and the
+        products with prev_flat_grad are computed from the vectors; ro is taken as
+        stored."""
         m = len(dirs)
-        hist = cls(like, max(min(history_size, max(4, m)), m), max(history_size, m))
-        hist.ensure()
+        hist = cls(like, max(history_size, m))
+        hist.reserve(max(slots, m + 1))
         for k in range(m):
             hist.y(k).copy_(dirs[k].reshape(-1))
             hist.s(k).copy_(stps[k].reshape(-1))
@@ -224,10 +274,13 @@ class _History:
         hist.used = m
         hist.order = list(range(m))
         if m:
-            rows = hist.buf[3: 3 + 2 * m]
-            gram = torch.mm(rows, rows.t())
+            rows = hist._rows()
+            gram = torch.stack([torch.mv(rows, rows[i]) for i in range(2 * m)])
             hist.sy[:m, :m] = gram[1::2, 0::2]
             hist.yy[:m, :m] = gram[0::2, 0::2]
+            if prev_flat_grad is not None:
+                p = torch.mv(rows, prev_flat_grad.reshape(-1).to(hist.dtype))
+                hist.set_products(p[0::2], p[1::2])
         return hist
 
 
@@ -514,22 +567,26 @@ class LBFGS(Optimizer):
 
     # -- the history -------------------------------------------------------------------
 
-    def _history_for(self, state: dict[str, Any], flat: Tensor, history_size: int) -> _History:
+    def _history_for(self, state: dict[str, Any], flat: Tensor, history_size: int,
+                     slots: int) -> _History:
         """The buffer holding state's lists: the one the last step left when the lists
-        are still its own, else a fresh copy of them (a loaded or edited state)."""
+        are still its own, else a fresh copy of them (a loaded or edited state); with
+        room for `slots` slots."""
         hist = self._history
         lists = (state.get("old_dirs"), state.get("old_stps"), state.get("ro"))
         if hist is not None and self._published is not None and all(
                 a is b and len(a) == len(hist.order) for a, b in zip(lists, self._published)):
-            hist.history_size = history_size
+            hist.history_size = max(history_size, len(hist.order))
+            hist.reserve(slots)
             return hist
         dirs, stps, ro = (x if x is not None else [] for x in lists)
-        hist = _History.from_lists(flat, history_size, dirs, stps, ro)
+        hist = _History.from_lists(flat, history_size, dirs, stps, ro,
+                                   state.get("prev_flat_grad"), slots)
         self._history = hist
         return hist
 
     def _publish(self, state: dict[str, Any], hist: _History) -> None:
-        dirs, stps, ro = hist.lists() if hist.buf is not None else ([], [], [])
+        dirs, stps, ro = hist.lists()
         state["old_dirs"], state["old_stps"], state["ro"] = dirs, stps, ro
         self._published = (dirs, stps, ro)
 
@@ -588,27 +645,30 @@ class LBFGS(Optimizer):
             # -- the direction
             if state["n_iter"] == 1:
                 d = flat_grad.neg()
-                hist = _History(flat_grad, min(4, max(history_size, 1)), history_size)
+                hist = _History(flat_grad, history_size)
+                hist.first_direction(d)
                 self._history = hist
                 self._published = None
                 h_diag = 1
             else:
-                if hist is None:
-                    hist = self._history_for(state, flat_grad, history_size)
-                hist.ensure()
+                if hist is None or hist.buf is None:
+                    # a step adds at most one pair per iteration: room for them all now
+                    slots = len(state.get("old_dirs") or ()) + max_iter - n_iter + 2
+                    hist = self._history_for(state, flat_grad, history_size, slots)
                 if flat_grad.data_ptr() != hist.grad_row.data_ptr():
                     hist.grad_row.copy_(flat_grad)
                     flat_grad = hist.grad_row
-                torch.sub(flat_grad, prev_flat_grad, out=hist.buf[1])
-                torch.mul(d, t, out=hist.buf[2])
-                products = hist.products()
-                ys = products[1, 2]  # y . s
+                slot, ys, yy = hist.candidate(prev_flat_grad, d, t)
+                py, ps = hist.products()
                 if ys > 1e-10:
-                    hist.accept(products, ys)
-                    h_diag = ys / products[1, 1]  # (y . s) / (y . y)
+                    hist.accept(slot, ys, yy, py, ps, d, t)
+                    h_diag = ys / yy  # (y . s) / (y . y)
+                else:
+                    hist.reject(slot)
+                hist.set_products(py, ps)
                 if "al" not in state:
                     state["al"] = [None] * history_size
-                d = hist.direction(products, h_diag, state["al"])
+                d = hist.direction(h_diag, state["al"])
 
             if prev_flat_grad is None:
                 prev_flat_grad = flat_grad.clone(memory_format=torch.contiguous_format)
@@ -670,8 +730,10 @@ class LBFGS(Optimizer):
 
 
 def _max_abs(x: Tensor) -> Tensor:
-    """max |x| (NaN if any is NaN), in one read of x: torch's x.abs().max()."""
-    return torch.linalg.vector_norm(x, float("inf"))
+    """max |x| (NaN if any is NaN), in one read of x: torch's x.abs().max() (abs is
+    exact, so max(-min x, max x) is the same number)."""
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, lo.neg())
 
 
 def _abs(t, dtype: torch.dtype):
