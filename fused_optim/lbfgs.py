@@ -1,43 +1,56 @@
-"""LBFGS: a drop-in for torch.optim.LBFGS whose two-loop recursion runs as matrix products.
+"""LBFGS: a drop-in for torch.optim.LBFGS whose two-loop recursion runs on inner products.
 
 torch.optim.LBFGS walks its history one vector at a time: per stored pair and iteration a
-dot product and an ``add_(alpha=al[i])``, whose tensor alpha is read on the host (two host
-syncs per pair per iteration), and ten passes over n elements per pair. The recursion is
-linear in the history, so its scalars follow from inner products of the stored vectors:
+dot product and an ``add_(alpha=al[i])`` in each of its two loops, whose tensor alpha is
+read on the host (two host syncs per pair per iteration), ~10 passes of n elements per
+pair. The recursion is linear in the history, so its scalars follow from inner products
+of the stored vectors (Byrd, Nocedal & Schnabel's compact form, here solving for
+torch's own al and be):
 
-  * the history lives in ONE row-major buffer ``[3 + 2 * capacity, n]``: row 0 the current
-    flat grad g, rows 1-2 the candidate pair (y, s) of this iteration, then one (y, s) row
-    pair per history slot (a ring: the oldest slot is reused once ``history_size`` is
-    reached);
-  * ONE matrix product of the buffer's used rows with its first three rows gives every
-    inner product an iteration needs (s_i . g, y_i . g, and the new pair against every
-    stored vector: the Gram matrices S^T Y and Y^T Y are kept up to date from it);
-  * the recursion's scalars (torch's ``al``, ``be``) are two triangular solves on the
-    small Gram matrices, on the params' device: no host sync;
-  * the direction is ONE matrix-vector product of the used rows with the coefficients:
+  * the history lives in ONE row-major buffer ``[1 + 2 * slots, n]``: row 0 the flat
+    grad g of the current direction, then one (y, s) row pair per slot (a ring with one
+    spare slot, into which each iteration's candidate pair is written before
+    ``ys > 1e-10`` decides whether it is kept);
+  * ONE matrix-vector product of the rows with g gives y_k . g and s_k . g; the new
+    pair's entries of the Gram matrices S^T Y and Y^T Y follow without another pass:
+    s_k . y = s_k . g - s_k . g_prev, y_k . y likewise, s . y_k = t (y_k . d) from the
+    combination that made d; y . s and y . y are torch's own dots;
+  * torch's al and be are two unit-triangular solves on the m x m Gram matrices, on the
+    params' device: no host sync;
+  * the direction is ONE matrix-vector product of the rows with the coefficients:
     d = -H g - sum_i H al_i y_i + sum_i (al_i - be_i) s_i.
 
-That is 2 passes over the history per iteration instead of torch's 5 (each of its dots and
-adds streams n elements and its adds write them), and the only host reads left are the
-decisions torch's algorithm makes: each loss, the convergence tests, ``ys > 1e-10``, the
-first step size and the line search's comparisons (tests/test_lbfgs.py counts them).
+So an iteration streams the history twice (4 m n element reads against torch's ~10 m n
+reads and writes), and the only host reads left are the decisions of torch's
+algorithm: each loss, the convergence tests, ``ys > 1e-10``, the first step size and the
+line search's comparisons (tests/test_lbfgs.py counts them). The products are
+matrix-vector products on purpose: MKL's sgemm of [rows, 4M] by [4M, 3] ran at 1/8 of
+the speed of one sgemv over the same rows on the 2-core dev machine (a tall-K shape it
+packs), so three columns in one GEMM cost more than three passes.
 
 [note: LBFGS numbers] The recursion is the same algebra in another order: torch forms
 q = -g - sum_{j>i} al_j y_j element by element and then dots s_i with it; here
-s_i . q = -(s_i . g) - sum_{j>i} al_j (s_i . y_j) is formed from the inner products. Both
-round differently (and the product's sums run in another order than torch's dots), so the
-numbers agree to rounding, not to the bit: measured against torch.optim.LBFGS over many
-steps, see tests/test_lbfgs.py for the tolerances and what they were measured at.
-Everything else (the gather, the step, the line search and its interpolation, every
-comparison and its operand types, the state keys and what each holds) is torch's.
+s_i . q = -(s_i . g) - sum_{j>i} al_j (s_i . y_j) comes from the Gram matrices. The two
+round differently: fp64 agrees with torch to ~1e-12 where the trajectory does not
+amplify rounding (tests/test_lbfgs.py holds it to 1e-10); in fp32 one direction is
+within ~1-20x of torch's own fp32 rounding error (the Gram form cancels where a
+direction is nearly conjugate to a stored step, as on a quadratic with an exact line
+search), measured 1e-7..2e-4 relative to torch's fp32 params over 4 steps of 5
+iterations. Everything else (the gather, the step, the line search and its cubic
+interpolation, every comparison and its operand types, the state keys and what each
+holds) is torch's, op for op, except that a tensor step size (torch's first step, a
+tensor lr) scales the update on the device (``addcmul_``, two roundings) where torch
+reads it on the host (``add_(alpha=)``, one fused rounding).
 
 The state keeps torch's keys and types: ``old_dirs`` / ``old_stps`` are lists of the
 stored vectors (views of the buffer's rows, oldest first), ``ro`` and ``al`` lists of
-0-dim tensors, so a state_dict loads both ways; a state loaded from elsewhere (or any
-lists that are not the ones the last step left) is copied into a fresh buffer at the next
+0-dim tensors, so a state_dict loads both ways; a state loaded from elsewhere (or lists
+that are not the ones the last step left) is copied into a fresh buffer at the next
 step. As with torch.optim (whose ``prev_flat_grad`` is updated in place), a state_dict
 refers to the live state: copy it to keep a snapshot across steps, since the ring reuses
-the rows of evicted pairs.
+the rows of evicted pairs. Memory: the buffer is sized at the start of a step for the
+pairs that step can add (min(history_size + 1, stored + max_iter + 1) slots), so a step
+that stops early holds more than torch's lists would.
 """
 
 from __future__ import annotations
@@ -94,8 +107,10 @@ class _History:
         old = (self.buf, self.sy, self.yy, self.ro, self.yg, self.sg) if self.buf is not None else None
         u = self.used
         new = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # zeros: rows not yet written take part in the products with coefficient 0
-        self.buf = new(1 + 2 * slots, self.n)
+        # empty, not zeros (a fill pass over the whole buffer): the products and the
+        # direction read only the rows of written slots, and reject() zeroes a slot
+        # left free with a candidate in it
+        self.buf = torch.empty((1 + 2 * slots, self.n), dtype=self.dtype, device=self.device)
         self.sy, self.yy = new(slots, slots), new(slots, slots)
         self.ro, self.yg, self.sg = new(slots), new(slots), new(slots)
         if old is not None:
@@ -220,22 +235,27 @@ class _History:
             self.d_coef, self.d_ref = (neg_h, cy, cs), d
             return d
         idx = self.order_index()
-        yg, sg = self.yg[idx], self.sg[idx]
-        sy = self.sy[idx][:, idx]  # sy[i, j] = s_i . y_j, oldest first
-        yy = self.yy[idx][:, idx]
-        ro = self.ro[idx]
-        eye = torch.eye(m, dtype=dtype, device=device)
+        # the m x m work in fp32 at least (the triangular solves take no half types);
+        # al and the coefficients are rounded to the flat dtype, as torch's are
+        small = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        yg, sg = self.yg[idx].to(small), self.sg[idx].to(small)
+        sy = self.sy[idx][:, idx].to(small)  # sy[i, j] = s_i . y_j, oldest first
+        yy = self.yy[idx][:, idx].to(small)
+        ro = self.ro[idx].to(small)
+        h_small = h_diag.to(small) if isinstance(h_diag, Tensor) else h_diag
+        eye = torch.eye(m, dtype=small, device=device)
         # First loop: z_i = s_i . q_i with q_i = -g - sum_{j>i} al_j y_j, al = z * ro.
         z = torch.linalg.solve_triangular(eye + torch.triu(sy, 1) * ro, -sg[:, None],
                                           upper=True, unitriangular=True)[:, 0]
-        al = z * ro
+        al = (z * ro).to(dtype)
         # r_0 = H q with q = -g - sum_j al_j y_j; second loop: w_i = y_i . r_i,
         # r_i = r_0 + sum_{j<i} (al_j - be_j) s_j, be = w * ro.
-        e = torch.mul(-yg - torch.mv(yy, al), h_diag)
+        al_s = al.to(small)
+        e = torch.mul(-yg - torch.mv(yy, al_s), h_small)
         lower = torch.tril(sy.t(), -1)
-        w = torch.linalg.solve_triangular(eye + lower * ro, (e + torch.mv(lower, al))[:, None],
+        w = torch.linalg.solve_triangular(eye + lower * ro, (e + torch.mv(lower, al_s))[:, None],
                                           upper=False, unitriangular=True)[:, 0]
-        c = al - w * ro
+        c = (al_s - w * ro).to(dtype)
         # d = -H g - sum H al_i y_i + sum c_i s_i: one pass over the rows.
         cy[idx] = al * neg_h
         cs[idx] = c
@@ -275,7 +295,7 @@ class _History:
         hist.order = list(range(m))
         if m:
             rows = hist._rows()
-            gram = torch.stack([torch.mv(rows, rows[i]) for i in range(2 * m)])
+            gram = torch.mm(rows, rows.t())  # once per load; a wide product, GEMM-shaped
             hist.sy[:m, :m] = gram[1::2, 0::2]
             hist.yy[:m, :m] = gram[0::2, 0::2]
             if prev_flat_grad is not None:
@@ -431,8 +451,10 @@ class LBFGS(Optimizer):
 
     .. warning::
         One param group only, all params on one device, and a closure is required, as
-        with torch.optim.LBFGS. It keeps ``param_bytes * (2 * history_size + 5)`` at most
-        (its buffer grows by half as the history fills).
+        with torch.optim.LBFGS. Its history buffer holds ``2 * slots + 1`` flat vectors,
+        ``slots = min(history_size + 1, stored pairs + max_iter + 1)``, sized at the start
+        of each step (torch's lists: 2 per stored pair), plus ``d`` and
+        ``prev_flat_grad`` as torch.
 
     Args:
         params (iterable): parameters to optimize (real, or complex as real pairs).
