@@ -15,6 +15,8 @@ median of the per-round ratios.
 
 This is not part of the spec-driven CLI (`python -m bench`), which benchmarks element-wise
 steps on fixed grads; LBFGS needs a closure and many evaluations per step.
+On a GPU (``--device cuda``) each step and each closure is bracketed by a device sync, so
+the closure's time is its kernels' time.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ import fused_optim
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
-def _problem(n: int, dtype: torch.dtype, seed: int = 0):
+def _problem(n: int, dtype: torch.dtype, device: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    a = torch.logspace(0, 4, n, dtype=torch.float64)[torch.randperm(n, generator=gen)].to(dtype)
-    b = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    x0 = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    return a, b, x0
+    a = torch.logspace(0, 4, n, dtype=torch.float64)[torch.randperm(n, generator=gen)]
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(n, generator=gen, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (a, b, x0)]
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _one_step(cls, a, b, x0, args, line_search) -> tuple[float, float, torch.Tensor, int]:
@@ -50,16 +57,20 @@ def _one_step(cls, a, b, x0, args, line_search) -> tuple[float, float, torch.Ten
     spent = [0.0]
 
     def closure():
+        _sync(x.device)
         start = time.perf_counter()
         with torch.no_grad():
             grad = a * x - b
             loss = (0.5 * (a * x) - b).mul(x).sum()
             x.grad = grad
+        _sync(x.device)
         spent[0] += time.perf_counter() - start
         return loss
 
+    _sync(x.device)
     start = time.perf_counter()
     opt.step(closure)
+    _sync(x.device)
     total = time.perf_counter() - start
     iters = opt.state[x]["n_iter"]
     return total, spent[0], x.detach(), iters
@@ -73,6 +84,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--line-search", action="store_true")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
 
@@ -81,11 +93,13 @@ def main() -> None:
                                 text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = "?"
-    print(f"commit {commit}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else platform.processor() or platform.machine())
+    print(f"commit {commit}, torch {torch.__version__}, {where}, "
           f"{torch.get_num_threads()} threads, load {os.getloadavg()}")
     print(f"LBFGS one step: n={args.n} {args.dtype}, history_size={args.history}, "
           f"max_iter={args.max_iter}, line_search={'strong_wolfe' if args.line_search else None}")
-    a, b, x0 = _problem(args.n, dtype)
+    a, b, x0 = _problem(args.n, dtype, args.device)
     providers = [("torch", torch.optim.LBFGS), ("fused_optim", fused_optim.LBFGS)]
     # warm-up (allocator, MKL) once each
     for _, cls in providers:

@@ -649,7 +649,8 @@ class LBFGS(Optimizer):
         state["func_evals"] += 1
 
         flat_grad = self._gather_flat_grad()
-        if _max_abs(flat_grad) <= tolerance_grad:
+        opt_cond = _max_abs(flat_grad) <= tolerance_grad
+        if opt_cond:
             return orig_loss
 
         d = state.get("d")
