@@ -89,7 +89,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, check=False,
                                 text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = "?"

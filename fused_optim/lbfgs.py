@@ -2,8 +2,9 @@
 
 torch.optim.LBFGS walks its history one vector at a time: per stored pair and iteration a
 dot product and an ``add_(alpha=al[i])`` in each of its two loops, whose tensor alpha is
-read on the host (two host syncs per pair per iteration), ~10 passes of n elements per
-pair. The recursion is linear in the history, so its scalars follow from inner products
+read on the host (two host syncs per pair per iteration); each pair's two vectors are read
+twice, and its working vector (q, then r) read twice and written once per pair in each
+loop. The recursion is linear in the history, so its scalars follow from inner products
 of the stored vectors (Byrd, Nocedal & Schnabel's compact form, here solving for
 torch's own al and be):
 
@@ -20,13 +21,20 @@ torch's own al and be):
   * the direction is ONE matrix-vector product of the rows with the coefficients:
     d = -H g - sum_i H al_i y_i + sum_i (al_i - be_i) s_i.
 
-So an iteration streams the history twice (4 m n element reads against torch's ~10 m n
-reads and writes), and the only host reads left are the decisions of torch's
-algorithm: each loss, the convergence tests, ``ys > 1e-10``, the first step size and the
+So an iteration streams the history twice, as torch's two loops do, but without
+torch's 6 m n reads and writes of its working vector, and the only host reads left are
+the decisions of torch's algorithm: each loss, the convergence tests, ``ys > 1e-10``, the first step size and the
 line search's comparisons (tests/test_lbfgs.py counts them). The products are
 matrix-vector products on purpose: MKL's sgemm of [rows, 4M] by [4M, 3] ran at 1/8 of
 the speed of one sgemv over the same rows on the 2-core dev machine (a tall-K shape it
 packs), so three columns in one GEMM cost more than three passes.
+
+What that buys depends on where torch's working vector lives. Where it stays in the
+last-level cache (fp32 n = 4M is 16 MB; the dev machine's L3 is 32 MB) torch's DRAM
+traffic is the history's two streams, as ours, and the step costs about the same;
+where it does not (larger n, fp64, a cache shared with other work) torch streams it
+6 m times an iteration more, and on a GPU torch also waits on 2 m host syncs an
+iteration. bench/lbfgs_quadratic.py measures it; README.md gives the numbers.
 
 [note: LBFGS numbers] The recursion is the same algebra in another order: torch forms
 q = -g - sum_{j>i} al_j y_j element by element and then dots s_i with it; here
@@ -62,7 +70,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fused_optim.optimizer import check_lr
-
 
 # ---------------------------------------------------------------------------------------
 # The history buffer and the recursion
@@ -332,7 +339,7 @@ def _cubic_min(x1, f1, g1, x2, f2, g2, bounds=None):
 class _Point:
     """A trial step of the line search: step t, loss f, flat grad g, derivative gtd."""
 
-    __slots__ = ("t", "f", "g", "gtd")
+    __slots__ = ("f", "g", "gtd", "t")
 
     def __init__(self, t, f, g, gtd) -> None:
         self.t, self.f, self.g, self.gtd = t, f, g, gtd
@@ -445,7 +452,7 @@ class LBFGS(Optimizer):
 
     computed from the inner products :math:`S^\top g, Y^\top g, S^\top Y, Y^\top Y` (two
     triangular solves for :math:`\alpha, \beta`) and one matrix-vector product for
-    :math:`d_k`: two passes over the history per iteration and no host sync besides
+    :math:`d_k`: two streams over the history per iteration and no host sync besides
     the algorithm's own decisions (see the module docstring and [note: LBFGS numbers]
     for how its numbers relate to torch's).
 

@@ -222,10 +222,10 @@ def test_parity_fp64(problem, line_search, options):
 @pytest.mark.parametrize("problem,line_search,options", list(_cases()))
 def test_parity_fp32(problem, line_search, options):
     options, steps = _steps(problem, {"line_search_fn": line_search, **options})
-    ours, fused, ps, _ = run(fused_optim.LBFGS, problem, torch.float32, options, steps,
-                             start_dtype=torch.float32)
-    theirs, oracle, tps, _ = run(torch.optim.LBFGS, problem, torch.float32, options, steps,
-                                 start_dtype=torch.float32)
+    ours, *_ = run(fused_optim.LBFGS, problem, torch.float32, options, steps,
+                   start_dtype=torch.float32)
+    theirs, *_ = run(torch.optim.LBFGS, problem, torch.float32, options, steps,
+                     start_dtype=torch.float32)
     truth, *_ = run(torch.optim.LBFGS, problem, torch.float64, options, steps,
                     start_dtype=torch.float32)
     torch_err = _max_rel(theirs, truth)
@@ -424,8 +424,8 @@ def test_state_dict_switch_mid_training(direction, line_search):
 
 def test_state_dict_format_matches_torch():
     options = {"line_search_fn": "strong_wolfe", "history_size": 3, "max_iter": 6}
-    _, fused, ps, _ = run(fused_optim.LBFGS, "quadratic", torch.float32, options, 2)
-    _, oracle, tps, _ = run(torch.optim.LBFGS, "quadratic", torch.float32, options, 2)
+    _, fused, _, _ = run(fused_optim.LBFGS, "quadratic", torch.float32, options, 2)
+    _, oracle, _, _ = run(torch.optim.LBFGS, "quadratic", torch.float32, options, 2)
     a, b = fused.state_dict(), oracle.state_dict()
     assert a["param_groups"] == b["param_groups"]
     assert sorted(a["state"]) == sorted(b["state"]) == [0]
