@@ -7,6 +7,12 @@
     fused-optim-bench --list               # the optimizers, which providers run here and why not
     fused-optim-bench --optim sparseadam,adagrad,sgd --shapes embeddings --dtype fp32 \\
         --providers torch,'fused_optim[cpu]'   # sparse grads: nn.Embedding(sparse=True)
+    fused-optim-bench adafactor|muon|lbfgs [--help]   # the steps that are not element-wise
+
+The optimizers whose step is not element-wise have a runner of their own each, with its
+own model of the work (SUBCOMMANDS): Adafactor's bytes (bench/adafactor.py), Muon's
+Newton-Schulz flops and the batching effect (bench/muon_bench.py), LBFGS's step time on
+a quadratic, closure excluded (bench/lbfgs_quadratic.py).
 
 The optimizers are fused_optim's (every exported class with a spec, by its class name
 lowercased; see providers.optimizers). The table goes to stdout, progress to stderr.
@@ -217,7 +223,17 @@ def _list(cfg) -> int:
     return 0
 
 
+# fused-optim-bench <name> ...: the runners of the optimizers that are not element-wise.
+SUBCOMMANDS = {"adafactor": "adafactor", "muon": "muon_bench", "lbfgs": "lbfgs_quadratic"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        runner = importlib.import_module(f"{__package__}.{SUBCOMMANDS[argv[0]]}")
+        return int(runner.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     from . import report
     from .runner import Config, run

@@ -110,7 +110,7 @@ def run(shapes, dtype=torch.float32, rounds: int = 10, warmup: int = 2,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fused_optim.bench.adafactor")
+    ap = argparse.ArgumentParser(prog="fused-optim-bench adafactor")
     ap.add_argument("--shapes", default="24x1024x1024,24x1024")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"])
     ap.add_argument("--rounds", type=int, default=10)

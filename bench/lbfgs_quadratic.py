@@ -76,8 +76,9 @@ def _one_step(cls, a, b, x0, args, line_search) -> tuple[float, float, torch.Ten
     return total, spent[0], x.detach(), iters
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fused-optim-bench lbfgs",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--history", type=int, default=100)
     parser.add_argument("--max-iter", type=int, default=20)
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--line-search", action="store_true")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
 
     try:
@@ -133,7 +134,8 @@ def main() -> None:
     err = ((finals["fused_optim"] - ref).abs().max() / ref.abs().max()).item()
     print(f"  speedup (median of per-round ratios): {statistics.median(ratios):.2f}x "
           f"(per round {[round(x, 2) for x in ratios]}); max rel diff of the params {err:.2e}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

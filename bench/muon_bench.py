@@ -142,7 +142,7 @@ def format_case(case: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.muon_bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="fused-optim-bench muon", description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="24x1024x1024",
                     help="comma-separated COUNTxROWSxCOLS cases, each one run (default: 24x1024x1024)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))

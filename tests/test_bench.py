@@ -948,3 +948,20 @@ def test_sparse_cli(tmp_path, capsys):
     assert ok["fused_optim[cpu]"]["max_rel_err"] < 2e-2
     assert doc["shapes"][0]["embedding"]["hot_rows"] == 16
     assert "torch-forloop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,args,shows", [
+    ("adafactor", ["--shapes", "2x64x32,2x64", "--rounds", "2"], "torch-forloop"),
+    ("muon", ["--shapes", "2x32x32", "--warmup", "1", "--repeat", "2"], "unbatched"),
+    ("lbfgs", ["--n", "4096", "--history", "5", "--max-iter", "3", "--rounds", "2"],
+     "step minus closure"),
+])
+def test_subcommands_of_the_steps_that_are_not_element_wise(name, args, shows, capsys):
+    """fused-optim-bench adafactor|muon|lbfgs runs that optimizer's own runner, which
+    checks its result against torch.optim's and prints the comparison."""
+    assert name in cli.SUBCOMMANDS
+    assert cli.main([name, *args]) == 0
+    out = capsys.readouterr().out
+    assert shows in out and "torch" in out
+    with pytest.raises(SystemExit):
+        cli.main([name, "--no-such-option"])
