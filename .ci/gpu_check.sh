@@ -15,7 +15,9 @@
 #                and bf16, against torch.optim's for-loop on the GPU, and a CUDA-graph
 #                replay against eager steps; then every optimizer that takes sparse grads
 #                (nn.Embedding(sparse=True)) on every GPU backend with a row-sparse engine
-#                ("cuda" and "triton"), against torch.optim's class.
+#                ("cuda" and "triton"), against torch.optim's class. Then the test files
+#                of the steps that are not element-wise (tests/test_adafactor.py,
+#                test_muon.py, test_lbfgs.py: their CUDA cases run where a GPU is).
 #   3. bench     the GPU benchmark (python3 -m bench from the repo root, i.e. what
 #                `fused-optim-bench` runs): AdamW, SGD and Adagrad (an optimizer fused_optim
 #                does not have is skipped with a message), fp32 and bf16, on 8x128M (1B
@@ -23,8 +25,9 @@
 #                launch-bound), against torch-forloop/foreach/fused, once eager and once
 #                with --cuda-graph; between them a sparse run: SparseAdam, SGD and Adagrad
 #                on the embedding shapes (sparse grads, fp32: torch.optim's one
-#                implementation against fused_optim[cuda] and [triton]); JSON, PNG and log under
-#                bench/results/<gpu name>/.
+#                implementation against fused_optim[cuda] and [triton]); then
+#                `fused-optim-bench adafactor|muon|lbfgs --device cuda` (output in this
+#                script's log only); JSON, PNG and log under bench/results/<gpu name>/.
 #   4. summary   of every step; exit status 1 if the build, a test or the smoke check
 #                failed, or a benchmark run failed (each later step still runs).
 #
@@ -119,6 +122,7 @@ pytest_line() {  # the last "N passed, M skipped ..." line of a pytest log
 main() {
   local rc_build=0 rc_cuda=0 rc_triton=0 rc_smoke=0 rc_eager=-1 rc_graph=-1 rc_sparse=-1
   local s_build=0 s_cuda=0 s_triton=0 s_smoke=0 s_eager=0 s_graph=0 s_sparse=0
+  local rc_steps=-1 s_steps=0 rc_runners=-1 s_runners=0
   local t
 
   hr "gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ)$([[ $DRY == 1 ]] && echo ' (DRY RUN: CPU, tiny sizes, no build)')"
@@ -407,6 +411,25 @@ EOF
   cat "$WORK/smoke.log"
   echo "smoke: exit $rc_smoke in ${s_smoke} s"
 
+  # The optimizers whose step is not element-wise (Adafactor's factored-moment engine on
+  # "cuda" and compiled "triton", Muon's batched Newton-Schulz, LBFGS's device-side
+  # recursion): their test files step CUDA copies against torch.optim on the GPU where
+  # one is present (and their CPU cases too).
+  t=$SECONDS
+  FUSED_OPTIM_FAILURES_LOG="$WORK/test_steps_failures.log" \
+    timeout -k 10 "$(limit 120 130 40)" "$PY" -m pytest -q -p no:cacheprovider -rs \
+    "${xdist[@]}" tests/test_adafactor.py tests/test_muon.py tests/test_lbfgs.py \
+    "${PYTEST_EXTRA[@]}" > "$WORK/test_steps.log" 2>&1
+  rc_steps=$?
+  s_steps=$(( SECONDS - t ))
+  echo "test_adafactor/muon/lbfgs.py: exit $rc_steps in ${s_steps} s: $(pytest_line "$WORK/test_steps.log")"
+  if (( rc_steps != 0 && rc_steps != 5 )); then
+    grep -E '^(FAILED|ERROR)' "$WORK/test_steps.log" | head -n 30
+    grep -E '^FAILED' "$WORK/test_steps_failures.log" 2>/dev/null | sort -u | head -n 40 \
+      | sed 's/^/as it ran: /'
+  fi
+  (( rc_steps == 5 )) && rc_steps=0
+
   if [[ ! -f $WORK/test_triton.rc ]]; then echo "waiting for test_triton.py ..."; fi
   wait "$triton_pid"
   read -r rc_triton s_triton < "$WORK/test_triton.rc" || rc_triton=99
@@ -451,6 +474,17 @@ EOF
         rc_sparse=$?
         s_sparse=$(( SECONDS - t ))
       fi
+      # The runners of the steps that are not element-wise (fused-optim-bench adafactor /
+      # muon / lbfgs): their output goes to this script's log only.
+      tl=$(min 100 $(( $(left) - 55 )))
+      if (( tl < 40 )); then
+        echo "gpu-check: ${tl} s left for the adafactor/muon/lbfgs runners: skipped"
+      else
+        t=$SECONDS
+        runners_run "$tl"
+        rc_runners=$?
+        s_runners=$(( SECONDS - t ))
+      fi
       tl=$(min 150 $(( $(left) - 10 )))
       if (( tl < 45 )); then
         echo "gpu-check: ${tl} s left: the --cuda-graph run is skipped"
@@ -472,8 +506,10 @@ EOF
     test_cuda.py "$(word "$rc_cuda")" "$s_cuda" "$(pytest_line "$WORK/test_cuda.log")" \
     test_triton.py "$(word "$rc_triton")" "$s_triton" "$(pytest_line "$WORK/test_triton.log")" \
     smoke "$(word "$rc_smoke")" "$s_smoke" "$(tail -n 1 "$WORK/smoke.log")" \
+    "tests 3 optims" "$(word "$rc_steps")" "$s_steps" "$(pytest_line "$WORK/test_steps.log")" \
     "bench eager" "$(word "$rc_eager")" "$s_eager" "$(grep -m1 '^wrote .*json' "$WORK/bench-eager.log" 2>/dev/null)" \
     "bench sparse" "$(word "$rc_sparse")" "$s_sparse" "$(grep -m1 '^wrote .*json' "$WORK/bench-sparse.log" 2>/dev/null)" \
+    "runners" "$(word "$rc_runners")" "$s_runners" "adafactor, muon, lbfgs (in the log above)" \
     "bench graph" "$(word "$rc_graph")" "$s_graph" "$(grep -m1 '^wrote .*json' "$WORK/bench-graph.log" 2>/dev/null)"
   for mode in eager sparse graph; do
     if [[ -f $WORK/bench-$mode.log ]]; then
@@ -482,7 +518,9 @@ EOF
     fi
   done
   for rc in "$rc_build" "$rc_cuda" "$rc_triton" "$rc_smoke"; do (( rc != 0 )) && status=1; done
-  for rc in "$rc_eager" "$rc_sparse" "$rc_graph"; do (( rc > 0 )) && status=1; done
+  for rc in "$rc_steps" "$rc_eager" "$rc_sparse" "$rc_runners" "$rc_graph"; do
+    (( rc > 0 )) && status=1
+  done
   echo
   echo "gpu-check: $([[ $status == 0 ]] && echo PASSED || echo FAILED) in $(( SECONDS - T0 )) s"
   printf '%s\n' "${RESULT_FILES[@]}" > "$WORK/result_files"
@@ -511,6 +549,31 @@ for name in [n.strip().lower() for n in sys.argv[1].split(",") if n.strip()]:
         print(f"gpu-check: skipping {name!r} in the {sys.argv[2]} run: {why}", file=sys.stderr)
 print(",".join(keep))
 EOF
+}
+
+# fused-optim-bench adafactor / muon / lbfgs on the device, within $1 seconds in all
+# (a third each, at least 20); each prints fused_optim against torch.optim and its error.
+runners_run() {
+  local each=$(( $1 / 3 )) rc=0 r
+  (( each < 20 )) && each=20
+  local -a sizes_a sizes_m sizes_l
+  if [[ $DRY == 1 ]]; then
+    sizes_a=(--shapes 2x256x128,2x256 --rounds 2)
+    sizes_m=(--shapes 2x64x64 --warmup 1 --repeat 2)
+    sizes_l=(--n 65536 --history 10 --max-iter 5 --rounds 2)
+  else
+    sizes_a=(--rounds 5)                                         # 24 x 1024^2 + 24 x 1024
+    sizes_m=(--shapes 24x1024x1024,512x128x128 --warmup 1 --repeat 3)  # batching on a GPU
+    sizes_l=(--rounds 3)                                         # 4M, 20 iterations
+  fi
+  for r in "adafactor ${sizes_a[*]}" "muon ${sizes_m[*]}" "lbfgs ${sizes_l[*]}"; do
+    echo "\$ $PY -m bench $r --device $DEVICE   (limit ${each} s)"
+    # shellcheck disable=SC2086  (the sizes are words)
+    timeout -k 10 "$each" "$PY" -m bench $r --device "$DEVICE" 2>&1 | tail -n 30
+    local one=${PIPESTATUS[0]}
+    (( one != 0 )) && { echo "runner '${r%% *}': exit $one"; rc=1; }
+  done
+  return "$rc"
 }
 
 # One benchmark run: its output to the console and to a log kept next to its JSON.
@@ -545,7 +608,7 @@ if [[ -n $DEVDIR ]]; then
   CHECK_LOG="$RESULTS/$DEVDIR/$STAMP-gpu-check.log"
   mkdir -p "$RESULTS/$DEVDIR" && cp "$WORK/gpu_check.log" "$CHECK_LOG" && FILES+=("$CHECK_LOG")
   {
-    for f in build test_triton test_cuda test_cuda_failures smoke; do
+    for f in build test_triton test_cuda test_cuda_failures smoke test_steps test_steps_failures; do
       echo "==================== $f ===================="
       cat "$WORK/$f.log" 2>/dev/null
     done

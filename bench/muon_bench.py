@@ -84,12 +84,18 @@ PROVIDERS = {
 }
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_case(shapes, dtype, *, warmup: int, repeat: int, seed: int, lr: float,
-             providers: list[str]) -> dict:
+             providers: list[str], device: str | torch.device = "cpu") -> dict:
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(r, c, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype)
+    init = [torch.randn(r, c, generator=gen, dtype=torch.float32).mul_(0.02).to(device, dtype)
             for count, r, c in shapes for _ in range(count)]
-    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.1).to(dtype)
+    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.1).to(device, dtype)
              for p in init]
     opts, params = {}, {}
     for name in providers:
@@ -104,8 +110,10 @@ def run_case(shapes, dtype, *, warmup: int, repeat: int, seed: int, lr: float,
     for r in range(warmup + repeat):
         order = providers[r % len(providers):] + providers[:r % len(providers)]
         for name in order:
+            _sync(device)  # on a GPU: the step's kernels, timed from the host
             t0 = time.perf_counter()
             opts[name].step()
+            _sync(device)
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
@@ -146,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="24x1024x1024",
                     help="comma-separated COUNTxROWSxCOLS cases, each one run (default: 24x1024x1024)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -156,7 +165,7 @@ def main(argv=None) -> int:
     providers = args.providers.split(",")
     if providers[0] != "torch":
         ap.error("--providers must start with torch (the baseline)")
-    facts = machine.facts(torch.device("cpu"))
+    facts = machine.facts(torch.device(args.device))
     snap = machine.cpu_snapshot()
     print(f"{facts['cpu']['model']}, {facts['cpu']['logical_cpus']} CPUs, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load "
@@ -164,7 +173,8 @@ def main(argv=None) -> int:
     cases = []
     for shape in parse_shapes(args.shapes):
         case = run_case([shape], _DTYPES[args.dtype], warmup=args.warmup, repeat=args.repeat,
-                        seed=args.seed, lr=args.lr, providers=providers)
+                        seed=args.seed, lr=args.lr, providers=providers,
+                        device=args.device)
         cases.append(case)
         print(format_case(case), flush=True)
     facts["load_average_end"] = machine.load_average()
