@@ -622,3 +622,39 @@ def test_half_precision_params_run_like_torch(dtype):
     assert _max_rel(ours, theirs) <= 0.1
     a, b = fused.state[ps[0]], oracle.state[tps[0]]
     assert a["d"].dtype == b["d"].dtype and a["al"][0].dtype == b["al"][0].dtype
+
+
+@pytest.mark.parametrize("n", [(1 << 17) - 1, 1 << 17, 300_001])
+def test_row_products_in_column_blocks(n):
+    """[note: row products in column blocks] (fused_optim/lbfgs.py): the blocked products
+    (several blocks and a tail here, one block below 2 x _MIN_BLOCK) against torch.mv in
+    float64, and an LBFGS run of that size against torch.optim's."""
+    from fused_optim.lbfgs import _blocks, rows_times, times_rows
+
+    gen = torch.Generator().manual_seed(n)
+    rows = torch.randn(7, n, generator=gen, dtype=torch.float64)
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    c = torch.randn(7, generator=gen, dtype=torch.float64)
+    assert (_blocks(rows) > 1) == (n >= 2 * (1 << 16))
+    torch.testing.assert_close(rows_times(rows, v), torch.mv(rows, v), rtol=1e-13, atol=0)
+    torch.testing.assert_close(times_rows(c, rows), torch.mv(rows.t(), c), rtol=1e-13,
+                               atol=1e-13)
+    assert rows_times(rows[:0], v).shape == (0,)
+    # A quadratic of n unknowns, 2 steps of 6 iterations: fp64 within FP64_RTOL.
+    a = torch.linspace(1, 100, n, dtype=torch.float64)
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    finals = []
+    for cls in (fused_optim.LBFGS, torch.optim.LBFGS):
+        x = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+        opt = cls([x], max_iter=6, history_size=4)
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * (a * x * x).sum() - (b * x).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+        finals.append(x.detach())
+    assert _max_rel([finals[0]], [finals[1]]) <= FP64_RTOL
