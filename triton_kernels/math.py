@@ -91,6 +91,18 @@ def to_storage(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def to_bf16_stochastic(x, r):
+    """float32 -> bfloat16 rounded stochastically with the random bits r (tl.randint's
+    int32 words, the low 16 bits used): [note: stochastic rounding] in
+    csrc/include/fused_optim/math/stochastic.h, the same bits for the same (x, r). NaN
+    stays a quiet NaN of its sign. Not used by a kernel yet (issue 14's memory policy)."""
+    u = x.to(tl.uint32, bitcast=True)
+    b = (u + (r.to(tl.uint32, bitcast=True) & 0xFFFF)) >> 16
+    b = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x0040, b)
+    return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def lerp(start, end, weight):
     """torch.lerp with ATen's two-branch formula, exact at weight 0 and 1, written as in
     stages.h: start + w * (end - start) for w < 0.5, else end + (w - 1) * (end - start),
