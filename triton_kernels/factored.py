@@ -131,19 +131,23 @@ def _begin(steps, tmeta, work, hyp, scal_at, STEP_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _work_item(base, tmeta, items):
+    """This program's work item: (tensor t, matrix b of it, rows [i0, i1)), the tensor's
+    meta row, its param, grad and factor (or variance) pointers and its column count."""
+    item = items + tl.program_id(0) * _I_COLS
+    t = tl.load(item)
+    meta = tmeta + t * _T_COLS
+    return (t, tl.load(item + 1), tl.load(item + 2), tl.load(item + 3), meta,
+            base + tl.load(meta + _P), base + tl.load(meta + _G), base + tl.load(meta + _A),
+            tl.load(meta + _COLS))
+
+
+@triton.jit
 def _pass1(base, tmeta, items, work, sums_at, cols_at, scal_at,
            DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.program_id(0)
-    item = items + k * _I_COLS
-    t = tl.load(item)
-    b = tl.load(item + 1)
-    i0 = tl.load(item + 2)
-    i1 = tl.load(item + 3)
-    meta = tmeta + t * _T_COLS
-    p = base + tl.load(meta + _P)
-    g = base + tl.load(meta + _G)
-    a = base + tl.load(meta + _A)
-    cols = tl.load(meta + _COLS)
+    item = items + k * _I_COLS  # its column partials: item + 4
+    t, b, i0, i1, meta, p, g, a, cols = _work_item(base, tmeta, items)
     psq = tl.zeros([BLOCK], tl.float64)
     if tl.load(meta + _KIND) == 1:
         rows = tl.load(meta + _ROWS)
@@ -250,15 +254,7 @@ def _factors(base, tmeta, items, work, hyp, lr_ptr, sums_at, cols_at, scal_at,
 def _pass2(base, tmeta, items, work, hyp, sums_at,
            DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.program_id(0)
-    item = items + k * _I_COLS
-    t = tl.load(item)
-    b = tl.load(item + 1)
-    i0 = tl.load(item + 2)
-    i1 = tl.load(item + 3)
-    meta = tmeta + t * _T_COLS
-    g = base + tl.load(meta + _G)
-    a = base + tl.load(meta + _A)
-    cols = tl.load(meta + _COLS)
+    t, b, i0, i1, meta, _, g, a, cols = _work_item(base, tmeta, items)
     eps1 = tl.load(hyp + _H_EPS1)
     eps1_sq = _r((eps1 * eps1).to(OPMATH), DTYPE, OPMATH)
     usq = tl.zeros([BLOCK], tl.float64)
@@ -326,17 +322,7 @@ def _apply(p, u, decay, alpha, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
 def _pass3(base, tmeta, items, work, hyp, lr_ptr, scal_at,
            DTYPE: tl.constexpr, OPMATH: tl.constexpr, LR_DTYPE: tl.constexpr,
            DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
-    k = tl.program_id(0)
-    item = items + k * _I_COLS
-    t = tl.load(item)
-    b = tl.load(item + 1)
-    i0 = tl.load(item + 2)
-    i1 = tl.load(item + 3)
-    meta = tmeta + t * _T_COLS
-    p = base + tl.load(meta + _P)
-    g = base + tl.load(meta + _G)
-    a = base + tl.load(meta + _A)
-    cols = tl.load(meta + _COLS)
+    t, b, i0, i1, meta, p, g, a, cols = _work_item(base, tmeta, items)
     eps1 = tl.load(hyp + _H_EPS1)
     eps1_sq = _r((eps1 * eps1).to(OPMATH), DTYPE, OPMATH)
     lr = tl.load(lr_ptr).to(tl.float64)
