@@ -251,6 +251,19 @@ def _factors(base, tmeta, items, work, hyp, lr_ptr, sums_at, cols_at, scal_at,
 
 
 @triton.jit
+def _factored_update(g, col_var, at, offs, mask, rv, mean, eps1_sq, NEGATE: tl.constexpr,
+                     DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """The update of one block of a factored row (the grad negated with NEGATE),
+    recomputed from the row factor rv, the column factors and their mean: passes 2 and 3
+    share it."""
+    cv = tl.load(col_var + offs, mask=mask, other=1.0).to(OPMATH)
+    gv = tl.load(g + at + offs, mask=mask, other=0.0).to(OPMATH)
+    if NEGATE:
+        gv = -gv
+    return _update(gv, _estimate(rv, cv, mean, DTYPE, OPMATH), eps1_sq, DTYPE, OPMATH)
+
+
+@triton.jit
 def _pass2(base, tmeta, items, work, hyp, sums_at,
            DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.program_id(0)
@@ -268,9 +281,8 @@ def _pass2(base, tmeta, items, work, hyp, sums_at,
             for j0 in range(0, cols, BLOCK):
                 offs = j0 + tl.arange(0, BLOCK)
                 mask = offs < cols
-                cv = tl.load(col_var + offs, mask=mask, other=1.0).to(OPMATH)
-                gv = tl.load(g + at + offs, mask=mask, other=0.0).to(OPMATH)
-                u = _update(gv, _estimate(rv, cv, mean, DTYPE, OPMATH), eps1_sq, DTYPE, OPMATH)
+                u = _factored_update(g, col_var, at, offs, mask, rv, mean, eps1_sq, False,
+                                        DTYPE, OPMATH)
                 u = tl.where(mask, u, 0.0).to(tl.float64)
                 usq += u * u
     else:
@@ -339,12 +351,9 @@ def _pass3(base, tmeta, items, work, hyp, lr_ptr, scal_at,
             for j0 in range(0, cols, BLOCK):
                 offs = j0 + tl.arange(0, BLOCK)
                 mask = offs < cols
-                cv = tl.load(col_var + offs, mask=mask, other=1.0).to(OPMATH)
-                gv = tl.load(g + at + offs, mask=mask, other=0.0).to(OPMATH)
-                if MAXIMIZE:
-                    gv = -gv
+                u = _factored_update(g, col_var, at, offs, mask, rv, mean, eps1_sq, MAXIMIZE,
+                                        DTYPE, OPMATH)
                 pv = tl.load(p + at + offs, mask=mask, other=0.0).to(OPMATH)
-                u = _update(gv, _estimate(rv, cv, mean, DTYPE, OPMATH), eps1_sq, DTYPE, OPMATH)
                 pv = _apply(pv, u, decay, alpha, DTYPE, OPMATH, DECAY)
                 tl.store(p + at + offs, _math.to_storage(pv, DTYPE), mask=mask)
     else:
