@@ -378,13 +378,11 @@ needs_cpu_op = pytest.mark.skipif("cpu" not in BACKENDS,
                                   reason="fused_optim._C has no adafactor_ op (not built)")
 
 
-def _op_inputs(dtype=torch.float32, lr=None, seed=0):
-    """Arguments of one adafactor_ call after two reference steps (realistic factors)."""
-    from fused_optim._factored import reference_adafactor
-
+def engine_inputs(dtype, lr, factored_shapes, vector_shapes, seed=0):
+    """(args, kwargs) of one engine call (adafactor_'s order) on fresh state: params and
+    grads drawn from `seed`, zero factors, steps 0, maximize on. Also
+    tests/test_adafactor_triton.py's."""
     g = torch.Generator().manual_seed(seed)
-    factored_shapes = [(5, 7), (2, 3, 33), (1, 1)]
-    vector_shapes = [(9,), (), (4097,)]
     params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
               for s in factored_shapes + vector_shapes]
     grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
@@ -392,12 +390,21 @@ def _op_inputs(dtype=torch.float32, lr=None, seed=0):
     col_vars = [torch.zeros(*s[:-2], 1, s[-1], dtype=dtype) for s in factored_shapes]
     variances = [torch.zeros(s, dtype=dtype) for s in vector_shapes]
     steps = [torch.tensor(0.0) for _ in params]
-    kwargs = dict(lr=torch.tensor(0.05, dtype=torch.float64) if lr is None else lr,
-                  beta2_decay=-0.8, eps1=torch.finfo(dtype).eps, eps2=1e-3, d=1.0, weight_decay=0.1,
-                  maximize=True)
-    for _ in range(2):
-        reference_adafactor(params, grads, row_vars, col_vars, variances, steps, **kwargs)
+    kwargs = dict(lr=lr, beta2_decay=-0.8, eps1=torch.finfo(dtype).eps, eps2=1e-3, d=1.0,
+                  weight_decay=0.1, maximize=True)
     return [params, grads, row_vars, col_vars, variances, steps], kwargs
+
+
+def _op_inputs(dtype=torch.float32, lr=None, seed=0):
+    """Arguments of one adafactor_ call after two reference steps (realistic factors)."""
+    from fused_optim._factored import reference_adafactor
+
+    args, kwargs = engine_inputs(
+        dtype, torch.tensor(0.05, dtype=torch.float64) if lr is None else lr,
+        [(5, 7), (2, 3, 33), (1, 1)], [(9,), (), (4097,)], seed)
+    for _ in range(2):
+        reference_adafactor(*args, **kwargs)
+    return args, kwargs
 
 
 @needs_cpu_op

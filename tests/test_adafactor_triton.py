@@ -46,19 +46,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _inputs(dtype, lr):
-    g = torch.Generator().manual_seed(0)
-    factored_shapes = [(5, 7), (2, 3, 33), (1, 1), (9, 20)]
-    vector_shapes = [(9,), (), (70,)]
-    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
-              for s in factored_shapes + vector_shapes]
-    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
-    row_vars = [torch.zeros(*s[:-1], 1, dtype=dtype) for s in factored_shapes]
-    col_vars = [torch.zeros(*s[:-2], 1, s[-1], dtype=dtype) for s in factored_shapes]
-    variances = [torch.zeros(s, dtype=dtype) for s in vector_shapes]
-    steps = [torch.tensor(0.0) for _ in params]
-    kwargs = dict(lr=lr, beta2_decay=-0.8, eps1=torch.finfo(dtype).eps, eps2=1e-3, d=1.0,
-                  weight_decay=0.1, maximize=True)
-    return [params, grads, row_vars, col_vars, variances, steps], kwargs
+    from test_adafactor import engine_inputs
+
+    return engine_inputs(dtype, lr, [(5, 7), (2, 3, 33), (1, 1), (9, 20)], [(9,), (), (70,)])
 
 
 @needs_interpreter
