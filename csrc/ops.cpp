@@ -124,6 +124,14 @@ std::unique_ptr<OpBinding> bind(const c10::FunctionSchema& schema, const OptimIn
     (std::string(name) == "grad_scale" ? b->grad_scale_arg : b->found_inf_arg) =
         static_cast<int>(pos++);
   }
+  // The memory policy's lists (fused_optim/_policy.py), written when given.
+  for (const char* name : {"master_params", "rng_states"}) {
+    if (pos >= args.size() || args[pos].name() != name || args[pos].type()->str() != "Tensor[]?" ||
+        args[pos].alias_info() == nullptr || !args[pos].alias_info()->isWrite()) {
+      schema_error(b->name, std::string("needs `Tensor(x!)[]? ") + name + "=None` after found_inf");
+    }
+    (std::string(name) == "master_params" ? b->master_arg : b->rng_arg) = static_cast<int>(pos++);
+  }
   if (pos != args.size()) schema_error(b->name, "has arguments the C++ math does not know");
   if (info.floats.size() > math::kMaxFloats || info.flags.size() > math::kMaxFlags ||
       info.states.size() > math::kMaxStates) {
@@ -166,6 +174,8 @@ std::unique_ptr<OpBinding> bind(const c10::FunctionSchema& schema, const OptimIn
 struct StackCall {
   std::vector<BorrowedTensors> lists;
   std::vector<BorrowedTensors> states;
+  BorrowedTensors master;
+  BorrowedTensors rng;
   OpCall call;
 };
 
@@ -194,6 +204,14 @@ void read_stack(const OpBinding& b, const torch::jit::Stack& stack, StackCall* s
   for (size_t j = 0; j < b.state_args.size(); ++j) {
     borrow_list(arg(b.state_args[j]), &s->states[j]);
     c.states[j] = s->states[j].list();
+  }
+  if (!arg(b.master_arg).isNone()) {
+    borrow_list(arg(b.master_arg), &s->master);
+    c.master = s->master.list();
+  }
+  if (!arg(b.rng_arg).isNone()) {
+    borrow_list(arg(b.rng_arg), &s->rng);
+    c.rng = s->rng.list();
   }
 }
 
@@ -239,6 +257,10 @@ class BumpKernel final : public c10::OperatorKernel {
     std::vector<c10::IValue> lists, states;
     for (int a : b.list_args) lists.push_back((*stack)[base + a]);
     for (int a : b.state_args) states.push_back((*stack)[base + a]);
+    // The policy's lists, when given, are written as the state lists are.
+    for (int a : {b.master_arg, b.rng_arg}) {
+      if (!(*stack)[base + a].isNone()) states.push_back((*stack)[base + a]);
+    }
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
     const auto items = [](const std::vector<c10::IValue>& values) {
       std::vector<c10::ArrayRef<c10::IValue>> out;

@@ -45,6 +45,8 @@ struct OpBinding {
   std::vector<int> flag_args;
   int grad_scale_arg = -1;
   int found_inf_arg = -1;
+  int master_arg = -1;              // the memory policy's lists (fused_optim/_policy.py)
+  int rng_arg = -1;
   // Per optimizer list: -1 (always present), else the float (when_is_flag false) or
   // bool argument, by its index among the floats / flags, that must be non-zero.
   std::vector<int> list_when;
@@ -101,6 +103,10 @@ struct OpCall {
   bool maximize = false;
   const at::Tensor* grad_scale = nullptr;  // nullptr: not given
   const at::Tensor* found_inf = nullptr;
+  // The memory policy ([note: memory policy] in csrc/cpu/kernel_api.h): per param its
+  // fp32 master copy, its int64 [seed, offset]; empty when the call has none.
+  at::TensorList master;
+  at::TensorList rng;
 
   const char* name() const { return op->name.c_str(); }
   at::TensorList params() const { return lists[0]; }
@@ -120,6 +126,8 @@ struct OpCall {
     maximize = b.maximize_flag >= 0 && args.flags[b.maximize_flag];
     grad_scale = grad_scale_tensor;
     found_inf = found_inf_tensor;
+    master = at::TensorList();
+    rng = at::TensorList();
   }
 };
 
@@ -134,10 +142,12 @@ struct NamedList {
   at::TensorList tensors;
 };
 
-// List-major pointer table for the kernels: ptrs[list * n + t], numels[t].
+// List-major pointer table for the kernels: ptrs[list * n + t], numels[t]; master[t],
+// the fp32 master copies of a call with a memory policy's master_params.
 struct FlatTable {
   std::vector<void*> ptrs;
   std::vector<int64_t> numels;
+  std::vector<void*> master;
   cpu::TensorTable table{};
 };
 
@@ -166,25 +176,38 @@ inline void prefetch_metadata(at::TensorList l, size_t i) {
   }
 }
 
+// The storage dtypes of a call's lists: params and grads in `param`, the state lists
+// in `state` (another dtype only under a memory policy the engine runs).
+struct ListDTypes {
+  c10::ScalarType param;
+  c10::ScalarType state;
+};
+
 // One row of check_bucket: row i of every list checked, its pointers written to `flat`.
 inline void check_row(const char* op, const std::vector<NamedList>& lists, size_t i,
-                      FlatTable* flat) {
+                      ListDTypes dtypes, FlatTable* flat) {
   const at::TensorList params = lists[0].tensors;
   const size_t n = params.size();
   const at::Device device = params[0].device();
-  const c10::ScalarType dtype = params[0].scalar_type();
   const at::Tensor& p = params[i];
   for (size_t k = 0; k < lists.size(); ++k) {
     const NamedList& l = lists[k];
     prefetch_metadata(l.tensors, i);
     const at::Tensor& t = l.tensors[i];
+    const c10::ScalarType dtype = k < 2 ? dtypes.param : dtypes.state;
     TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
     TORCH_CHECK(t.layout() == c10::kStrided, op, ": ", l.name, "[", i,
                 "] is sparse; fused_optim kernels take dense tensors only");
     TORCH_CHECK(t.device() == device, op, ": all tensors of one call must be on one device; ",
                 l.name, "[", i, "] is on ", t.device(), ", params[0] on ", device);
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors of one call must have one dtype; ",
-                l.name, "[", i, "] is ", t.scalar_type(), ", params[0] is ", dtype);
+    if (dtype == dtypes.param) {
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors of one call must have one dtype; ",
+                  l.name, "[", i, "] is ", t.scalar_type(), ", params[0] is ", dtype);
+    } else {
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": the state lists of one call must have one "
+                  "dtype; ", l.name, "[", i, "] is ", t.scalar_type(), ", ", lists[2].name,
+                  "[0] is ", dtype);
+    }
     TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
                 " but params[", i, "] has shape ", p.sizes());
     TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", l.name, "[", i,
@@ -202,7 +225,7 @@ inline void check_row(const char* op, const std::vector<NamedList>& lists, size_
 // and strides (so element i of every list sits at the same offset); no sparse or
 // complex tensors. Rows are split over threads by `run_rows` when given.
 inline void check_bucket(const char* op, const std::vector<NamedList>& lists, FlatTable* flat,
-                         RowRunner run_rows) {
+                         RowRunner run_rows, const c10::ScalarType* state_dtype = nullptr) {
   const at::TensorList params = lists[0].tensors;
   for (const NamedList& l : lists) {
     TORCH_CHECK(l.tensors.size() == params.size(), op, ": expected ", params.size(), " ",
@@ -210,12 +233,14 @@ inline void check_bucket(const char* op, const std::vector<NamedList>& lists, Fl
   }
   if (params.empty()) return;
   const cpu::DType kernel_dtype = to_kernel_dtype(op, params[0].scalar_type());
+  const ListDTypes dtypes{params[0].scalar_type(),
+                          state_dtype != nullptr ? *state_dtype : params[0].scalar_type()};
   const size_t n = params.size();
   flat->ptrs.resize(lists.size() * n);
   flat->numels.resize(n);
   const auto check_rows = [&](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i) {
-      check_row(op, lists, i, flat);
+      check_row(op, lists, i, dtypes, flat);
     }
   };
   if (run_rows != nullptr) {
@@ -224,7 +249,47 @@ inline void check_bucket(const char* op, const std::vector<NamedList>& lists, Fl
     check_rows(0, n);
   }
   flat->table = cpu::TensorTable{static_cast<int64_t>(n), static_cast<int>(lists.size()),
-                                 flat->ptrs.data(), flat->numels.data(), kernel_dtype};
+                                 flat->ptrs.data(), flat->numels.data(), kernel_dtype,
+                                 to_kernel_dtype(op, dtypes.state)};
+}
+
+// Checks a call's memory policy lists (master_params: per param an fp32 tensor of its
+// sizes and strides; rng_states: per param a contiguous int64 [seed, offset]; both on
+// the params' device) and writes the master copies' pointers to `flat`.
+inline void check_policy_lists(const char* op, at::TensorList params, at::TensorList master,
+                               at::TensorList rng, FlatTable* flat) {
+  const size_t n = params.size();
+  if (!master.empty()) {
+    TORCH_CHECK(master.size() == n, op, ": expected ", n,
+                " master_params (one per param), got ", master.size());
+    flat->master.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& m = master[i];
+      const at::Tensor& p = params[i];
+      TORCH_CHECK(m.defined() && m.layout() == c10::kStrided &&
+                      m.scalar_type() == c10::ScalarType::Float,
+                  op, ": master_params[", i, "] must be a dense float32 tensor");
+      TORCH_CHECK(m.device() == p.device(), op, ": master_params[", i, "] is on ", m.device(),
+                  " but the params are on ", p.device());
+      TORCH_CHECK(m.sizes() == p.sizes() && (m.numel() <= 1 || m.strides() == p.strides()) &&
+                      m.is_non_overlapping_and_dense(),
+                  op, ": master_params[", i, "] must have the sizes and strides of params[", i,
+                  "]");
+      flat->master[i] = m.data_ptr();
+    }
+  }
+  if (!rng.empty()) {
+    TORCH_CHECK(rng.size() == n, op, ": expected ", n, " rng_states (one per param), got ",
+                rng.size());
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& r = rng[i];
+      TORCH_CHECK(r.defined() && r.scalar_type() == c10::ScalarType::Long && r.numel() == 2 &&
+                      r.is_contiguous(),
+                  op, ": rng_states[", i, "] must be a contiguous int64 tensor [seed, offset]");
+      TORCH_CHECK(r.device() == params[i].device(), op, ": rng_states[", i, "] is on ",
+                  r.device(), " but the params are on ", params[i].device());
+    }
+  }
 }
 
 // The element-wise lists of one call, checked (check_bucket), with their pointer table:
@@ -235,7 +300,9 @@ struct CheckedLists {
   uint32_t mask = 0;  // the optimizer's lists present, a bit each
   FlatTable flat;
 
-  CheckedLists(const OpCall& c, RowRunner run_rows) {
+  // `policies`: whether the device's engine runs memory policies (the lists' storage
+  // dtypes are then checked against cpu::policy_supported).
+  CheckedLists(const OpCall& c, RowRunner run_rows, bool policies = false) {
     const OpBinding& b = *c.op;
     const std::vector<std::string>& names = b.info->lists;
     for (size_t k = 0; k < names.size(); ++k) {
@@ -253,7 +320,38 @@ struct CheckedLists {
       TORCH_CHECK(false, c.name(), ": ", names[k], " must be empty when ", b.info->floats[w],
                   "=", c.args.floats[w], ", got ", c.lists[k].size());
     }
-    check_bucket(c.name(), present, &flat, run_rows);
+    const at::TensorList params = c.params();
+    if (!policies) {
+      TORCH_CHECK(c.master.empty() && c.rng.empty(), c.name(),
+                  ": this device's engine has no memory policy (master_params, rng_states) yet");
+      check_bucket(c.name(), present, &flat, run_rows);
+      return;
+    }
+    // The state lists' dtype: the first state tensor's, when params, states and policy
+    // lists make a policy the engine runs; else the params' (and the checks name the
+    // first tensor that differs, as for any call).
+    c10::ScalarType state_dtype = params.empty() ? c10::ScalarType::Float : params[0].scalar_type();
+    if (!params.empty() && present.size() > 2 && !present[2].tensors.empty() &&
+        present[2].tensors[0].defined()) {
+      const c10::ScalarType first = present[2].tensors[0].scalar_type();
+      const c10::ScalarType p = params[0].scalar_type();
+      if (first != p && (first == c10::ScalarType::Float || first == c10::ScalarType::BFloat16) &&
+          cpu::policy_supported(to_kernel_dtype(c.name(), p), to_kernel_dtype(c.name(), first),
+                                !c.master.empty(), !c.rng.empty())) {
+        state_dtype = first;
+      }
+    }
+    check_bucket(c.name(), present, &flat, run_rows, &state_dtype);
+    check_policy_lists(c.name(), params, c.master, c.rng, &flat);
+    if (!params.empty() && (!c.master.empty() || !c.rng.empty())) {
+      TORCH_CHECK(cpu::policy_supported(flat.table.dtype, flat.table.state_dtype,
+                                        !c.master.empty(), !c.rng.empty()),
+                  c.name(), ": no memory policy for ", params[0].scalar_type(), " params with ",
+                  state_dtype, " states", c.master.empty() ? "" : ", master_params",
+                  c.rng.empty() ? "" : ", rng_states",
+                  " (fused_optim/_policy.py lists the policies the engines run)");
+    }
+    flat.table.master = flat.master.empty() ? nullptr : flat.master.data();
   }
   CheckedLists(const CheckedLists&) = delete;
   CheckedLists& operator=(const CheckedLists&) = delete;
@@ -324,8 +422,8 @@ struct CheckedCall {
   math::Args args;  // the call's, with lr_dtype and, when lr is on the CPU, lr
   at::Device device{c10::kCPU};  // the params' device (when not empty())
 
-  CheckedCall(const OpCall& c, c10::DeviceType type, RowRunner run_rows)
-      : lists(c, run_rows), args(c.args) {
+  CheckedCall(const OpCall& c, c10::DeviceType type, RowRunner run_rows, bool policies = false)
+      : lists(c, run_rows, policies), args(c.args) {
     check_lr_shape(c);
     const at::TensorList params = c.params();
     if (params.empty()) return;

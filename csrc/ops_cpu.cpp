@@ -105,8 +105,23 @@ std::vector<double> advance_states(const OpCall& c, const math::Args& args) {
   return out;
 }
 
+// Each tensor's Philox key and the counter of its element 0 at this step (StepCall::rng),
+// read from its rng_state [seed, offset], whose offset then advances by the tensor's
+// element count ([note: the policy's random bits] in fused_optim/_policy.py).
+std::vector<uint64_t> advance_rng(at::TensorList rng, const std::vector<int64_t>& numels) {
+  std::vector<uint64_t> out(2 * rng.size());
+  for (size_t i = 0; i < rng.size(); ++i) {
+    int64_t* state = rng[i].data_ptr<int64_t>();
+    out[2 * i] = static_cast<uint64_t>(state[0]);
+    out[2 * i + 1] = static_cast<uint64_t>(state[1]);
+    state[1] = static_cast<int64_t>(static_cast<uint64_t>(state[1]) +
+                                    static_cast<uint64_t>(numels[i]));
+  }
+  return out;
+}
+
 void cpu_step(const OpCall& c) {
-  const CheckedCall checked(c, c10::DeviceType::CPU, &parallel_rows);
+  const CheckedCall checked(c, c10::DeviceType::CPU, &parallel_rows, /*policies=*/true);
   if (checked.empty() || skip_step(c.found_inf)) return;
 
   cpu::StepCall call;
@@ -119,6 +134,8 @@ void cpu_step(const OpCall& c) {
   call.tensor_state = tensor_state.data();
 
   const FlatTable& flat = checked.lists.flat;
+  const std::vector<uint64_t> rng = advance_rng(c.rng, flat.numels);
+  call.rng = c.rng.empty() ? nullptr : rng.data();
   const cpu::ChunksFn kernel = cpu::active_kernels().chunks[c.op->info->id];
   const std::vector<cpu::Chunk> chunks = make_chunks(flat.numels);
   run_chunks(chunks, flat.numels, [&](const cpu::Chunk* ch, int64_t begin, int64_t end) {

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from fused_optim._policy import POLICIES
 from fused_optim.spec import Spec
 
 __all__ = ["register_fake_kernel", "check_call", "present_lists", "check_count",
@@ -57,7 +58,21 @@ def check_device_scalar(op: str, name: str, t: Tensor, device: torch.device) -> 
         f"{op}: {name} is on {t.device} but the params are on {device}"))
 
 
-def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
+def _state_dtype(lists: Sequence[tuple[str, Sequence[Tensor]]], master: bool,
+                 stochastic: bool) -> torch.dtype:
+    """The dtype the state lists must have: the first state tensor's where params, states
+    and policy lists make a policy the engines run (fused_optim/_policy.py), else the
+    params' (as CheckedLists in csrc/ops_common.h)."""
+    dtype = lists[0][1][0].dtype
+    if len(lists) > 2 and lists[2][1]:
+        first = lists[2][1][0].dtype
+        if (dtype, first, master, stochastic) in POLICIES:
+            return first
+    return dtype
+
+
+def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]],
+                  master: bool = False, stochastic: bool = False) -> None:
     """As check_bucket in csrc/ops_common.h."""
     params = lists[0][1]
     for name, tensors in lists:
@@ -67,17 +82,23 @@ def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]]) -> Non
     device, dtype = params[0].device, params[0].dtype
     torch._check(dtype in _FLOAT_DTYPES, lambda: (
         f"{op}: parameters must be float32, float64, float16 or bfloat16, got {dtype}"))
+    state_dtype = _state_dtype(lists, master, stochastic)
     for i, p in enumerate(params):
-        for name, tensors in lists:
+        for k, (name, tensors) in enumerate(lists):
             t = tensors[i]
             torch._check(t.layout == torch.strided, lambda: (
                 f"{op}: {name}[{i}] is sparse; fused_optim kernels take dense tensors only"))
             torch._check(t.device == device, lambda: (
                 f"{op}: all tensors of one call must be on one device; {name}[{i}] is on "
                 f"{t.device}, params[0] on {device}"))
-            torch._check(t.dtype == dtype, lambda: (
-                f"{op}: all tensors of one call must have one dtype; {name}[{i}] is "
-                f"{t.dtype}, params[0] is {dtype}"))
+            if k < 2 or state_dtype == dtype:
+                torch._check(t.dtype == dtype, lambda: (
+                    f"{op}: all tensors of one call must have one dtype; {name}[{i}] is "
+                    f"{t.dtype}, params[0] is {dtype}"))
+            else:
+                torch._check(t.dtype == state_dtype, lambda: (
+                    f"{op}: the state lists of one call must have one dtype; {name}[{i}] is "
+                    f"{t.dtype}, {lists[2][0]}[0] is {state_dtype}"))
             torch._check(t.shape == p.shape, lambda: (
                 f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape "
                 f"{list(p.shape)}"))
@@ -109,13 +130,47 @@ def _check_common(op: str, params: Sequence[Tensor], lr: Tensor, grad_scale: Ten
             check_device_scalar(op, name, t, device)
 
 
+def _check_policy_lists(op: str, params: Sequence[Tensor], master: Sequence[Tensor] | None,
+                        rng: Sequence[Tensor] | None) -> None:
+    """As check_policy_lists in csrc/ops_common.h."""
+    if master:
+        check_count(op, "master_params", master, len(params))
+        for i, (m, p) in enumerate(zip(master, params)):
+            torch._check(m.dtype == torch.float32 and m.layout == torch.strided, lambda: (
+                f"{op}: master_params[{i}] must be a dense float32 tensor"))
+            torch._check(m.device == p.device, lambda: (
+                f"{op}: master_params[{i}] is on {m.device} but the params are on {p.device}"))
+            torch._check(m.shape == p.shape, lambda: (
+                f"{op}: master_params[{i}] must have the sizes and strides of params[{i}]"))
+    if rng:
+        check_count(op, "rng_states", rng, len(params))
+        for i, (r, p) in enumerate(zip(rng, params)):
+            torch._check(r.dtype == torch.int64 and r.numel() == 2, lambda: (
+                f"{op}: rng_states[{i}] must be a contiguous int64 tensor [seed, offset]"))
+            torch._check(r.device == p.device, lambda: (
+                f"{op}: rng_states[{i}] is on {r.device} but the params are on {p.device}"))
+
+
 def check_call(spec: Spec, op: str, lists: Sequence[Sequence[Tensor]], lr: Tensor,
-               grad_scale: Tensor | None, found_inf: Tensor | None, h: dict[str, Any]) -> None:
+               grad_scale: Tensor | None, found_inf: Tensor | None, h: dict[str, Any],
+               master_params: Sequence[Tensor] | None = None,
+               rng_states: Sequence[Tensor] | None = None) -> None:
     """The checks of csrc/ops_common.h on one call of spec's op, with its messages."""
     args = spec.list_args()
     by_arg = dict(zip(args, lists))
-    _check_bucket(op, present_lists(spec, op, by_arg, h))
+    present = present_lists(spec, op, by_arg, h)
+    _check_bucket(op, present, bool(master_params), bool(rng_states))
     params = by_arg["params"]
+    _check_policy_lists(op, params, master_params, rng_states)
+    if params and (master_params or rng_states):
+        dtype = params[0].dtype
+        state = _state_dtype(present, bool(master_params), bool(rng_states))
+        torch._check((dtype, state, bool(master_params), bool(rng_states)) in POLICIES
+                     or (state == dtype and not master_params and not rng_states), lambda: (
+            f"{op}: no memory policy for {dtype} params with {state} states"
+            + (", master_params" if master_params else "")
+            + (", rng_states" if rng_states else "")
+            + " (fused_optim/_policy.py lists the policies the engines run)"))
     _check_common(op, params, lr, grad_scale, found_inf)
     if params:
         for s, tensors in zip(spec.scalars, lists[len(args):]):
@@ -127,8 +182,10 @@ def register_fake_kernel(spec: Spec) -> None:
     n_lists = len(spec.list_args()) + len(spec.scalars)
     op = f"fused_optim::{spec.op}"
 
-    def fake(*lists, lr, grad_scale=None, found_inf=None, **h) -> None:
-        check_call(spec, op, lists[:n_lists], lr, grad_scale, found_inf, h)
+    def fake(*lists, lr, grad_scale=None, found_inf=None, master_params=None,
+             rng_states=None, **h) -> None:
+        check_call(spec, op, lists[:n_lists], lr, grad_scale, found_inf, h, master_params,
+                   rng_states)
         return None
 
     torch.library.register_fake(op, fake)

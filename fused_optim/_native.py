@@ -57,5 +57,6 @@ def _unavailable_for(device_type: str, dispatch_key: str):
 # whichever device the group's params are on.
 _ENTRY = getattr(_extension.C, "step_group_", None)
 
-register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step))
+register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step,
+                         policies=True))
 register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY, _sparse_step))

@@ -15,7 +15,11 @@ when no compiled backend can run a bucket, and the path of ``differentiable=True
     csrc/include/fused_optim/math/stages.h: ``lr_mul``, ``lr_div`` below);
   * found_inf != 0 leaves every tensor untouched, state included, without a host sync
     (the update is computed and then selected away with torch.where);
-  * grads are divided by grad_scale and left unscaled, then negated for maximize.
+  * grads are divided by grad_scale and left unscaled, then negated for maximize;
+  * a memory policy (fused_optim/_policy.py) changes storage only: each state tensor is
+    read and written in its own dtype; with ``master_params`` the math updates the fp32
+    copy and the param is written rounded from it; with ``rng_states`` bf16 stores round
+    stochastically ([note: the policy's random bits] there).
 
 A spec's reference function is called per param as
 ``reference(x, grad, state, lr, h)``: ``x`` maps "param" and the key of each state list
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_optim import _policy
 from fused_optim.backends import Backend, register_backend
 from fused_optim.spec import Spec
 
@@ -121,7 +126,8 @@ def _unscaled_grad(grad: Tensor, opmath: torch.dtype, grad_scale: Tensor | None,
 
 
 def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None = None,
-         found_inf: Tensor | None = None, **h: Any) -> None:
+         found_inf: Tensor | None = None, master_params: list[Tensor] | None = None,
+         rng_states: list[Tensor] | None = None, **h: Any) -> None:
     """One step of `spec`'s optimizer over one bucket (one device), with the op's
     arguments."""
     list_args = spec.list_args()
@@ -140,8 +146,9 @@ def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None
     keep = _skip_mask(found_inf, device)
     maximize = bool(h.get("maximize", False))
     for i, param in enumerate(params):
-        opmath = opmath_of(param.dtype)
-        x = {"param": param.to(opmath, copy=True)}
+        source = master_params[i] if master_params else param
+        opmath = opmath_of(source.dtype)
+        x = {"param": source.to(opmath, copy=True)}
         for key, tensors in present:
             x[key] = tensors[i].to(opmath, copy=True)
         g = _unscaled_grad(grads[i], opmath, grad_scale, keep)
@@ -149,9 +156,19 @@ def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None
             g = -g
         state = {key: tensors[i] for key, tensors in states}
         spec.reference(x, g, state, lr, h)
-        _store(param, x["param"], keep)
-        for key, tensors in present:
-            _store(tensors[i], x[key], keep)
+        words = None
+        if rng_states:
+            rng = rng_states[i]
+            words = _policy.philox_words(rng[0], rng[1] + _policy.memory_offsets(param))
+            _store(rng[1:], rng[1:] + param.numel(), keep)
+        if master_params:
+            _store(source, x["param"], keep)
+            _store(param, x["param"].to(param.dtype), keep)  # the copy: to nearest
+        else:
+            _store(param, _policy.round_to(x["param"], param.dtype, words and words[0]), keep)
+        for k, (key, tensors) in enumerate(present):
+            _store(tensors[i], _policy.round_to(x[key], tensors[i].dtype,
+                                                words and words[1 + k]), keep)
         for key, tensors in states:
             _store(tensors[i], state[key], keep)
 
@@ -164,4 +181,5 @@ def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 
 from fused_optim._sparse import reference_sparse_step  # noqa: E402
 
-register_backend(Backend("reference", _unavailable, step, sparse_step=reference_sparse_step))
+register_backend(Backend("reference", _unavailable, step, sparse_step=reference_sparse_step,
+                         policies=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fused_optim.optimizer import FusedOptimizer, check_lr
@@ -55,6 +56,7 @@ class Adadelta(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -64,6 +66,8 @@ class Adadelta(FusedOptimizer):
 
     References: Zeiler, "ADADELTA: An Adaptive Learning Rate Method" (2012).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="adadelta",
@@ -87,6 +91,9 @@ class Adadelta(FusedOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.Adadelta, in its order.
         check_lr(lr)
@@ -106,4 +113,6 @@ class Adadelta(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)

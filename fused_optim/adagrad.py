@@ -97,6 +97,7 @@ class Adagrad(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -107,6 +108,8 @@ class Adagrad(FusedOptimizer):
     References: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning
     and Stochastic Optimization" (JMLR 2011).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="adagrad",
@@ -135,6 +138,9 @@ class Adagrad(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.Adagrad, in its order.
         check_lr(lr)
@@ -159,7 +165,9 @@ class Adagrad(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def share_memory(self) -> None:
         """Moves every ``sum`` state to shared memory, as torch.optim.Adagrad does."""

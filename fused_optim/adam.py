@@ -84,6 +84,7 @@ class Adam(FusedOptimizer):
         {differentiable}
         decoupled_weight_decay (bool, optional): AdamW's decoupled decay (default: False).
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -95,6 +96,8 @@ class Adam(FusedOptimizer):
     Reddi et al., "On the Convergence of Adam and Beyond" (2018);
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2017).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="adam",
@@ -125,6 +128,9 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.Adam, in its order.
         if isinstance(lr, Tensor):
@@ -166,7 +172,9 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def _group_defaults(self) -> dict[str, Any]:
         return {**super()._group_defaults(), "amsgrad": False, "decoupled_weight_decay": False}
@@ -200,6 +208,9 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -215,6 +226,9 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             backend=backend,
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def __setstate__(self, state):

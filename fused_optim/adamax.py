@@ -58,6 +58,7 @@ class Adamax(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -68,6 +69,8 @@ class Adamax(FusedOptimizer):
     References: Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2014),
     section 7.1.
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="adamax",
@@ -91,6 +94,9 @@ class Adamax(FusedOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.Adamax, in its order.
         check_lr(lr)
@@ -105,4 +111,6 @@ class Adamax(FusedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)

@@ -77,6 +77,7 @@ class ASGD(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -87,6 +88,8 @@ class ASGD(FusedOptimizer):
     References: Polyak & Juditsky, "Acceleration of Stochastic Approximation by
     Averaging" (1992).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="asgd",
@@ -114,6 +117,9 @@ class ASGD(FusedOptimizer):
         capturable: bool = False,
         *,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.ASGD, in its order.
         check_lr(lr)
@@ -130,4 +136,6 @@ class ASGD(FusedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)

@@ -58,7 +58,9 @@ class Backend:
     straight from its params list and the optimizer's state, or False (nothing
     changed) when the group needs the list path; see FusedOptimizer._step_group_eager.
     ``sparse_step`` is the row-sparse engine's entry (fused_optim/_sparse.py), None
-    where the backend has none.
+    where the backend has none. ``policies``: whether ``step`` takes a memory policy's
+    lists (``master_params``, ``rng_states``) and per-list storage dtypes
+    (fused_optim/_policy.py).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Backend:
     step: Callable[..., None]
     step_group: Callable[..., bool] | None = None
     sparse_step: Callable[..., None] | None = None
+    policies: bool = False
 
 
 _REGISTRY: dict[str, Backend] = {}

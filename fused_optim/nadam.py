@@ -79,6 +79,7 @@ class NAdam(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -89,6 +90,8 @@ class NAdam(FusedOptimizer):
     References: Dozat, "Incorporating Nesterov Momentum into Adam" (2016);
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2017).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="nadam",
@@ -118,6 +121,9 @@ class NAdam(FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.NAdam, in its order.
         check_lr(lr)
@@ -136,7 +142,9 @@ class NAdam(FusedOptimizer):
             "capturable": capturable,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def _group_defaults(self) -> dict[str, Any]:
         return {**super()._group_defaults(), "decoupled_weight_decay": False}

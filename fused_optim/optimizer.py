@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fused_optim import _ops  # noqa: F401  (registers each spec's op as it is registered)
+from fused_optim import _policy
 from fused_optim._sparse import step_sparse
 from fused_optim.backends import get_backend, select_backend
 from fused_optim.spec import Spec, initial_value, register
@@ -36,6 +38,16 @@ _BACKEND_DOC = """backend (str, optional): which implementation runs the step: "
             the environment variable FUSED_OPTIM_BACKEND if set, else the fastest backend
             that can run each (device, dtype) bucket), "cpu", "cuda", "triton" or
             "reference". A named backend that cannot run a bucket raises ValueError."""
+
+
+_POLICY_DOC = """state_dtype (torch.dtype, optional): the dtype of every element-wise state
+            tensor (e.g. torch.bfloat16 for fp32 params); None (default) keeps torch.optim's.
+        master_weights (bool, optional): keep an fp32 copy of bf16/fp16 params (state key
+            ``master_param``), updated by the kernels, which write the rounded param in
+            the same pass (default: False).
+        stochastic_rounding (bool, optional): round every bf16 store stochastically from a
+            seeded counter-based generator (state key ``rng_state``) (default: False).
+            See fused_optim/_policy.py for the combinations each param dtype takes."""
 
 
 # torch.optim's __setstate__ defaults of the flags its classes share (each class sets
@@ -60,6 +72,7 @@ def _arg_docs(cls: type) -> dict[str, str]:
                            "torch.optim\n            does (default: False); such groups run "
                            "the reference math in torch ops."),
         "backend": _BACKEND_DOC,
+        "policy": _POLICY_DOC,
     }
 
 
@@ -150,6 +163,9 @@ class FusedOptimizer(Optimizer):
     # loaded state_dict must have them; they are not tensors to check.
     _host_state_keys: ClassVar[tuple[str, ...]] = ()
     _foreach_rejects_differentiable: ClassVar[bool] = True
+    # Whether the class takes a memory policy (fused_optim/_policy.py): the element-wise
+    # optimizers do.
+    _memory_policy: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,10 +175,20 @@ class FusedOptimizer(Optimizer):
             for key, text in _arg_docs(cls).items():
                 cls.__doc__ = cls.__doc__.replace("{" + key + "}", text)
 
-    def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto") -> None:
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto",
+                 **policy: Any) -> None:
         _check_backend_name(backend)
         defaults = dict(defaults)
         defaults["backend"] = backend
+        if self._memory_policy:
+            unknown = set(policy) - set(_policy.POLICY_KEYS)
+            if unknown:
+                raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments "
+                                f"{sorted(unknown)}")
+            defaults.update({k: policy.get(k, v) for k, v in _policy.POLICY_KEYS.items()})
+        elif policy:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments "
+                            f"{sorted(policy)}")
         super().__init__(params, defaults)
         # torch.amp.GradScaler then passes grad_scale / found_inf instead of unscaling
         # grads and syncing on found_inf itself.
@@ -187,7 +213,18 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "backend" in param_group:
             _check_backend_name(param_group["backend"])
+        if not self._memory_policy:
+            for key in _policy.POLICY_KEYS:
+                if key in param_group:
+                    raise ValueError(f"{type(self).__name__} takes no memory policy "
+                                     f"({key} was given)")
         super().add_param_group(param_group)
+        if self._memory_policy:
+            try:
+                _policy.check_group(self.param_groups[-1], type(self).__name__)
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state_dict of this class or of the torch.optim class it replaces.
@@ -207,12 +244,26 @@ class FusedOptimizer(Optimizer):
             {"backend": backend, **g}
             for g, backend in zip(state_dict["param_groups"], current + ["auto"] * len(state_dict["param_groups"]))
         ]
+        if self._memory_policy:
+            # The optimizer's memory policy, not the saved one, says how states are kept
+            # (a state_dict of any policy, or torch.optim's, loads into any policy).
+            # torch.optim's load casts every state tensor to its param's dtype: the
+            # policy's tensors pass through it wrapped, and are cast here, after.
+            for g, mine in zip(saved_groups, self.param_groups):
+                g.update({k: mine[k] for k in _policy.POLICY_KEYS})
+            state_dict = {**state_dict, "state": _wrap_policy_tensors(
+                state_dict.get("state", {}), {s.key for s in self.spec.scalars})}
         # torch.optim's load_state_dict replaces self.state and self.param_groups with new
         # objects; a state_dict that fails the checks below puts the old ones back, so a
         # rejected load leaves the optimizer as it was.
         old_state, old_groups = self.state, self.param_groups
         super().load_state_dict({**state_dict, "param_groups": saved_groups})
         try:
+            if self._memory_policy:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if self.state.get(p):
+                            self._apply_policy_to_loaded(group, p, self.state[p])
             for gi, group in enumerate(self.param_groups):
                 _check_backend_name(group["backend"])
                 lacking = [k for k in self.defaults if k not in group]
@@ -229,9 +280,51 @@ class FusedOptimizer(Optimizer):
             self.state, self.param_groups = old_state, old_groups
             raise
 
+    def torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state_dict as torch.optim's class saves it: the memory
+        policy's state keys (``master_param``, ``rng_state``) and group keys dropped.
+        Loads into the torch.optim class, which casts the states to its params' dtype
+        (a plain ``state_dict()`` loads too, but leaves the policy's keys in its state)."""
+        sd = self.state_dict()
+        if not self._memory_policy:
+            return sd
+        state = {pid: {k: v for k, v in st.items()
+                       if k not in (_policy.MASTER_KEY, _policy.RNG_KEY)}
+                 for pid, st in sd["state"].items()}
+        groups = [{k: v for k, v in g.items() if k not in _policy.POLICY_KEYS}
+                  for g in sd["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def _apply_policy_to_loaded(self, group: dict[str, Any], p: Tensor,
+                                state: dict[str, Any]) -> None:
+        """A loaded param's state under the group's policy: element-wise states in the
+        policy's dtype, the master copy (fp32) and rng_state where the policy keeps them
+        (made from the param where the state_dict had none), dropped where it does not."""
+        policy = _policy.policy_of(group)
+        dtype = _policy.state_dtype(policy, p.dtype) if p.is_floating_point() else None
+        keep = self._policy_keys(policy, p)
+        for key in list(state):
+            value = state[key]
+            if not isinstance(value, _Wrapped):
+                continue
+            t = value.tensor
+            if key in (_policy.MASTER_KEY, _policy.RNG_KEY):
+                if key not in keep:
+                    del state[key]
+                    continue
+                wanted = torch.float32 if key == _policy.MASTER_KEY else torch.int64
+            else:
+                wanted = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            state[key] = t.to(device=p.device, dtype=wanted)
+        if _policy.MASTER_KEY in keep and _policy.MASTER_KEY not in state:
+            state[_policy.MASTER_KEY] = torch.empty_like(
+                p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p.detach())
+        if _policy.RNG_KEY in keep and _policy.RNG_KEY not in state:
+            state[_policy.RNG_KEY] = _policy.new_rng_state(p, self._param_index(p))
+
     def _check_loaded_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any],
                             where: str) -> None:
-        expected = self._state_keys(group)
+        expected = self._state_keys(group, p)
         missing = [k for k in expected if k not in state]
         if missing:
             raise ValueError(
@@ -242,6 +335,14 @@ class FusedOptimizer(Optimizer):
         scalar_keys = {s.key for s in self.spec.scalars}
         for key in expected:
             if key in self._host_state_keys:
+                continue
+            if key == _policy.RNG_KEY:
+                value = state[key]
+                if (not isinstance(value, Tensor) or value.dtype != torch.int64
+                        or value.shape != (2,)):
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: state {key!r} of {where} "
+                        "must be an int64 tensor [seed, offset]")
                 continue
             value = state[key]
             if key in scalar_keys:
@@ -267,11 +368,36 @@ class FusedOptimizer(Optimizer):
         """Keys a group loaded from an older state_dict may lack, with their defaults
         (torch.optim's ``__setstate__`` defaults): the flags this optimizer takes; a
         subclass adds its own options."""
-        return {k: v for k, v in _FLAG_DEFAULTS.items() if k in self.defaults}
+        defaults = {k: v for k, v in _FLAG_DEFAULTS.items() if k in self.defaults}
+        if self._memory_policy:
+            defaults.update(_policy.POLICY_KEYS)
+        return defaults
 
-    def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        """The per-param state keys this optimizer keeps under the group's options."""
-        return self.spec.state_keys(group)
+    def _state_keys(self, group: dict[str, Any], p: Tensor | None = None) -> list[str]:
+        """The per-param state keys this optimizer keeps under the group's options (for
+        param `p`, when given: the memory policy's keys too)."""
+        keys = self.spec.state_keys(group)
+        if p is not None and self._memory_policy:
+            keys += self._policy_keys(_policy.policy_of(group), p)
+        return keys
+
+    @staticmethod
+    def _policy_keys(policy: _policy.Policy, p: Tensor) -> list[str]:
+        """The state keys a memory policy adds to param p's state."""
+        if policy.default:
+            return []
+        return ([_policy.MASTER_KEY] if policy.master_weights else []) + (
+            [_policy.RNG_KEY] if policy.stochastic_rounding else [])
+
+    def _param_index(self, p: Tensor) -> int:
+        """p's index among the optimizer's params, in group order (state_dict's ids)."""
+        index = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return index
+                index += 1
+        return index
 
     # -- state -------------------------------------------------------------------------
 
@@ -288,6 +414,9 @@ class FusedOptimizer(Optimizer):
                                                device=p.device).detach().clone()
         if hyper is None:
             hyper = self._hyper(group)
+        policy = _policy.policy_of(group) if self._memory_policy else None
+        # The state lists' dtype: the param's (torch.optim's), or the policy's.
+        dtype = p.dtype if policy is None else _policy.state_dtype(policy, p.dtype)
         for s in spec.present(hyper):
             if s.key in state:
                 continue
@@ -296,14 +425,22 @@ class FusedOptimizer(Optimizer):
                 # A tensor lr (a state list may start at the group's lr): copied on the
                 # device, no host sync; both parts of a complex param take it, as
                 # torch's complex(lr, lr).
-                t = torch.empty_like(p, memory_format=torch.preserve_format)
+                t = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 (torch.view_as_real(t) if t.is_complex() else t).copy_(init.detach())
                 state[s.key] = t
             elif init == 0:
-                state[s.key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[s.key] = torch.zeros_like(p, dtype=dtype,
+                                                memory_format=torch.preserve_format)
             else:
                 value = complex(init, init) if p.is_complex() else init
-                state[s.key] = torch.full_like(p, value, memory_format=torch.preserve_format)
+                state[s.key] = torch.full_like(p, value, dtype=dtype,
+                                               memory_format=torch.preserve_format)
+        if policy is not None and not policy.default:
+            if policy.master_weights and _policy.MASTER_KEY not in state:
+                state[_policy.MASTER_KEY] = torch.empty_like(
+                    p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p.detach())
+            if policy.stochastic_rounding and _policy.RNG_KEY not in state:
+                state[_policy.RNG_KEY] = _policy.new_rng_state(p, self._param_index(p))
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         """The op's float and bool arguments for a param group (spec order), a per-call
@@ -315,7 +452,8 @@ class FusedOptimizer(Optimizer):
                 for h in self.spec.hypers}
 
     def _init_group(self, group: dict[str, Any], *lists: list[Tensor],
-                    hyper: dict[str, Any] | None = None) -> bool:
+                    hyper: dict[str, Any] | None = None,
+                    policy_lists: tuple[list[Tensor], list[Tensor]] | None = None) -> bool:
         """Fills `lists`, one empty list per op list argument (spec.list_args()) and per
         per-tensor state list, with the group's params that have grads, their grads and
         state (a list the group's options leave out stays empty), creating state on
@@ -323,7 +461,8 @@ class FusedOptimizer(Optimizer):
         this call created (for ``_split_call``). Every grad is checked first (and with
         fused=True every param that gets state, torch's device and dtype check), so a
         rejected step creates no state. `hyper`: the group's ``_hyper``, when the caller
-        has it.
+        has it. `policy_lists`: two lists that receive each row's master copy and
+        rng_state, when the group's memory policy keeps them (else they stay empty).
 
         torch.optim's protocol (the lists filled in place, a constant returned):
         torch.compile runs ``_init_group`` eagerly instead of tracing it, and installs
@@ -341,6 +480,11 @@ class FusedOptimizer(Optimizer):
             with_grad = [p for p in with_grad if not p.grad.is_sparse]
         present = [(s.key, lists[2 + i]) for i, s in enumerate(spec.lists) if spec.has(s, hyper)]
         states = [(s.key, lists[len(spec.lists) + 2 + j]) for j, s in enumerate(spec.scalars)]
+        policy = _policy.policy_of(group) if self._memory_policy else None
+        if policy is not None and not policy.default and policy_lists is not None:
+            keys = [_policy.MASTER_KEY, _policy.RNG_KEY]
+            states = states + [(k, lst) for k, lst in zip(keys, policy_lists)
+                               if k in self._policy_keys(policy, None)]
         needed = {key for key, _ in (*states, *present)}
         # One look-up per param (a tensor's hash is a Python call): its state, or
         # _NO_STATE; the rows that lack a key get their state below (a group that keeps
@@ -501,6 +645,9 @@ class FusedOptimizer(Optimizer):
         if rule is None:
             raise RuntimeError(self._sparse_error
                                or f"{type(self).__name__} does not support sparse gradients")
+        if self._memory_policy and not _policy.policy_of(group).default:
+            raise RuntimeError(f"{type(self).__name__}: sparse gradients take no memory policy "
+                               "(state_dtype, master_weights, stochastic_rounding) yet")
         return rule.engine is None or rule.engine(group)
 
     def _sparse_torch_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -515,8 +662,13 @@ class FusedOptimizer(Optimizer):
         `new_rows`, when given, receives the index of each row whose state was created."""
         n = len(self.spec.list_args())
         lists: list[list[Tensor]] = [[] for _ in range(n + len(self.spec.scalars))]
-        self._init_group(group, *lists, *([] if new_rows is None else [new_rows]), hyper=hyper)
-        return lists[:n], lists[n:]
+        policy_lists = ([], [])
+        self._init_group(group, *lists, *([] if new_rows is None else [new_rows]), hyper=hyper,
+                         policy_lists=policy_lists)
+        states = lists[n:]
+        if self._memory_policy and not _policy.policy_of(group).default:
+            states += list(policy_lists)  # _run_buckets passes them by keyword
+        return lists[:n], states
 
     def _split_call(self, group: dict[str, Any], lists: list[list[Tensor]],
                     states: list[list[Tensor]], hyper: dict[str, Any], new_rows: list[int],
@@ -553,6 +705,8 @@ class FusedOptimizer(Optimizer):
         params = group["params"]
         if not params or not _eager_possible() or group.get("differentiable"):
             return False
+        if self._memory_policy and not _policy.policy_of(group).default:
+            return False  # the entry reads torch.optim's state keys only
         p0 = params[0]
         dtype = p0.dtype
         if dtype.is_complex:
@@ -594,11 +748,15 @@ class FusedOptimizer(Optimizer):
         `lists` are the op's element-wise lists, tensors shaped like the params (params
         first); a list may be empty (e.g. max_exp_avg_sqs without amsgrad) and then stays
         empty in every bucket. `states` are lists of one-element tensors, one per param
-        (step counters). The backend gets `*lists, *states` in order.
+        (step counters), then, under a memory policy, the rows' master copies and
+        rng_states (either may be empty). The backend gets `*lists, *states` in order,
+        the policy's lists as ``master_params`` and ``rng_states``.
         """
         params = lists[0]
         if not params:
             return
+        n_scalars = len(self.spec.scalars)
+        has_policy = len(states) > n_scalars
         buckets = self._single_bucket(lists, states)
         if buckets is None:
             buckets = self._split_buckets(lists, states)
@@ -620,7 +778,15 @@ class FusedOptimizer(Optimizer):
                 # uses torch ops and handles any strides. differentiable=True: the
                 # reference's torch ops record the step for autograd.
                 backend = get_backend("reference")
-            backend.step(self.spec, *bucket, lr=lr_t, grad_scale=gs, found_inf=fi, **hyper)
+            if not has_policy:
+                backend.step(self.spec, *bucket, lr=lr_t, grad_scale=gs, found_inf=fi, **hyper)
+                continue
+            if not backend.policies:
+                backend = _policy_fallback(group, backend, device, dtype)
+            n = len(lists) + n_scalars
+            backend.step(self.spec, *bucket[:n], lr=lr_t, grad_scale=gs, found_inf=fi,
+                         master_params=bucket[n] or None, rng_states=bucket[n + 1] or None,
+                         **hyper)
 
     @staticmethod
     def _single_bucket(lists: list[list[Tensor]], states: list[list[Tensor]]):
@@ -666,12 +832,50 @@ class FusedOptimizer(Optimizer):
                     bucket[k].append(row[j])
                     j += 1
             for k, lst in enumerate(states):
-                bucket[len(lists) + k].append(lst[i])
+                if lst:  # a policy's list may be empty
+                    bucket[len(lists) + k].append(lst[i])
         return buckets
+
+
+_POLICY_WARNED: set[tuple[str, str]] = set()
+
+
+def _policy_fallback(group: dict[str, Any], backend, device: torch.device,
+                     dtype: torch.dtype):
+    """The backend that runs a memory policy in place of `backend`, which has none: the
+    reference under backend="auto" (saying so once), else a ValueError."""
+    if group["backend"] != "auto":
+        raise ValueError(f"fused_optim: backend {backend.name!r} has no memory policy "
+                         f"(state_dtype, master_weights, stochastic_rounding) yet; use "
+                         f"backend='auto' or 'reference' for {dtype} on {device}")
+    once = (backend.name, device.type)
+    if once not in _POLICY_WARNED:
+        _POLICY_WARNED.add(once)
+        warnings.warn(f"fused_optim: backend {backend.name!r} has no memory policy yet; the "
+                      f"reference backend runs these {device.type} buckets", stacklevel=4)
+    return get_backend("reference")
 
 
 # The state _init_group reads for a param that has none (never written).
 _NO_STATE: Mapping[str, Any] = MappingProxyType({})
+
+
+class _Wrapped:
+    """A state tensor carried through torch.optim's load_state_dict uncast (it casts
+    tensors only): see FusedOptimizer.load_state_dict."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+def _wrap_policy_tensors(state: dict, scalar_keys: set[str]) -> dict:
+    """A saved state with each element-wise state tensor, master copy and rng_state
+    wrapped (the per-tensor scalars, which torch.optim treats apart, as they are)."""
+    return {pid: {k: _Wrapped(v) if isinstance(v, Tensor) and k not in scalar_keys else v
+                  for k, v in st.items()} if isinstance(st, dict) else st
+            for pid, st in state.items()}
 
 
 def _scalar_dtype(group: dict[str, Any] | None = None) -> torch.dtype:

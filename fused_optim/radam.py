@@ -83,6 +83,7 @@ class RAdam(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -93,6 +94,8 @@ class RAdam(FusedOptimizer):
     References: Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond"
     (2019); Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2017).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="radam",
@@ -118,6 +121,9 @@ class RAdam(FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.RAdam, in its order.
         check_lr(lr)
@@ -133,7 +139,9 @@ class RAdam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def _group_defaults(self) -> dict[str, Any]:
         return {**super()._group_defaults(), "decoupled_weight_decay": False}

@@ -68,6 +68,7 @@ class RMSprop(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -79,6 +80,8 @@ class RMSprop(FusedOptimizer):
     lecture 6e (2012); Graves, "Generating Sequences With Recurrent Neural Networks"
     (2013), for the centered variant.
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="rmsprop",
@@ -107,6 +110,9 @@ class RMSprop(FusedOptimizer):
         differentiable: bool = False,
         *,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.RMSprop, in its order.
         check_lr(lr)
@@ -130,7 +136,9 @@ class RMSprop(FusedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def _group_defaults(self) -> dict[str, Any]:
         return {**super()._group_defaults(), "momentum": 0, "centered": False}

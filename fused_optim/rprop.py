@@ -60,6 +60,7 @@ class Rprop(FusedOptimizer):
         {maximize}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -70,6 +71,8 @@ class Rprop(FusedOptimizer):
     References: Riedmiller & Braun, "A Direct Adaptive Method for Faster Backpropagation
     Learning: The RPROP Algorithm" (1993).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="rprop",
@@ -96,6 +99,9 @@ class Rprop(FusedOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # The checks and messages of torch.optim.Rprop, in its order.
         check_lr(lr)
@@ -110,4 +116,6 @@ class Rprop(FusedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)

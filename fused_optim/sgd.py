@@ -93,6 +93,7 @@ class SGD(FusedOptimizer):
         {flags}
         {differentiable}
         {backend}
+        {policy}
 
     Example:
         >>> model = torch.nn.Linear(8, 2)
@@ -103,6 +104,8 @@ class SGD(FusedOptimizer):
     References: Sutskever et al., "On the importance of initialization and momentum in
     deep learning" (2013).
     """
+
+    _memory_policy = True
 
     spec = Spec(
         name="sgd",
@@ -133,6 +136,9 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         # torch.optim.SGD's checks and messages; NaN is rejected with the same messages.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -159,7 +165,9 @@ class SGD(FusedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_fused_flags(fused, foreach, differentiable)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def _group_defaults(self) -> dict[str, Any]:
         # torch.optim.SGD's __setstate__ defaults fused to False (the others to None).

@@ -148,8 +148,8 @@ class SparseAdam(FusedOptimizer):
 
     _host_state_keys = ("step",)
 
-    def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        return ["step", *super()._state_keys(group)]
+    def _state_keys(self, group: dict[str, Any], p=None) -> list[str]:
+        return ["step", *super()._state_keys(group, p)]
 
     def _check_loaded_state(self, group, p, state, where) -> None:
         super()._check_loaded_state(group, p, state, where)

@@ -203,20 +203,25 @@ class Spec:
         return [s.key for s in self.scalars] + [s.key for s in self.present(hyper)]
 
     def schema(self, namespace: str = "fused_optim") -> str:
-        """The op's schema: lists (mutated), then keyword-only lr, floats, flags, and
-        torch.amp.GradScaler's grad_scale / found_inf."""
+        """The op's schema: lists (mutated), then keyword-only lr, floats, flags,
+        torch.amp.GradScaler's grad_scale / found_inf, and the memory policy's lists
+        (``POLICY_ARGS``: each row's fp32 master copy and int64 rng_state, or None)."""
         letters = iter("abcdefghijklmnopqrstuvwxyz")
         lists = [f"Tensor({next(letters)}!)[] {a}"
                  for a in [*self.list_args(), *(s.arg for s in self.scalars)]]
         args = (["Tensor lr"] + [f"float {h.name}" for h in self.floats]
                 + [f"bool {h.name}" for h in self.flags]
-                + ["Tensor? grad_scale=None", "Tensor? found_inf=None"])
+                + ["Tensor? grad_scale=None", "Tensor? found_inf=None"]
+                + [f"Tensor({next(letters)}!)[]? {a}=None" for a in POLICY_ARGS])
         return f"{namespace}::{self.op}({', '.join(lists)}, *, {', '.join(args)}) -> ()"
 
     def when(self) -> dict[str, str]:
         """Optional list -> the hyperparameter that keeps it (for csrc/ops.cpp)."""
         return {s.arg: s.when for s in self.lists if s.when is not None}
 
+
+# The memory policy's optional lists of every op (fused_optim/_policy.py).
+POLICY_ARGS = ("master_params", "rng_states")
 
 _SPECS: dict[str, Spec] = {}
 _HOOKS: list[Callable[[Spec], None]] = []

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fused_optim
+from fused_optim._policy import POLICY_KEYS
 from _oracle import (
     StateView,
     scalar_keys,
@@ -52,6 +53,9 @@ NAN = float("nan")
 # ---------------------------------------------------------------------------------------
 # Hyperparameter validation
 
+
+# The param-group keys fused_optim adds to torch.optim's: its backend and memory policy.
+OURS = ("backend", *POLICY_KEYS)
 
 def _p():
     return [torch.zeros(3, requires_grad=True)]
@@ -145,7 +149,7 @@ def test_foreach_fused_capturable_accepted_and_kept(name):
     b_params = clone_leaves(fp)
     b = getattr(fused_optim, name)(b_params, lr=0.01)
     t = getattr(torch.optim, name)(clone_leaves(fp), lr=0.01, **extra)
-    assert {k: v for k, v in a.param_groups[0].items() if k not in ("params", "backend")} == \
+    assert {k: v for k, v in a.param_groups[0].items() if k not in ("params", *OURS)} == \
         {k: v for k, v in t.param_groups[0].items() if k != "params"}
     for p, q in zip(fp, b_params):
         p.grad = q.grad = torch.ones(9)
@@ -158,17 +162,25 @@ def test_foreach_fused_capturable_accepted_and_kept(name):
 def test_defaults_match_torch(name):
     ours = getattr(fused_optim, name)(_p()).defaults
     theirs = getattr(torch.optim, name)(_p()).defaults
-    assert {k: v for k, v in ours.items() if k != "backend"} == theirs
+    assert {k: v for k, v in ours.items() if k not in OURS} == theirs
     assert ours["backend"] == "auto"
+    assert {k: ours[k] for k in POLICY_KEYS if k in ours} == (
+        POLICY_KEYS if getattr(fused_optim, name)._memory_policy else {})
 
 
 @pytest.mark.parametrize("name", ROW_NAMES)
 def test_signature_matches_torch(name):
     """The same parameters, kinds and defaults as torch.optim's class, plus the
-    keyword-only backend."""
-    ours = inspect.signature(getattr(fused_optim, name)).parameters
+    keyword-only backend and, for the element-wise optimizers, the memory policy's
+    options (fused_optim/_policy.py) at torch.optim's behaviour."""
+    cls = getattr(fused_optim, name)
+    ours = inspect.signature(cls).parameters
     theirs = inspect.signature(getattr(torch.optim, name)).parameters
-    assert list(ours)[:-1] == list(theirs) and list(ours)[-1] == "backend"
+    added = ["backend", *(POLICY_KEYS if cls._memory_policy else ())]
+    assert list(ours)[:-len(added)] == list(theirs) and list(ours)[-len(added):] == added
+    for key in added[1:]:
+        assert ours[key].kind is inspect.Parameter.KEYWORD_ONLY
+        assert ours[key].default == POLICY_KEYS[key]
     for key, param in theirs.items():
         assert ours[key].kind == param.kind, key
         assert ours[key].default == param.default, key

@@ -965,3 +965,21 @@ def test_subcommands_of_the_steps_that_are_not_element_wise(name, args, shows, c
     assert shows in out and "torch" in out
     with pytest.raises(SystemExit):
         cli.main([name, "--no-such-option"])
+
+
+def test_policy_subcommand_reports_each_policy(tmp_path, capsys):
+    """fused-optim-bench policy: a row per memory policy, with its bytes held and moved
+    per element from the model (fp32 28 B moved and 12 held; bf16 states 20 and 8; a
+    master copy with bf16 states 20 and 10) and its ratios."""
+    out = tmp_path / "policy.json"
+    assert cli.main(["policy", "--shapes", "2x4099", "--rounds", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert (rows["fp32"]["bytes_per_element_moved"], rows["fp32"]["bytes_per_element_held"]) == (28, 12)
+    assert rows["fp32, bf16 states"]["bytes_per_element_moved"] == 20
+    assert rows["fp32, bf16 states"]["bytes_per_element_held"] == 8
+    assert rows["bf16, master, bf16 states"]["bytes_per_element_moved"] == 20
+    assert rows["bf16, master, bf16 states"]["bytes_per_element_held"] == 10
+    assert rows["torch fused bf16"]["bytes_per_element_moved"] == 14
+    assert all(r["median_ms"] > 0 and r["speedup_vs_fp32"] > 0 for r in rows.values())
+    assert "bf16, master, bf16 states" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fused_optim
+from fused_optim._policy import POLICY_KEYS
 from _oracle import (
     StateView,
     scalar_keys,
@@ -152,7 +153,11 @@ def test_state_dict_format_matches_torch(case):
             assert fsd["state"][i][key].dtype == value.dtype, key
             assert fsd["state"][i][key].shape == value.shape, key
     for fg, tg in zip(fsd["param_groups"], tsd["param_groups"]):
-        assert set(fg) - set(tg) == {"backend"}, "extra param-group keys besides backend"
+        # Beside backend, the memory policy's keys (fused_optim/_policy.py), at
+        # torch.optim's behaviour (checked: a default group keeps torch's storage).
+        extra = {"backend"} | (set(POLICY_KEYS) if fused._memory_policy else set())
+        assert set(fg) - set(tg) == extra, "extra param-group keys besides backend and policy"
+        assert all(fg[k] == v for k, v in POLICY_KEYS.items() if k in fg)
         assert set(tg) - set(fg) == set(), "param-group keys of torch missing"
         for key in tg:
             if key != "foreach":  # the oracle was built with foreach=False
@@ -356,7 +361,8 @@ def test_param_groups_with_own_hyperparameters(case):
     oracle.add_param_group(t_added)
     assert len(fused.param_groups) == 3
     for fg, tg in zip(fused.param_groups, oracle.param_groups):
-        assert {k: v for k, v in fg.items() if k not in ("params", "backend", "foreach")} == \
+        assert {k: v for k, v in fg.items()
+                if k not in ("params", "backend", "foreach", *POLICY_KEYS)} == \
             {k: v for k, v in tg.items() if k not in ("params", "foreach")}
     grads = [make_grads(SHAPES, torch.float32, gen) for _ in range(2 * HALF)]
     free_run(fused, oracle, fp, tp, grads)

@@ -27,7 +27,7 @@ from _tables import (
     cpu_capabilities,
 )
 from fused_optim import _extension, _reference
-from fused_optim.spec import specs
+from fused_optim.spec import POLICY_ARGS, specs
 
 pytestmark = [pytest.mark.skipif(_extension.C is None, reason="fused_optim._C is not built"),
               pytest.mark.usefixtures("oracle_threads")]
@@ -97,7 +97,7 @@ def test_every_spec_is_registered_with_its_schema():
         schema = getattr(torch.ops.fused_optim, spec.op).default._schema
         written = [a.name for a in schema.arguments
                    if a.alias_info is not None and a.alias_info.is_write]
-        assert written == [*spec.list_args(), *(s.arg for s in spec.scalars)]
+        assert written == [*spec.list_args(), *(s.arg for s in spec.scalars), *POLICY_ARGS]
         assert str(schema) == spec.schema()
         assert len(schema.returns) == 0
 

@@ -28,16 +28,63 @@ struct Chunk {
   int64_t end;
 };
 
+// [note: memory policy]
+// How a call stores what it updates (fused_optim/_policy.py): the state lists' dtype,
+// whether the params have fp32 master copies (the math updates the copy; the param is
+// written rounded to nearest from it in the same pass), and whether bf16 stores round
+// stochastically (math/stochastic.h; element i of tensor t takes the words of Philox at
+// counter offset_t + i under key seed_t: word 0 for the param, 1 + k for the k-th state
+// list the call keeps). torch.optim's storage is the uniform policy: states in the
+// params' dtype, neither master copies nor stochastic rounding. The others the engine
+// runs are these (kPolicies, the same table as fused_optim/_policy.py's POLICIES):
+struct PolicyKey {
+  DType param, state;
+  bool master, stochastic;
+};
+
+constexpr PolicyKey kPolicies[] = {
+    {DType::kFloat32, DType::kBFloat16, false, false},
+    {DType::kFloat32, DType::kBFloat16, false, true},
+    {DType::kBFloat16, DType::kFloat32, false, false},
+    {DType::kBFloat16, DType::kFloat32, false, true},
+    {DType::kBFloat16, DType::kBFloat16, false, true},
+    {DType::kBFloat16, DType::kFloat32, true, false},
+    {DType::kBFloat16, DType::kBFloat16, true, false},
+    {DType::kBFloat16, DType::kBFloat16, true, true},
+    {DType::kFloat16, DType::kFloat32, true, false},
+};
+constexpr int kNumPolicies = sizeof(kPolicies) / sizeof(kPolicies[0]);
+
+// The index of a policy in kPolicies; -1 for the uniform one; -2 for none the engine runs.
+constexpr int policy_index(DType param, DType state, bool master, bool stochastic) {
+  if (state == param && !master && !stochastic) return -1;
+  for (int i = 0; i < kNumPolicies; ++i) {
+    const PolicyKey& k = kPolicies[i];
+    if (k.param == param && k.state == state && k.master == master && k.stochastic == stochastic) {
+      return i;
+    }
+  }
+  return -2;
+}
+
+constexpr bool policy_supported(DType param, DType state, bool master, bool stochastic) {
+  return policy_index(param, state, master, stochastic) != -2;
+}
+
 // The tensors of one (device, dtype) bucket, list-major: ptrs[list * n_tensors + t].
-// All lists share one storage dtype; tensor t of every list has numels[t] elements.
+// Params and grads are of storage dtype `dtype`, the state lists of `state_dtype` (the
+// same but under a memory policy); tensor t of every list has numels[t] elements.
 // The lists are those of the call, in op order: the optimizer's lists without the
-// optional ones the call leaves out.
+// optional ones the call leaves out. master[t]: param t's fp32 master copy, or nullptr
+// for the whole call ([note: memory policy]).
 struct TensorTable {
   int64_t n_tensors;
   int n_lists;
   void* const* ptrs;
   const int64_t* numels;
   DType dtype;
+  DType state_dtype;
+  void* const* master = nullptr;
 };
 
 // One call of an optimizer's kernels.
@@ -50,6 +97,10 @@ struct StepCall {
   // per-tensor state after this step's advance, rounded to the state tensors' dtypes, then
   // as it was before: tensor_state[t * 2 * n_states + j] (nullptr without state).
   const double* tensor_state;
+  // Stochastic rounding ([note: memory policy]): per tensor its Philox key and the
+  // counter of its element 0 at this step, rng[2 * t], rng[2 * t + 1]; nullptr: every
+  // store rounds to nearest.
+  const uint64_t* rng = nullptr;
 };
 
 // Processes chunks[begin, end) of one optimizer's call. Called concurrently from one

@@ -65,6 +65,7 @@
 
 #include "cpu/kernel_api.h"
 #include "fused_optim/dispatch.h"
+#include "fused_optim/math/stochastic.h"
 #include "fused_optim/optimizers.h"
 
 namespace fused_optim {
@@ -399,6 +400,100 @@ FO_INLINE void apply_chunk(void* const* base, int64_t begin, int64_t end, const 
   apply_chunk_impl<D>(std::make_index_sequence<Op::kLists>{}, base, begin, end, op);
 }
 
+// ---------------------------------------------------------------------------------
+// Memory policies ([note: memory policy] in cpu/kernel_api.h): each list in its own
+// storage, the param from its fp32 master copy, bf16 stores rounded stochastically.
+// One element loop in scalar form, vectorized by GCC as the uniform one is.
+
+// Nearest even, as float_to_bf16, for any NaN: a policy's fp32 values (fp32 params,
+// master copies) may hold NaNs with any low half, which float_to_bf16 would carry into
+// the exponent ([note: NaN in bf16 rounding]). Same NaN rule as bf16_bits_stochastic.
+FO_INLINE uint16_t float_to_bf16_any(float f) {
+  const uint32_t u = float_bits(f);
+  return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>((u >> 16) | 0x0040u)
+                                         : float_to_bf16(f);
+}
+
+template <int P>
+struct PolicyStorage {
+  static constexpr PolicyKey kKey = kPolicies[P];
+  using Param = Storage<kKey.param>;
+  using State = Storage<kKey.state>;
+  static constexpr bool kMaster = kKey.master;
+  static constexpr bool kStochastic = kKey.stochastic;
+  // The storage of list k: params and grads, then the state lists.
+  template <std::size_t K>
+  using Of = std::conditional_t<(K < 2), Param, State>;
+};
+
+// x stored into storage S: stochastically with the random word r into bf16 when
+// STOCHASTIC, else to nearest.
+template <typename S, bool STOCHASTIC>
+FO_INLINE typename S::type round_store(float x, uint32_t r) {
+  if constexpr (std::is_same_v<S, Storage<DType::kBFloat16>>) {
+    if constexpr (STOCHASTIC) {
+      return math::bf16_bits_stochastic(x, r);
+    } else {
+      return float_to_bf16_any(x);
+    }
+  } else {
+    return S::from_opmath(x);
+  }
+}
+
+// The element loop of policy P over n elements; `master`: the fp32 copies of the
+// params' elements (kMaster), `key` and `counter`: the Philox key and the counter of
+// element 0 (kStochastic).
+template <int P, typename Op, std::size_t... Is, typename... Ptrs>
+FO_INLINE void policy_loop(std::index_sequence<Is...>, int64_t n, const Op& op,
+                           float* __restrict master, uint64_t key, uint64_t counter,
+                           Ptrs... ptrs) {
+  using Pol = PolicyStorage<P>;
+  constexpr uint32_t LISTS = Op::kListMask;
+  const Op local_op = op;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    float x[sizeof...(Is)] = {
+        (!Op::reads(Is) ? 0.0f
+                        : (Is == 0 && Pol::kMaster) ? master[i]
+                                                    : Pol::template Of<Is>::to_opmath(ptrs[i]))...};
+    local_op(x);
+    uint32_t words[4] = {0, 0, 0, 0};
+    if constexpr (Pol::kStochastic) {
+      const math::Philox4x32 r = math::random_words(key, counter + static_cast<uint64_t>(i));
+      for (int w = 0; w < 4; ++w) words[w] = r.x[w];
+    }
+    (
+        [&] {
+          if constexpr (Op::writes(Is)) {
+            using S = typename Pol::template Of<Is>;
+            if constexpr (Is == 0 && Pol::kMaster) {
+              master[i] = x[0];
+              ptrs[i] = round_store<S, false>(x[0], 0);  // the copy: to nearest
+            } else if constexpr (Is == 1) {
+              ptrs[i] = round_store<S, false>(x[1], 0);  // the unscaled grad
+            } else {
+              // Word 0 for the param, 1 + k for the k-th state list the call keeps.
+              constexpr int word = Is == 0 ? 0 : __builtin_popcount(LISTS & ((1u << Is) - 1u)) - 1;
+              static_assert(word < 4, "four random words per element");
+              ptrs[i] = round_store<S, Pol::kStochastic>(x[Is], words[word]);
+            }
+          }
+        }(),
+        ...);
+  }
+}
+
+template <int P, typename Op, std::size_t... Is>
+FO_INLINE void apply_policy_chunk_impl(std::index_sequence<Is...> lists, void* const* base,
+                                       float* master, uint64_t key, uint64_t counter,
+                                       int64_t begin, int64_t end, const Op& op) {
+  using Pol = PolicyStorage<P>;
+  policy_loop<P>(lists, end - begin, op, master ? master + begin : nullptr, key,
+                 counter + static_cast<uint64_t>(begin),
+                 (static_cast<typename Pol::template Of<Is>::type*>(base[Is]) + begin)...);
+}
+
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
@@ -419,6 +514,7 @@ template <typename Optim, typename opmath, uint32_t LISTS, uint32_t V, bool UNSC
 struct OptimOp {
   using Step = ElementStep<Optim, LISTS, V, UNSCALE>;
   static constexpr int kLists = Optim::kLists;
+  static constexpr uint32_t kListMask = LISTS;
   static constexpr bool reads(int list) { return Step::reads(list); }
   static constexpr bool writes(int list) { return Step::writes(list); }
   using Scalars = typename Optim::template Scalars<opmath>;
@@ -434,7 +530,9 @@ struct OptimOp {
   }
 };
 
-template <typename Optim, DType D>
+// P: the call's memory policy, an index into kPolicies, or -1 for the uniform one
+// (every list of storage D).
+template <typename Optim, DType D, int P = -1>
 void chunks_typed(const TensorTable& table, const StepCall& call, const Chunk* chunks,
                   int64_t begin, int64_t end) {
   using opmath = typename Storage<D>::opmath;
@@ -476,17 +574,46 @@ void chunks_typed(const TensorTable& table, const StepCall& call, const Chunk* c
           for (int k = 0; k < Op::kLists; ++k) {
             base[k] = table.ptrs[row[k] * table.n_tensors + chunk.tensor];
           }
-          apply_chunk<D>(base, chunk.begin, chunk.end, op);
+          if constexpr (P < 0) {
+            apply_chunk<D>(base, chunk.begin, chunk.end, op);
+          } else {
+            const uint64_t* rng = call.rng != nullptr ? call.rng + 2 * chunk.tensor : nullptr;
+            apply_policy_chunk_impl<P>(
+                std::make_index_sequence<Op::kLists>{}, base,
+                table.master != nullptr ? static_cast<float*>(table.master[chunk.tensor]) : nullptr,
+                rng != nullptr ? rng[0] : 0, rng != nullptr ? rng[1] : 0, chunk.begin, chunk.end, op);
+          }
         }
       });
 }
 
 // The kernel of one optimizer: ChunksFn in kernel_api.h.
+// Calls f(std::integral_constant<int, p>) for p = `policy`, an index into kPolicies.
+template <int P = 0, typename F>
+FO_INLINE void dispatch_policy(int policy, F&& f) {
+  if constexpr (P < kNumPolicies) {
+    if (policy == P) {
+      f(std::integral_constant<int, P>{});
+    } else {
+      dispatch_policy<P + 1>(policy, f);
+    }
+  }
+}
+
 template <typename Optim>
 void chunks(const TensorTable& table, const StepCall& call, const Chunk* chunks, int64_t begin,
             int64_t end) {
-  dispatch_dtype(table.dtype, [&](auto dtype_c) {
-    chunks_typed<Optim, decltype(dtype_c)::value>(table, call, chunks, begin, end);
+  const int policy = policy_index(table.dtype, table.state_dtype, table.master != nullptr,
+                                  call.rng != nullptr);
+  if (policy < 0) {
+    dispatch_dtype(table.dtype, [&](auto dtype_c) {
+      chunks_typed<Optim, decltype(dtype_c)::value>(table, call, chunks, begin, end);
+    });
+    return;
+  }
+  dispatch_policy(policy, [&](auto policy_c) {
+    constexpr int P = decltype(policy_c)::value;
+    chunks_typed<Optim, kPolicies[P].param, P>(table, call, chunks, begin, end);
   });
 }
 

@@ -293,7 +293,7 @@ struct Bucket {
   const GuardedBuffer& at(int list, int64_t t) const { return bufs[list * numels.size() + t]; }
   fused_optim::cpu::TensorTable table() const {
     return fused_optim::cpu::TensorTable{n_tensors(), n_lists, ptrs.data(), numels.data(),
-                                         dtype};
+                                         dtype, dtype};
   }
   int64_t damaged_guard_bytes() const {
     int64_t bad = 0;
