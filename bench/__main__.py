@@ -12,7 +12,8 @@
 The optimizers whose step is not element-wise have a runner of their own each, with its
 own model of the work (SUBCOMMANDS): Adafactor's bytes (bench/adafactor.py), Muon's
 Newton-Schulz flops and the batching effect (bench/muon_bench.py), LBFGS's step time on
-a quadratic, closure excluded (bench/lbfgs_quadratic.py).
+a quadratic, closure excluded (bench/lbfgs_quadratic.py); AdamW's step time and memory
+under each memory policy (bench/policy.py).
 
 The optimizers are fused_optim's (every exported class with a spec, by its class name
 lowercased; see providers.optimizers). The table goes to stdout, progress to stderr.
@@ -224,7 +225,8 @@ def _list(cfg) -> int:
 
 
 # fused-optim-bench <name> ...: the runners of the optimizers that are not element-wise.
-SUBCOMMANDS = {"adafactor": "adafactor", "muon": "muon_bench", "lbfgs": "lbfgs_quadratic"}
+SUBCOMMANDS = {"adafactor": "adafactor", "muon": "muon_bench", "lbfgs": "lbfgs_quadratic",
+               "policy": "policy"}
 
 
 def main(argv: list[str] | None = None) -> int:
