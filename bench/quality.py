@@ -13,8 +13,9 @@ name, the params' dtype, the optimizer), and compares the loss curves.
 The method:
 * every policy starts from the same weights (initialised in fp32 from the seed, then cast
   to the policy's param dtype) and sees the same batches in the same order, with the
-  same learning-rate schedule; torch's global RNG is reseeded before each (stochastic
-  rounding draws from it where a policy uses it), so a run is reproducible;
+  same learning-rate schedule (default: GPT-2's, linear warm-up over steps // 10, then
+  cosine decay to lr / 10); torch's global RNG is reseeded before each, so a policy
+  that draws from it draws the same bits in every run;
 * the loss is cross-entropy in fp32 on the model's logits (bf16 models compute in bf16,
   as a bf16 model does); the train loss of every step is kept, and a held-out set drawn
   from the same source is evaluated every ``--eval-every`` steps and at the end. The
@@ -35,10 +36,12 @@ The method:
   replaced; one whose loss turns non-finite is reported "diverged" at that step.
 
 Reported per policy: final held-out loss, its ratio to the fp32 policy's, its excess over
-the floor against fp32's excess, wall time, and the optimizer state's bytes per param
-(read off the state after training). The JSON keeps every step's loss; the PNG draws
-the curves with the floor dashed. --out DIR writes DIR/<device>/<stamp>-<commit>-quality
-.json and .png (committed runs: --out bench/results).
+the floor against fp32's excess, wall time, the optimizer state's bytes per param (read
+off the state after training), and, at each held-out evaluation's step, the fraction of
+param elements that step left bit for bit unchanged (how bf16 params lose updates
+smaller than half an ulp: fp32 params show ~0). The JSON keeps every step's loss; the
+PNG draws the curves with the floor dashed. --out DIR writes
+DIR/<device>/<stamp>-<commit>-quality.json and .png (committed runs: --out bench/results).
 """
 
 from __future__ import annotations
@@ -281,23 +284,31 @@ def resolve_policies(text: str) -> list[Policy]:
 class TrainConfig:
     steps: int = 300
     batch: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-2
-    schedule: str = "constant"     # or "cosine": to lr / 10 at the end
-    warmup: int = 0                # linear warm-up steps
+    schedule: str = "cosine"       # to lr / 10 at the end, after warm-up; or "constant"
+    warmup: int | None = None      # linear warm-up steps (None: steps // 10)
     eval_every: int = 25
     eval_batches: int = 4
     seed: int = 0
     branching: int = 16
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def __post_init__(self):
+        if self.warmup is None:
+            self.warmup = self.steps // 10
+
 
 def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """GPT-2's recipe: linear warm-up, then cosine decay to lr / 10 at the last step
+    (``step`` counts from 0)."""
+    warmup = cfg.warmup
+
     def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
+        if step < warmup:
+            return (step + 1) / warmup
         if cfg.schedule == "cosine":
-            t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            t = (step - warmup) / max(1, cfg.steps - 1 - warmup)
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
         return 1.0
     return factor
@@ -358,14 +369,20 @@ def train_policy(policy: Policy, init_state: dict, cfg: TrainConfig, batches, ev
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
     torch.manual_seed(cfg.seed)
     losses, eval_steps, eval_losses = [], [0], [_eval(model, eval_data)]
+    unchanged, n_elements = [], sum(p.numel() for p in params)
     train_s = eval_s = 0.0
     try:
         for step, batch in enumerate(batches, start=1):
+            probe = step % cfg.eval_every == 0 or step == len(batches)
             t0 = time.perf_counter()
             loss = _loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            before = [p.detach().clone() for p in params] if probe else None
             opt.step()
+            if probe:   # what this step left bit for bit as it was (~1 ms, timed)
+                unchanged.append(sum(int((p.detach() == b).sum()) for p, b in
+                                     zip(params, before)) / n_elements)
             sched.step()
             losses.append(loss.item())
             train_s += time.perf_counter() - t0
@@ -373,7 +390,7 @@ def train_policy(policy: Policy, init_state: dict, cfg: TrainConfig, batches, ev
                 out.update(status="diverged", reason=f"loss {losses[-1]} at step {step}")
                 losses[-1] = None
                 break
-            if step % cfg.eval_every == 0 or step == len(batches):
+            if probe:
                 t0 = time.perf_counter()
                 eval_steps.append(step)
                 eval_losses.append(_eval(model, eval_data))
@@ -388,6 +405,7 @@ def train_policy(policy: Policy, init_state: dict, cfg: TrainConfig, batches, ev
         "steps_done": len(done), "train_loss": losses,
         "train_loss_smoothed": _smooth(done, window), "smoothing_window": window,
         "eval_steps": eval_steps, "eval_loss": eval_losses,
+        "unchanged_fraction": unchanged,
         "final_loss": eval_losses[-1] if out["status"] == "ok" else None,
         "final_train_loss_raw": done[-1] if done and out["status"] == "ok" else None,
         "final_train_loss_smoothed": (sum(done[-window:]) / len(done[-window:])
@@ -469,7 +487,8 @@ _TOP = {"schema": str, "created_unix": _NUM, "machine": dict, "config": dict, "s
 _RUN = {"name": str, "param_dtype": str, "optimizer": str, "status": str,
         "reason": (str, type(None))}
 _RUN_DONE = {"steps_done": int, "train_loss": list, "train_loss_smoothed": list,
-             "eval_steps": list, "eval_loss": list, "final_loss": _OPT_NUM,
+             "eval_steps": list, "eval_loss": list, "unchanged_fraction": list,
+             "final_loss": _OPT_NUM,
              "final_train_loss_raw": _OPT_NUM, "final_train_loss_smoothed": _OPT_NUM,
              "ratio_to_fp32": _OPT_NUM, "train_ratio_to_fp32": _OPT_NUM,
              "excess_ratio_to_fp32": _OPT_NUM, "wall_s": _NUM, "train_s": _NUM,
@@ -512,7 +531,8 @@ def validate(doc: dict) -> None:
 
 
 def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    """format(x, spec), or a dash as wide (spec like '9.4f')."""
+    return "-".rjust(int(spec.split(".")[0] or 0)) if x is None else format(x, spec)
 
 
 def render_table(doc: dict) -> str:
@@ -524,7 +544,8 @@ def render_table(doc: dict) -> str:
               f"{src['bigram_entropy_nats']:.4f}, uniform {src['uniform_nats']:.4f}; floor "
               f"{doc['floor']:.4f} nats"),
              (f"{'config':26s}{'params':>8s}{'held-out':>10s}{'vs fp32':>9s}{'excess':>8s}"
-              f"{'train':>9s}{'state B/p':>10s}{'s/step':>8s}{'wall s':>8s}  optimizer")]
+              f"{'train':>9s}{'kept':>7s}{'state B/p':>10s}{'s/step':>8s}{'wall s':>8s}"
+              "  optimizer")]
     for r in doc["runs"]:
         if "train_loss" not in r:   # not available, or failed before its first step
             reason = r["reason"] if r["status"] == "not available" else (
@@ -532,15 +553,19 @@ def render_table(doc: dict) -> str:
             lines.append(f"{r['name']:26s}{r['param_dtype']:>8s}  {reason}")
             continue
         note = "" if r["status"] == "ok" else f"  {r['status']}: {r['reason']}"
+        kept = (f"{r['unchanged_fraction'][-1]:6.1%}" if r["unchanged_fraction"]
+                else f"{'-':>6s}")
         lines.append(
             f"{r['name']:26s}{r['param_dtype']:>8s}{_fmt(r['final_loss'], '10.4f')}"
             f"{_fmt(r['ratio_to_fp32'], '9.4f')}{_fmt(r['excess_ratio_to_fp32'], '8.2f')}"
             f"{_fmt(r['final_train_loss_smoothed'], '9.4f')}"
+            f" {kept}"
             f"{r['state']['bytes_per_param']:10.2f}{r['s_per_step']:8.3f}{r['wall_s']:8.1f}"
             f"  {r['optimizer']}{note}")
     lines.append("held-out: final loss on the held-out set; vs fp32: its ratio to fp32's; "
                  "excess: (loss - floor) / (fp32's loss - floor); train: mean of the last "
-                 f"{max(1, c['steps'] // 20)} steps' train loss")
+                 f"{max(1, c['steps'] // 20)} steps' train loss; kept: the param elements "
+                 "the last step left unchanged")
     return "\n".join(lines)
 
 
@@ -615,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default=d.schedule,
                     help="after --warmup: constant, or cosine decay to lr/10 at the end")
-    ap.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    ap.add_argument("--warmup", type=int, default=d.warmup,
+                    help="linear warm-up steps (default: --steps // 10)")
     ap.add_argument("--batch", type=int, default=d.batch, help="sequences per step")
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
     ap.add_argument("--eval-batches", type=int, default=d.eval_batches,

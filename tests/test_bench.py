@@ -1061,6 +1061,8 @@ def test_quality_tiny_run_through_the_cli(tmp_path, capsys):
         assert all(math.isfinite(x) for x in r["train_loss"] + r["eval_loss"])
         assert r["eval_steps"] == [0, 4, 8, 12]
         assert r["final_loss"] == r["eval_loss"][-1] > doc["floor"]
+        assert len(r["unchanged_fraction"]) == 3
+        assert all(0 <= x <= 1 for x in r["unchanged_fraction"])
         assert r["final_train_loss_raw"] == r["train_loss"][-1]
         assert math.isfinite(r["ratio_to_fp32"]) and r["wall_s"] > 0
         state = r["state"]
@@ -1074,6 +1076,10 @@ def test_quality_tiny_run_through_the_cli(tmp_path, capsys):
     assert 4 <= runs["bf16"]["state"]["bytes_per_param"] < 4.2
     fp32 = runs["fp32"]
     assert fp32["ratio_to_fp32"] == 1.0
+    # fp32 params move every step; bf16 params lose the updates under half an ulp.
+    assert max(fp32["unchanged_fraction"]) < 0.01
+    assert all(b >= f for b, f in zip(runs["bf16"]["unchanged_fraction"],
+                                      fp32["unchanged_fraction"]))
     assert fp32["eval_loss"][-1] < fp32["eval_loss"][0] - 0.1
     assert sum(fp32["train_loss"][-3:]) < sum(fp32["train_loss"][:3])
     # The same initial weights and held-out set: equal step-0 losses within a dtype, and
