@@ -8,12 +8,16 @@
     fused-optim-bench --optim sparseadam,adagrad,sgd --shapes embeddings --dtype fp32 \\
         --providers torch,'fused_optim[cpu]'   # sparse grads: nn.Embedding(sparse=True)
     fused-optim-bench adafactor|muon|lbfgs [--help]   # the steps that are not element-wise
+    fused-optim-bench policy [--help]      # AdamW step time and memory per memory policy
+    fused-optim-bench quality [--help]     # loss curves of the memory policies (bf16, ...)
 
 The optimizers whose step is not element-wise have a runner of their own each, with its
 own model of the work (SUBCOMMANDS): Adafactor's bytes (bench/adafactor.py), Muon's
 Newton-Schulz flops and the batching effect (bench/muon_bench.py), LBFGS's step time on
 a quadratic, closure excluded (bench/lbfgs_quadratic.py); AdamW's step time and memory
-under each memory policy (bench/policy.py).
+under each memory policy (bench/policy.py). ``quality`` measures training quality, not
+speed: the loss curves of a small GPT trained under each memory policy
+(bench/quality.py).
 
 The optimizers are fused_optim's (every exported class with a spec, by its class name
 lowercased; see providers.optimizers). The table goes to stdout, progress to stderr.
@@ -226,7 +230,7 @@ def _list(cfg) -> int:
 
 # fused-optim-bench <name> ...: the runners of the optimizers that are not element-wise.
 SUBCOMMANDS = {"adafactor": "adafactor", "muon": "muon_bench", "lbfgs": "lbfgs_quadratic",
-               "policy": "policy"}
+               "policy": "policy", "quality": "quality"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Tests of the benchmark harness itself (fused_optim.bench): the byte model, the
 statistics, the shape lists, provider discovery with providers missing, the JSON schema,
-and tiny end-to-end runs, dense and sparse (embedding shapes). Seconds, no GPU, no
+tiny end-to-end runs, dense and sparse (embedding shapes), and the training-quality
+runner's source and a tiny run of it. Seconds, no GPU, no
 optional package needed."""
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ runner = _sub("runner")
 report = _sub("report")
 probe = _sub("probe")
 cli = _sub("__main__")
+quality = _sub("quality")
 
 
 # --------------------------------------------------------------------------------------
@@ -983,3 +985,158 @@ def test_policy_subcommand_reports_each_policy(tmp_path, capsys):
     assert rows["torch fused bf16"]["bytes_per_element_moved"] == 14
     assert all(r["median_ms"] > 0 and r["speedup_vs_fp32"] > 0 for r in rows.values())
     assert "bf16, master, bf16 states" in capsys.readouterr().out
+
+# --------------------------------------------------------------------------------------
+# Quality: loss curves of the memory policies (fused-optim-bench quality)
+# --------------------------------------------------------------------------------------
+
+def test_quality_source_floor_is_its_entropy_rate():
+    """The floor reported is what the source's own probabilities score on its samples:
+    the mean of -log P(x_t | x_{t-2}, x_{t-1}) over stationary samples is the entropy
+    rate, that of -log P(x_1 | x_0) the bigram entropy (Monte Carlo, within 4 standard
+    errors); and the entropies are ordered as they must be."""
+    src = quality.MarkovSource(vocab=24, branching=5, seed=3)
+    seqs = src.sample(4000, 12, torch.Generator().manual_seed(0))
+    a, b, c = seqs[:, :-2], seqs[:, 1:-1], seqs[:, 2:]
+    j = (src.succ[b] == c[..., None]).to(torch.int64).argmax(-1)
+    assert (src.succ[b].gather(-1, j[..., None]).squeeze(-1) == c).all()  # c is a successor
+    nll = -src.probs[a, b, j].log()
+    assert nll.mean().item() == pytest.approx(src.entropy_rate,
+                                              abs=4 * nll.std().item() / nll.numel() ** 0.5)
+    next_given_b = torch.einsum("ab,abj->bj", src.pairs, src.probs) / src.pairs.sum(0)[:, None]
+    j1 = (src.succ[seqs[:, 0]] == seqs[:, 1:2]).to(torch.int64).argmax(-1)
+    nll1 = -next_given_b[seqs[:, 0], j1].log()
+    assert nll1.mean().item() == pytest.approx(src.bigram_entropy,
+                                               abs=4 * nll1.std().item() / nll1.numel() ** 0.5)
+    assert 0 < src.entropy_rate < src.bigram_entropy < src.unigram_entropy <= math.log(24) + 1e-9
+    assert src.bigram_entropy <= math.log(5) + 1e-9
+    assert src.floor(1) == pytest.approx(src.bigram_entropy)
+    assert src.floor(12) == pytest.approx((src.bigram_entropy + 11 * src.entropy_rate) / 12)
+    # One successor each: the sequence is determined by its first token.
+    assert quality.MarkovSource(vocab=16, branching=1, seed=0).entropy_rate == pytest.approx(0)
+
+
+def test_quality_policies_are_the_issues_five_and_one_line_each():
+    assert quality.DEFAULT_POLICIES == ("fp32", "bf16", "bf16-stochastic-rounding",
+                                        "bf16-master-weights", "fp32-bf16-state")
+    names = [p.name for p in quality.POLICIES]
+    assert len(set(names)) == len(names) and quality.BASELINE in names
+    assert [p.name for p in quality.resolve_policies("default,fp32")] == list(
+        quality.DEFAULT_POLICIES)
+    assert [p.name for p in quality.resolve_policies("all")] == names
+    with pytest.raises(ValueError, match="unknown config 'nope'"):
+        quality.resolve_policies("fp32,nope")
+
+
+def _accepts(make) -> str | None:
+    """None where the policy's optimizer can be built on a bf16 and an fp32 param here,
+    else the TypeError's text."""
+    try:
+        make([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], 1e-3, 0.0)
+        make([torch.nn.Parameter(torch.zeros(4))], 1e-3, 0.0)
+    except TypeError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001  (accepted the options; a dtype rule may refuse one)
+        return None
+    return None
+
+
+def test_quality_tiny_run_through_the_cli(tmp_path, capsys):
+    """A few steps of a tiny model under every default policy: the JSON's structure, the
+    PNG, finite curves, fp32 learning, the same init for every policy of a dtype, state
+    bytes read off the real state, and a policy whose options fused_optim does not take
+    yet reported as not available (with the constructor's error), not dropped."""
+    steps = 12
+    args = ["quality", "--steps", str(steps), "--batch", "8", "--vocab", "32",
+            "--context", "16", "--d-model", "32", "--layers", "1", "--heads", "2",
+            "--branching", "4", "--eval-every", "4", "--eval-batches", "2", "--lr", "1e-2",
+            "--seed", "1", "--out", str(tmp_path), "--quiet"]
+    assert cli.main(args) == 0
+    (path,) = tmp_path.glob("cpu/*-quality.json")
+    assert path.with_suffix(".png").stat().st_size > 0
+    doc = json.loads(path.read_text())
+    quality.validate(doc)
+    assert doc["config"]["steps"] == steps and doc["config"]["seed"] == 1
+    assert doc["config"]["model"]["d_model"] == 32 and doc["argv"] == args[1:]
+    assert doc["machine"]["versions"]["torch"] == torch.__version__
+    assert "sha" in doc["machine"]["commit"]
+    src = doc["source"]
+    assert 0 < doc["floor"] == src["floor_nats"] <= src["bigram_entropy_nats"]
+    assert src["bigram_entropy_nats"] < src["uniform_nats"] == pytest.approx(math.log(32))
+
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert list(runs) == list(quality.DEFAULT_POLICIES)
+    policies = {p.name: p for p in quality.POLICIES}
+    for name, r in runs.items():
+        refused = _accepts(policies[name].make)
+        if refused is not None:
+            assert r["status"] == "not available"
+            assert r["reason"] == f"not available: {refused}"
+            continue
+        assert r["status"] == "ok", (name, r["reason"])
+        assert len(r["train_loss"]) == len(r["train_loss_smoothed"]) == steps
+        assert all(math.isfinite(x) for x in r["train_loss"] + r["eval_loss"])
+        assert r["eval_steps"] == [0, 4, 8, 12]
+        assert r["final_loss"] == r["eval_loss"][-1] > doc["floor"]
+        assert len(r["unchanged_fraction"]) == 3
+        assert all(0 <= x <= 1 for x in r["unchanged_fraction"])
+        assert r["final_train_loss_raw"] == r["train_loss"][-1]
+        assert math.isfinite(r["ratio_to_fp32"]) and r["wall_s"] > 0
+        state = r["state"]
+        assert state["param_bytes_per_param"] == (4 if r["param_dtype"] == "float32" else 2)
+        assert {"exp_avg", "exp_avg_sq"} <= set(state["dtypes"])
+    # torch.optim keeps the moments in the params' dtype: 2 x 4 B or 2 x 2 B per param
+    # (plus one step scalar per tensor, a fraction of a byte here).
+    assert runs["fp32"]["state"]["dtypes"]["exp_avg"] == "float32"
+    assert 8 <= runs["fp32"]["state"]["bytes_per_param"] < 8.2
+    assert runs["bf16"]["state"]["dtypes"]["exp_avg"] == "bfloat16"
+    assert 4 <= runs["bf16"]["state"]["bytes_per_param"] < 4.2
+    fp32 = runs["fp32"]
+    assert fp32["ratio_to_fp32"] == 1.0
+    # fp32 params move every step; bf16 params lose the updates under half an ulp.
+    assert max(fp32["unchanged_fraction"]) < 0.01
+    assert all(b >= f for b, f in zip(runs["bf16"]["unchanged_fraction"],
+                                      fp32["unchanged_fraction"]))
+    assert fp32["eval_loss"][-1] < fp32["eval_loss"][0] - 0.1
+    assert sum(fp32["train_loss"][-3:]) < sum(fp32["train_loss"][:3])
+    # The same initial weights and held-out set: equal step-0 losses within a dtype, and
+    # the bf16 init is the fp32 one rounded (close, not equal).
+    ran = [r for r in runs.values() if r["status"] == "ok"]
+    for r in ran:
+        same = runs["fp32"] if r["param_dtype"] == "float32" else runs["bf16"]
+        assert r["eval_loss"][0] == same["eval_loss"][0]
+    assert runs["bf16"]["eval_loss"][0] == pytest.approx(fp32["eval_loss"][0], rel=1e-2)
+    out = capsys.readouterr().out
+    assert "fp32" in out and "wrote" in out
+    for r in runs.values():
+        if r["status"] == "not available":
+            assert r["reason"] in out
+    with pytest.raises(SystemExit):
+        cli.main(["quality", "--configs", "nope"])
+
+
+def test_quality_reports_a_refused_option_and_a_failure(monkeypatch):
+    """A TypeError from the optimizer's constructor is "not available" (the other
+    policies still run); any other error is "failed" with its text."""
+    def refuse(params, lr, wd):
+        raise TypeError("AdamW.__init__() got an unexpected keyword argument 'x'")
+
+    def broken(params, lr, wd):
+        raise RuntimeError("boom")
+
+    rows = (quality.Policy("fp32", torch.float32, "torch.optim.AdamW()",
+                           quality.POLICIES[0].make),
+            quality.Policy("refused", torch.bfloat16, "X(x=True)", refuse),
+            quality.Policy("broken", torch.float32, "Y()", broken))
+    cfg = quality.TrainConfig(steps=2, batch=2, eval_every=1, eval_batches=1, branching=2,
+                              model=quality.ModelConfig(vocab=8, context=4, d_model=8,
+                                                        layers=1, heads=1))
+    doc = quality.run(cfg, list(rows))
+    quality.validate(doc)
+    fp32, refused, broken_run = doc["runs"]
+    assert fp32["status"] == "ok" and fp32["steps_done"] == 2
+    assert refused["status"] == "not available"
+    assert refused["reason"] == ("not available: AdamW.__init__() got an unexpected keyword "
+                                 "argument 'x'")
+    assert broken_run["status"] == "failed" and "RuntimeError: boom" in broken_run["reason"]
+    assert "not available: AdamW" in quality.render_table(doc)
