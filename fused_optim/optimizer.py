@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from fused_optim import _ops  # noqa: F401  (registers each spec's op as it is registered)
 from fused_optim import _policy
 from fused_optim._sparse import step_sparse
-from fused_optim.backends import get_backend, select_backend
+from fused_optim.backends import AUTO_ORDER, get_backend, select_backend
 from fused_optim.spec import Spec, initial_value, register
 
 _BACKEND_DOC = """backend (str, optional): which implementation runs the step: "auto" (default:
@@ -842,18 +842,25 @@ _POLICY_WARNED: set[tuple[str, str]] = set()
 
 def _policy_fallback(group: dict[str, Any], backend, device: torch.device,
                      dtype: torch.dtype):
-    """The backend that runs a memory policy in place of `backend`, which has none: the
-    reference under backend="auto" (saying so once), else a ValueError."""
+    """The backend that runs a memory policy in place of `backend`, which has none: under
+    backend="auto" the next one in AUTO_ORDER that has policies and can run the bucket
+    (saying so once), else a ValueError."""
     if group["backend"] != "auto":
         raise ValueError(f"fused_optim: backend {backend.name!r} has no memory policy "
                          f"(state_dtype, master_weights, stochastic_rounding) yet; use "
                          f"backend='auto' or 'reference' for {dtype} on {device}")
+    chosen = get_backend("reference")
+    for name in AUTO_ORDER.get(device.type, []):
+        candidate = get_backend(name)
+        if candidate.policies and candidate.unavailable(device, dtype) is None:
+            chosen = candidate
+            break
     once = (backend.name, device.type)
     if once not in _POLICY_WARNED:
         _POLICY_WARNED.add(once)
-        warnings.warn(f"fused_optim: backend {backend.name!r} has no memory policy yet; the "
-                      f"reference backend runs these {device.type} buckets", stacklevel=4)
-    return get_backend("reference")
+        warnings.warn(f"fused_optim: backend {backend.name!r} has no memory policy yet; "
+                      f"backend {chosen.name!r} runs these {device.type} buckets", stacklevel=4)
+    return chosen
 
 
 # The state _init_group reads for a param that has none (never written).
