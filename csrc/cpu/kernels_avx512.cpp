@@ -19,6 +19,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define FO_HAVE_F16C 1
 #define FO_CPU_VEC8 1  // [note: half precision in registers] in kernels_impl.h
+#define FO_CPU_VEC16 1  // 512-bit integer vectors (the Philox draws, kernels_impl.h)
 #define FO_ISA_SUPPORTED 1
 #endif
 
