@@ -1441,6 +1441,34 @@ for name, case in FAMILIES.items():
     assert nodes == len(sizes) * (2 if spec.scalars else 1), code
     assert code.count("grid = [(3, 1, 1)]") == 1, code  # 40000 elements: 3 chunks of 16384
     assert "aten.add" not in code, code  # the state is advanced by the kernels
+
+# SGD with the memory policy (bf16 params and momentum buffers, fp32 master copies,
+# stochastic rounding): per tensor its kernel and its state kernel (which advances its
+# random counter, as SGD has no per-tensor state).
+if "sgd" in FAMILIES:
+    case = FAMILIES["sgd"]
+    spec = case.spec
+    h = hyper_of(case)
+    lists = [[t.bfloat16() for t in lst] for lst in lists_of(case, h, sizes)]
+    args = (*lists, torch.tensor(1e-3), None, torch.tensor(0.0),
+            *(h[x.name] for x in spec.floats), *(h[x.name] for x in spec.flags),
+            [torch.zeros(k) for k in sizes], [torch.tensor([1, 0]) for _ in sizes])
+    op = torch.ops.fused_optim_triton.sgd_
+
+    def step(*args):
+        op(*args)
+
+    graphs.clear()
+    torch._dynamo.reset()
+    try:
+        torch.compile(step, backend=aot_autograd(fw_compiler=keep_graph), fullgraph=True)(*args)
+    except Exception as exc:
+        assert graphs, exc
+    code = graphs[0]
+    nodes = code.count("triton_kernel_wrapper_functional(")
+    print("sgd policy nodes", nodes)
+    assert code.count("'numel': ") == len(sizes) and nodes == 2 * len(sizes), code
+    assert "aten.add" not in code, code  # the counter is advanced by the kernels
 print("OK")
 """
 
@@ -1450,7 +1478,7 @@ def test_torch_compile_traces_per_tensor_kernels():
     """torch.compile (dynamo + AOT functionalization, no Inductor) traces each family's
     op into one wrap_triton _tensor_kernel node per tensor, plus one _state_kernel node
     per tensor for an optimizer with per-tensor state (which the kernels advance: no
-    aten.add). Compiled kernels are needed, so it runs in a subprocess; without a GPU the
+    aten.add), or with stochastic rounding (SGD's memory policy: the random counter). Compiled kernels are needed, so it runs in a subprocess; without a GPU the
     graph is traced, not run (and Triton's mutation analysis, which needs a GPU target,
     falls back to "all mutated")."""
     res = subprocess.run([sys.executable, "-c", _TRACE_WITH_TORCH_COMPILE, str(TESTS)],
