@@ -21,7 +21,7 @@ from fused_optim._policy import POLICIES
 from fused_optim.spec import Spec
 
 __all__ = ["register_fake_kernel", "check_call", "present_lists", "check_count",
-           "check_device_scalar"]
+           "check_device_scalar", "state_dtype_of", "check_list_dtype", "check_policy"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -58,17 +58,33 @@ def check_device_scalar(op: str, name: str, t: Tensor, device: torch.device) -> 
         f"{op}: {name} is on {t.device} but the params are on {device}"))
 
 
-def _state_dtype(lists: Sequence[tuple[str, Sequence[Tensor]]], master: bool,
-                 stochastic: bool) -> torch.dtype:
-    """The dtype the state lists must have: the first state tensor's where params, states
-    and policy lists make a policy the engines run (fused_optim/_policy.py), else the
-    params' (as CheckedLists in csrc/ops_common.h)."""
+def state_dtype_of(lists: Sequence[tuple[str, Sequence[Tensor]]], master: bool,
+                   stochastic: bool) -> torch.dtype:
+    """The dtype the state lists of a call (its present lists, params first) must have:
+    the first state tensor's where params, states and policy lists make a policy the
+    engines run (fused_optim/_policy.py), else the params' (as CheckedLists in
+    csrc/ops_common.h)."""
     dtype = lists[0][1][0].dtype
     if len(lists) > 2 and lists[2][1]:
         first = lists[2][1][0].dtype
         if (dtype, first, master, stochastic) in POLICIES:
             return first
     return dtype
+
+
+def check_list_dtype(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]], k: int, i: int,
+                     dtype: torch.dtype, state_dtype: torch.dtype) -> None:
+    """Tensor i of list k of a call (its present lists) has its storage dtype: params and
+    grads `dtype`, state lists `state_dtype` (csrc/ops_common.h check_row's messages)."""
+    name, t = lists[k][0], lists[k][1][i]
+    if k < 2 or state_dtype == dtype:
+        torch._check(t.dtype == dtype, lambda: (
+            f"{op}: all tensors of one call must have one dtype; {name}[{i}] is "
+            f"{t.dtype}, params[0] is {dtype}"))
+    else:
+        torch._check(t.dtype == state_dtype, lambda: (
+            f"{op}: the state lists of one call must have one dtype; {name}[{i}] is "
+            f"{t.dtype}, {lists[2][0]}[0] is {state_dtype}"))
 
 
 def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]],
@@ -82,7 +98,7 @@ def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]],
     device, dtype = params[0].device, params[0].dtype
     torch._check(dtype in _FLOAT_DTYPES, lambda: (
         f"{op}: parameters must be float32, float64, float16 or bfloat16, got {dtype}"))
-    state_dtype = _state_dtype(lists, master, stochastic)
+    state_dtype = state_dtype_of(lists, master, stochastic)
     for i, p in enumerate(params):
         for k, (name, tensors) in enumerate(lists):
             t = tensors[i]
@@ -91,14 +107,7 @@ def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]],
             torch._check(t.device == device, lambda: (
                 f"{op}: all tensors of one call must be on one device; {name}[{i}] is on "
                 f"{t.device}, params[0] on {device}"))
-            if k < 2 or state_dtype == dtype:
-                torch._check(t.dtype == dtype, lambda: (
-                    f"{op}: all tensors of one call must have one dtype; {name}[{i}] is "
-                    f"{t.dtype}, params[0] is {dtype}"))
-            else:
-                torch._check(t.dtype == state_dtype, lambda: (
-                    f"{op}: the state lists of one call must have one dtype; {name}[{i}] is "
-                    f"{t.dtype}, {lists[2][0]}[0] is {state_dtype}"))
+            check_list_dtype(op, lists, k, i, dtype, state_dtype)
             torch._check(t.shape == p.shape, lambda: (
                 f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape "
                 f"{list(p.shape)}"))
@@ -140,15 +149,35 @@ def _check_policy_lists(op: str, params: Sequence[Tensor], master: Sequence[Tens
                 f"{op}: master_params[{i}] must be a dense float32 tensor"))
             torch._check(m.device == p.device, lambda: (
                 f"{op}: master_params[{i}] is on {m.device} but the params are on {p.device}"))
-            torch._check(m.shape == p.shape, lambda: (
-                f"{op}: master_params[{i}] must have the sizes and strides of params[{i}]"))
+            torch._check(m.shape == p.shape and (m.numel() <= 1 or m.stride() == p.stride()),
+                         lambda: (f"{op}: master_params[{i}] must have the sizes and strides "
+                                  f"of params[{i}]"))
     if rng:
         check_count(op, "rng_states", rng, len(params))
         for i, (r, p) in enumerate(zip(rng, params)):
-            torch._check(r.dtype == torch.int64 and r.numel() == 2, lambda: (
-                f"{op}: rng_states[{i}] must be a contiguous int64 tensor [seed, offset]"))
+            torch._check(r.dtype == torch.int64 and r.numel() == 2 and r.is_contiguous(),
+                         lambda: (f"{op}: rng_states[{i}] must be a contiguous int64 tensor "
+                                  "[seed, offset]"))
             torch._check(r.device == p.device, lambda: (
                 f"{op}: rng_states[{i}] is on {r.device} but the params are on {p.device}"))
+
+
+def check_policy(op: str, present: Sequence[tuple[str, Sequence[Tensor]]],
+                 master: Sequence[Tensor] | None, rng: Sequence[Tensor] | None) -> None:
+    """A call's memory policy lists (check_policy_lists in csrc/ops_common.h), and that
+    with them the call's dtypes make a policy the engines run (its present lists, params
+    first, already checked by list and dtype)."""
+    params = present[0][1]
+    _check_policy_lists(op, params, master, rng)
+    if params and (master or rng):
+        dtype = params[0].dtype
+        state = state_dtype_of(present, bool(master), bool(rng))
+        torch._check((dtype, state, bool(master), bool(rng)) in POLICIES
+                     or (state == dtype and not master and not rng), lambda: (
+            f"{op}: no memory policy for {dtype} params with {state} states"
+            + (", master_params" if master else "")
+            + (", rng_states" if rng else "")
+            + " (fused_optim/_policy.py lists the policies the engines run)"))
 
 
 def check_call(spec: Spec, op: str, lists: Sequence[Sequence[Tensor]], lr: Tensor,
@@ -161,16 +190,7 @@ def check_call(spec: Spec, op: str, lists: Sequence[Sequence[Tensor]], lr: Tenso
     present = present_lists(spec, op, by_arg, h)
     _check_bucket(op, present, bool(master_params), bool(rng_states))
     params = by_arg["params"]
-    _check_policy_lists(op, params, master_params, rng_states)
-    if params and (master_params or rng_states):
-        dtype = params[0].dtype
-        state = _state_dtype(present, bool(master_params), bool(rng_states))
-        torch._check((dtype, state, bool(master_params), bool(rng_states)) in POLICIES
-                     or (state == dtype and not master_params and not rng_states), lambda: (
-            f"{op}: no memory policy for {dtype} params with {state} states"
-            + (", master_params" if master_params else "")
-            + (", rng_states" if rng_states else "")
-            + " (fused_optim/_policy.py lists the policies the engines run)"))
+    check_policy(op, present, master_params, rng_states)
     _check_common(op, params, lr, grad_scale, found_inf)
     if params:
         for s, tensors in zip(spec.scalars, lists[len(args):]):

@@ -10,7 +10,8 @@ Where it runs:
   * CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1, set before the
     kernels are first imported): that is how CI tests the kernels without a GPU.
 Storage dtypes: float32, float16, bfloat16 (math in float32) and float64 (math in
-float64). It has a row-sparse engine (sparse grads: fused_optim/_sparse.py), in
+float64), and the memory policies of fused_optim/_policy.py (states of another dtype,
+fp32 master copies, stochastic rounding into bf16). It has a row-sparse engine (sparse grads: fused_optim/_sparse.py), in
 triton_kernels/sparse.py.
 """
 
@@ -168,4 +169,5 @@ def _sparse_step(math, params, rows, values, states, constants, *, maximize) -> 
         math, params, rows, values, states, constants, maximize=maximize)
 
 
-register_backend(Backend("triton", unavailable, _step, sparse_step=_sparse_step))
+register_backend(Backend("triton", unavailable, _step, sparse_step=_sparse_step,
+                         policies=True))

@@ -9,14 +9,25 @@ stochastic_rounding on every element-wise optimizer and backend.
   checkpoint; unbiased where rounding to nearest stalls.
 * Checkpoints between policies and to and from torch.optim; the bad inputs; GradScaler's
   skipped step.
+* The Triton engine under the interpreter (tests/_interpreted.py; in a fresh interpreter
+  on a GPU machine, test_triton_policy_in_subprocess): bit for bit the CPU engine under
+  every policy (params, grads, states, master copies, rng_state, skipped steps
+  included), the parity and documented-bits tests on a subset (the interpreter's time
+  grows with the programs of a launch: small tensors, the test launch configuration;
+  ~30 s of CPU for these tests on the 2-core dev machine), its op's checks.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import _interpreted
 import pytest
 import torch
 
@@ -24,7 +35,12 @@ import fused_optim
 from _oracle import (assert_row_close, cpu_capability, make_grads, make_params, row_scale,
                      scalar_keys)
 from _tables import FULL_CASES, TOLERANCES, kernel_variants, tolerance, variant_id
-from fused_optim import _policy
+from fused_optim import _extension, _policy
+
+# Whether the Triton kernels run interpreted in this process (before anything else
+# imports them: see tests/_interpreted.py).
+TRITON_HERE = _interpreted.load()
+TRITON = ("triton", None)
 
 # (id, param dtype, options): every policy the engines run (_policy.POLICIES).
 POLICIES = [
@@ -39,12 +55,36 @@ SHAPES = [(1,), (3,), (4, 33), (16385,)]
 
 
 def _variants():
-    out = []
-    for backend, cap in kernel_variants(torch.float32):
-        if backend == "triton":
-            continue  # no policy yet: falls back to the reference (test_fallback_...)
-        out.append((backend, cap))
-    return out
+    """The CPU engine (every ISA) and the reference; the Triton engine is added where
+    a test says so (TRITON: its own shapes and cases, run under the interpreter)."""
+    return [v for v in kernel_variants(torch.float32) if v[0] != "triton"]
+
+
+# The Triton engine's sizes: across the test launch configuration's 32-element blocks
+# and 64-element chunks (7 programs).
+TRITON_BLOCK, TRITON_CHUNK = 32, 64
+TRITON_SHAPES = [(1,), (3,), (4, 33), (65,)]
+
+
+@pytest.fixture
+def triton_interpreted(monkeypatch):
+    """The Triton backend on CPU tensors (TRITON_INTERPRET=1, the test launch
+    configuration); the launcher module."""
+    if not TRITON_HERE:
+        pytest.skip("no interpreted Triton kernels in this process (triton missing, or a "
+                    "GPU machine: test_triton_policy_in_subprocess)")
+    from fused_optim.triton_kernels import launcher
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(launcher, "CONFIG", launcher.LaunchConfig(block=TRITON_BLOCK,
+                                                                  chunk=TRITON_CHUNK))
+    launcher.clear_table_cache()
+    return launcher
+
+
+def _needs_cpu_op() -> None:
+    if _extension.C is None:
+        pytest.skip(f"no C++ op to compare with: {_extension.LOAD_ERROR}")
 
 
 def _assert_stored(label: str, value: torch.Tensor, e64: torch.Tensor, e32: torch.Tensor,
@@ -79,17 +119,36 @@ CASES = [dataclasses.replace(c, options={k: v for k, v in c.options.items() if k
          if c.name == "RMSprop" else c for c in FULL_CASES]
 
 
-@pytest.mark.parametrize("variant", _variants(), ids=variant_id)
-@pytest.mark.parametrize("policy", POLICIES, ids=[p[0] for p in POLICIES])
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_policy_parity_with_torch(case, policy, variant):
+# The Triton engine's parity runs: Adam (three state lists: every random word) and
+# RMSprop (without centered: square_avgs and momentum buffers around the absent
+# grad_avgs, words 1 and 2), under every policy; its bits equal the CPU engine's for
+# every optimizer (test_triton_matches_the_cpu_engine).
+TRITON_PARITY = [c for c in CASES if c.id.split("-")[0] in ("Adam", "RMSprop")]
+
+
+def _parity_params():
+    out = []
+    for variant in [*_variants(), TRITON]:
+        for case in (TRITON_PARITY if variant == TRITON else CASES):
+            for policy in POLICIES:
+                out.append(pytest.param(case, policy, variant,
+                                        id=f"{case.id}-{policy[0]}-{variant_id(variant)}"))
+    return out
+
+
+@pytest.mark.parametrize("case, policy, variant", _parity_params())
+def test_policy_parity_with_torch(case, policy, variant, request):
     """Every policy against torch.optim re-synced before each step from what the policy
     stores (the master copy or the param, the states), each stored tensor against the
     oracle of its storage (_assert_stored)."""
     _, dtype, options = policy
     backend, cap = variant
+    shapes = SHAPES
+    if variant == TRITON:
+        request.getfixturevalue("triton_interpreted")
+        shapes = TRITON_SHAPES
     gen = torch.Generator().manual_seed(0)
-    params = [p.requires_grad_() for p in make_params(SHAPES, dtype, gen)]
+    params = [p.requires_grad_() for p in make_params(shapes, dtype, gen)]
     scalars = scalar_keys(case)
     policy_keys = (_policy.MASTER_KEY, _policy.RNG_KEY)
     with cpu_capability(cap):
@@ -112,7 +171,7 @@ def test_policy_parity_with_torch(case, policy, variant):
                                         for k, v in fused.state[p].items()
                                         if k not in policy_keys}
         for step in range(STEPS):
-            grads = make_grads(SHAPES, dtype, gen)
+            grads = make_grads(shapes, dtype, gen)
             for oracle, ps in oracles.values():
                 with torch.no_grad():
                     for p, po in zip(params, ps):
@@ -175,12 +234,18 @@ def _sgd_run(backend, steps, seed=0, dtype=torch.bfloat16, **options):
     return opt, params
 
 
-@pytest.mark.parametrize("variant", _variants(), ids=variant_id)
-def test_stochastic_rounding_uses_the_documented_bits(variant):
+@pytest.mark.parametrize("variant", [*_variants(), TRITON], ids=variant_id)
+def test_stochastic_rounding_uses_the_documented_bits(variant, request):
     """SGD with momentum on bf16 params, first step: buf = g exactly, p - lr * buf in
     fp32, both stored with Philox words at counter offset + i (word 0: the param, word
-    1: momentum_buffer) under the param's seed ([note: the policy's random bits])."""
+    1: momentum_buffer) under the param's seed ([note: the policy's random bits]).
+    Triton: in its production launch configuration (16385 elements: two programs, the
+    second counting from 16384)."""
     backend, cap = variant
+    if variant == TRITON:
+        launcher = request.getfixturevalue("triton_interpreted")
+        request.getfixturevalue("monkeypatch").setattr(launcher, "CONFIG",
+                                                       launcher.LaunchConfig())
     torch.manual_seed(5)
     gen = torch.Generator().manual_seed(1)
     params = [p.requires_grad_() for p in make_params(SHAPES, torch.bfloat16, gen)]
@@ -372,8 +437,9 @@ def test_a_backend_without_policies_falls_back_under_auto():
     AUTO_ORDER that has them (on the CPU: the CPU engine, else the reference)."""
     from fused_optim import optimizer as fo
 
-    group = {"backend": "triton"}
-    backend = fused_optim.backends.get_backend("triton")
+    group = {"backend": "nopolicy"}
+    backend = fused_optim.backends.Backend("nopolicy", lambda d, t: None, lambda *a, **k: None)
+    assert not backend.policies
     with pytest.raises(ValueError, match="has no memory policy"):
         fo._policy_fallback(group, backend, torch.device("cpu"), torch.bfloat16)
     with warnings.catch_warnings(record=True):
@@ -426,3 +492,227 @@ def test_opcheck_with_policy_lists():
                   amsgrad=False, maximize=False, decoupled_weight_decay=False,
                   master_params=[p.float()], rng_states=[torch.tensor([7, 0])])
     torch.library.opcheck(torch.ops.fused_optim.adam_.default, args, kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# The Triton engine: bit for bit the CPU engine, its checks. (Its parity with torch.optim
+# and the documented bits: the tests above, with the TRITON variant.)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's values as integers of its width: NaN payloads and signed zeros count."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+    return t.detach().contiguous().view(ints[t.element_size()])
+
+
+def _assert_same_bits(label: str, got: dict[str, list[torch.Tensor]],
+                      want: dict[str, list[torch.Tensor]]) -> None:
+    assert got.keys() == want.keys(), (label, sorted(got), sorted(want))
+    for key in got:
+        for i, (a, b) in enumerate(zip(got[key], want[key], strict=True)):
+            assert a.dtype == b.dtype, f"{label}: {key}[{i}] {a.dtype} != {b.dtype}"
+            assert torch.equal(_bits(a), _bits(b)), (
+                f"{label}: {key}[{i}] not bit-equal to the CPU engine's "
+                f"({int(_bits(a).ne(_bits(b)).sum())} of {a.numel()} elements differ)")
+
+
+def _tensors(opt, params) -> dict[str, list[torch.Tensor]]:
+    """Every tensor a step writes: params, grads (unscaled), each state (per-tensor
+    state, master copies and rng_state included)."""
+    out = {"param": [p.detach() for p in params], "grad": [p.grad for p in params]}
+    for key in sorted({k for p in params for k in opt.state.get(p, {})}):
+        out[key] = [opt.state[p][key] for p in params]
+    return out
+
+
+# Each optimizer family's full case (CASES) under two policies that use every part of the
+# engine's policy path (bf16 states from fp32 master copies, stochastically rounded; bf16
+# params rounded stochastically over fp32 states); SGD's and Adam's under every policy.
+_EVERY_POLICY = ("SGD", "Adam")
+_TWO_POLICIES = ("bfloat16-state_bfloat16-master-sr", "bfloat16-state_float32-sr")
+
+
+def _engine_params():
+    out, families = [], set()
+    for case in CASES:
+        family = case.spec.name
+        if family in families:
+            continue
+        families.add(family)
+        for policy in POLICIES:
+            if case.id.split("-")[0] in _EVERY_POLICY or policy[0] in _TWO_POLICIES:
+                out.append(pytest.param(case, policy, id=f"{case.id}-{policy[0]}"))
+    return out
+
+
+@pytest.mark.parametrize("case, policy", _engine_params())
+def test_triton_matches_the_cpu_engine(case, policy, triton_interpreted):
+    """backend="triton" and backend="cpu" (its portable variant) from the same params,
+    grads and seeds, three launches as torch.amp.GradScaler makes them (grads scaled by
+    2^10, a skipped step, a plain one): every tensor bit for bit after each (the C++ and
+    Triton math are the same operations, rounded once each: tests/test_triton.py; the
+    policy's loads, roundings and random words are the same too)."""
+    _needs_cpu_op()
+    _, dtype, options = policy
+    gen = torch.Generator().manual_seed(0)
+    init = make_params(TRITON_SHAPES, dtype, gen)
+    sides = {}
+    for backend in ("triton", "cpu"):
+        torch.manual_seed(7)  # the rng_state seeds
+        params = [t.detach().clone().requires_grad_() for t in init]
+        sides[backend] = (case.fused(params, backend=backend, **case.options, **options),
+                          params)
+    for k, (scale, found) in enumerate(((1024.0, 0.0), (1024.0, 1.0), (None, None))):
+        grads = make_grads(TRITON_SHAPES, dtype, gen)
+        for backend, (opt, params) in sides.items():
+            for p, g in zip(params, grads):
+                p.grad = g * scale if scale is not None else g.clone()
+            opt.grad_scale = None if scale is None else torch.tensor(scale)
+            opt.found_inf = None if found is None else torch.tensor(found)
+            with cpu_capability("default" if backend == "cpu" else None):
+                opt.step()
+        _assert_same_bits(f"{case.id} {policy[0]} launch {k + 1}",
+                          _tensors(*sides["triton"]), _tensors(*sides["cpu"]))
+    if options["stochastic_rounding"]:
+        opt, params = sides["triton"]
+        for p in params:  # two real steps, the skipped one advancing nothing
+            assert int(opt.state[p][_policy.RNG_KEY][1]) == 2 * p.numel()
+
+
+def _op_call(name: str, dtype: torch.dtype, state_dtype: torch.dtype, master: bool):
+    """(spec, the op's lists, its keyword arguments) of one call with stochastic
+    rounding, from the optimizer class after one step (its state); the rng_states set to
+    a 64-bit seed and an offset 40 below 2^32, so that counters cross into the high
+    word, and one grad a NaN of all-ones payload (0x7fffffff, a GPU's NaN), which the
+    naive bf16 rounding would carry into -0.0."""
+    cls = {"SGD": fused_optim.SGD, "AdamW": fused_optim.AdamW}[name]
+    kw = (dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1) if name == "SGD"
+          else dict(lr=0.01, weight_decay=0.1, amsgrad=True))
+    gen = torch.Generator().manual_seed(0)
+    params = [p.requires_grad_() for p in make_params(TRITON_SHAPES, dtype, gen)]
+    opt = cls(params, backend="reference", stochastic_rounding=True,
+              state_dtype=state_dtype, master_weights=master, **kw)
+    for p, g in zip(params, make_grads(TRITON_SHAPES, dtype, gen)):
+        p.grad = g
+    opt.step()
+    for p, g in zip(params, make_grads(TRITON_SHAPES, dtype, gen)):
+        p.grad = g
+    params[2].grad.view(-1)[5] = float("nan")
+    if dtype == torch.float32:
+        params[2].grad.view(-1)[5:6].view(torch.int32).fill_(0x7FFFFFFF)
+    group = opt.param_groups[0]
+    spec = opt.spec
+    lists, states = opt._group_lists(group)
+    h = {x.name: x.kind() for x in spec.hypers if x.group_key == ""}
+    h.update(opt._hyper(group))
+    lists = [[t.detach().clone() for t in lst] for lst in lists + states]
+    n = len(spec.list_args()) + len(spec.scalars)
+    for i, rng in enumerate(lists[n + 1]):
+        rng.copy_(torch.tensor([-0x123456789ABCDEF - i, (1 << 32) - 40]))
+    kwargs = dict(lr=torch.tensor(kw["lr"], dtype=torch.float64), **h,
+                  master_params=lists[n] or None, rng_states=lists[n + 1])
+    return spec, lists[:n], lists[n:], kwargs
+
+
+@pytest.mark.parametrize("name, dtype, state_dtype, master", [
+    ("SGD", torch.float32, torch.bfloat16, False),
+    ("SGD", torch.bfloat16, torch.bfloat16, True),
+    ("AdamW", torch.bfloat16, torch.bfloat16, False),
+    ("AdamW", torch.bfloat16, torch.bfloat16, True),
+], ids=["SGD-fp32-state_bf16", "SGD-bf16-master", "AdamW-bf16", "AdamW-bf16-master"])
+def test_triton_and_cpu_round_stochastically_to_the_same_bits(name, dtype, state_dtype, master,
+                                                                triton_interpreted):
+    """One op call with stochastic rounding, the same inputs and [seed, offset] on the
+    C++ op (CPU engine), the Triton table kernel and the per-tensor kernels torch.compile
+    traces: the same bits everywhere (NaN included), the same advanced offsets."""
+    _needs_cpu_op()
+    launcher = triton_interpreted
+    spec, lists, policy_lists, kwargs = _op_call(name, dtype, state_dtype, master)
+    runs = {}
+    for label, fn in (("cpu", fused_optim.backends.get_backend("cpu").step),
+                      ("triton", fused_optim.backends.get_backend("triton").step),
+                      ("per-tensor", launcher.step_per_tensor)):
+        args = [[t.clone() for t in lst] for lst in lists]
+        master_params, rng = ([[t.clone() for t in lst] if lst else None
+                               for lst in policy_lists])
+        with cpu_capability("default" if label == "cpu" else None):
+            fn(spec, *args, **{**kwargs, "master_params": master_params, "rng_states": rng})
+        runs[label] = dict(zip(range(len(args)), args), master=master_params or [],
+                           rng=rng)
+    for label in ("triton", "per-tensor"):
+        _assert_same_bits(f"{name} {label}", runs[label], runs["cpu"])
+    for t, r in zip(lists[0], runs["triton"]["rng"]):
+        assert int(r[1]) == (1 << 32) - 40 + t.numel()
+    assert runs["cpu"][0][2].view(-1)[5].isnan()  # the NaN stayed a NaN
+    if state_dtype == torch.bfloat16:
+        assert runs["cpu"][2][2].view(-1)[5].isnan()
+
+
+def test_triton_op_checks_policy_lists(triton_interpreted):
+    """The Triton op's checks of the policy lists: the C++ op's messages
+    (csrc/ops_common.h check_policy_lists, CheckedLists' state dtype rule), from the
+    checks fused_optim/_fake.py shares; then opcheck with policy lists."""
+    launcher = triton_interpreted
+    spec = fused_optim.Adam.spec
+    step = fused_optim.backends.get_backend("triton").step
+    p = torch.zeros(4, dtype=torch.bfloat16)
+    g = torch.ones(4, dtype=torch.bfloat16)
+    kw = dict(lr=torch.tensor(0.1), beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8,
+              amsgrad=False, maximize=False, decoupled_weight_decay=False)
+    states = [[torch.zeros(4)], [torch.zeros(4)], []]
+
+    def call(states=states, **policy):
+        launcher.clear_table_cache()  # the checks run when a table is built
+        step(spec, [p], [g], *states, [torch.zeros(())], **kw, **policy)
+
+    prefix = "fused_optim_triton::adam_: "
+    for policy, message in (
+            ({"master_params": [torch.zeros(4, dtype=torch.bfloat16)]},
+             r"master_params\[0\] must be a dense float32"),
+            ({"rng_states": [torch.zeros(3, dtype=torch.int64)]},
+             r"rng_states\[0\] must be a contiguous int64"),
+            ({"rng_states": [torch.zeros(4, dtype=torch.int64)[::2]]},
+             r"rng_states\[0\] must be a contiguous int64"),
+            ({"master_params": [torch.zeros(4), torch.zeros(4)]}, "expected 1 master_params"),
+            ({"master_params": [torch.zeros(2, 2)]},
+             r"master_params\[0\] must have the sizes and strides of params\[0\]")):
+        with pytest.raises(RuntimeError, match=prefix + message):
+            call(**policy)
+    # fp32 states on bf16 params with a master copy: a policy the engines run.
+    master = torch.zeros(4)
+    call(master_params=[master])
+    assert float(master[0]) != 0.0 and float(p[0]) == float(master[0].bfloat16())
+    bad = [[torch.zeros(4, dtype=torch.float16)], [torch.zeros(4, dtype=torch.float16)], []]
+    with pytest.raises(RuntimeError, match=prefix + "all tensors of one call must have one dtype"):
+        call(bad, master_params=[master])
+    mixed = [[torch.zeros(4)], [torch.zeros(4, dtype=torch.bfloat16)], []]
+    with pytest.raises(RuntimeError, match=prefix + "the state lists of one call must have one"):
+        call(mixed, master_params=[master])
+    # fp32 states of bf16 params without master copy nor rng_states: torch.optim's
+    # storage is bf16 states, and (bf16, fp32, no master, no rounding) is a policy.
+    call([[torch.zeros(4)], [torch.zeros(4)], []])
+    with pytest.raises(RuntimeError, match=prefix + "no memory policy for torch.float16"):
+        launcher.clear_table_cache()
+        step(spec, [torch.zeros(4, dtype=torch.float16)], [torch.ones(4, dtype=torch.float16)],
+             [torch.zeros(4, dtype=torch.float16)], [torch.zeros(4, dtype=torch.float16)], [],
+             [torch.zeros(())], **kw, rng_states=[torch.tensor([1, 0])])
+    zeros = [torch.zeros(4, dtype=torch.bfloat16)]
+    args = ([p], [g], zeros, [t.clone() for t in zeros], [], [torch.zeros(())],
+            torch.tensor(0.1), None, None, 0.9, 0.99, 0.0, 1e-8, False, False, False,
+            [torch.zeros(4)], [torch.tensor([7, 0])])
+    op = torch.ops.fused_optim_triton.adam_.default
+    result = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.skipif(TRITON_HERE or not _interpreted.HAVE_TRITON,
+                    reason="the Triton tests run in this process under the interpreter")
+def test_triton_policy_in_subprocess():
+    """On a GPU machine: the Triton tests of this module in a fresh interpreter, with
+    TRITON_INTERPRET=1 ([note: TRITON_INTERPRET ordering] in test_triton.py)."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-k", "triton", str(Path(__file__).resolve())], env=env,
+                         cwd=str(root), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]

@@ -1150,13 +1150,14 @@ def test_availability():
 def test_ops_registered_with_fake_kernels(case):
     """torch.ops.fused_optim_triton.<op> of every spec is a triton_op: schema (mutations)
     and the fake kernel check out. It takes every argument positionally: the lists, lr,
-    grad_scale, found_inf, then the spec's floats and flags (triton_kernels/ops.py).
+    grad_scale, found_inf, the spec's floats and flags, then master_params and
+    rng_states, empty here (triton_kernels/ops.py; with them: test_policy.py).
     (torch.compile's trace needs compiled kernels: test_torch_compile_traces_*.)"""
     spec = case.spec
     args = _Args.make(case, [(3,), (BLOCK + 1,)])
     positional = (*args.lists, torch.tensor(args.lr, dtype=torch.float64), torch.tensor(2.0),
                   torch.tensor(0.0), *(args.h[x.name] for x in spec.floats),
-                  *(args.h[x.name] for x in spec.flags))
+                  *(args.h[x.name] for x in spec.flags), [], [])
     op = getattr(torch.ops.fused_optim_triton, spec.op).default
     result = torch.library.opcheck(op, positional,
                                    test_utils=("test_schema", "test_faketensor"))
@@ -1247,34 +1248,53 @@ def compile_ptx(kernel, types, constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
 
-def prepared(case, dtype):
+def prepared(case, dtype, policy=None):
+    # policy: (state dtype, master, stochastic) of a memory policy, or None
     h = hyper_of(case)
-    call = L._prepare(case.spec.op, case.spec, lists_of(case, h, [4], dtype), h, None)
+    lists = lists_of(case, h, [4], dtype)
+    master = rng = None
+    if policy is not None:
+        state, m, r = policy
+        n = len(case.spec.list_args())
+        lists = [[t.to(state) for t in lst] if 2 <= k < n else lst
+                 for k, lst in enumerate(lists)]
+        master = [torch.zeros(4)] if m else None
+        rng = [torch.zeros(2, dtype=torch.int64)] if r else None
+    call = L._prepare(case.spec.op, case.spec, lists, h, None, master, rng)
     consts = dict(call.constexprs, DTYPE=L._TL_DTYPE[dtype], OPMATH=L._opmath(dtype),
                   STATE_F64=0, MAXIMIZE=bool(h.get("maximize", False)),
                   CHUNK=16384, BLOCK=1024)
-    return consts, {"hyper": ("fp32",) * len(call.hyper)}
+    return consts, {"hyper": ("fp32",) * len(call.hyper)}, call.state_dtype
 
-def table_kernel(case, dtype, device_scalars, state_f64=0):
-    consts, types = prepared(case, dtype)
+def table_kernel(case, dtype, device_scalars, state_f64=0, policy=None):
+    consts, types, state = prepared(case, dtype, policy)
     consts["STATE_F64"] = state_f64
-    types.update(base="*" + TYPE[dtype], list_offsets="*i64", state_ptrs="*i64",
-                 numels="*i64", n_chunks="*i64", work="*i64", arrivals="*i32",
-                 n_tensors="i32", lr_parts=("fp32", "fp32", "fp32"))
+    types.update(base="*" + TYPE[dtype], state_base="*" + TYPE[state], list_offsets="*i64",
+                 state_ptrs="*i64", numels="*i64", n_chunks="*i64", work="*i64",
+                 arrivals="*i32", n_tensors="i32", lr_parts=("fp32", "fp32", "fp32"))
     consts.update(LR_ON_DEVICE=device_scalars, UNSCALE=device_scalars,
                   HAS_FOUND_INF=device_scalars, ELEM_ALIGN=16 // dtype.itemsize,
+                  STATE_ALIGN=16 // state.itemsize, MASTER_ALIGN=4,
                   LR_DTYPE=tl.float32 if device_scalars else tl.float64)
     for name in ("lr_ptr", "grad_scale_ptr", "found_inf_ptr"):
         if device_scalars:
             types[name] = "*fp32"
         else:
             consts[name] = None
+    if consts["MASTER"]:
+        types.update(master_base="*fp32", master_offsets="*i64")
+    else:
+        consts.update(master_base=None, master_offsets=None)
+    if consts["STOCHASTIC"]:
+        types["rng_ptrs"] = "*i64"
+    else:
+        consts["rng_ptrs"] = None
     return compile_ptx(L._table_kernel, types, consts)
 
 def tensor_kernel(case, dtype):
-    consts, types = prepared(case, dtype)
+    consts, types, _ = prepared(case, dtype)
     types.update(numel="i64", lr_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
-    consts.update(LR_DTYPE=tl.float64, UNSCALE=True, HAS_FOUND_INF=True)
+    consts.update(LR_DTYPE=tl.float64, UNSCALE=True, HAS_FOUND_INF=True, m=None, rng=None)
     for k in range(8):
         if k < consts["N_LISTS"] and (consts["LISTS"] >> k) & 1:
             types[f"x{k}"] = "*" + TYPE[dtype]
@@ -1297,6 +1317,14 @@ if "sgd" in FAMILIES:
 if "adam" in FAMILIES:
     jobs.append(("adam fp64 per-tensor", FAMILIES["adam"],
                  lambda c: tensor_kernel(c, torch.float64)))
+# The memory policy's table kernels: AdamW (amsgrad: three state lists, the fourth random
+# word) on bf16 params with fp32 master copies and bf16 states rounded stochastically,
+# SGD on fp32 params with bf16 states rounded stochastically.
+for name, policy_dtype, policy in (("adam", torch.bfloat16, (torch.bfloat16, True, True)),
+                                   ("sgd", torch.float32, (torch.bfloat16, False, True))):
+    if name in FAMILIES:
+        jobs.append((f"{name} {TYPE[policy_dtype]} policy table", FAMILIES[name],
+                     lambda c, d=policy_dtype, p=policy: table_kernel(c, d, True, policy=p)))
 # Every per-tensor state list of every family in float64 but the first (a loaded float64
 # model's state: step float32, the others float64).
 for name, case in FAMILIES.items():
@@ -1318,7 +1346,9 @@ for label, case, build in jobs:
     # and log (NAdam's and ASGD's pow) are built from fma.rn.f64, on purpose.
     fma = r"fma\.rn" if "fp64" in label else r"fma\.rn\.f32"
     assert not count(rf"div\.full|div\.approx|sqrt\.approx|{fma}"), f"{label}: inexact ops"
-    if "table" in label:
+    if "policy" in label:  # the random counter is advanced once per tensor too
+        assert count("atom") and count(r"mul\.hi\.u32"), f"{label}: atom, Philox"
+    elif "table" in label:
         assert bool(count("atom")) == bool(case.spec.scalars), f"{label}: atom"
     if label.split()[0] == "adam":
         f = "f64" if "fp64" in label else "f32"
@@ -1392,7 +1422,7 @@ for name, case in FAMILIES.items():
     op = getattr(torch.ops.fused_optim_triton, spec.op)
     args = (*lists_of(case, h, sizes), torch.tensor(1e-3), torch.tensor(2.0),
             torch.tensor(0.0), *(h[x.name] for x in spec.floats),
-            *(h[x.name] for x in spec.flags))
+            *(h[x.name] for x in spec.flags), [], [])
 
     def step(*args):
         op(*args)
@@ -1411,6 +1441,34 @@ for name, case in FAMILIES.items():
     assert nodes == len(sizes) * (2 if spec.scalars else 1), code
     assert code.count("grid = [(3, 1, 1)]") == 1, code  # 40000 elements: 3 chunks of 16384
     assert "aten.add" not in code, code  # the state is advanced by the kernels
+
+# SGD with the memory policy (bf16 params and momentum buffers, fp32 master copies,
+# stochastic rounding): per tensor its kernel and its state kernel (which advances its
+# random counter, as SGD has no per-tensor state).
+if "sgd" in FAMILIES:
+    case = FAMILIES["sgd"]
+    spec = case.spec
+    h = hyper_of(case)
+    lists = [[t.bfloat16() for t in lst] for lst in lists_of(case, h, sizes)]
+    args = (*lists, torch.tensor(1e-3), None, torch.tensor(0.0),
+            *(h[x.name] for x in spec.floats), *(h[x.name] for x in spec.flags),
+            [torch.zeros(k) for k in sizes], [torch.tensor([1, 0]) for _ in sizes])
+    op = torch.ops.fused_optim_triton.sgd_
+
+    def step(*args):
+        op(*args)
+
+    graphs.clear()
+    torch._dynamo.reset()
+    try:
+        torch.compile(step, backend=aot_autograd(fw_compiler=keep_graph), fullgraph=True)(*args)
+    except Exception as exc:
+        assert graphs, exc
+    code = graphs[0]
+    nodes = code.count("triton_kernel_wrapper_functional(")
+    print("sgd policy nodes", nodes)
+    assert code.count("'numel': ") == len(sizes) and nodes == 2 * len(sizes), code
+    assert "aten.add" not in code, code  # the counter is advanced by the kernels
 print("OK")
 """
 
@@ -1420,7 +1478,7 @@ def test_torch_compile_traces_per_tensor_kernels():
     """torch.compile (dynamo + AOT functionalization, no Inductor) traces each family's
     op into one wrap_triton _tensor_kernel node per tensor, plus one _state_kernel node
     per tensor for an optimizer with per-tensor state (which the kernels advance: no
-    aten.add). Compiled kernels are needed, so it runs in a subprocess; without a GPU the
+    aten.add), or with stochastic rounding (SGD's memory policy: the random counter). Compiled kernels are needed, so it runs in a subprocess; without a GPU the
     graph is traced, not run (and Triton's mutation analysis, which needs a GPU target,
     falls back to "all mutated")."""
     res = subprocess.run([sys.executable, "-c", _TRACE_WITH_TORCH_COMPILE, str(TESTS)],

@@ -7,8 +7,9 @@ its math is found in math.py under its name (``<name>_variant``, ``<name>_advanc
 ``<name>_scalars``, ``<name>_update``) and passed to the kernels as constexpr
 functions. Nothing here names an optimizer.
 
-Preconditions (checked when a table is built, see `_build_table`): every list as long
-as params; every tensor on params' device, of params' dtype, shape and strides, and
+Preconditions (checked when a table is built, see `_check_bucket`): every list as long
+as params; every tensor on params' device, of params' dtype (the state lists: of a
+memory policy's state dtype, see [note: memory policy]), shape and strides, and
 non-overlapping and dense (element i of each list sits at offset i); per-tensor state
 is one-element float32 or float64 tensors on params' device (rows whose states differ in
 dtype go in separate launches, see `_rows_by_state_dtypes`); grad_scale
@@ -27,9 +28,14 @@ chunking). Later steps with the same tensors reuse it: nothing is copied host-to
 per step, so a step can be captured in a CUDA graph (lr, grad_scale, found_inf and the
 state are read from device memory too). Layout, each a view of the one tensor:
     list_offsets [N_LISTS * n]  list k (every list of the optimizer; a list the call
-                                leaves out repeats the params), tensor t at k * n + t:
-                                its address minus params[0]'s, in elements
+                                leaves out has 0), tensor t at k * n + t: its address
+                                minus its base's, in elements of its dtype (the base:
+                                params[0] for params and grads, the first state tensor
+                                for the state lists)
     state_ptrs   [N_STATES * n] data_ptr of tensor t's state j at j * n + t
+    master_offsets [n]          master_params[t]'s address minus master_params[0]'s, in
+                                elements (only with master copies)
+    rng_ptrs     [n]            data_ptr of rng_states[t] (only with stochastic rounding)
     numels       [n]
     n_chunks     [n]            programs of tensor t (at least 1, so that an empty tensor
                                 still advances its state)
@@ -54,6 +60,29 @@ exercised by the interpreter (which runs programs one after another) but its mem
 ordering on a GPU is UNVERIFIED here. A skipped step (found_inf != 0) touches nothing,
 arrivals included.
 
+[note: memory policy]
+A call may carry a memory policy (fused_optim/_policy.py; the CPU engine's
+[note: memory policy] in csrc/cpu/kernel_api.h), which changes the loads and stores
+only, in the same kernels (constexprs STATE_DTYPE, MASTER, STOCHASTIC, POLICY):
+  * the state lists are of STATE_DTYPE (bf16 states of fp32 params, fp32 states of bf16
+    params), addressed from their own base; math in fp32 either way;
+  * master_params (MASTER): the update reads the param from its fp32 copy, writes the
+    copy, and writes the param rounded to nearest from it in the same pass;
+  * rng_states (STOCHASTIC): element i of tensor t rounds its bf16 stores with the words
+    of tl.randint4x(seed_t, offset_t + i) (Philox4x32-10, key seed_t, counter (lo, hi,
+    0, 0) of offset_t + i): word 0 for the param, 1 + j for the j-th state list the call
+    keeps (WORDS). seed_t and offset_t are read from rng_states[t] by the kernel; the
+    last program of t (the arrivals of [note: advancing the state inside one launch])
+    writes offset_t + numel_t; a skipped step writes nothing;
+  * every store of a policy call rounds as round_store in kernels_impl.h: bf16 NaNs keep
+    their sign and high payload ((u >> 16) | 0x40), where the uniform stores give
+    c10's 0x7fc0 (math.to_policy_storage vs to_storage).
+Bytes per element move with the storage: fp32 AdamW with bf16 states reads 12 B and
+writes 8 B; bf16 AdamW with an fp32 master copy and fp32 states reads 14 B (master,
+bf16 grad, states; not the param) and writes 14 B (master, bf16 param, states).
+Philox4x32-10 adds 10 rounds of two 32-bit multiply-high/low pairs per element, computed
+only when STOCHASTIC (its cost on a GPU is unmeasured).
+
 [note: torch.compile]
 The table holds raw addresses, which a compiler tracing with FakeTensors cannot build
 and cannot see the mutations through. Traced calls (FakeTensor / FunctionalTensor
@@ -76,10 +105,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fused_optim._fake import check_count, check_device_scalar, present_lists
+from fused_optim._fake import (check_count, check_device_scalar, check_list_dtype,
+                               check_policy, present_lists, state_dtype_of)
 
 from . import math as _math
-from .math import to_storage, unscale
+from .math import to_policy_storage, to_storage, unscale
 
 __all__ = [
     "LaunchConfig",
@@ -154,36 +184,66 @@ def _f32(v: float) -> float:
 
 
 @triton.jit
-def _block(ptrs, offs, mask, grad_scale, s, UPDATE: tl.constexpr, N_LISTS: tl.constexpr,
-           LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
-           VARIANT: tl.constexpr, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-           UNSCALE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _block(ptrs, master, offs, mask, grad_scale, s, seed, counter, UPDATE: tl.constexpr,
+           N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr,
+           WRITES: tl.constexpr, VARIANT: tl.constexpr, DTYPE: tl.constexpr,
+           STATE_DTYPE: tl.constexpr, OPMATH: tl.constexpr, UNSCALE: tl.constexpr,
+           MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+           WORDS: tl.constexpr, POLICY: tl.constexpr, BLOCK: tl.constexpr):
     """The optimizer's update on the elements `offs` (where `mask`, or all when mask is
     None): x holds every list of the optimizer (list 0 params, 1 grads); lists the call
-    leaves out, or whose old values the update never reads, are zeros, never loaded."""
+    leaves out, or whose old values the update never reads, are zeros, never loaded.
+    Under a memory policy ([note: memory policy]) the state lists are of STATE_DTYPE,
+    the params are read from and written to their fp32 copies `master` (MASTER) and
+    written rounded to nearest from them, and bf16 stores round stochastically
+    (STOCHASTIC) with the Philox words of counter `counter` + offs under key `seed`."""
     x = ()
     for k in tl.static_range(N_LISTS):
         if (READS >> k) & 1:
-            x = x + (tl.load(ptrs[k] + offs, mask=mask).to(OPMATH),)
+            if MASTER and k == 0:
+                x = x + (tl.load(master + offs, mask=mask),)
+            else:
+                x = x + (tl.load(ptrs[k] + offs, mask=mask).to(OPMATH),)
         else:
             x = x + (tl.zeros([BLOCK], OPMATH),)
     g = x[1]
     if UNSCALE:
         g = unscale(g, grad_scale)
-        tl.store(ptrs[1] + offs, to_storage(g, DTYPE), mask=mask)
+        if POLICY:
+            tl.store(ptrs[1] + offs, to_policy_storage(g, DTYPE, 0, False), mask=mask)
+        else:
+            tl.store(ptrs[1] + offs, to_storage(g, DTYPE), mask=mask)
     if MAXIMIZE:
         g = -g
     x = UPDATE(x, g, s, LISTS, VARIANT)
+    words = (0, 0, 0, 0)
+    if STOCHASTIC:
+        words = tl.randint4x(seed, counter + offs)
     for k in tl.static_range(N_LISTS):
         if (WRITES >> k) & 1:
-            tl.store(ptrs[k] + offs, to_storage(x[k], DTYPE), mask=mask)
+            if not POLICY:
+                tl.store(ptrs[k] + offs, to_storage(x[k], DTYPE), mask=mask)
+            elif MASTER and k == 0:
+                tl.store(master + offs, x[0], mask=mask)
+                # The param from its copy: to nearest, never stochastically.
+                tl.store(ptrs[0] + offs, to_policy_storage(x[0], DTYPE, 0, False), mask=mask)
+            elif k == 0:
+                tl.store(ptrs[0] + offs, to_policy_storage(x[0], DTYPE, words[0], STOCHASTIC),
+                         mask=mask)
+            else:
+                # Word 1 + j for the j-th state list the call keeps (WORDS, 2 bits a list).
+                tl.store(ptrs[k] + offs,
+                         to_policy_storage(x[k], STATE_DTYPE, words[(WORDS >> (2 * k)) & 3],
+                                           STOCHASTIC), mask=mask)
 
 
 @triton.jit
-def _chunk(ptrs, begin, end, grad_scale, s, UPDATE: tl.constexpr, N_LISTS: tl.constexpr,
-           LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
-           VARIANT: tl.constexpr, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-           UNSCALE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk(ptrs, master, begin, end, grad_scale, s, seed, counter, UPDATE: tl.constexpr,
+           N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr,
+           WRITES: tl.constexpr, VARIANT: tl.constexpr, DTYPE: tl.constexpr,
+           STATE_DTYPE: tl.constexpr, OPMATH: tl.constexpr, UNSCALE: tl.constexpr,
+           MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+           WORDS: tl.constexpr, POLICY: tl.constexpr, BLOCK: tl.constexpr):
     """Elements [begin, end) of one tensor's lists; begin is a multiple of BLOCK. Full
     blocks go unmasked (a mask of unknown alignment keeps the compiler from vectorizing),
     then one masked tail. Alignment hints must be given where begin and the pointers are
@@ -191,12 +251,14 @@ def _chunk(ptrs, begin, end, grad_scale, s, UPDATE: tl.constexpr, N_LISTS: tl.co
     full_end = end - (end - begin) % BLOCK
     for block_start in range(begin, full_end, BLOCK):
         offs = block_start + tl.arange(0, BLOCK)
-        _block(ptrs, offs, None, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES,
-               VARIANT, DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
+        _block(ptrs, master, offs, None, grad_scale, s, seed, counter, UPDATE, N_LISTS, LISTS,
+               READS, WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE, MASTER,
+               STOCHASTIC, WORDS, POLICY, BLOCK)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        _block(ptrs, offs, offs < end, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES,
-               VARIANT, DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
+        _block(ptrs, master, offs, offs < end, grad_scale, s, seed, counter, UPDATE, N_LISTS,
+               LISTS, READS, WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE,
+               MASTER, STOCHASTIC, WORDS, POLICY, BLOCK)
 
 
 @triton.jit
@@ -243,8 +305,10 @@ def _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE: tl.constexpr,
 
 @triton.jit(do_not_specialize=["n_tensors"])
 def _table_kernel(
-    # the resident table ([note: the resident table]); base is params[0]
-    base, list_offsets, state_ptrs, numels, n_chunks, work, arrivals, n_tensors,
+    # the resident table ([note: the resident table]); base is params[0], state_base the
+    # first state tensor (or params[0]), master_base master_params[0] (None without)
+    base, state_base, master_base, list_offsets, state_ptrs, master_offsets, rng_ptrs,
+    numels, n_chunks, work, arrivals, n_tensors,
     # device scalars (None when absent)
     lr_ptr, grad_scale_ptr, found_inf_ptr,
     # float64 lr (when not LR_ON_DEVICE) and float arguments, as float32 (hi, mid, lo)
@@ -253,11 +317,15 @@ def _table_kernel(
     ADVANCE: tl.constexpr, SCALARS: tl.constexpr, UPDATE: tl.constexpr,
     N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
     VARIANT: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
+    # the memory policy ([note: memory policy])
+    STATE_DTYPE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    WORDS: tl.constexpr, POLICY: tl.constexpr,
     # meta-parameters
     DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_F64: tl.constexpr,
     LR_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ELEM_ALIGN: tl.constexpr,
+    STATE_ALIGN: tl.constexpr, MASTER_ALIGN: tl.constexpr,
 ):
     # This program's chunk: tensor t, elements [begin, end); none if the step is skipped
     # (alignment hints go here, where the values are loaded: see _chunk).
@@ -286,33 +354,54 @@ def _table_kernel(
     grad_scale = 1.0
     if UNSCALE:
         grad_scale = tl.load(grad_scale_ptr).to(OPMATH)
-    # Tensor t's lists: params[0]'s pointer plus element offsets.
+    # Tensor t's lists: params[0]'s pointer plus element offsets (the state lists:
+    # state_base's, in their own dtype), its master copy, its Philox key and counter.
     ptrs = ()
     for k in tl.static_range(N_LISTS):
-        ptrs = ptrs + (base + tl.multiple_of(tl.load(list_offsets + k * n_tensors + t),
-                                             ELEM_ALIGN),)
-    _chunk(ptrs, begin, end, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES, VARIANT,
-           DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
-    if N_STATES > 0:
-        # Store the state once, from the last of t's programs ([note: advancing ...]).
+        if k < 2:
+            ptrs = ptrs + (base + tl.multiple_of(tl.load(list_offsets + k * n_tensors + t),
+                                                 ELEM_ALIGN),)
+        else:
+            ptrs = ptrs + (state_base + tl.multiple_of(
+                tl.load(list_offsets + k * n_tensors + t), STATE_ALIGN),)
+    master = None
+    if MASTER:
+        master = master_base + tl.multiple_of(tl.load(master_offsets + t), MASTER_ALIGN)
+    seed = 0
+    counter = 0
+    if STOCHASTIC:
+        rng_at = tl.load(rng_ptrs + t).to(tl.pointer_type(tl.int64))
+        seed = tl.load(rng_at)
+        counter = tl.load(rng_at + 1)
+    _chunk(ptrs, master, begin, end, grad_scale, s, seed, counter, UPDATE, N_LISTS, LISTS,
+           READS, WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE, MASTER,
+           STOCHASTIC, WORDS, POLICY, BLOCK)
+    if N_STATES > 0 or STOCHASTIC:
+        # Store the state and the advanced counter (offset + numel) once, from the last
+        # of t's programs ([note: advancing ...]).
         tl.debug_barrier()
         arrived = tl.atomic_add(arrivals + t, 1, mask=go, sem="acq_rel", scope="gpu")
         last = go & (arrived == tl.load(n_chunks + t) - 1)
         for j in tl.static_range(N_STATES):
             _store_state(state_at[j], new_state[j], last, (STATE_F64 >> j) & 1)
+        if STOCHASTIC:
+            tl.store(rng_at + 1, counter + tl.load(numels + t), mask=last)
         tl.store(arrivals + t, 0, mask=last)
 
 
 @triton.jit
 def _tensor_kernel(
     # one tensor's lists (list k of the optimizer at x<k>; None where absent), its state
-    # (s<j>: read, not written: see [note: torch.compile]) and its size
-    x0, x1, x2, x3, x4, x5, x6, x7, s0, s1, s2, s3, numel,
+    # (s<j>: read, not written: see [note: torch.compile]), its master copy and
+    # [seed, offset] (None without; read, not written) and its size
+    x0, x1, x2, x3, x4, x5, x6, x7, s0, s1, s2, s3, m, rng, numel,
     # device scalars (None when absent), the float arguments as float32 parts
     lr_ptr, grad_scale_ptr, found_inf_ptr, hyper,
     ADVANCE: tl.constexpr, SCALARS: tl.constexpr, UPDATE: tl.constexpr,
     N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
     VARIANT: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
+    STATE_DTYPE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    WORDS: tl.constexpr, POLICY: tl.constexpr,
     DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_F64: tl.constexpr,
     LR_DTYPE: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -335,17 +424,24 @@ def _tensor_kernel(
     ptrs = ()
     for k in tl.static_range(N_LISTS):
         ptrs = ptrs + (all_ptrs[k],)
-    _chunk(ptrs, begin, end, grad_scale, s, UPDATE, N_LISTS, LISTS, READS, WRITES, VARIANT,
-           DTYPE, OPMATH, UNSCALE, MAXIMIZE, BLOCK)
+    seed = 0
+    counter = 0
+    if STOCHASTIC:
+        seed = tl.load(rng)
+        counter = tl.load(rng + 1)
+    _chunk(ptrs, m, begin, end, grad_scale, s, seed, counter, UPDATE, N_LISTS, LISTS, READS,
+           WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE, MASTER, STOCHASTIC,
+           WORDS, POLICY, BLOCK)
 
 
 @triton.jit
-def _state_kernel(s0, s1, s2, s3, lr_ptr, found_inf_ptr, hyper,
+def _state_kernel(s0, s1, s2, s3, rng, n_elements, lr_ptr, found_inf_ptr, hyper,
                   ADVANCE: tl.constexpr, SCALARS: tl.constexpr, N_FLOATS: tl.constexpr,
                   N_STATES: tl.constexpr, LISTS: tl.constexpr, VARIANT: tl.constexpr,
                   STATE_F64: tl.constexpr, LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-                  HAS_FOUND_INF: tl.constexpr):
-    """Stores one tensor's advanced state (after its _tensor_kernel, same stream)."""
+                  HAS_FOUND_INF: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Stores one tensor's advanced state, and its advanced counter (offset + its
+    n_elements) when STOCHASTIC (after its _tensor_kernel, same stream)."""
     all_states = (s0, s1, s2, s3)
     state = ()
     for j in tl.static_range(N_STATES):
@@ -358,6 +454,8 @@ def _state_kernel(s0, s1, s2, s3, lr_ptr, found_inf_ptr, hyper,
         go = tl.load(found_inf_ptr) == 0
     for j in tl.static_range(N_STATES):
         _store_state(all_states[j], new_state[j], go, (STATE_F64 >> j) & 1)
+    if STOCHASTIC:
+        tl.store(rng + 1, tl.load(rng + 1) + n_elements, mask=go)
 
 
 # ---------------------------------------------------------------------------------
@@ -369,13 +467,17 @@ class _Table:
     meta: torch.Tensor          # the one int64 device tensor; the fields below view it
     list_offsets: torch.Tensor
     state_ptrs: torch.Tensor
+    master_offsets: torch.Tensor | None
+    rng_ptrs: torch.Tensor | None
     numels: torch.Tensor
     n_chunks: torch.Tensor
     work: torch.Tensor
     arrivals: torch.Tensor      # int32 [n], zero between launches
     n_tensors: int
     n_programs: int
-    elem_align: int             # every address is a multiple of this many elements
+    elem_align: int             # every address is a multiple of this many elements:
+    state_align: int            # params and grads, state lists, master copies
+    master_align: int
     state_f64: int              # bit j: state list j is float64 (else float32)
 
 
@@ -402,16 +504,21 @@ def _op_error(op: str, msg: str) -> RuntimeError:
 
 
 def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
-                  states: list[tuple[str, list[torch.Tensor]]]) -> None:
-    """The checks of csrc/ops_common.h check_bucket / check_scalars, run once per
-    table (not per step)."""
+                  states: list[tuple[str, list[torch.Tensor]]],
+                  master: list[torch.Tensor] | None = None,
+                  rng: list[torch.Tensor] | None = None) -> None:
+    """The checks of csrc/ops_common.h check_bucket / check_scalars / check_policy_lists
+    (the dtype rules and the memory policy's in fused_optim/_fake.py, shared with the
+    fake kernels), run once per table (not per step)."""
     params = lists[0]
     device, dtype = params[0].device, params[0].dtype
     if dtype not in SUPPORTED_DTYPES:
         raise _op_error(op, f"parameters must be float32, float64, float16 or bfloat16, "
                             f"got {dtype}")
+    present = list(zip(names, lists))
+    state_dtype = state_dtype_of(present, bool(master), bool(rng))
     for i, p in enumerate(params):
-        for name, lst in zip(names, lists):
+        for k, (name, lst) in enumerate(present):
             t = lst[i]
             where = f"{name}[{i}]"
             if t.layout != torch.strided:
@@ -419,9 +526,7 @@ def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
             if t.device != device:
                 raise _op_error(op, f"all tensors of one call must be on one device; {where} "
                                     f"is on {t.device}, params[0] on {device}")
-            if t.dtype != dtype:
-                raise _op_error(op, f"all tensors of one call must have one dtype; {where} "
-                                    f"is {t.dtype}, params[0] is {dtype}")
+            check_list_dtype(_qualified(op), present, k, i, dtype, state_dtype)
             if t.shape != p.shape:
                 raise _op_error(op, f"{where} has shape {tuple(t.shape)} but params[{i}] has "
                                     f"shape {tuple(p.shape)}")
@@ -444,6 +549,7 @@ def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
                     raise _op_error(op, f"{name}[{i}] is on {s.device} but the params are "
                                         f"on {device}; the Triton backend reads state on the "
                                         "params' device (as torch's fused Adam keeps it)")
+    check_policy(_qualified(op), present, master, rng)
 
 
 def _state_f64(states: list[tuple[str, list[torch.Tensor]]], row: int) -> int:
@@ -484,32 +590,42 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
-               slots: list[int], n_slots: int, states: list[tuple[str, list[torch.Tensor]]],
-               config: LaunchConfig) -> _Table:
-    """The table of `lists` (the call's lists, optimizer list `slots[i]` each)."""
+def _get_table(op: str, call: "_Call", config: LaunchConfig) -> _Table:
+    """The table of a call's lists (optimizer list `call.slots[i]` each), state and
+    policy lists."""
+    lists, states, master, rng = call.lists, call.states, call.master, call.rng
     params = lists[0]
     ptrs = [t.data_ptr() for lst in lists for t in lst]
     state_ptrs = [s.data_ptr() for _, tensors in states for s in tensors]
+    master_ptrs = [t.data_ptr() for t in master] if master else []
+    rng_ptrs = [t.data_ptr() for t in rng] if rng else []
     numels = [p.numel() for p in params]
     # The states' dtypes are part of the key: the table fixes how the kernel reads each
-    # state list (STATE_F64), and a float64 state may sit where a float32 one did.
+    # state list (STATE_F64, STATE_DTYPE), and a float64 state may sit where a float32
+    # one did.
     state_f64 = _state_f64(states, 0)
-    key = (params[0].device, params[0].dtype, state_f64, tuple(slots), n_slots,
-           config.chunk, tuple(ptrs), tuple(state_ptrs), tuple(numels))
+    n_slots = call.constexprs["N_LISTS"]
+    key = (params[0].device, params[0].dtype, call.state_dtype, state_f64, tuple(call.slots),
+           n_slots, config.chunk, tuple(ptrs), tuple(state_ptrs), bool(master),
+           tuple(master_ptrs), bool(rng), tuple(rng_ptrs), tuple(numels))
     table = _TABLES.get(key)
     if table is not None:
         _TABLES.move_to_end(key)
         _STATS["hits"] += 1
         return table
-    _check_bucket(op, names, lists, states)
+    _check_bucket(op, call.names, lists, states, master, rng)
     n = len(params)
-    # Every optimizer list gets a row; a list the call leaves out repeats the params'.
-    slot_ptrs = [ptrs[:n]] * n_slots
-    for i, slot in enumerate(slots):
-        slot_ptrs[slot] = ptrs[i * n:(i + 1) * n]
-    table = _build_table(op, params[0].device, [p for row in slot_ptrs for p in row],
-                         state_ptrs, numels, config, state_f64, params[0].element_size())
+    # Every optimizer list gets a row of offsets from its base: params[0] for params and
+    # grads, the first state tensor for the state lists (0 for a list the call leaves out).
+    state_base = lists[2][0].data_ptr() if len(lists) > 2 else ptrs[0]
+    rows = [[0] * n for _ in range(n_slots)]
+    for i, slot in enumerate(call.slots):
+        base = ptrs[0] if slot < 2 else state_base
+        rows[slot] = [q - base for q in ptrs[i * n:(i + 1) * n]]
+    table = _build_table(op, params[0].device, rows, (ptrs[0], state_base, *master_ptrs[:1]),
+                         (params[0].element_size(), lists[2][0].element_size()
+                          if len(lists) > 2 else params[0].element_size(), 4),
+                         state_ptrs, master_ptrs, rng_ptrs, numels, config, state_f64)
     _TABLES[key] = table
     if len(_TABLES) > _TABLE_CACHE_SIZE:
         _TABLES.popitem(last=False)
@@ -517,16 +633,28 @@ def _get_table(op: str, names: list[str], lists: list[list[torch.Tensor]],
     return table
 
 
-def _build_table(op: str, device: torch.device, ptrs: list[int], state_ptrs: list[int],
-                 numels: list[int], config: LaunchConfig, state_f64: int,
-                 elem_size: int) -> _Table:
+def _build_table(op: str, device: torch.device, rows: list[list[int]], bases: tuple[int, ...],
+                 sizes: tuple[int, int, int], state_ptrs: list[int], master_ptrs: list[int],
+                 rng_ptrs: list[int], numels: list[int], config: LaunchConfig,
+                 state_f64: int) -> _Table:
+    """`rows`: per optimizer list, each tensor's address minus its base's (params[0] for
+    lists 0 and 1, bases[1] for the state lists) in bytes; `bases`: params[0], the state
+    lists' base, master_params[0] when there are master copies; `sizes`: the element
+    sizes of params, states, master copies."""
     n = len(numels)
-    base = ptrs[0]  # params[0], passed to the kernel as a typed pointer
-    if any((p - base) % elem_size for p in ptrs):
-        raise _op_error(op, f"tensor addresses are not multiples of the element size "
-                            f"({elem_size} B) apart")
-    offsets = [(p - base) // elem_size for p in ptrs]
-    elem_align = 16 // elem_size if all(p % 16 == 0 for p in ptrs) else 1
+    groups = [(rows[:2], bases[0], sizes[0]), (rows[2:], bases[1], sizes[1])]
+    if master_ptrs:
+        groups.append(([[q - master_ptrs[0] for q in master_ptrs]], master_ptrs[0], sizes[2]))
+    offsets, aligns = [], []
+    for group_rows, base, size in groups:
+        flat = [d for row in group_rows for d in row]
+        if any(d % size for d in flat):
+            raise _op_error(op, f"tensor addresses are not multiples of the element size "
+                                f"({size} B) apart")
+        offsets.append([d // size for d in flat])
+        aligned = base % 16 == 0 and all(d % 16 == 0 for d in flat)
+        aligns.append(16 // size if aligned else 1)
+    aligns += [1] * (3 - len(aligns))
     numel_t = torch.tensor(numels, dtype=torch.int64)
     n_chunks = torch.clamp((numel_t + config.chunk - 1) // config.chunk, min=1)
     n_programs = int(n_chunks.sum())
@@ -535,14 +663,21 @@ def _build_table(op: str, device: torch.device, ptrs: list[int], state_ptrs: lis
     first_program = torch.cumsum(n_chunks, 0) - n_chunks
     chunk_of = torch.arange(n_programs, dtype=torch.int64) - first_program[tensor_of]
     work = torch.stack([tensor_of, chunk_of * config.chunk], dim=1).reshape(-1)
-    host = torch.cat([torch.tensor(offsets, dtype=torch.int64),
-                      torch.tensor(state_ptrs, dtype=torch.int64), numel_t, n_chunks, work])
+    list_offsets = offsets[0] + offsets[1]
+    master_offsets = offsets[2] if master_ptrs else []
+    host = torch.cat([torch.tensor(list_offsets, dtype=torch.int64),
+                      torch.tensor(state_ptrs, dtype=torch.int64),
+                      torch.tensor(master_offsets, dtype=torch.int64),
+                      torch.tensor(rng_ptrs, dtype=torch.int64), numel_t, n_chunks, work])
     meta = host.to(device)  # the one host-to-device copy, per new parameter set
-    sizes = [len(ptrs), len(state_ptrs), n, n, 2 * n_programs]
-    list_offsets, state_ptrs_t, numels_t, n_chunks_t, work_t = torch.split(meta, sizes)
-    return _Table(meta, list_offsets, state_ptrs_t, numels_t, n_chunks_t, work_t,
+    split = [len(list_offsets), len(state_ptrs), len(master_offsets), len(rng_ptrs), n, n,
+             2 * n_programs]
+    (list_offsets_t, state_ptrs_t, master_t, rng_t, numels_t, n_chunks_t,
+     work_t) = torch.split(meta, split)
+    return _Table(meta, list_offsets_t, state_ptrs_t, master_t if master_ptrs else None,
+                  rng_t if rng_ptrs else None, numels_t, n_chunks_t, work_t,
                   torch.zeros(n, dtype=torch.int32, device=device), n, n_programs,
-                  elem_align, state_f64)
+                  aligns[0], aligns[1], aligns[2], state_f64)
 
 
 # ---------------------------------------------------------------------------------
@@ -589,11 +724,15 @@ class _Call:
     lists: list[list[torch.Tensor]]
     slots: list[int]                 # optimizer list of each
     states: list[tuple[str, list[torch.Tensor]]]
-    constexprs: dict[str, Any]       # ADVANCE ... N_STATES
+    constexprs: dict[str, Any]       # ADVANCE ... N_STATES, STATE_DTYPE ... POLICY
     hyper: tuple[float, ...]         # float arguments as float32 parts
+    master: list[torch.Tensor] | None   # the memory policy's lists (None: none)
+    rng: list[torch.Tensor] | None
+    state_dtype: torch.dtype         # the state lists' storage dtype
 
 
-def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale) -> _Call:
+def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale,
+             master_params=None, rng_states=None) -> _Call:
     args = spec.list_args()
     n_lists = len(args)
     if len(lists) != n_lists + len(spec.scalars):
@@ -626,7 +765,24 @@ def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale) -> _Cal
         N_STATES=len(spec.scalars),
     )
     hyper = tuple(part for f in spec.floats for part in split_f64(h[f.name]))
-    return _Call(names, present, slots, states, constexprs, hyper)
+    # The memory policy ([note: memory policy]): the state lists' dtype (the params' unless
+    # the call's dtypes make a policy the engines run: checked with the lists when the
+    # table is built), the master copies, the random words of each state list.
+    master = list(master_params) if master_params else None
+    rng = list(rng_states) if rng_states else None
+    dtype = state_dtype = present[0][0].dtype if n else torch.float32
+    if n:
+        state_dtype = state_dtype_of(list(zip(names, present)), bool(master), bool(rng))
+    kept = [k for k in slots if k >= 2]
+    if rng and len(kept) > 3:
+        raise _op_error(op, "stochastic rounding takes at most 3 state lists (4 random "
+                            "words per element)")
+    constexprs.update(
+        STATE_DTYPE=_TL_DTYPE.get(state_dtype, tl.float32), MASTER=bool(master),
+        STOCHASTIC=bool(rng), WORDS=sum((1 + j) << (2 * k) for j, k in enumerate(kept)),
+        POLICY=bool(master) or bool(rng) or state_dtype != dtype,
+    )
+    return _Call(names, present, slots, states, constexprs, hyper, master, rng, state_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -651,13 +807,14 @@ def _reads_all(h: dict[str, Any]) -> int:
     return 0
 
 
-def step_table(spec, *lists, lr, grad_scale=None, found_inf=None,
-               config: LaunchConfig | None = None, _host_lr: bool = False, **h) -> None:
+def step_table(spec, *lists, lr, grad_scale=None, found_inf=None, master_params=None,
+               rng_states=None, config: LaunchConfig | None = None, _host_lr: bool = False,
+               **h) -> None:
     """One step of `spec`'s optimizer over a bucket: one launch of the table kernel.
-    Arguments as the op's (fused_optim/spec.py)."""
+    Arguments as the op's (fused_optim/spec.py), the memory policy's lists included."""
     op = spec.op
     config = config or CONFIG
-    call = _prepare(op, spec, lists, h, grad_scale)
+    call = _prepare(op, spec, lists, h, grad_scale, master_params, rng_states)
     params = call.lists[0]
     if not params:
         return
@@ -669,17 +826,20 @@ def step_table(spec, *lists, lr, grad_scale=None, found_inf=None,
         for idx in rows:
             step_table(spec, *[[lst[i] for i in idx] if lst else lst for lst in lists[:n_lists]],
                        *[[lst[i] for i in idx] for lst in lists[n_lists:]], lr=lr,
-                       grad_scale=grad_scale, found_inf=found_inf, config=config,
-                       _host_lr=_host_lr, **h)
+                       grad_scale=grad_scale, found_inf=found_inf,
+                       master_params=[call.master[i] for i in idx] if call.master else None,
+                       rng_states=[call.rng[i] for i in idx] if call.rng else None,
+                       config=config, _host_lr=_host_lr, **h)
         return
     device, dtype = params[0].device, params[0].dtype
     lr_ptr, lr_parts, lr_on_device = _lr_args(op, lr, device, _host_lr)
     _check_scalar(op, "grad_scale", grad_scale, device)
     _check_scalar(op, "found_inf", found_inf, device)
-    table = _get_table(op, call.names, call.lists, call.slots,
-                       call.constexprs["N_LISTS"], call.states, config)
+    table = _get_table(op, call, config)
+    state_base = call.lists[2][0] if len(call.lists) > 2 else params[0]
     _table_kernel[(table.n_programs,)](
-        params[0], table.list_offsets, table.state_ptrs, table.numels, table.n_chunks,
+        params[0], state_base, call.master[0] if call.master else None, table.list_offsets,
+        table.state_ptrs, table.master_offsets, table.rng_ptrs, table.numels, table.n_chunks,
         table.work, table.arrivals, table.n_tensors,
         lr_ptr, grad_scale, found_inf, lr_parts, call.hyper,
         **call.constexprs,
@@ -689,18 +849,19 @@ def step_table(spec, *lists, lr, grad_scale=None, found_inf=None,
         UNSCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         MAXIMIZE=bool(h.get("maximize", False)),
         CHUNK=config.chunk, BLOCK=config.block, ELEM_ALIGN=table.elem_align,
+        STATE_ALIGN=table.state_align, MASTER_ALIGN=table.master_align,
         num_warps=config.num_warps, enable_fp_fusion=False,
     )
 
 
-def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None,
-                    config: LaunchConfig | None = None, **h) -> None:
+def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None, master_params=None,
+                    rng_states=None, config: LaunchConfig | None = None, **h) -> None:
     """The same step with one launch per tensor and tensors as kernel arguments, then
-    one launch per tensor that stores its state: the form torch.compile can trace (see
-    [note: torch.compile])."""
+    one launch per tensor that stores its state and advances its random counter: the
+    form torch.compile can trace (see [note: torch.compile])."""
     op = spec.op
     config = config or CONFIG
-    call = _prepare(op, spec, lists, h, grad_scale)
+    call = _prepare(op, spec, lists, h, grad_scale, master_params, rng_states)
     params = call.lists[0]
     if not params:
         return
@@ -709,7 +870,8 @@ def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None,
     c = call.constexprs
     common = dict(N_FLOATS=c["N_FLOATS"], N_STATES=c["N_STATES"], LISTS=c["LISTS"],
                   VARIANT=c["VARIANT"], LR_DTYPE=_TL_DTYPE.get(lr_t.dtype, tl.float64),
-                  OPMATH=_opmath(dtype), ADVANCE=c["ADVANCE"], SCALARS=c["SCALARS"])
+                  OPMATH=_opmath(dtype), ADVANCE=c["ADVANCE"], SCALARS=c["SCALARS"],
+                  STOCHASTIC=c["STOCHASTIC"])
     # wrap_triton: a traced call becomes a graph node; eager calls get the kernel back.
     kernel = wrap_triton(_tensor_kernel)
     state_kernel = wrap_triton(_state_kernel)
@@ -720,17 +882,20 @@ def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None,
         ss = [None] * MAX_STATES
         for j, (_, tensors) in enumerate(call.states):
             ss[j] = tensors[i]
+        m = call.master[i] if call.master else None
+        rng = call.rng[i] if call.rng else None
         n = p.numel()
         if n > 0:
             kernel[(triton.cdiv(n, config.chunk),)](
-                *xs, *ss, n, lr_t, grad_scale, found_inf, call.hyper,
+                *xs, *ss, m, rng, n, lr_t, grad_scale, found_inf, call.hyper,
                 UPDATE=c["UPDATE"], N_LISTS=c["N_LISTS"], READS=c["READS"],
                 WRITES=c["WRITES"], DTYPE=_TL_DTYPE[dtype], UNSCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None, MAXIMIZE=bool(h.get("maximize", False)),
                 CHUNK=config.chunk, BLOCK=config.block, num_warps=config.num_warps,
-                STATE_F64=_state_f64(call.states, i), **common,
+                STATE_F64=_state_f64(call.states, i), STATE_DTYPE=c["STATE_DTYPE"],
+                MASTER=c["MASTER"], WORDS=c["WORDS"], POLICY=c["POLICY"], **common,
             )
-        if call.states:
-            state_kernel[(1,)](*ss, lr_t, found_inf, call.hyper,
+        if call.states or rng is not None:
+            state_kernel[(1,)](*ss, rng, n, lr_t, found_inf, call.hyper,
                                HAS_FOUND_INF=found_inf is not None,
                                STATE_F64=_state_f64(call.states, i), **common)

@@ -95,11 +95,27 @@ def to_bf16_stochastic(x, r):
     """float32 -> bfloat16 rounded stochastically with the random bits r (tl.randint's
     int32 words, the low 16 bits used): [note: stochastic rounding] in
     csrc/include/fused_optim/math/stochastic.h, the same bits for the same (x, r). NaN
-    stays a quiet NaN of its sign. Not used by a kernel yet (issue 14's memory policy)."""
-    u = x.to(tl.uint32, bitcast=True)
-    b = (u + (r.to(tl.uint32, bitcast=True) & 0xFFFF)) >> 16
-    b = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x0040, b)
-    return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    stays a quiet NaN of its sign. The memory policy's stores (`to_policy_storage`)."""
+    return to_policy_storage(x, tl.bfloat16, r, True)
+
+
+@triton.jit
+def to_policy_storage(x, DTYPE: tl.constexpr, r, STOCHASTIC: tl.constexpr):
+    """A memory policy's store of float32 values into DTYPE (fused_optim/_policy.py), as
+    round_store in csrc/cpu/kernels_impl.h: into bfloat16 stochastically with the random
+    words r when STOCHASTIC, else to nearest even with float_to_bf16_any's NaN rule (a NaN
+    keeps its sign and high payload, quieted: (u >> 16) | 0x40; an fp32 param or master
+    copy may hold NaNs of any payload); other dtypes to nearest (float32: unchanged)."""
+    if DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        if STOCHASTIC:
+            b = (u + (r.to(tl.uint32, bitcast=True) & 0xFFFF)) >> 16
+        else:
+            b = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        b = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x0040, b)
+        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit

@@ -54,8 +54,11 @@ def _tracing_mode(tensors: list[Tensor]) -> str | None:
 
 
 # The ops take every argument positionally (custom ops cannot have keyword-only
-# tensors): the lists, lr, grad_scale, found_inf, then the spec's float and bool
-# arguments; step() below keeps the C++ ops' keyword signature.
+# tensors): the lists, lr, grad_scale, found_inf, the spec's float and bool arguments,
+# then the memory policy's master_params and rng_states (fused_optim/_policy.py), each
+# an empty list when the call has none (torch.library's schema inference takes no
+# optional tensor lists: `Tensor(a!)[]`, not the C++ ops' `Tensor(a!)[]? = None`);
+# step() below keeps the C++ ops' keyword signature.
 _ORDER: dict[str, list[str]] = {}
 
 
@@ -67,13 +70,15 @@ def _register(spec: Spec) -> None:
         return
     lists = [*spec.list_args(), *(s.arg for s in spec.scalars)]
     names = [h.name for h in (*spec.floats, *spec.flags)]
+    policy = ["master_params", "rng_states"]
     _ORDER[spec.op] = names
 
     def impl(*args) -> None:
         mode = _tracing_mode(args[0])
         if mode is not None and mode != "functional":
             return
-        kwargs = dict(zip(("lr", "grad_scale", "found_inf", *names), args[len(lists):]))
+        kwargs = dict(zip(("lr", "grad_scale", "found_inf", *names, *policy),
+                          args[len(lists):]))
         fn = step_per_tensor if mode == "functional" else step_table
         fn(spec, *args[:len(lists)], **kwargs)
 
@@ -84,16 +89,19 @@ def _register(spec: Spec) -> None:
                for a in ("grad_scale", "found_inf")]
     params += [P(h.name, P.POSITIONAL_OR_KEYWORD, annotation=h.kind)
                for h in (*spec.floats, *spec.flags)]
+    params += [P(a, P.POSITIONAL_OR_KEYWORD, annotation=list[Tensor]) for a in policy]
     impl.__signature__ = inspect.Signature(params, return_annotation=None)
     impl.__name__ = spec.op
-    triton_op(f"fused_optim_triton::{spec.op}", impl, mutates_args=lists)
+    triton_op(f"fused_optim_triton::{spec.op}", impl, mutates_args=lists + policy)
 
 
 on_register(_register)
 
 
-def step(spec: Spec, *lists, lr, grad_scale=None, found_inf=None, **h) -> None:
+def step(spec: Spec, *lists, lr, grad_scale=None, found_inf=None, master_params=None,
+         rng_states=None, **h) -> None:
     """One step of `spec`'s optimizer over one bucket, through its Triton op (the
     signature of torch.ops.fused_optim.<name>_)."""
     getattr(torch.ops.fused_optim_triton, spec.op)(
-        *lists, lr, grad_scale, found_inf, *(h[name] for name in _ORDER[spec.op]))
+        *lists, lr, grad_scale, found_inf, *(h[name] for name in _ORDER[spec.op]),
+        list(master_params or ()), list(rng_states or ()))
