@@ -142,6 +142,28 @@ def _row_ops_for(like: Tensor) -> bool:
     return _extension.C is not None and hasattr(torch.ops.fused_optim, "lbfgs_direction")
 
 
+def _register_fake() -> None:
+    from fused_optim import _extension
+
+    if _extension.C is None or not hasattr(torch.ops.fused_optim, "lbfgs_direction"):
+        return
+
+    @torch.library.register_fake("fused_optim::lbfgs_products_")
+    def _products_fake(buf, prev, d, t, slot, rows):
+        torch._check(buf.dim() == 2 and 0 <= rows < buf.shape[0] and 2 * slot + 2 <= rows,
+                     lambda: "fused_optim::lbfgs_products_: rows / slot out of range")
+        return buf.new_empty(rows + 2)
+
+    @torch.library.register_fake("fused_optim::lbfgs_direction")
+    def _direction_fake(rows, coef):
+        torch._check(rows.dim() == 2 and coef.shape == (rows.shape[0],),
+                     lambda: "fused_optim::lbfgs_direction: expected one coefficient per row")
+        return rows.new_empty(rows.shape[1]), rows.new_empty(2)
+
+
+_register_fake()
+
+
 def _as_step_tensor(t) -> Tensor:
     """t for lbfgs_products_: a one-element float tensor, read by the op in C++."""
     if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":

@@ -9,8 +9,8 @@
 //              32 B, and the rows' dots (its first loop) 4 R more.
 //   direction  reads the R + 1 rows, writes d: 4 (R + 1) + 4 B, with g . d and max |d|
 //              from the registers (torch: two more passes over d, one over g).
-// One column block at a time: its slices of g (products) or of the sum (direction,
-// float64, 64 KiB) stay in the core's L2 while the rows stream through once.
+// One column block at a time: its slice of g (products) or of the sum (direction) stays
+// in the core's L2 while the rows stream through once.
 #pragma once
 
 #include <algorithm>
