@@ -53,6 +53,40 @@ struct LbfgsPasses {
     return sum;
   }
 
+  // dot(a0, b, len) and dot(a1, b, len) in one sweep (b loaded once for both); the
+  // same sums, in the same order, as two calls of dot.
+  static void dot2(const T* __restrict a0, const T* __restrict a1, const T* __restrict b,
+                   int64_t len, double& s0, double& s1) {
+    double t0[kDotLanes] = {}, t1[kDotLanes] = {};
+    for (int64_t j = 0; j < len; j += kRun) {
+      const int64_t m = std::min(kRun, len - j);
+      T acc0[kDotLanes] = {}, acc1[kDotLanes] = {};
+      int64_t i = 0;
+      for (; i + kDotLanes <= m; i += kDotLanes) {
+#pragma omp simd
+        for (int l = 0; l < kDotLanes; ++l) {
+          const T bv = b[j + i + l];
+          acc0[l] += a0[j + i + l] * bv;
+          acc1[l] += a1[j + i + l] * bv;
+        }
+      }
+      for (int l = 0; i + l < m; ++l) {
+        acc0[l] += a0[j + i + l] * b[j + i + l];
+        acc1[l] += a1[j + i + l] * b[j + i + l];
+      }
+      for (int l = 0; l < kDotLanes; ++l) {
+        t0[l] += wide(acc0[l]);
+        t1[l] += wide(acc1[l]);
+      }
+    }
+    s0 = 0.0;
+    s1 = 0.0;
+    for (int l = 0; l < kDotLanes; ++l) {
+      s0 += t0[l];
+      s1 += t1[l];
+    }
+  }
+
   static void products(const LbfgsCall& c, int64_t begin, int64_t end) {
     T* buf = static_cast<T*>(c.buf);
     const int64_t n = c.n;
@@ -78,7 +112,11 @@ struct LbfgsPasses {
         part[c.rows] = dot(y, s, len);
         part[c.rows + 1] = dot(y, y, len);
       }
-      for (int64_t r = 1; r <= c.rows; ++r) part[r - 1] = dot(buf + r * n + j0, g, len);
+      int64_t r = 1;
+      for (; r + 1 <= c.rows; r += 2) {
+        dot2(buf + r * n + j0, buf + (r + 1) * n + j0, g, len, part[r - 1], part[r]);
+      }
+      if (r == c.rows) part[r - 1] = dot(buf + r * n + j0, g, len);
     }
   }
 
