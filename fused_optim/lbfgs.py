@@ -27,7 +27,10 @@ the decisions of torch's algorithm: each loss, the convergence tests, ``ys > 1e-
 line search's comparisons (tests/test_lbfgs.py counts them). The products are
 matrix-vector products on purpose: MKL's sgemm of [rows, 4M] by [4M, 3] ran at 1/8 of
 the speed of one sgemv over the same rows on the 2-core dev machine (a tall-K shape it
-packs), so three columns in one GEMM cost more than three passes.
+packs), so three columns in one GEMM cost more than three passes. On the CPU (float32,
+float64) each of the two passes is one C++ op that also does the element-wise work
+around it (the candidate pair, prev_flat_grad, g . d, max |d|): [note: LBFGS row passes
+on the CPU].
 
 What that buys depends on where torch's working vector lives. Where it stays in the
 last-level cache (fp32 n = 4M is 16 MB; the dev machine's L3 is 32 MB) torch's DRAM
