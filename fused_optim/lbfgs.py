@@ -27,7 +27,10 @@ the decisions of torch's algorithm: each loss, the convergence tests, ``ys > 1e-
 line search's comparisons (tests/test_lbfgs.py counts them). The products are
 matrix-vector products on purpose: MKL's sgemm of [rows, 4M] by [4M, 3] ran at 1/8 of
 the speed of one sgemv over the same rows on the 2-core dev machine (a tall-K shape it
-packs), so three columns in one GEMM cost more than three passes.
+packs), so three columns in one GEMM cost more than three passes. On the CPU (float32,
+float64) each of the two passes is one C++ op that also does the element-wise work
+around it (the candidate pair, prev_flat_grad, g . d, max |d|): [note: LBFGS row passes
+on the CPU].
 
 What that buys depends on where torch's working vector lives. Where it stays in the
 last-level cache (fp32 n = 4M is 16 MB; the dev machine's L3 is 32 MB) torch's DRAM
@@ -121,6 +124,58 @@ def times_rows(coef: Tensor, rows: Tensor) -> Tensor:
         torch.mv(rows[:, k * b:].t(), coef, out=out[k * b:])
     return out
 
+# [note: LBFGS row passes on the CPU]
+# On the CPU, float32 and float64, the two passes are the C++ ops of csrc/lbfgs.cpp
+# (kernels: csrc/cpu/lbfgs_impl.h), each ONE pass over the rows that also does the
+# element-wise work around it: lbfgs_products_ writes the candidate pair (torch's
+# y = g - g_prev and s = d * t), sets prev_flat_grad = g (torch's copy_, which comes later
+# in the iteration and reads nothing changed since) and returns the rows' dots with g and
+# the pair's y . s, y . y; lbfgs_direction returns d and g . d, max |d| (the step's gtd
+# and its tolerance_change test), from the registers. An iteration then moves
+# 4 (2 R + 13) bytes per element instead of 4 (2 R + 20) (R history rows, fp32; see
+# csrc/cpu/lbfgs_impl.h), and no float64 product goes through MKL's tall-K paths.
+# Elsewhere (other devices, half types, no compiled _C) the torch ops above do it.
+
+
+def _row_ops_for(like: Tensor) -> bool:
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return False
+    from fused_optim import _extension
+
+    return _extension.C is not None and hasattr(torch.ops.fused_optim, "lbfgs_direction")
+
+
+def _register_fake() -> None:
+    from fused_optim import _extension
+
+    if _extension.C is None or not hasattr(torch.ops.fused_optim, "lbfgs_direction"):
+        return
+
+    @torch.library.register_fake("fused_optim::lbfgs_products_")
+    def _products_fake(buf, prev, d, t, slot, rows):
+        torch._check(buf.dim() == 2 and 0 <= rows < buf.shape[0] and 2 * slot + 2 <= rows,
+                     lambda: "fused_optim::lbfgs_products_: rows / slot out of range")
+        return buf.new_empty(rows + 2)
+
+    @torch.library.register_fake("fused_optim::lbfgs_direction")
+    def _direction_fake(rows, coef):
+        torch._check(rows.dim() == 2 and coef.shape == (rows.shape[0],),
+                     lambda: "fused_optim::lbfgs_direction: expected one coefficient per row")
+        return rows.new_empty(rows.shape[1]), rows.new_empty(2)
+
+
+_register_fake()
+
+
+def _as_step_tensor(t) -> Tensor:
+    """t for lbfgs_products_: a one-element float tensor, read by the op in C++."""
+    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":
+        return t
+    if isinstance(t, Tensor):
+        return t.to(device="cpu", dtype=torch.float64)
+    return torch.tensor(t, dtype=torch.float64)
+
+
 class _History:
     """The L-BFGS memory of one optimizer: one row buffer and the small Gram matrices.
 
@@ -147,6 +202,9 @@ class _History:
         # slot's y, of each slot's s) and the tensor it made.
         self.d_coef: tuple[Tensor, Tensor, Tensor] | None = None
         self.d_ref: Tensor | None = None
+        # (g . d, max |d|) of d_ref, where lbfgs_direction made it
+        self.d_stats: Tensor | None = None
+        self.row_ops = _row_ops_for(like)
 
     # -- storage ---------------------------------------------------------------------
 
@@ -213,6 +271,26 @@ class _History:
         torch.mul(d, t, out=s)
         return slot, y.dot(s), y.dot(y)
 
+    def fused_candidate(self, prev_flat_grad: Tensor, d: Tensor, t):
+        """candidate() and products() in ONE pass (lbfgs_products_), which also sets
+        prev_flat_grad = g; returns (slot, y . s, y . y, py, ps), or None where the op
+        does not apply (see [note: LBFGS row passes on the CPU])."""
+        if not (self.row_ops and prev_flat_grad.dtype == self.dtype and d.dtype == self.dtype
+                and prev_flat_grad.is_contiguous() and d.is_contiguous()
+                and prev_flat_grad.numel() == self.n and d.numel() == self.n
+                and prev_flat_grad.device == self.device and d.device == self.device):
+            return None
+        if not self.free:
+            if self.used == self.capacity:
+                self.reserve(self.used + 1)
+            self.free.append(self.used)
+            self.used += 1
+        slot = self.free[0]
+        out = torch.ops.fused_optim.lbfgs_products_(self.buf, prev_flat_grad, d,
+                                                    _as_step_tensor(t), slot, 2 * self.used)
+        r = 2 * self.used
+        return slot, out[r], out[r + 1], out[0:r:2], out[1:r:2]
+
     def products(self) -> tuple[Tensor, Tensor]:
         """(y_k . g, s_k . g) of every written slot, the candidate's included: ONE
         matrix-vector pass over the rows."""
@@ -268,7 +346,7 @@ class _History:
 
     def first_direction(self, d: Tensor) -> None:
         """d = -g (torch's first iteration)."""
-        self.d_ref = d
+        self.d_ref, self.d_stats = d, None
         self.d_coef = None if self.capacity == 0 else (
             torch.full((), -1, dtype=self.dtype, device=self.device),
             torch.zeros(self.capacity, dtype=self.dtype, device=self.device),
@@ -285,7 +363,7 @@ class _History:
         if m == 0:
             # no history: d = -g * H (H is 1, or torch's H_diag tensor)
             d = torch.mul(self.grad_row.neg(), h_diag)
-            self.d_coef, self.d_ref = (neg_h, cy, cs), d
+            self.d_coef, self.d_ref, self.d_stats = (neg_h, cy, cs), d, None
             return d
         idx = self.order_index()
         # the m x m work in fp32 at least (the triangular solves take no half types);
@@ -316,7 +394,11 @@ class _History:
         coef[0] = neg_h
         coef[1::2] = cy[: self.used]
         coef[2::2] = cs[: self.used]
-        d = times_rows(coef, self.buf[: 1 + 2 * self.used])
+        rows = self.buf[: 1 + 2 * self.used]
+        if self.row_ops:
+            d, self.d_stats = torch.ops.fused_optim.lbfgs_direction(rows, coef)
+        else:
+            d, self.d_stats = times_rows(coef, rows), None
         self.d_coef, self.d_ref = (neg_h, cy, cs), d
         al_list[:m] = list(al.unbind())
         return d
@@ -713,6 +795,7 @@ class LBFGS(Optimizer):
         prev_loss = state.get("prev_loss")
         hist: _History | None = None
 
+        prev_set = False
         n_iter = 0
         while n_iter < max_iter:
             n_iter += 1
@@ -734,8 +817,13 @@ class LBFGS(Optimizer):
                 if flat_grad.data_ptr() != hist.grad_row.data_ptr():
                     hist.grad_row.copy_(flat_grad)
                     flat_grad = hist.grad_row
-                slot, ys, yy = hist.candidate(prev_flat_grad, d, t)
-                py, ps = hist.products()
+                fused = hist.fused_candidate(prev_flat_grad, d, t)
+                if fused is not None:
+                    slot, ys, yy, py, ps = fused
+                    prev_set = True  # prev_flat_grad = g already
+                else:
+                    slot, ys, yy = hist.candidate(prev_flat_grad, d, t)
+                    py, ps = hist.products()
                 if ys > 1e-10:
                     hist.accept(slot, ys, yy, py, ps, d, t)
                     h_diag = ys / yy  # (y . s) / (y . y)
@@ -748,8 +836,9 @@ class LBFGS(Optimizer):
 
             if prev_flat_grad is None:
                 prev_flat_grad = flat_grad.clone(memory_format=torch.contiguous_format)
-            else:
+            elif not prev_set:
                 prev_flat_grad.copy_(flat_grad)
+            prev_set = False
             prev_loss = loss
 
             # -- the step length
@@ -757,7 +846,9 @@ class LBFGS(Optimizer):
                 t = min(1.0, 1.0 / flat_grad.abs().sum()) * lr
             else:
                 t = lr
-            gtd = flat_grad.dot(d)
+            # g . d and max |d| from the pass that made d, where it did
+            stats = hist.d_stats if hist is not None and hist.d_ref is d else None
+            gtd = flat_grad.dot(d) if stats is None else stats[0]
             if gtd > -tolerance_change:
                 break
 
@@ -790,7 +881,8 @@ class LBFGS(Optimizer):
             if n_iter == max_iter or current_evals >= max_eval or opt_cond:
                 break
             # max |d * t|, as |t| * max |d|: rounding is monotonic, so the same number
-            if _max_abs(d) * _abs(t, d.dtype) <= tolerance_change:
+            d_max = _max_abs(d) if stats is None else stats[1]
+            if d_max * _abs(t, d.dtype) <= tolerance_change:
                 break
             if abs(loss - prev_loss) < tolerance_change:
                 break

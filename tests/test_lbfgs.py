@@ -658,3 +658,118 @@ def test_row_products_in_column_blocks(n):
             opt.step(closure)
         finals.append(x.detach())
     assert _max_rel([finals[0]], [finals[1]]) <= FP64_RTOL
+
+
+# ---------------------------------------------------------------------------------------
+# The row-pass ops of the CPU ([note: LBFGS row passes on the CPU] in fused_optim/lbfgs.py;
+# csrc/lbfgs.cpp): opcheck, every CPU kernel variant to the bit, against float64 sums.
+
+def _row_ops_built() -> bool:
+    from fused_optim.lbfgs import _row_ops_for
+
+    return _row_ops_for(torch.zeros(1))
+
+
+needs_row_ops = pytest.mark.skipif(not _row_ops_built(),
+                                   reason="fused_optim._C has no lbfgs ops (not built)")
+# several 64K-element column blocks and a tail; one short block
+ROW_OP_SIZES = (2 * 65536 + 4099, 4097)
+
+
+def _row_op_inputs(n, dtype, slot=1, rows=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randn(1 + rows + 2, n, generator=gen, dtype=torch.float64).to(dtype)
+    prev = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    d = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    coef = torch.randn(1 + rows, generator=gen, dtype=torch.float64).to(dtype)
+    return buf, prev, d, torch.tensor(0.37, dtype=torch.float64), slot, rows, coef
+
+
+@needs_row_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_row_ops_opcheck(dtype):
+    buf, prev, d, t, slot, rows, coef = _row_op_inputs(ROW_OP_SIZES[0], dtype)
+    torch.library.opcheck(torch.ops.fused_optim.lbfgs_products_.default,
+                          (buf, prev, d, t, slot, rows))
+    torch.library.opcheck(torch.ops.fused_optim.lbfgs_direction.default,
+                          (buf[: 1 + rows], coef))
+
+
+def _capabilities():
+    from fused_optim import _extension
+
+    return list(_extension.C.supported_cpu_capabilities()) if _extension.C is not None else []
+
+
+@needs_row_ops
+@pytest.mark.parametrize("n", ROW_OP_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_row_ops_match_torch_on_every_cpu_variant(n, dtype):
+    """The candidate pair and prev as torch's ops make them (bit for bit); the dots and the
+    direction within their rounding of float64 sums (fp32: the dots add in runs, the
+    direction row after row in fp32, as torch's recursion adds); every kernel variant the
+    same bits; the versions of buf and prev bumped."""
+    from fused_optim import _extension
+
+    results = []
+    cap_before = _extension.C.cpu_capability()
+    try:
+        for cap in _capabilities():
+            _extension.C.set_cpu_capability(cap)
+            buf, prev, d, t, slot, rows, coef = _row_op_inputs(n, dtype)
+            g, prev0 = buf[0].clone(), prev.clone()
+            versions = buf._version, prev._version
+            out = torch.ops.fused_optim.lbfgs_products_(buf, prev, d, t, slot, rows)
+            assert buf._version > versions[0] and prev._version > versions[1]
+            y, s = buf[1 + 2 * slot], buf[2 + 2 * slot]
+            assert torch.equal(y, g.sub(prev0)) and torch.equal(s, d.mul(t.item()))
+            assert torch.equal(prev, g)
+            # a sum's error bound: k eps sum |a_i b_i|, k = 64 (at most 32 terms a lane in
+            # the storage dtype, then float64: [note: LBFGS sums] in csrc/cpu/lbfgs_impl.h)
+            tol = 64 * torch.finfo(dtype).eps
+            wide, mag = buf.double(), buf.double().abs()
+            ys, yy = y.double(), y.double().abs()
+            want = torch.cat([wide[1: 1 + rows] @ wide[0],
+                              torch.stack([ys @ s.double(), ys @ ys])])
+            bound = torch.cat([mag[1: 1 + rows] @ mag[0],
+                               torch.stack([yy @ s.double().abs(), yy @ yy])])
+            assert ((out.double() - want).abs() <= tol * bound).all()
+            d_new, stats = torch.ops.fused_optim.lbfgs_direction(buf[: 1 + rows], coef)
+            exact = coef.double() @ wide[: 1 + rows]
+            # rows + 1 terms added in the storage dtype, then rounded
+            assert ((d_new.double() - exact).abs()
+                    <= (rows + 2) * torch.finfo(dtype).eps * (coef.double().abs() @ mag[: 1 + rows])).all()
+            assert stats[1] == d_new.abs().max()
+            assert (stats[0].double() - wide[0] @ d_new.double()).abs() <= tol * (mag[0] @ d_new.double().abs())
+            results.append((buf, prev, out, d_new, stats))
+    finally:
+        _extension.C.set_cpu_capability(cap_before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@needs_row_ops
+def test_row_ops_nan_and_bad_calls():
+    buf, prev, d, t, slot, rows, coef = _row_op_inputs(300, torch.float32)
+    coef[3] = float("nan")
+    _, stats = torch.ops.fused_optim.lbfgs_direction(buf[: 1 + rows], coef)
+    assert stats.isnan().all()  # max |d| is NaN, as d.abs().max() is
+    with pytest.raises(RuntimeError, match="slot"):
+        torch.ops.fused_optim.lbfgs_products_(buf, prev, d, t, 3, rows)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.fused_optim.lbfgs_products_(buf, prev.double(), d, t, slot, rows)
+    with pytest.raises(RuntimeError, match="coefficient"):
+        torch.ops.fused_optim.lbfgs_direction(buf[: 1 + rows], coef[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_torch_op_path_where_the_row_ops_do_not_apply(monkeypatch, dtype):
+    """The row passes as torch ops (other devices, half types, no _C), here on the CPU:
+    still torch.optim's numbers."""
+    import fused_optim.lbfgs as lbfgs
+
+    monkeypatch.setattr(lbfgs, "_row_ops_for", lambda like: False)
+    options = {"line_search_fn": "strong_wolfe", "max_iter": MAX_ITER, "history_size": 3}
+    ours, *_ = run(fused_optim.LBFGS, "least_squares", dtype, options, STEPS)
+    theirs, *_ = run(torch.optim.LBFGS, "least_squares", dtype, options, STEPS)
+    assert _max_rel(ours, theirs) <= (FP64_RTOL if dtype == torch.float64 else FP32_RTOL)

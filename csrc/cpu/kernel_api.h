@@ -180,6 +180,37 @@ struct FactoredCall {
 // Runs items [begin, end) of pass 0, 1 or 2 (the engine's passes 1-3).
 using FactoredFn = void (*)(const FactoredCall&, int64_t begin, int64_t end);
 
+// [note: LBFGS row passes] The two passes of an LBFGS iteration over its history buffer
+// (csrc/lbfgs.cpp, fused_optim/lbfgs.py): a row-major [rows, n] matrix of float32 or
+// float64 whose row 0 is the flat grad g, cut into column blocks of `block` elements.
+//   products  (pass 0): the candidate pair of slot `slot` (if >= 0) written, y = g - prev
+//             into row 1 + 2 slot, s = d * t into row 2 + 2 slot, and prev = g; then the
+//             block's partial dot of each row 1..rows with g, then of y . s and y . y.
+//   direction (pass 1): out = sum_r coef[r] * row r over rows 0..rows-1, added in the
+//             storage dtype row after row (as sgemv and torch's recursion add);
+//             the block's partial g . out and max |out| (NaN if any is NaN).
+// A block's partials (float64, [note: LBFGS sums] in lbfgs_impl.h) are at
+// partials + block * width; the op adds them up in block order.
+struct LbfgsCall {
+  DType dtype;          // kFloat32 or kFloat64
+  int64_t n;            // elements per row
+  int64_t block;        // elements per column block
+  int64_t rows;         // see above
+  void* buf;            // row r at buf + r * n elements
+  int64_t slot;         // products: the candidate slot, or -1
+  void* prev;           // products: [n], read, then set to g
+  const void* d;        // products: [n]
+  double t;             // products: the step, rounded to the storage dtype by the kernel
+  const void* coef;     // direction: [rows]
+  void* out;            // direction: [n]
+  double* partials;     // [blocks * width]
+  int64_t width;
+  double* scratch;      // direction: room for `block` elements, the calling thread's own
+};
+
+// Runs column blocks [begin, end) of pass 0 or 1.
+using LbfgsFn = void (*)(const LbfgsCall&, int64_t begin, int64_t end);
+
 // The kernels of one instruction set: chunks[id], id being the optimizer's position in
 // FO_FOR_EACH_OPTIMIZER; rows[id], the row math's in FO_FOR_EACH_ROW_MATH.
 struct KernelSet {
@@ -187,6 +218,7 @@ struct KernelSet {
   ChunksFn chunks[kMaxOptimizers];
   RowsFn rows[kMaxRowMaths];
   FactoredFn adafactor[3];  // [note: factored engine]
+  LbfgsFn lbfgs[2];         // [note: LBFGS row passes]
 };
 
 // Defined by each kernels_<isa>.cpp.

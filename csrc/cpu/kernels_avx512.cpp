@@ -36,7 +36,8 @@ const KernelSet& kernels_avx512() {
 #if defined(FO_ISA_SUPPORTED)
   static const KernelSet set{"avx512", {FO_FOR_EACH_OPTIMIZER(FO_CHUNKS_OF)},
                                   {FO_FOR_EACH_ROW_MATH(FO_ROWS_OF)},
-                                  {FO_ADAFACTOR_PASSES}};
+                                  {FO_ADAFACTOR_PASSES},
+                                  {FO_LBFGS_PASSES}};
 #else
   static const KernelSet set{"avx512", {}};  // not built for this architecture
 #endif

@@ -25,7 +25,8 @@ const KernelSet& kernels_default() {
 #if defined(FO_ISA_SUPPORTED)
   static const KernelSet set{"default", {FO_FOR_EACH_OPTIMIZER(FO_CHUNKS_OF)},
                                   {FO_FOR_EACH_ROW_MATH(FO_ROWS_OF)},
-                                  {FO_ADAFACTOR_PASSES}};
+                                  {FO_ADAFACTOR_PASSES},
+                                  {FO_LBFGS_PASSES}};
 #else
   static const KernelSet set{"default", {}};  // not built for this architecture
 #endif

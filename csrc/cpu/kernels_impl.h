@@ -847,6 +847,7 @@ void rows(const RowCall& call, const RowSegment* segments, int64_t begin, int64_
 }  // namespace fused_optim
 
 #include "cpu/factored_impl.h"
+#include "cpu/lbfgs_impl.h"
 
 // The row-math entries of this unit's KernelSet, in FO_FOR_EACH_ROW_MATH order.
 #define FO_ROWS_OF(Name) &::fused_optim::cpu::FO_CPU_CAPABILITY::rows<::fused_optim::math::Name>,
