@@ -11,6 +11,7 @@
 #        CUDA_ARCHS (default: "80 90")
 #        CXX_STD (default: c++20, what torch 2.13's cpp_extension passes to nvcc)
 #        KEEP_OBJECTS=DIR (write the objects there instead of a temporary directory)
+#        ONLY=REGEX (compile only the files whose name matches, e.g. 'ops_cuda|adam_bf16')
 # Prints one line per file (status, seconds, file); warnings and errors are shown in
 # full after the summary. Exits 1 if any file fails to compile or warns.
 set -euo pipefail
@@ -77,7 +78,9 @@ if [[ -z "${KEEP_OBJECTS:-}" ]]; then trap 'rm -rf "$OBJ_DIR" "$LOG_DIR" "$GEN_D
 # The hand-written units and the generated kernel units (one per optimizer and dtype,
 # csrc/cuda/instantiate.py), written to a temporary directory.
 "$PY" csrc/cuda/instantiate.py "$GEN_DIR" >/dev/null
-mapfile -t SOURCES < <({ ls csrc/cuda/*.cu; ls "$GEN_DIR"/*.cu; } | sort)
+mapfile -t SOURCES < <({ ls csrc/cuda/*.cu; ls "$GEN_DIR"/*.cu; } | sort |
+                        grep -E "${ONLY:-.}" || true)
+(( ${#SOURCES[@]} )) || { echo "compile_cuda: no file matches ONLY='${ONLY:-}'" >&2; exit 1; }
 NVCC_RELEASE="$("$NVCC" --version | grep -o 'release [0-9.]*')"
 echo "compile_cuda: ${#SOURCES[@]} files, sm_{${CUDA_ARCHS// /,}}, $CXX_STD, $JOBS jobs," \
   "torch ${TORCH_VERSION:-?}, nvcc $NVCC_RELEASE, $SHIM"

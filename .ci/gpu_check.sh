@@ -8,7 +8,10 @@
 #   2. tests     tests/test_cuda.py (the CUDA backend) after the build, and
 #                tests/test_triton.py's compiled-kernel tests in the background during the
 #                build (sm_90 PTX, a torch.compile trace; its interpreter tests are CI's).
-#                test_cuda.py runs every optimizer on the "cuda" and "triton" backends. Then a
+#                test_cuda.py runs every optimizer on the "cuda" and "triton" backends, and
+#                every memory policy (fused_optim/_policy.py) on "cuda" against the CPU
+#                engine (tests/test_policy.py is not run here: it steps CPU tensors only,
+#                CI's job; its CUDA counterparts are test_cuda.py's test_policy_*). Then a
 #                smoke parity check that runs what those files do not: every optimizer
 #                fused_optim exports, through fused_optim's classes, on every GPU backend
 #                ("cuda", and "triton" as COMPILED kernels, asserted not interpreted), fp32

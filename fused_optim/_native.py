@@ -59,4 +59,5 @@ _ENTRY = getattr(_extension.C, "step_group_", None)
 
 register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step,
                          policies=True))
-register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY, _sparse_step))
+register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY, _sparse_step,
+                         policies=True))

@@ -32,6 +32,7 @@ of each stored value). Checks that are exact by construction compare bit for bit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -45,6 +46,7 @@ from _oracle import (
     make_grads,
     make_params,
     row_scale,
+    scalar_keys,
     tensor_state,
 )
 from _tables import (
@@ -58,6 +60,7 @@ from _tables import (
     case_ids,
     dtype_id,
     options_id,
+    tolerance,
 )
 from fused_optim import _extension
 
@@ -753,3 +756,253 @@ def test_sparse_rows_out_of_range_is_an_error(backend):
         opt.step()
     torch.cuda.synchronize()
     assert torch.equal(p.detach().cpu(), torch.zeros(4, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Memory policies (fused_optim/_policy.py) on the "cuda" backend ([note: storage policy]
+# in csrc/cuda/multi_tensor_apply.cuh): the same semantics as the CPU engine, which
+# tests/test_policy.py checks against torch.optim. Here the CUDA engine is compared with
+# the CPU engine, each step from the same stored values (the CUDA optimizer's tensors are
+# re-synced from the CPU optimizer's before every step):
+#   * SGD with power-of-two lr, momentum and weight decay: every product is exact, so
+#     nvcc's FMA contraction cannot change a rounding: bit for bit, every policy, the
+#     random bits included;
+#   * every other optimizer's full case: stored values within the one rounding of their
+#     storage (TOLERANCES' 1 ulp for bf16 / fp16 stores, nearest or stochastic: the same
+#     random word rounds an fp32 value a few ulps off to at most the neighbouring bf16),
+#     fp32 stores within 1.5x the fp32 parity budget (tolerance(float32, optimizer);
+#     the 1.5 is test_policy.py's RMSprop momentum-buffer factor, applied to all): nvcc
+#     contracts a * b + c into FMAs, the CPU engine is built with -ffp-contract=off, so
+#     the fp32 opmath differs by a few fp32 ulps; and at least 99% of the bf16 / fp16
+#     stored elements bit-identical (a few fp32 ulps flip a bf16 rounding rarely);
+#   * rng_states bit for bit (the offset advances by numel per step, on the device).
+
+POLICY_SHAPES = [(1,), (3,), (4, 33), (CHUNK + 7,), (13, 7)]
+
+
+def _policies():
+    from fused_optim import _policy
+
+    return [(f"{dtype_id(p)}-state_{dtype_id(s)}" + ("-master" if m else "")
+             + ("-sr" if r else ""),
+             p, {"state_dtype": s, "master_weights": m, "stochastic_rounding": r})
+            for p, s, m, r in sorted(_policy.POLICIES, key=str)]
+
+
+POLICIES = _policies()
+# RMSprop without centered, as in tests/test_policy.py (its cancellation is op order).
+POLICY_CASES = [dataclasses.replace(c, options={k: v for k, v in c.options.items()
+                                                if k != "centered"})
+                if c.name == "RMSprop" else c for c in FULL_CASES]
+
+
+def _bits(t: Tensor) -> Tensor:
+    """t's stored bits, on the CPU (NaNs compare by their bits)."""
+    t = t.detach().cpu().reshape(-1)
+    return t.view(torch.uint8) if t.is_floating_point() else t
+
+
+def _policy_pair(fused_cls, params_cpu, options, backend="cuda"):
+    """The same optimizer on the CPU engine and on `backend` (CUDA copies of the params),
+    with identical state (the CPU one's, rng seeds included)."""
+    cuda_params = [p.detach().to(DEVICE, copy=True).requires_grad_() for p in params_cpu]
+    cpu_opt = fused_cls(params_cpu, backend="cpu", **options)
+    cuda_opt = fused_cls(cuda_params, backend=backend, **options)
+    for opt in (cpu_opt, cuda_opt):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt._create_state(group, p, opt.state[p])
+    for p, q in zip(params_cpu, cuda_params):
+        for key, value in cpu_opt.state[p].items():
+            cuda_opt.state[q][key].copy_(value)
+    return cpu_opt, cuda_opt, cuda_params
+
+
+def _policy_tensors(opt, p):
+    """(key, tensor) of what a step stores for param p: the param, its state."""
+    return [("param", p), *sorted(opt.state[p].items())]
+
+
+def _resync(cpu_opt, cuda_opt, params_cpu, params_cuda):
+    with torch.no_grad():
+        for p, q in zip(params_cpu, params_cuda):
+            for (k, a), (_, b) in zip(_policy_tensors(cpu_opt, p), _policy_tensors(cuda_opt, q)):
+                b.copy_(a)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=[p[0] for p in POLICIES])
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_policy_sgd_bit_for_bit_with_cpu_engine(policy, nesterov):
+    import fused_optim
+
+    _, dtype, options = policy
+    gen = torch.Generator().manual_seed(21)
+    params = [p.requires_grad_() for p in make_params(POLICY_SHAPES, dtype, gen)]
+    hyper = dict(lr=2.0 ** -7, momentum=0.5, weight_decay=2.0 ** -4, nesterov=nesterov)
+    cpu_opt, cuda_opt, cuda_params = _policy_pair(fused_optim.SGD, params, {**hyper, **options})
+    for step in range(3):
+        for p, q, g in zip(params, cuda_params, make_grads(POLICY_SHAPES, dtype, gen)):
+            p.grad = g
+            q.grad = g.to(DEVICE, copy=True)
+        cpu_opt.step()
+        cuda_opt.step()
+        for i, (p, q) in enumerate(zip(params, cuda_params)):
+            for (key, a), (key_b, b) in zip(_policy_tensors(cpu_opt, p),
+                                            _policy_tensors(cuda_opt, q)):
+                assert key == key_b
+                assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
+                assert torch.equal(_bits(a), _bits(b)), (
+                    f"{policy[0]} step {step + 1} param {i} {key} differs from the CPU engine")
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=[p[0] for p in POLICIES])
+@pytest.mark.parametrize("case", POLICY_CASES, ids=case_ids(POLICY_CASES))
+def test_policy_matches_cpu_engine(case, policy):
+    from fused_optim import _policy
+
+    _, dtype, options = policy
+    gen = torch.Generator().manual_seed(22)
+    params = [p.requires_grad_() for p in make_params(POLICY_SHAPES, dtype, gen)]
+    cpu_opt, cuda_opt, cuda_params = _policy_pair(case.fused, params,
+                                                  {**case.options, **options})
+    scalars = scalar_keys(case)
+    for step in range(3):
+        _resync(cpu_opt, cuda_opt, params, cuda_params)
+        before = [[t.detach().clone() for k, t in _policy_tensors(cpu_opt, p)
+                   if k not in scalars and k != _policy.RNG_KEY] for p in params]
+        grads = make_grads(POLICY_SHAPES, dtype, gen)
+        for p, q, g in zip(params, cuda_params, grads):
+            p.grad = g
+            q.grad = g.to(DEVICE, copy=True)
+        cpu_opt.step()
+        cuda_opt.step()
+        for i, (p, q, g) in enumerate(zip(params, cuda_params, grads)):
+            stored = [(k, a, b.detach().cpu()) for (k, a), (_, b)
+                      in zip(_policy_tensors(cpu_opt, p), _policy_tensors(cuda_opt, q))]
+            scale = row_scale([g, *before[i], *(a for k, a, _ in stored
+                                                if k not in scalars and k != _policy.RNG_KEY)])
+            for key, a, b in stored:
+                label = f"{case.id} {policy[0]} step {step + 1} param {i} {key}"
+                assert a.dtype == b.dtype, label
+                if key == _policy.RNG_KEY:
+                    assert torch.equal(a, b), label
+                    assert int(b[1]) == (step + 1) * p.numel(), label
+                elif key in scalars:
+                    assert torch.equal(a, b), label
+                elif a.dtype == torch.float32:
+                    assert_row_close(label, b, a, scale, torch.float32,
+                                     1.5 * tolerance(torch.float32, case.fused).ulps)
+                else:
+                    assert_row_close(label, b, a, scale, a.dtype, TOLERANCES[a.dtype].ulps)
+                    same = (a.view(torch.int16) == b.view(torch.int16)).double().mean()
+                    assert float(same) >= 0.99, f"{label}: {float(same):.4f} bit-identical"
+
+
+def test_policy_stochastic_rounding_uses_the_documented_bits():
+    """SGD with momentum on bf16 params, first step, on the GPU: the param is
+    p - lr * g in fp32 (lr = 2^-7: lr * g is exact, so an FMA rounds the same), stored
+    with Philox word 0 at counter offset + i under the param's seed; momentum_buffer
+    (fp32) is g; the offset advances by numel on the device
+    ([note: the policy's random bits] in fused_optim/_policy.py)."""
+    import fused_optim
+    from fused_optim import _policy
+
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(1)
+    params = [p.to(DEVICE).requires_grad_()
+              for p in make_params(POLICY_SHAPES, torch.bfloat16, gen)]
+    grads = make_grads(POLICY_SHAPES, torch.float32, gen)
+    before = [p.detach().float().cpu() for p in params]
+    lr = 2.0 ** -7
+    opt = fused_optim.SGD(params, lr=lr, momentum=0.9, backend="cuda",
+                          stochastic_rounding=True, state_dtype=torch.float32)
+    for p, g in zip(params, grads):
+        p.grad = g.to(torch.bfloat16).to(DEVICE)
+    opt.step()
+    for i, (p, p0, g) in enumerate(zip(params, before, grads)):
+        rng = opt.state[p][_policy.RNG_KEY].cpu()
+        assert int(rng[1]) == p.numel()
+        words = _policy.philox_words(rng[0], _policy.memory_offsets(p.cpu()))
+        g32 = g.to(torch.bfloat16).float()
+        expected = _policy.bf16_stochastic(p0 - torch.tensor(lr) * g32, words[0])
+        got = p.detach().cpu()
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), i
+        assert torch.equal(opt.state[p]["momentum_buffer"].cpu(), g32), i
+
+
+@pytest.mark.parametrize("options", [
+    {"master_weights": True, "stochastic_rounding": True, "state_dtype": torch.bfloat16},
+    {"stochastic_rounding": True},
+    {"master_weights": True},
+], ids=["master-sr-state_bf16", "sr", "master"])
+def test_policy_cuda_graph_and_found_inf(options):
+    """AdamW under a policy, captured in a CUDA graph after a warm-up step: each replay
+    draws new random bits (the offsets advance on the device) and equals an eager step,
+    bit for bit; a replay with found_inf set changes nothing, rng_states included."""
+    import fused_optim
+
+    gen = torch.Generator().manual_seed(9)
+    init = make_params(POLICY_SHAPES, torch.bfloat16, gen)
+    opts = {}
+    for name in ("graph", "eager"):
+        torch.manual_seed(3)
+        params = [p.detach().to(DEVICE).requires_grad_() for p in init]
+        opt = fused_optim.AdamW(params, lr=torch.tensor(1e-2, device=DEVICE), weight_decay=0.1,
+                                backend="cuda", **options)
+        opt.found_inf = torch.zeros((), device=DEVICE)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opts[name] = (opt, params)
+    (graph_opt, graph_params), (eager_opt, eager_params) = opts["graph"], opts["eager"]
+
+    def set_grads():
+        grads = make_grads(POLICY_SHAPES, torch.bfloat16, gen)
+        for p, q, g in zip(graph_params, eager_params, grads):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+
+    def everything(opt, params):
+        return [t.clone() for p in params for t in (p.detach(), *opt.state[p].values())]
+
+    set_grads()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph_opt.step()  # warm-up: creates the state outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for k, inf in enumerate([0.0, 1.0, 0.0, 0.0]):
+        set_grads()
+        graph_opt.found_inf.fill_(inf)
+        eager_opt.found_inf.fill_(inf)
+        before = everything(graph_opt, graph_params)
+        graph.replay()
+        eager_opt.step()
+        after = everything(graph_opt, graph_params)
+        if inf:
+            assert all(torch.equal(a, b) for a, b in zip(before, after)), f"replay {k}"
+        else:
+            assert not all(torch.equal(a, b) for a, b in zip(before, after)), f"replay {k}"
+        for a, b in zip(after, everything(eager_opt, eager_params)):
+            assert torch.equal(a, b), f"replay {k} differs from the eager step"
+
+
+def test_policy_auto_runs_the_cuda_engine():
+    """backend='auto' now runs a policy's CUDA bucket on the CUDA engine (no fallback
+    warning), and backend='cuda' takes it."""
+    import warnings
+
+    import fused_optim
+
+    for backend in ("auto", "cuda"):
+        p = torch.nn.Parameter(torch.randn(100, dtype=torch.bfloat16, device=DEVICE))
+        opt = fused_optim.AdamW([p], backend=backend, master_weights=True,
+                                stochastic_rounding=True, state_dtype=torch.bfloat16)
+        p.grad = torch.randn_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        assert float(opt.state[p]["rng_state"][1]) == 100

@@ -2,7 +2,8 @@
 // turns a call's options into template flags, and the per-tensor state update. The math
 // is the optimizer's header (fused_optim/math/<name>.h, via fused_optim/optimizers.h),
 // shared with the CPU engine; nothing here names an optimizer. The build instantiates
-// launch<> once per optimizer and storage dtype (csrc/cuda/instantiate.py).
+// launch<> once per optimizer and storage dtype, and launch_policy<> once per optimizer
+// and memory policy of cpu::kPolicies (csrc/cuda/instantiate.py).
 //
 // What it computes, per element: grads are divided by *grad_scale (when given) and
 // written back unscaled; then Optim::update with g = grad * (maximize ? -1 : 1), on the
@@ -32,6 +33,11 @@
 // costs the same one launch; this order leaves the state unchanged when the optimizer's
 // launch fails. A state tensor passed for two rows of one launch would be advanced once;
 // run_step never launches such rows together ([note: aliased state] in kernel_api.h).
+// A memory policy's rng_state [seed, offset] is per-tensor state of the same kind: every
+// block reads the offset as it was before the call, and advance_states adds the tensor's
+// element count to it (after the optimizer's launches, unless found_inf), in the same
+// launch as the optimizer's per-tensor state, or in one of its own for an optimizer
+// without any.
 #pragma once
 
 #include <array>
@@ -46,6 +52,9 @@
 namespace fused_optim {
 namespace cuda {
 
+// The storage type of dtype D: torch.optim's (UniformStorage), and under a memory policy
+// (PolicyStorageOf: bf16 as its bits, rounded as the CPU engine rounds them, [note:
+// storage policy] in multi_tensor_apply.cuh).
 template <cpu::DType D>
 struct StorageOf;
 template <>
@@ -64,6 +73,20 @@ template <>
 struct StorageOf<cpu::DType::kBFloat16> {
   using type = __nv_bfloat16;
 };
+
+template <cpu::DType D>
+struct PolicyStorageOf : StorageOf<D> {};
+template <>
+struct PolicyStorageOf<cpu::DType::kBFloat16> {
+  using type = Bf16Bits;
+};
+
+// The ListStorage of memory policy P (an index into cpu::kPolicies).
+template <int P>
+using PolicyListStorage =
+    ListStorage<typename PolicyStorageOf<cpu::kPolicies[P].param>::type,
+                typename PolicyStorageOf<cpu::kPolicies[P].state>::type, cpu::kPolicies[P].master,
+                cpu::kPolicies[P].stochastic>;
 
 // The number of lists in LISTS, and the optimizer list held by table list d.
 FO_HOST_DEVICE constexpr int count_lists(uint32_t lists) {
@@ -84,11 +107,12 @@ FO_HOST_DEVICE constexpr int list_of(uint32_t lists, int d) {
 
 // ElementStep (fused_optim/dispatch.h, shared with the CPU engine) as the multi-tensor
 // engine takes it: by table list d, which holds the optimizer's list list_of(LISTS, d).
-template <typename Optim, typename T, uint32_t LISTS, uint32_t V, bool UNSCALE>
+// Pol: the launch's ListStorage ([note: storage policy] in multi_tensor_apply.cuh).
+template <typename Optim, typename Pol, uint32_t LISTS, uint32_t V, bool UNSCALE>
 struct OptimFunctor {
   using Step = ElementStep<Optim, LISTS, V, UNSCALE>;
-  using storage_t = T;
-  using opmath_t = typename Storage<T>::opmath;
+  using storage = Pol;
+  using opmath_t = typename Pol::opmath;
   static constexpr int kDepth = count_lists(LISTS);
   static constexpr int kTensorScalars = math::num_states<Optim>();
   static constexpr FO_HOST_DEVICE bool reads(int d) { return Step::reads(list_of(LISTS, d)); }
@@ -133,9 +157,9 @@ struct OptimFunctor {
   }
 };
 
-template <typename Optim, cpu::DType D>
-cudaError_t launch(const Launch& l, cudaStream_t stream) {
-  using T = typename StorageOf<D>::type;
+// One step of Optim over l.rows with the lists stored as Pol says.
+template <typename Optim, typename Pol>
+cudaError_t launch_storage(const Launch& l, cudaStream_t stream) {
   constexpr int NS = math::num_states<Optim>();
   std::array<void* const*, NS> states{};
   for (int j = 0; j < NS; ++j) states[j] = l.states[j];
@@ -144,7 +168,7 @@ cudaError_t launch(const Launch& l, cudaStream_t stream) {
   // in fused_optim/dispatch.h); refused here too, before any launch.
   const bool compiled = dispatch_variant<Optim>(
       l.lists, l.args, l.grad_scale != nullptr, [&](auto lists_c, auto variant_c, auto unscale_c) {
-        using Op = OptimFunctor<Optim, T, decltype(lists_c)::value, decltype(variant_c)::value,
+        using Op = OptimFunctor<Optim, Pol, decltype(lists_c)::value, decltype(variant_c)::value,
                                 decltype(unscale_c)::value>;
         Op op;
         op.args = l.args;
@@ -153,22 +177,60 @@ cudaError_t launch(const Launch& l, cudaStream_t stream) {
         op.found_inf = l.found_inf;
         op.maximize = l.maximize;
         for (int j = 0; j < math::kMaxStates; ++j) op.states_are_double[j] = l.states_are_double[j];
-        err = multi_tensor_apply<Op>(l.rows, states, op, stream);
+        err = multi_tensor_apply<Op>(l.rows, states, Pol::kStochastic ? l.rng : nullptr, op,
+                                     stream);
       });
   return compiled ? err : cudaErrorInvalidValue;
 }
 
+template <typename Optim, cpu::DType D>
+cudaError_t launch(const Launch& l, cudaStream_t stream) {
+  if (l.rows.dtype != D || l.rows.state_dtype != D || l.rows.master != nullptr ||
+      l.rng != nullptr) {
+    return cudaErrorInvalidValue;  // a memory policy's call: launch_policy
+  }
+  return launch_storage<Optim, UniformStorage<typename StorageOf<D>::type>>(l, stream);
+}
+
+template <typename Optim, int P>
+cudaError_t launch_policy(const Launch& l, cudaStream_t stream) {
+  static_assert(P >= 0 && P < cpu::kNumPolicies, "a policy of cpu::kPolicies");
+  if (policy_of(l) != P) return cudaErrorInvalidValue;
+  return launch_storage<Optim, PolicyListStorage<P>>(l, stream);
+}
+
 // ---------------------------------------------------------------------------------
 // advance_states: one thread per tensor, pointers by value ([note: launch metadata by
-// value] in multi_tensor_apply.cuh): up to ~4,000 tensors per launch with one state list.
+// value] in multi_tensor_apply.cuh): up to ~4,000 tensors per launch with one state list
+// (~1,300 with one and rng_states, ~2,000 with rng_states only).
 
 constexpr int kStatesBlockSize = 256;
 
-template <int NS>
+template <int NS, int MAX_TENSORS>
+struct StatePtrs {
+  void* ptrs[NS][MAX_TENSORS];
+};
+template <int MAX_TENSORS>
+struct StatePtrs<0, MAX_TENSORS> {};
+
+// RNG: each tensor's rng_state and element count too ([note: storage policy]).
+template <int NS, bool RNG = false>
 struct StateTable {
-  static constexpr int kMaxTensors = (kTableBytes - 16) / (8 * NS);
-  void* ptrs[NS][kMaxTensors];
+  static constexpr int kBytesPerTensor = 8 * NS + (RNG ? 16 : 0);
+  static constexpr int kMaxTensors = (kTableBytes - 16) / kBytesPerTensor;
+  StatePtrs<NS, kMaxTensors> state;
+  OptionalPtrs<int64_t, RNG, kMaxTensors> rng;
+  OptionalArray<int64_t, RNG, kMaxTensors> numels;
   int32_t n;
+};
+
+// What one advance_states launch stores: Optim's per-tensor state, and the rng_states'
+// offsets when RNG.
+template <typename Optim, bool RNG>
+struct StateLaunch {
+  using optim = Optim;
+  static constexpr int kStates = math::num_states<Optim>();
+  static constexpr bool kRng = RNG;
 };
 
 struct StateArgs {
@@ -178,54 +240,79 @@ struct StateArgs {
   bool is_double[math::kMaxStates];
 };
 
-template <typename Optim>
+template <typename L>
 __global__ void __launch_bounds__(kStatesBlockSize)
-    advance_states_kernel(const __grid_constant__ StateTable<math::num_states<Optim>()> table,
+    advance_states_kernel(const __grid_constant__ StateTable<L::kStates, L::kRng> table,
                           const __grid_constant__ StateArgs a) {
-  constexpr int NS = math::num_states<Optim>();
+  using Optim = typename L::optim;
+  constexpr int NS = L::kStates;
+  constexpr bool RNG = L::kRng;
   if (found_inf_set(a.found_inf)) return;
   const int i = static_cast<int>(blockIdx.x) * kStatesBlockSize + static_cast<int>(threadIdx.x);
   if (i >= table.n) return;
-  math::Args args = a.args;
-  args.lr = read_scalar(a.lr);
-  const void* ptrs[NS];
+  if constexpr (NS > 0) {
+    math::Args args = a.args;
+    args.lr = read_scalar(a.lr);
+    const void* ptrs[NS];
 #pragma unroll
-  for (int j = 0; j < NS; ++j) ptrs[j] = table.ptrs[j][i];
-  double state[2 * NS];
-  advance_state<Optim>(args, ptrs, a.is_double, state);
+    for (int j = 0; j < NS; ++j) ptrs[j] = table.state.ptrs[j][i];
+    double state[2 * NS];
+    advance_state<Optim>(args, ptrs, a.is_double, state);
 #pragma unroll
-  for (int j = 0; j < NS; ++j) store_state(table.ptrs[j][i], a.is_double[j], state[j]);
+    for (int j = 0; j < NS; ++j) store_state(table.state.ptrs[j][i], a.is_double[j], state[j]);
+  }
+  if constexpr (RNG) {
+    // The offset as uint64, as the CPU op advances it (wraps at 2^64 alike).
+    int64_t* offset = table.rng.ptrs[i] + 1;
+    *offset = static_cast<int64_t>(static_cast<uint64_t>(*offset) +
+                                   static_cast<uint64_t>(table.numels.v[i]));
+  }
+}
+
+template <typename Optim, bool RNG>
+cudaError_t advance_states_with(const Launch& l, cudaStream_t stream) {
+  constexpr int NS = math::num_states<Optim>();
+  using Table = StateTable<NS, RNG>;
+  static_assert(sizeof(Table) + sizeof(StateArgs) + 16 <= kMaxKernelParamBytes,
+                "state table exceeds the 32 KB kernel parameter limit");
+  StateArgs a;
+  a.args = l.args;
+  a.lr = l.lr;
+  a.found_inf = l.found_inf;
+  for (int j = 0; j < math::kMaxStates; ++j) a.is_double[j] = l.states_are_double[j];
+  Table table;
+  const int64_t n = l.rows.n_tensors;
+  for (int64_t begin = 0; begin < n; begin += Table::kMaxTensors) {
+    const int64_t count = n - begin < Table::kMaxTensors ? n - begin : Table::kMaxTensors;
+    if constexpr (NS > 0) {
+      for (int j = 0; j < NS; ++j) {
+        for (int64_t i = 0; i < count; ++i) table.state.ptrs[j][i] = l.states[j][begin + i];
+      }
+    }
+    if constexpr (RNG) {
+      for (int64_t i = 0; i < count; ++i) {
+        table.rng.ptrs[i] = l.rng[begin + i];
+        table.numels.v[i] = l.rows.numels[begin + i];
+      }
+    }
+    table.n = static_cast<int32_t>(count);
+    const unsigned int blocks =
+        static_cast<unsigned int>((count + kStatesBlockSize - 1) / kStatesBlockSize);
+    using L = StateLaunch<Optim, RNG>;
+    FO_LAUNCH_KERNEL(advance_states_kernel<L>, blocks, kStatesBlockSize, 0, stream, table, a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <typename Optim>
 cudaError_t advance_states(const Launch& l, cudaStream_t stream) {
-  constexpr int NS = math::num_states<Optim>();
-  if constexpr (NS == 0) {
+  if (l.rng != nullptr) return advance_states_with<Optim, true>(l, stream);
+  if constexpr (math::num_states<Optim>() == 0) {
     return cudaSuccess;
   } else {
-    using Table = StateTable<NS>;
-    static_assert(sizeof(Table) + sizeof(StateArgs) + 16 <= kMaxKernelParamBytes,
-                  "state table exceeds the 32 KB kernel parameter limit");
-    StateArgs a;
-    a.args = l.args;
-    a.lr = l.lr;
-    a.found_inf = l.found_inf;
-    for (int j = 0; j < math::kMaxStates; ++j) a.is_double[j] = l.states_are_double[j];
-    Table table;
-    const int64_t n = l.rows.n_tensors;
-    for (int64_t begin = 0; begin < n; begin += Table::kMaxTensors) {
-      const int64_t count = n - begin < Table::kMaxTensors ? n - begin : Table::kMaxTensors;
-      for (int j = 0; j < NS; ++j) {
-        for (int64_t i = 0; i < count; ++i) table.ptrs[j][i] = l.states[j][begin + i];
-      }
-      table.n = static_cast<int32_t>(count);
-      const unsigned int blocks =
-          static_cast<unsigned int>((count + kStatesBlockSize - 1) / kStatesBlockSize);
-      FO_LAUNCH_KERNEL(advance_states_kernel<Optim>, blocks, kStatesBlockSize, 0, stream, table, a);
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-    return cudaSuccess;
+    return advance_states_with<Optim, false>(l, stream);
   }
 }
 

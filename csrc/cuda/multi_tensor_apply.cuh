@@ -8,8 +8,9 @@
 //
 // Preconditions (checked by the ops layer, csrc/cuda/ops_cuda.cu, with TORCH_CHECK):
 // every tensor of a row is non-overlapping and dense with one layout, so element i of
-// every list sits at offset i from its data pointer; all lists share one storage dtype;
-// tensors of one launch do not overlap in memory.
+// every list sits at offset i from its data pointer; the lists' storage is the launch's
+// storage policy's ([note: storage policy]); tensors of one launch do not overlap in
+// memory.
 //
 // Bytes moved per element: exactly the lists the functor reads and writes, once each
 // (fp32 AdamW: reads param, grad, exp_avg, exp_avg_sq = 16 B, writes param, exp_avg,
@@ -17,7 +18,7 @@
 // (step, lr, found_inf, grad_scale), a few bytes per 64K elements.
 //
 // Functor interface (see OptimFunctor in engine.cuh):
-//   using storage_t;                            float, double, __half or __nv_bfloat16
+//   using storage;                              a ListStorage ([note: storage policy])
 //   static constexpr int kDepth;                number of lists
 //   static constexpr int kTensorScalars;        per-tensor state pointers (0 .. kMaxStates)
 //   static constexpr bool reads(int list), writes(int list);
@@ -63,7 +64,38 @@
 // go through a scalar tail. Otherwise (e.g. views whose storage offset is not a
 // multiple of V) each thread handles V elements per iteration at stride kBlockSize,
 // still coalesced, all loads of an iteration issued before any math (ILP). Both paths
-// call the same functor, so the results are bit-identical.
+// call the same functor, so the results are bit-identical. Under a storage policy whose
+// lists differ in element size, V is the widest list's 16 B (4 elements beside an fp32
+// list or master copy): a bf16 list moves them in one 8-byte access (still coalesced,
+// 256 contiguous bytes per warp). Registers (ptxas, sm_90, nvcc 13.0, no spills): Adam
+// on bf16 params and states with fp32 master copies and stochastic rounding 100-112 at
+// V = 4 (124-128 at V = 8, two 16-byte accesses per fp32 list); all-bf16 lists with
+// stochastic rounding (V = 8) 116-128; the uniform bf16 kernel 58-98.
+//
+// [note: storage policy]
+// What a launch reads and writes, and how it rounds, is its ListStorage: params and
+// grads (table lists 0 and 1) in one storage type, the state lists (2, ...) in another,
+// optionally the params' fp32 master copies, optionally stochastic rounding into bf16.
+// The uniform storage (every list of one dtype, neither) is torch.optim's and every call
+// without a memory policy; the others are the memory policies of cpu::kPolicies
+// ([note: memory policy] in csrc/cpu/kernel_api.h), the same semantics, bit for bit, as
+// the CPU engine's policy_loop (csrc/cpu/kernels_impl.h):
+//  - each list is loaded in its own storage; the math is in fp32 (opmath);
+//  - with master copies, the param's value is read from the copy; the copy is written,
+//    and the param written rounded to nearest from it, in the same pass;
+//  - stores round to nearest even; bf16 ones with math::bf16_bits_nearest (a NaN stays
+//    a quiet NaN of its high half, the CPU's float_to_bf16_any), not
+//    __float2bfloat16_rn (which makes every NaN the canonical one);
+//  - with stochastic rounding, element i of tensor t takes the four words of
+//    math::random_words(seed_t, offset_t + i): word 0 rounds the param (a bf16 param
+//    without a master copy), word 1 + k the k-th state list of the call (bf16 states),
+//    each with math::bf16_bits_stochastic; the grads (written back unscaled) and a
+//    master copy's param round to nearest. seed_t and offset_t are read by each block
+//    from the tensor's rng_state, an int64 [seed, offset] in device memory (no host
+//    sync), and offset_t advances by numel_t in the launch that stores the per-tensor
+//    state, after every block has read it ([note: per-tensor state] in engine.cuh).
+// The policy's lists travel in the launch table (the master copies' and rng_states'
+// pointers, 8 B per tensor each, only in the tables of policies that have them).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -78,6 +110,7 @@
 #include "cpu/kernel_api.h"
 #include "cuda/kernel_api.h"
 #include "fused_optim/macros.h"
+#include "fused_optim/math/stochastic.h"
 
 #if !defined(CUDART_VERSION) || CUDART_VERSION < 12010
 #error "fused_optim's CUDA kernels need CUDA 12.1 or newer (32 KB kernel parameters)"
@@ -147,11 +180,137 @@ struct Storage<__nv_bfloat16> {
   }
 };
 
+// bf16 under a memory policy: its bits, rounded as the CPU engine rounds a policy's
+// stores ([note: storage policy]). Loading is the bit shift, as __bfloat162float.
+struct Bf16Bits {
+  uint16_t x;
+};
+
+template <>
+struct Storage<Bf16Bits> {
+  using opmath = float;
+  static __device__ FO_INLINE float to_opmath(Bf16Bits b) {
+    const uint32_t u = static_cast<uint32_t>(b.x) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static __device__ FO_INLINE Bf16Bits from_opmath(float x) {
+    return Bf16Bits{math::bf16_bits_nearest(x)};
+  }
+};
+
 // V elements of T in one 16-byte-aligned word: one 128-bit load or store.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Packed {
   T v[V];
 };
+
+// ---------------------------------------------------------------------------------
+// Storage policies ([note: storage policy]).
+
+// PARAM: the storage of params and grads, STATE: of the state lists; MASTER: the params
+// have fp32 master copies; STOCHASTIC: bf16 stores round stochastically.
+template <typename PARAM, typename STATE, bool MASTER, bool STOCHASTIC>
+struct ListStorage {
+  using param_t = PARAM;
+  using state_t = STATE;
+  using opmath = typename Storage<PARAM>::opmath;
+  static_assert(std::is_same_v<opmath, typename Storage<STATE>::opmath>,
+                "the lists of a launch share one opmath");
+  static constexpr bool kMaster = MASTER;
+  static constexpr bool kStochastic = STOCHASTIC;
+  // Elements per thread and iteration: the widest list's 16 bytes (a narrower list moves
+  // them in one 8-byte access: 4 bf16 beside fp32 lists), which keeps a policy's
+  // registers near the uniform fp32 kernel's.
+  static constexpr int kWidest = static_cast<int>(
+      sizeof(PARAM) > sizeof(STATE) ? sizeof(PARAM) : sizeof(STATE));
+  static constexpr int kVec = 16 / (MASTER && kWidest < 4 ? 4 : kWidest);
+  // Table list d is a param or grad list (else a state list); it is the params', which
+  // are read from and written to their master copies too.
+  static constexpr FO_HOST_DEVICE bool param_list(int d) { return d < 2; }
+  static constexpr FO_HOST_DEVICE bool master_list(int d) { return MASTER && d == 0; }
+  static constexpr FO_HOST_DEVICE int bytes(int d) {
+    return static_cast<int>(param_list(d) ? sizeof(PARAM) : sizeof(STATE));
+  }
+  // Whether table list d's stores round stochastically, and with which random word.
+  static constexpr FO_HOST_DEVICE bool stochastic(int d) {
+    return STOCHASTIC && (d == 0 ? !MASTER && std::is_same_v<PARAM, Bf16Bits>
+                                 : d >= 2 && std::is_same_v<STATE, Bf16Bits>);
+  }
+  static constexpr FO_HOST_DEVICE int word(int d) { return d == 0 ? 0 : d - 1; }
+};
+
+// Every list of storage T: torch.optim's storage, every call without a memory policy.
+template <typename T>
+using UniformStorage = ListStorage<T, T, false, false>;
+
+// Elements [i, i + V) of a list of storage T at `base`, as opmath, in accesses of up to
+// 16 bytes (base + i aligned to them).
+template <typename T, int V, int D, typename O>
+__device__ FO_INLINE void load_vector(const void* base, int i, O (&x)[V][D], int d) {
+  constexpr int W = 16 / static_cast<int>(sizeof(T)) < V ? 16 / static_cast<int>(sizeof(T)) : V;
+  static_assert(V % W == 0, "whole accesses");
+  const T* p = static_cast<const T*>(base) + i;
+#pragma unroll
+  for (int w = 0; w < V / W; ++w) {
+    const Packed<T, W> q = *reinterpret_cast<const Packed<T, W>*>(p + w * W);
+#pragma unroll
+    for (int k = 0; k < W; ++k) x[w * W + k][d] = Storage<T>::to_opmath(q.v[k]);
+  }
+}
+
+// The V values `in` stored rounded to nearest at elements [i, i + V) of `base`.
+template <typename T, int V, int D, typename O>
+__device__ FO_INLINE void store_vector(void* base, int i, const O (&x)[V][D], int d) {
+  constexpr int W = 16 / static_cast<int>(sizeof(T)) < V ? 16 / static_cast<int>(sizeof(T)) : V;
+  static_assert(V % W == 0, "whole accesses");
+  T* p = static_cast<T*>(base) + i;
+#pragma unroll
+  for (int w = 0; w < V / W; ++w) {
+    Packed<T, W> q;
+#pragma unroll
+    for (int k = 0; k < W; ++k) q.v[k] = Storage<T>::from_opmath(x[w * W + k][d]);
+    *reinterpret_cast<Packed<T, W>*>(p + w * W) = q;
+  }
+}
+
+// Element i of table list d, as opmath; x stored there, rounded to nearest.
+template <typename Pol>
+__device__ FO_INLINE typename Pol::opmath load_element(int d, const void* base, int i) {
+  if (Pol::param_list(d)) {
+    return Storage<typename Pol::param_t>::to_opmath(
+        static_cast<const typename Pol::param_t*>(base)[i]);
+  }
+  return Storage<typename Pol::state_t>::to_opmath(
+      static_cast<const typename Pol::state_t*>(base)[i]);
+}
+
+template <typename Pol>
+__device__ FO_INLINE void store_element(int d, void* base, int i, typename Pol::opmath x) {
+  if (Pol::param_list(d)) {
+    static_cast<typename Pol::param_t*>(base)[i] = Storage<typename Pol::param_t>::from_opmath(x);
+  } else {
+    static_cast<typename Pol::state_t*>(base)[i] = Storage<typename Pol::state_t>::from_opmath(x);
+  }
+}
+
+// One element's values after the math, x[d] per table list, rounded for its store: the
+// lists that round stochastically take their random word of `words` (the element's
+// math::random_words) and hold the bf16 value they round to, as a float, which the
+// store's nearest rounding then keeps exactly (a bf16 value, or a NaN of bf16's form).
+template <typename Pol, int D>
+__device__ FO_INLINE void round_stochastic(float (&x)[D], const math::Philox4x32& words) {
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    if (Pol::stochastic(d)) {
+      const uint32_t u = static_cast<uint32_t>(
+                             math::bf16_bits_stochastic(x[d], words.x[Pol::word(d)]))
+                         << 16;
+      __builtin_memcpy(&x[d], &u, sizeof u);
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------
 // The launch table (see [note: launch metadata by value]).
@@ -163,15 +322,34 @@ struct TensorScalarPtrs {
 template <int MAX_TENSORS>
 struct TensorScalarPtrs<0, MAX_TENSORS> {};
 
-template <int DEPTH, int NS>
+// A per-tensor pointer of the table that only some storage policies have.
+template <typename T, bool HAS, int MAX_TENSORS>
+struct OptionalPtrs {
+  T* ptrs[MAX_TENSORS];
+};
+template <typename T, int MAX_TENSORS>
+struct OptionalPtrs<T, false, MAX_TENSORS> {};
+
+template <typename T, bool HAS, int MAX_TENSORS>
+struct OptionalArray {
+  T v[MAX_TENSORS];
+};
+template <typename T, int MAX_TENSORS>
+struct OptionalArray<T, false, MAX_TENSORS> {};
+
+// MASTER: the params' fp32 master copies; RNG: the rng_states ([note: storage policy]).
+template <int DEPTH, int NS, bool MASTER = false, bool RNG = false>
 struct ChunkTable {
-  // pointers + numel + scalar pointers + chunk_start, per tensor
-  static constexpr int kBytesPerTensor = 8 * DEPTH + 8 + 8 * NS + 4;
+  // pointers + numel + scalar pointers + master and rng_state pointers + chunk_start,
+  // per tensor
+  static constexpr int kBytesPerTensor = 8 * DEPTH + 8 + 8 * NS + 8 * MASTER + 8 * RNG + 4;
   static constexpr int kMaxTensors = (kTableBytes - 16) / kBytesPerTensor;
 
   void* ptrs[DEPTH][kMaxTensors];
   int64_t numels[kMaxTensors];
   TensorScalarPtrs<NS, kMaxTensors> scalars;
+  OptionalPtrs<float, MASTER, kMaxTensors> master;
+  OptionalPtrs<const int64_t, RNG, kMaxTensors> rng;
   int32_t chunk_start[kMaxTensors + 1];  // chunk_start[n_tensors] = chunks in the launch
   int32_t n_tensors;
 };
@@ -180,19 +358,23 @@ struct ChunkTable {
 // The kernel.
 
 template <typename Op>
-using TableFor = ChunkTable<Op::kDepth, Op::kTensorScalars>;
+using TableFor = ChunkTable<Op::kDepth, Op::kTensorScalars, Op::storage::kMaster,
+                            Op::storage::kStochastic>;
 
 template <typename Op>
 __global__ void __launch_bounds__(kBlockSize)
     multi_tensor_apply_kernel(const __grid_constant__ TableFor<Op> table,
                               const __grid_constant__ Op op) {
-  using T = typename Op::storage_t;
-  using opmath = typename Storage<T>::opmath;
+  using Pol = typename Op::storage;
+  using P = typename Pol::param_t;
+  using S = typename Pol::state_t;
+  using opmath = typename Pol::opmath;
   using BlockScalars = typename Op::BlockScalars;
   constexpr int D = Op::kDepth;
   constexpr int NS = Op::kTensorScalars;
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  constexpr int V = Pol::kVec;
   static_assert(kChunkSize % V == 0, "chunks must keep vector alignment");
+  static_assert(!Pol::kStochastic || D <= 5, "four random words per element");
 
   if (op.skip()) return;  // uniform over the grid: found_inf is one value
 
@@ -214,9 +396,11 @@ __global__ void __launch_bounds__(kBlockSize)
   const int64_t remaining = table.numels[t] - chunk_begin;
   const int n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
 
-  // Per-tensor scalars (bias corrections in double, lr, grad_scale): one thread computes
-  // them, the block shares them.
+  // Per-tensor scalars (bias corrections in double, lr, grad_scale) and, under
+  // stochastic rounding, the Philox key and the counter of the chunk's element 0: one
+  // thread computes them, the block shares them.
   __shared__ BlockScalars shared_scalars;
+  __shared__ uint64_t shared_rng[2];
   if (threadIdx.x == 0) {
     const void* tensor_scalars[NS > 0 ? NS : 1] = {nullptr};
     if constexpr (NS > 0) {
@@ -224,43 +408,69 @@ __global__ void __launch_bounds__(kBlockSize)
       for (int j = 0; j < NS; ++j) tensor_scalars[j] = table.scalars.ptrs[j][t];
     }
     shared_scalars = op.block_scalars(tensor_scalars);
+    if constexpr (Pol::kStochastic) {
+      const int64_t* rng = table.rng.ptrs[t];
+      shared_rng[0] = static_cast<uint64_t>(rng[0]);
+      shared_rng[1] = static_cast<uint64_t>(rng[1]) + static_cast<uint64_t>(chunk_begin);
+    }
   }
   __syncthreads();
   const BlockScalars s = shared_scalars;
+  uint64_t key = 0, counter = 0;
+  if constexpr (Pol::kStochastic) {
+    key = shared_rng[0];
+    counter = shared_rng[1];
+  }
 
-  T* base[D];
+  void* base[D];
   uintptr_t address_bits = 0;
 #pragma unroll
   for (int d = 0; d < D; ++d) {
-    base[d] = static_cast<T*>(table.ptrs[d][t]) + chunk_begin;
+    base[d] = static_cast<char*>(table.ptrs[d][t]) + chunk_begin * Pol::bytes(d);
     address_bits |= reinterpret_cast<uintptr_t>(base[d]);
+  }
+  float* master = nullptr;
+  if constexpr (Pol::kMaster) {
+    master = table.master.ptrs[t] + chunk_begin;
+    address_bits |= reinterpret_cast<uintptr_t>(master);
   }
 
   if (address_bits % 16 == 0) {
-    using Vec = Packed<T, V>;
     const int n_vec = n - n % V;
     for (int i = static_cast<int>(threadIdx.x) * V; i < n_vec; i += kBlockSize * V) {
       opmath x[V][D];
 #pragma unroll
       for (int d = 0; d < D; ++d) {
-        if (Op::reads(d)) {
-          const Vec p = *reinterpret_cast<const Vec*>(base[d] + i);
-#pragma unroll
-          for (int k = 0; k < V; ++k) x[k][d] = Storage<T>::to_opmath(p.v[k]);
-        } else {
+        if (!Op::reads(d)) {
 #pragma unroll
           for (int k = 0; k < V; ++k) x[k][d] = opmath(0);
+        } else if (Pol::master_list(d)) {
+          if constexpr (Pol::kMaster) load_vector<float>(master, i, x, d);
+        } else if (Pol::param_list(d)) {
+          load_vector<P>(base[d], i, x, d);
+        } else {
+          load_vector<S>(base[d], i, x, d);
         }
       }
 #pragma unroll
-      for (int k = 0; k < V; ++k) op(x[k], s);
+      for (int k = 0; k < V; ++k) {
+        op(x[k], s);
+        if constexpr (Pol::kStochastic) {
+          const uint64_t element = static_cast<uint64_t>(i + k);
+          round_stochastic<Pol>(x[k], math::random_words(key, counter + element));
+        }
+      }
 #pragma unroll
       for (int d = 0; d < D; ++d) {
         if (Op::writes(d)) {
-          Vec p;
-#pragma unroll
-          for (int k = 0; k < V; ++k) p.v[k] = Storage<T>::from_opmath(x[k][d]);
-          *reinterpret_cast<Vec*>(base[d] + i) = p;
+          if constexpr (Pol::kMaster) {
+            if (Pol::master_list(d)) store_vector<float>(master, i, x, d);
+          }
+          if (Pol::param_list(d)) {
+            store_vector<P>(base[d], i, x, d);
+          } else {
+            store_vector<S>(base[d], i, x, d);
+          }
         }
       }
     }
@@ -269,12 +479,20 @@ __global__ void __launch_bounds__(kBlockSize)
       opmath x[D];
 #pragma unroll
       for (int d = 0; d < D; ++d) {
-        x[d] = Op::reads(d) ? Storage<T>::to_opmath(base[d][i]) : opmath(0);
+        x[d] = !Op::reads(d)         ? opmath(0)
+               : Pol::master_list(d) ? master[i]
+                                     : load_element<Pol>(d, base[d], i);
       }
       op(x, s);
+      if constexpr (Pol::kStochastic) {
+        round_stochastic<Pol>(x, math::random_words(key, counter + static_cast<uint64_t>(i)));
+      }
 #pragma unroll
       for (int d = 0; d < D; ++d) {
-        if (Op::writes(d)) base[d][i] = Storage<T>::from_opmath(x[d]);
+        if (Op::writes(d)) {
+          if (Pol::master_list(d)) master[i] = x[0];
+          store_element<Pol>(d, base[d], i, x[d]);
+        }
       }
     }
   } else {
@@ -285,13 +503,21 @@ __global__ void __launch_bounds__(kBlockSize)
         const int i = i0 + static_cast<int>(threadIdx.x) + k * kBlockSize;
 #pragma unroll
         for (int d = 0; d < D; ++d) {
-          x[k][d] = (Op::reads(d) && i < n) ? Storage<T>::to_opmath(base[d][i]) : opmath(0);
+          x[k][d] = (i >= n || !Op::reads(d)) ? opmath(0)
+                    : Pol::master_list(d)       ? master[i]
+                                                : load_element<Pol>(d, base[d], i);
         }
       }
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const int i = i0 + static_cast<int>(threadIdx.x) + k * kBlockSize;
-        if (i < n) op(x[k], s);
+        if (i < n) {
+          op(x[k], s);
+          if constexpr (Pol::kStochastic) {
+            const uint64_t element = static_cast<uint64_t>(i);
+            round_stochastic<Pol>(x[k], math::random_words(key, counter + element));
+          }
+        }
       }
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -299,7 +525,10 @@ __global__ void __launch_bounds__(kBlockSize)
         if (i < n) {
 #pragma unroll
           for (int d = 0; d < D; ++d) {
-            if (Op::writes(d)) base[d][i] = Storage<T>::from_opmath(x[k][d]);
+            if (Op::writes(d)) {
+              if (Pol::master_list(d)) master[i] = x[k][0];
+              store_element<Pol>(d, base[d], i, x[k][d]);
+            }
           }
         }
       }
@@ -310,19 +539,25 @@ __global__ void __launch_bounds__(kBlockSize)
 // ---------------------------------------------------------------------------------
 // The host side: pack the bucket into as few tables as fit, launch one kernel per table.
 
-// rows: the bucket, list-major (rows.n_lists must be Op::kDepth); tensor_scalars[j]: a
-// host array of rows.n_tensors device pointers for the functor's j-th per-tensor scalar.
+// rows: the bucket, list-major (rows.n_lists must be Op::kDepth; rows.master, the fp32
+// master copies, when the storage policy has them); tensor_scalars[j]: a host array of
+// rows.n_tensors device pointers for the functor's j-th per-tensor scalar; rng: per row
+// its rng_state (device), when the storage policy rounds stochastically.
 // Returns the first launch error, or cudaSuccess.
 template <typename Op>
 cudaError_t multi_tensor_apply(const cpu::TensorTable& rows,
                                const std::array<void* const*, Op::kTensorScalars>& tensor_scalars,
-                               const Op& op, cudaStream_t stream) {
+                               const int64_t* const* rng, const Op& op, cudaStream_t stream) {
+  using Pol = typename Op::storage;
   constexpr int D = Op::kDepth;
   constexpr int NS = Op::kTensorScalars;
-  using Table = ChunkTable<D, NS>;
+  using Table = TableFor<Op>;
   static_assert(sizeof(Table) + sizeof(Op) + 16 <= kMaxKernelParamBytes,
                 "launch table and functor exceed the 32 KB kernel parameter limit");
   if (rows.n_lists != D) return cudaErrorInvalidValue;
+  if ((rows.master != nullptr) != Pol::kMaster || (rng != nullptr) != Pol::kStochastic) {
+    return cudaErrorInvalidValue;
+  }
 
   Table table;  // 32 KB on the host stack; only the used entries are written
   int n = 0;
@@ -351,6 +586,8 @@ cudaError_t multi_tensor_apply(const cpu::TensorTable& rows,
     if constexpr (NS > 0) {
       for (int j = 0; j < NS; ++j) table.scalars.ptrs[j][n] = tensor_scalars[j][t];
     }
+    if constexpr (Pol::kMaster) table.master.ptrs[n] = static_cast<float*>(rows.master[t]);
+    if constexpr (Pol::kStochastic) table.rng.ptrs[n] = rng[t];
     table.numels[n] = numel;
     table.chunk_start[n] = static_cast<int32_t>(chunks);
     chunks += tensor_chunks;

@@ -8,15 +8,19 @@
 // per-tensor state] in engine.cuh); both once per run of rows when a state tensor is
 // passed for two params ([note: aliased state] in kernel_api.h). Semantics are the CPU
 // op's: found_inf non-zero => nothing changes, state included; grads are divided by
-// grad_scale and written back unscaled; a list the call's options leave out is empty.
+// grad_scale and written back unscaled; a list the call's options leave out is empty;
+// a memory policy's lists (master_params, rng_states; states of another dtype than the
+// params) as the CPU op takes them, with the same results ([note: storage policy] in
+// multi_tensor_apply.cuh).
 //
 // [note: no host sync]
-// The per-tensor state, found_inf, grad_scale and a device lr are read by the kernels
-// from device memory; nothing here reads a device tensor on the host. A CPU lr is read
-// on the host (lr.item() of a CPU tensor does not touch the GPU). So a step enqueues
-// work and returns, and can be captured into a CUDA graph: replaying the graph re-reads
-// lr, found_inf, grad_scale and the state from their (fixed) addresses. The launch
-// metadata is a kernel argument (no allocation, no host-to-device copy).
+// The per-tensor state, found_inf, grad_scale, a device lr and the rng_states are read
+// by the kernels from device memory (and the state and rng_states advanced there);
+// nothing here reads a device tensor on the host. A CPU lr is read on the host
+// (lr.item() of a CPU tensor does not touch the GPU). So a step enqueues work and
+// returns, and can be captured into a CUDA graph: replaying the graph re-reads lr,
+// found_inf, grad_scale, the state and the rng_states from their (fixed) addresses. The
+// launch metadata is a kernel argument (no allocation, no host-to-device copy).
 //
 // [note: host-only translation unit]
 // This file holds no device code, yet nvcc would parse all of torch's headers once per
@@ -65,23 +69,13 @@ const float* optional_ptr(const at::Tensor* t) {
 }
 
 // The launchers of every optimizer (generated units, csrc/cuda/instantiate.py), by the
-// id of fused_optim/optimizers.h and the storage dtype.
-struct Launchers {
-  cuda::LaunchFn by_dtype[4];  // cpu::DType order: f32, f64, f16, bf16
-  cuda::LaunchFn advance;
-};
-
-#define FO_LAUNCHERS(Name)                                                         \
-  Launchers{{&cuda::launch<math::Name, cpu::DType::kFloat32>,                      \
-             &cuda::launch<math::Name, cpu::DType::kFloat64>,                      \
-             &cuda::launch<math::Name, cpu::DType::kFloat16>,                      \
-             &cuda::launch<math::Name, cpu::DType::kBFloat16>},                    \
-            &cuda::advance_states<math::Name>},
-const Launchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_LAUNCHERS)};
+// id of fused_optim/optimizers.h.
+#define FO_LAUNCHERS(Name) cuda::launchers_of<math::Name>(),
+const cuda::Launchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_LAUNCHERS)};
 #undef FO_LAUNCHERS
 
 void cuda_step(const OpCall& c) {
-  const CheckedCall checked(c, c10::DeviceType::CUDA, nullptr);
+  const CheckedCall checked(c, c10::DeviceType::CUDA, nullptr, /*policies=*/true);
   if (checked.empty()) return;
   const at::TensorList params = c.params();
   const at::Device device = checked.device;
@@ -120,11 +114,19 @@ void cuda_step(const OpCall& c) {
   launch.maximize = c.maximize;
   launch.grad_scale = optional_ptr(c.grad_scale);
   launch.found_inf = optional_ptr(c.found_inf);
+  std::vector<int64_t*> rng;
+  if (!c.rng.empty()) {
+    rng.reserve(params.size());
+    for (const at::Tensor& r : c.rng) rng.push_back(r.data_ptr<int64_t>());
+    launch.rng = rng.data();
+  }
 
-  const Launchers& l = kLaunchers[c.op->info->id];
-  C10_CUDA_CHECK(cuda::run_step(launch, static_cast<int>(c.states.size()),
-                                l.by_dtype[static_cast<int>(launch.rows.dtype)], l.advance,
-                                stream));
+  const cuda::Launchers& l = kLaunchers[c.op->info->id];
+  const cuda::LaunchFn launcher = l.launcher_for(launch);
+  TORCH_CHECK(launcher != nullptr, c.name(), ": the CUDA kernels have no memory policy for "
+              "this call");  // refused by CheckedCall already
+  C10_CUDA_CHECK(
+      cuda::run_step(launch, static_cast<int>(c.states.size()), launcher, l.advance, stream));
 }
 
 struct RegisterCuda {

@@ -200,6 +200,30 @@ FO_TEST(conv_float_to_bf16_nearest_even_at_every_midpoint) {
   for (int i = 0; i < 1000000; ++i) check_float_to_bf16(bits_f32(static_cast<uint32_t>(rng.next())));
 }
 
+// The memory policy's nearest rounding into bf16, on host and device: math::bf16_bits_nearest
+// (the CUDA engine's policy stores) gives the CPU engine's float_to_bf16_any bits for every
+// float: the oracle's nearest even for numbers, a quiet NaN of its own high half for every
+// NaN, whatever its low half (where float_to_bf16 would carry into the exponent).
+FO_TEST(conv_bf16_bits_nearest_is_the_cpu_policy_rounding) {
+  auto check = [](uint32_t u) {
+    const float f = bits_f32(u);
+    const uint16_t got = fused_optim::math::TEST::bf16_bits_nearest(f);
+    FO_CHECK_EQ(hex(got), hex(impl::float_to_bf16_any(f))) << "float bits " << hex(u);
+    if (std::isnan(f)) {
+      FO_CHECK_EQ(hex(got), hex(static_cast<uint16_t>((u >> 16) | 0x40u))) << hex(u);
+    } else {
+      FO_CHECK_EQ(hex(got), hex(oracle_float_to_bf16(f))) << "float bits " << hex(u);
+    }
+  };
+  for (uint32_t hi = 0; hi < 0x10000; ++hi) {
+    for (uint32_t lo : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu, 0x4000u}) {
+      check((hi << 16) | lo);
+    }
+  }
+  Rng rng(4242);
+  for (int i = 0; i < 200000; ++i) check(static_cast<uint32_t>(rng.next()));
+}
+
 // The oracles themselves, against values worked out by hand, so a wrong oracle cannot
 // make a wrong conversion pass.
 FO_TEST(conv_oracles_agree_with_hand_values) {

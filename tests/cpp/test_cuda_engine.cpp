@@ -41,18 +41,10 @@ using fo_cuda_shim::LaunchRecord;
 constexpr int64_t kCudaChunk = fcu::kChunkSize;
 
 // The launchers of every registered optimizer, as csrc/cuda/ops_cuda.cu builds them.
-struct EmuLaunchers {
-  fcu::LaunchFn by_dtype[4];  // index: cpu::DType
-  fcu::LaunchFn advance;
-};
 static_assert(static_cast<int>(DType::kFloat32) == 0 && static_cast<int>(DType::kFloat64) == 1 &&
               static_cast<int>(DType::kFloat16) == 2 && static_cast<int>(DType::kBFloat16) == 3);
-#define FO_TEST_EMU_LAUNCHERS(Name)                                                        \
-  EmuLaunchers{{&fcu::launch<fm::Name, DType::kFloat32>, &fcu::launch<fm::Name, DType::kFloat64>, \
-                &fcu::launch<fm::Name, DType::kFloat16>,                                  \
-                &fcu::launch<fm::Name, DType::kBFloat16>},                                \
-               &fcu::advance_states<fm::Name>},
-const EmuLaunchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_TEST_EMU_LAUNCHERS)};
+#define FO_TEST_EMU_LAUNCHERS(Name) fcu::launchers_of<fm::Name>(),
+const fcu::Launchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_TEST_EMU_LAUNCHERS)};
 #undef FO_TEST_EMU_LAUNCHERS
 
 // The bucket of the option tests: the vector tails of every dtype (V = 2, 4, 8), empty
@@ -174,7 +166,7 @@ CudaRun run_emulated(const OptimizerEntry& e, const OptCase& c, Bucket& b, Devic
   l.grad_scale = c.scaled ? &c.grad_scale : nullptr;
   l.found_inf = found_inf;
   CudaRun r;
-  const EmuLaunchers& fns = kLaunchers[e.id];
+  const fcu::Launchers& fns = kLaunchers[e.id];
   if (runs) {
     r.launch_error =
         fcu::run_step(l, e.n_states, fns.by_dtype[static_cast<int>(b.dtype)], fns.advance, nullptr);
@@ -254,7 +246,7 @@ bool decode_state_table(int ns, const std::vector<unsigned char>& bytes, Decoded
     if (out.n < 1 || out.n > T::kMaxTensors) return true;
     out.scalars.assign(NS, {});
     for (int i = 0; i < out.n; ++i) {
-      for (int j = 0; j < NS; ++j) out.scalars[j].push_back(t->ptrs[j][i]);
+      for (int j = 0; j < NS; ++j) out.scalars[j].push_back(t->state.ptrs[j][i]);
     }
     return true;
   }
@@ -476,6 +468,8 @@ FO_TEST(cuda_engine_table_capacities_match_the_note) {
   FO_CHECK_EQ(capacity(fcu::ChunkTable<5, 1>::kBytesPerTensor), 537);   // AMSGrad
   FO_CHECK_EQ(capacity(fcu::ChunkTable<3, 0>::kBytesPerTensor), 895);   // SGD, momentum
   FO_CHECK_EQ(capacity(fcu::ChunkTable<2, 0>::kBytesPerTensor), 1151);  // SGD
+  // csrc/cuda/README.md: AdamW with a master copy and stochastic rounding.
+  FO_CHECK_EQ(capacity(fcu::ChunkTable<4, 1, true, true>::kBytesPerTensor), 474);
   FO_CHECK_EQ((8192 + 618) / 619, 14);  // "an 8,192-tensor Adam bucket takes 14 launches"
   FO_CHECK_EQ(capacity(8), 4029);       // advance_states: "~4,000 tensors per launch"
   FO_CHECK_EQ(fcu::kTableBytes, FO_CUDA_TEST_TABLE_BYTES);
@@ -544,7 +538,7 @@ namespace {
 // element's tensor tag, which must equal the tag its block read through the tensor's
 // scalar pointer; a wrong tensor adds 1000 instead.
 struct CountingOp {
-  using storage_t = float;
+  using storage = fcu::UniformStorage<float>;
   static constexpr int kDepth = 2;
   static constexpr int kTensorScalars = 1;
   static constexpr bool reads(int) { return true; }
@@ -587,7 +581,8 @@ FO_TEST(cuda_engine_block_to_tensor_search_visits_each_element_once) {
     }
     fo_cuda_shim::state().reset();
     const std::array<void* const*, 1> scalars = {tag_ptrs.data()};
-    FO_CHECK_EQ(fcu::multi_tensor_apply<CountingOp>(b.table(), scalars, CountingOp{}, nullptr),
+    FO_CHECK_EQ(fcu::multi_tensor_apply<CountingOp>(b.table(), scalars, nullptr, CountingOp{},
+                                                      nullptr),
                 cudaSuccess);
     FO_CHECK_EQ(fo_cuda_shim::state().launches.size(), 4u);
     FO_CHECK_EQ(b.damaged_guard_bytes(), 0);
@@ -632,7 +627,7 @@ FO_TEST(cuda_engine_64bit_chunk_offsets_on_a_virtual_tensor) {
           const uintptr_t missing_bytes = static_cast<uintptr_t>(backed_from) * elem_size(d);
           ptrs[r * 3 + 1] = reinterpret_cast<void*>(p - missing_bytes);
         }
-        const fc::TensorTable rows{3, got.n_lists, ptrs.data(), numels.data(), d};
+        const fc::TensorTable rows{3, got.n_lists, ptrs.data(), numels.data(), d, d};
         EmulatedStep s;
         s.states = states_before(e, c.args, 3, 0);
         s.states_double = true;
@@ -673,7 +668,8 @@ FO_TEST(cuda_engine_chunk_count_limits_cut_launches) {
           ptrs.push_back(reinterpret_cast<void*>(uintptr_t{0x100000} * (1 + r * 64 + t)));
         }
       }
-      const fc::TensorTable rows{n, lay.n_rows, ptrs.data(), numels.data(), DType::kFloat32};
+      const fc::TensorTable rows{n, lay.n_rows, ptrs.data(), numels.data(), DType::kFloat32,
+                                  DType::kFloat32};
       DeviceStates st(e.n_states, n, states_before(e, c.args, n, 0), false);
       fo_cuda_shim::state().reset();
       fo_cuda_shim::state().restrict_blocks = true;  // and no ranges: no block runs
@@ -996,6 +992,408 @@ FO_TEST(engines_refuse_a_call_that_selects_no_variant) {
     }
   }
   FO_CHECK(refused > 0) << "no case selects a combination without a variant";
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Memory policies ([note: storage policy] in multi_tensor_apply.cuh): the emulated CUDA
+// engine against the CPU engine's portable variant, bit for bit, on the same bucket.
+
+namespace {
+
+// A bucket under memory policy `key`: params and grads in key.param, the state lists in
+// key.state, the fp32 master copies (key.master) and each row's rng_state [seed,
+// offset] (key.stochastic), `rng_owner[t]`: the row whose rng_state row t is passed
+// (the same tensor for several params when owner[t] != t).
+struct PolicyBucket {
+  fc::PolicyKey key;
+  Bucket params, states, master;  // rows 0 and 1 of params, rows >= 2 of states, row 0 of master
+  std::vector<int64_t> rng;       // [seed, offset] per owner row
+  std::vector<int64_t> rng_owner;
+  std::vector<void*> ptrs, master_ptrs;
+  std::vector<int64_t*> rng_ptrs;
+
+  PolicyBucket(const OptimizerEntry& e, const OptCase& c, fc::PolicyKey k,
+               const std::vector<int64_t>& sizes, int (*offset)(int, int), uint64_t seed)
+      : key(k),
+        params(make_bucket(e, c, k.param, sizes, offset, seed)),
+        states(make_bucket(e, c, k.state, sizes, offset, seed)),
+        master(make_bucket(e, c, DType::kFloat32, sizes, offset, seed)) {
+    const int64_t n = params.n_tensors();
+    Rng r(seed + 7);
+    for (int64_t t = 0; t < n; ++t) {
+      rng.push_back(static_cast<int64_t>(r.next()));  // any 64 bits
+      // Offsets near 2^32 (the counter's high word carries) and near 2^64 (it wraps).
+      const uint64_t base = t % 3 == 0 ? 0xFFFFFFFFull - 40 : t % 3 == 1 ? ~0ull - 20 : 12345;
+      rng.push_back(static_cast<int64_t>(base - static_cast<uint64_t>(t)));
+      rng_owner.push_back(t);
+    }
+    link();
+  }
+  PolicyBucket(const PolicyBucket& o, int (*offset)(int, int))
+      : key(o.key),
+        params(clone_bucket(o.params, offset)),
+        states(clone_bucket(o.states, offset)),
+        master(clone_bucket(o.master, offset)),
+        rng(o.rng),
+        rng_owner(o.rng_owner) {
+    link();
+  }
+  PolicyBucket(const PolicyBucket&) = delete;
+
+  void link() {
+    const int64_t n = params.n_tensors();
+    ptrs.clear();
+    master_ptrs.clear();
+    rng_ptrs.clear();
+    for (int l = 0; l < params.n_lists; ++l) {
+      for (int64_t t = 0; t < n; ++t) ptrs.push_back((l < 2 ? params : states).at(l, t).data());
+    }
+    for (int64_t t = 0; t < n; ++t) master_ptrs.push_back(master.at(0, t).data());
+    for (int64_t t = 0; t < n; ++t) rng_ptrs.push_back(&rng[2 * rng_owner[t]]);
+  }
+  fc::TensorTable table() const {
+    return fc::TensorTable{params.n_tensors(), params.n_lists, ptrs.data(), params.numels.data(),
+                           key.param, key.state, key.master ? master_ptrs.data() : nullptr};
+  }
+  // Differing stored bits: the lists each policy stores, and the rng_states.
+  int64_t bit_differences(const PolicyBucket& o) const {
+    int64_t diff = 0;
+    for (int l = 0; l < params.n_lists; ++l) {
+      const Bucket& a = l < 2 ? params : states;
+      const Bucket& b = l < 2 ? o.params : o.states;
+      for (int64_t t = 0; t < params.n_tensors(); ++t) {
+        for (int64_t i = 0; i < params.numels[t]; ++i) {
+          diff += a.at(l, t).bits(i) != b.at(l, t).bits(i);
+          if (key.master && l == 0) diff += master.at(0, t).bits(i) != o.master.at(0, t).bits(i);
+        }
+      }
+    }
+    if (key.stochastic) diff += rng != o.rng;
+    return diff + params.damaged_guard_bytes() + states.damaged_guard_bytes() +
+           master.damaged_guard_bytes();
+  }
+};
+
+// NaNs whose low half is not zero (a bf16 rounding that adds to the bits would carry
+// them into the exponent) in the fp32 lists the math reads: the master copies, fp32
+// params, fp32 states. Not for fp16 params: CUDA's __float2half_rn makes every NaN the
+// canonical one, the CPU's float_to_half keeps its sign (both NaN).
+void put_nans(PolicyBucket& b) {
+  if (b.key.param == DType::kFloat16) return;
+  const uint32_t nans[] = {0x7FC01234u, 0xFF80ABCDu, 0x7F800001u};
+  int k = 0;
+  for (int64_t t = 0; t < b.params.n_tensors(); t += 5) {
+    if (b.params.numels[t] == 0) continue;
+    const int64_t i = (t * 7) % b.params.numels[t];
+    const uint32_t nan = nans[k++ % 3];
+    if (b.key.master) b.master.at(0, t).set_bits(i, nan);
+    if (b.key.param == DType::kFloat32) b.params.at(0, t).set_bits(i, nan);
+    if (b.key.state == DType::kFloat32 && b.params.n_lists > 2) b.states.at(2, t).set_bits(i, nan);
+  }
+}
+
+// One step of case c on `got` (a copy of `input`) through the emulated engine as
+// csrc/cuda/ops_cuda.cu drives it (launcher_for, run_step), and on `cpu` (another copy)
+// through the CPU engine as csrc/ops_cpu.cpp does (advance_rng: each row's rng_state
+// read and advanced in row order). Returns the emulated run's error.
+cudaError_t policy_step(const OptimizerEntry& e, const OptCase& c, PolicyBucket& got,
+                        PolicyBucket& cpu, const float* found_inf, const std::string& ctx) {
+  const int64_t n = got.params.n_tensors();
+  const std::vector<double> before = states_before(e, c.args, n, 0);
+  const std::vector<double> stored_before = stored_as(before, false);
+  const std::vector<double> after =
+      stored_as(advanced(e, c.args, stored_before, true, false), false);
+  // The CPU op.
+  const bool skip = found_inf != nullptr && *found_inf != 0.0f;
+  if (!skip) {
+    std::vector<uint64_t> rng(2 * static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+      int64_t* state = &cpu.rng[2 * cpu.rng_owner[t]];
+      rng[2 * t] = static_cast<uint64_t>(state[0]);
+      rng[2 * t + 1] = static_cast<uint64_t>(state[1]);
+      state[1] = static_cast<int64_t>(static_cast<uint64_t>(state[1]) +
+                                      static_cast<uint64_t>(cpu.params.numels[t]));
+    }
+    const std::vector<double> cpu_states = step_state_of(e, after, stored_before);
+    fc::StepCall call = step_call(e, c, cpu_states);
+    call.rng = cpu.key.stochastic ? rng.data() : nullptr;
+    const std::vector<Chunk> chunks = make_chunks(cpu.params.numels);
+    const fc::TensorTable table = cpu.table();
+    fc::kernels_for("default").chunks[e.id](table, call, chunks.data(), 0,
+                                            static_cast<int64_t>(chunks.size()));
+  }
+  // The CUDA op.
+  DeviceStates st(e.n_states, n, before, false);
+  fo_cuda_shim::State& shim = fo_cuda_shim::state();
+  shim.launches.clear();
+  shim.last_error = cudaSuccess;
+  fcu::Launch l{};
+  l.rows = got.table();
+  l.lists = layout_for(e, c).lists;
+  l.args = c.args;
+  l.lr = fcu::DeviceScalar{nullptr, false, c.args.lr};
+  l.maximize = maximize_of(e, c.args);
+  for (int j = 0; j < st.n_states(); ++j) l.states[j] = st.ptrs(j);
+  l.grad_scale = c.scaled ? &c.grad_scale : nullptr;
+  l.found_inf = found_inf;
+  l.rng = got.key.stochastic ? got.rng_ptrs.data() : nullptr;
+  const int p = fcu::policy_of(l);
+  FO_CHECK(p >= 0 && fc::kPolicies[p].param == got.key.param &&
+           fc::kPolicies[p].state == got.key.state && fc::kPolicies[p].master == got.key.master &&
+           fc::kPolicies[p].stochastic == got.key.stochastic) << ctx << ": policy " << p;
+  const fcu::Launchers& fns = kLaunchers[e.id];
+  FO_CHECK(fns.launcher_for(l) == fns.by_policy[p]) << ctx;
+  const cudaError_t err = fcu::run_step(l, e.n_states, fns.launcher_for(l), fns.advance, nullptr);
+  check_states(st, skip ? stored_before : after, ctx);
+  return err;
+}
+
+// What a policy's tables hold per tensor: its param pointer, master copy and rng_state
+// (nullptr where the table has none), and (state tables) its element count.
+struct PolicyTable {
+  int max_tensors = 0;
+  int n = 0;
+  std::vector<const void*> ptrs0, master, rng;
+  std::vector<int64_t> numels;
+};
+
+template <int D, int NS, bool M, bool R>
+void decode_policy_table(const std::vector<unsigned char>& bytes, PolicyTable& out) {
+  using T = fcu::ChunkTable<D, NS, M, R>;
+  FO_CHECK_EQ(bytes.size(), sizeof(T));
+  if (bytes.size() != sizeof(T)) return;
+  const auto t = std::make_unique<T>();
+  std::memcpy(static_cast<void*>(t.get()), bytes.data(), sizeof(T));
+  out.max_tensors = T::kMaxTensors;
+  out.n = t->n_tensors;
+  for (int i = 0; i < out.n && i < T::kMaxTensors; ++i) {
+    out.ptrs0.push_back(t->ptrs[0][i]);
+    const void* m = nullptr;
+    const void* r = nullptr;
+    if constexpr (M) m = t->master.ptrs[i];
+    if constexpr (R) r = t->rng.ptrs[i];
+    out.master.push_back(m);
+    out.rng.push_back(r);
+  }
+}
+
+template <int D, int NS>
+bool decode_any_policy_table(int depth, int ns, bool master, bool rng,
+                             const std::vector<unsigned char>& bytes, PolicyTable& out) {
+  if (depth == D && ns == NS) {
+    if (master && rng) decode_policy_table<D, NS, true, true>(bytes, out);
+    if (master && !rng) decode_policy_table<D, NS, true, false>(bytes, out);
+    if (!master && rng) decode_policy_table<D, NS, false, true>(bytes, out);
+    if (!master && !rng) decode_policy_table<D, NS, false, false>(bytes, out);
+    return true;
+  }
+  if constexpr (NS < fm::kMaxStates) {
+    return decode_any_policy_table<D, NS + 1>(depth, ns, master, rng, bytes, out);
+  } else if constexpr (D < kMaxLists) {
+    return decode_any_policy_table<D + 1, 0>(depth, ns, master, rng, bytes, out);
+  } else {
+    return false;
+  }
+}
+
+template <int NS, bool R>
+void decode_state_table_rng(const std::vector<unsigned char>& bytes, PolicyTable& out) {
+  using T = fcu::StateTable<NS, R>;
+  FO_CHECK_EQ(bytes.size(), sizeof(T));
+  if (bytes.size() != sizeof(T)) return;
+  const auto t = std::make_unique<T>();
+  std::memcpy(static_cast<void*>(t.get()), bytes.data(), sizeof(T));
+  out.max_tensors = T::kMaxTensors;
+  out.n = t->n;
+  FO_CHECK(out.n >= 1 && out.n <= T::kMaxTensors) << out.n;
+  for (int i = 0; i < out.n && i < T::kMaxTensors; ++i) {
+    const void* r = nullptr;
+    int64_t numel = -1;
+    if constexpr (R) {
+      r = t->rng.ptrs[i];
+      numel = t->numels.v[i];
+    }
+    out.rng.push_back(r);
+    out.numels.push_back(numel);
+  }
+}
+
+template <int NS>
+bool decode_policy_state_table(int ns, bool rng, const std::vector<unsigned char>& bytes,
+                               PolicyTable& out) {
+  if constexpr (NS > fm::kMaxStates) {
+    return false;
+  } else {
+    if (ns != NS) return decode_policy_state_table<NS + 1>(ns, rng, bytes, out);
+    if (rng) {
+      decode_state_table_rng<NS, true>(bytes, out);
+    } else if constexpr (NS > 0) {
+      decode_state_table_rng<NS, false>(bytes, out);
+    } else {
+      return false;
+    }
+    return true;
+  }
+}
+
+}  // namespace
+
+// Every option case of every optimizer under every memory policy, on the awkward sizes
+// (vector tails, empty tensors, several launches), rows aligned and misaligned (the
+// vector path with two 16-byte accesses per fp32 list, and the scalar path), NaNs with
+// payloads in the fp32 lists, rng_state offsets whose counters carry into the high word
+// and wrap at 2^64, and (odd cases) rng_states shared by several params (advanced once
+// per row, in row order, as the CPU op does): the emulated CUDA engine stores the same
+// bits as the CPU engine, params, grads, states, master copies and rng_states.
+FO_TEST(cuda_engine_memory_policies_match_cpu_bits) {
+  std::vector<int64_t> sizes = cuda_sizes();
+  const int64_t n = static_cast<int64_t>(sizes.size());
+  int runs = 0;
+  for (const OptimizerEntry& e : optimizer_table()) {
+    for (size_t ci = 0; ci < e.cases.size(); ++ci) {
+      const OptCase& c = e.cases[ci];
+      int (*offset)(int, int) = ci % 2 == 0 ? offset_zero : mixed_offset;
+      for (int p = 0; p < fc::kNumPolicies; ++p) {
+        const fc::PolicyKey key = fc::kPolicies[p];
+        const std::string ctx =
+            ctx_of(e, c, key.param, "emulated CUDA, policy " + std::to_string(p) +
+                                        (offset == offset_zero ? ", aligned" : ", mixed offsets"));
+        PolicyBucket input(e, c, key, sizes, offset, 5000u + 100u * ci + p);
+        put_nans(input);
+        if (ci % 2 == 1) {
+          for (int64_t t = 3; t < n; t += 4) input.rng_owner[t] = t - 2;
+          input.link();
+        }
+        PolicyBucket got(input, offset), cpu(input, offset);
+        FO_CHECK_EQ(policy_step(e, c, got, cpu, nullptr, ctx), cudaSuccess) << ctx;
+        FO_CHECK_EQ(got.bit_differences(cpu), 0) << ctx << ": differs from the CPU engine";
+        FO_CHECK(got.bit_differences(input) > 0) << ctx << ": nothing changed";
+        if (key.stochastic) {
+          // Each rng_state advanced by the element count of every row it was passed for.
+          std::vector<int64_t> want = input.rng;
+          for (int64_t t = 0; t < n; ++t) {
+            int64_t& offset_t = want[2 * input.rng_owner[t] + 1];
+            offset_t = static_cast<int64_t>(static_cast<uint64_t>(offset_t) +
+                                            static_cast<uint64_t>(sizes[t]));
+          }
+          FO_CHECK(got.rng == want) << ctx << ": rng_states";
+        }
+        ++runs;
+      }
+    }
+  }
+  FO_CHECK(runs > 0);
+}
+
+// found_inf under every policy: nothing written, rng_states included; the policy's
+// launches and advance_states still enqueued (no host sync), each returning at once.
+FO_TEST(cuda_engine_memory_policies_found_inf_skips_everything) {
+  const std::vector<int64_t> sizes = {5, 0, 33, 513};
+  const float inf_found = 1.0f;
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    for (int p = 0; p < fc::kNumPolicies; ++p) {
+      const std::string ctx = ctx_of(e, c, fc::kPolicies[p].param,
+                                     "emulated CUDA, found_inf, policy " + std::to_string(p));
+      PolicyBucket input(e, c, fc::kPolicies[p], sizes, mixed_offset, 77);
+      PolicyBucket got(input, mixed_offset), cpu(input, mixed_offset);
+      FO_CHECK_EQ(policy_step(e, c, got, cpu, &inf_found, ctx), cudaSuccess) << ctx;
+      FO_CHECK_EQ(got.bit_differences(input), 0) << ctx << ": written despite found_inf";
+      const auto& launches = fo_cuda_shim::state().launches;
+      FO_CHECK(!launches.empty() &&
+               starts_with(launches.back().kernel, fc::kPolicies[p].stochastic || e.n_states > 0
+                                                       ? "advance_states_kernel"
+                                                       : "multi_tensor_apply_kernel"))
+          << ctx;
+    }
+  }
+}
+
+// The policy's launch tables: each tensor's master copy and rng_state pointer beside its
+// lists (none in the uniform tables), full tables but the last; the launch that
+// advances the rng_states covers every row, an optimizer without per-tensor state
+// (SGD without momentum) included; a call whose lists do not match the launcher's policy
+// is refused before any launch.
+FO_TEST(cuda_engine_memory_policy_tables) {
+  std::vector<int64_t> sizes;
+  for (int t = 0; t < 90; ++t) sizes.push_back(t % 11 == 4 ? 0 : 1 + (t * 13) % 40);
+  const int64_t n = static_cast<int64_t>(sizes.size());
+  for (const OptimizerEntry& e : optimizer_table()) {
+    const OptCase& c = e.engine_case;
+    const int depth = layout_for(e, c).n_rows;
+    for (int p = 0; p < fc::kNumPolicies; ++p) {
+      const fc::PolicyKey key = fc::kPolicies[p];
+      const std::string ctx =
+          ctx_of(e, c, key.param, "emulated CUDA, policy tables " + std::to_string(p));
+      PolicyBucket input(e, c, key, sizes, offset_zero, 9);
+      PolicyBucket got(input, offset_zero), cpu(input, offset_zero);
+      FO_CHECK_EQ(policy_step(e, c, got, cpu, nullptr, ctx), cudaSuccess) << ctx;
+      FO_CHECK_EQ(got.bit_differences(cpu), 0) << ctx;
+      const auto launches = fo_cuda_shim::state().launches;
+      std::vector<int64_t> nonempty;
+      for (int64_t t = 0; t < n; ++t) {
+        if (sizes[t] > 0) nonempty.push_back(t);
+      }
+      size_t next = 0, li = 0;
+      for (; li < launches.size() && starts_with(launches[li].kernel, "multi_tensor_apply_kernel");
+           ++li) {
+        PolicyTable tab;
+        const bool decoded = decode_any_policy_table<1, 0>(depth, e.n_states, key.master,
+                                                           key.stochastic, launches[li].first_arg,
+                                                           tab);
+        FO_CHECK(decoded) << ctx;
+        FO_CHECK(tab.n >= 1 && tab.n <= tab.max_tensors) << ctx << ": launch " << li;
+        for (int i = 0; i < tab.n && next < nonempty.size(); ++i, ++next) {
+          const int64_t t = nonempty[next];
+          FO_CHECK(tab.ptrs0[i] == got.ptrs[t]) << ctx << ": row " << t;
+          FO_CHECK(tab.master[i] == (key.master ? got.master_ptrs[t] : nullptr))
+              << ctx << ": row " << t;
+          FO_CHECK(tab.rng[i] == (key.stochastic ? got.rng_ptrs[t] : nullptr))
+              << ctx << ": row " << t;
+        }
+        const bool last = li + 1 == launches.size() ||
+                          !starts_with(launches[li + 1].kernel, "multi_tensor_apply_kernel");
+        if (!last) {
+          FO_CHECK_EQ(tab.n, tab.max_tensors) << ctx << ": launch " << li << " cut early";
+        }
+      }
+      FO_CHECK_EQ(next, nonempty.size()) << ctx;
+      int64_t covered = 0;
+      for (; li < launches.size(); ++li) {
+        FO_CHECK(starts_with(launches[li].kernel, "advance_states_kernel")) << ctx;
+        PolicyTable tab;
+        FO_CHECK(decode_policy_state_table<0>(e.n_states, key.stochastic, launches[li].first_arg,
+                                              tab)) << ctx;
+        for (int i = 0; i < tab.n; ++i, ++covered) {
+          FO_CHECK(covered < n) << ctx;
+          if (covered >= n) break;
+          FO_CHECK(tab.rng[i] == (key.stochastic ? got.rng_ptrs[covered] : nullptr)) << ctx;
+          if (key.stochastic) {
+            FO_CHECK_EQ(tab.numels[i], sizes[covered]) << ctx;
+          }
+        }
+      }
+      FO_CHECK_EQ(covered, (e.n_states > 0 || key.stochastic) ? n : 0) << ctx;
+      // A call of another policy (or none) is refused by this policy's launcher.
+      fcu::Launch l{};
+      l.rows = got.table();
+      l.lists = layout_for(e, c).lists;
+      l.args = c.args;
+      l.rng = key.stochastic ? nullptr : got.rng_ptrs.data();
+      fo_cuda_shim::state().reset();
+      FO_CHECK_EQ(kLaunchers[e.id].by_policy[p](l, nullptr), cudaErrorInvalidValue) << ctx;
+      l.rng = nullptr;
+      l.rows.state_dtype = l.rows.dtype;
+      l.rows.master = nullptr;
+      FO_CHECK_EQ(kLaunchers[e.id].by_policy[p](l, nullptr), cudaErrorInvalidValue) << ctx;
+      l.rows = got.table();
+      l.rng = key.stochastic ? got.rng_ptrs.data() : nullptr;  // the policy's call
+      FO_CHECK_EQ(kLaunchers[e.id].by_dtype[static_cast<int>(key.param)](l, nullptr),
+                  cudaErrorInvalidValue) << ctx;
+      FO_CHECK(fo_cuda_shim::state().launches.empty()) << ctx;
+    }
+  }
 }
 
 }  // namespace fo_test

@@ -1,5 +1,6 @@
 // Random bits and stochastic rounding, on host and device: the building block of the
-// memory policy's stochastic rounding into bf16 (issue 14; not used by a kernel yet).
+// memory policy's stochastic rounding into bf16 (issue 14): the CPU engine's and the
+// CUDA engine's policy stores.
 //
 // [note: stochastic rounding]
 // A float rounds to bf16 stochastically when its 16 low bits, read as a fraction of the
@@ -70,6 +71,18 @@ FO_HOST_DEVICE FO_INLINE uint16_t bf16_bits_stochastic(float x, uint32_t r) {
   __builtin_memcpy(&u, &x, sizeof u);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
   return static_cast<uint16_t>((u + (r & 0xFFFFu)) >> 16);
+}
+
+// The bf16 bits of x rounded to nearest even, any NaN kept a quiet NaN of its sign and
+// high payload (bf16_bits_stochastic's rule): the nearest rounding of the memory policy's
+// stores ([note: memory policy] in csrc/cpu/kernel_api.h), whose fp32 values (fp32
+// params, master copies) may hold NaNs of any low half. The CPU engine's
+// float_to_bf16_any and the CUDA engine's policy stores (csrc/cuda) give these bits.
+FO_HOST_DEVICE FO_INLINE uint16_t bf16_bits_nearest(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 }  // namespace FO_CPU_CAPABILITY
