@@ -320,6 +320,12 @@ def _stage(backend, lists: list[list[Tensor]], lr: Tensor, hyper: dict[str, Any]
     another loop (fused_optim/muon.py's muon_reference, math/muon.h)."""
     params = lists[0]
     h = {**hyper, "lr_ratio": ratio, "apply": apply, "transposed_update": False}
+    if apply and params[0].dtype == torch.bfloat16:
+        # torch's bf16 add_ rounds by position: its vectorized loop fuses alpha * O + p,
+        # its scalar loop (the last numel % 32 elements of each thread's range, on the
+        # dev CPU's AVX2) rounds alpha * O to bf16 first; the element-wise kernels do not
+        # see positions. The reference runs torch's own add_ per param: the same bits.
+        backend = get_backend("reference")
     if apply and backend.name != "reference":
         moved = {u.stride() != p.stride() and u.numel() > 1 for p, u in zip(params, lists[3])}
         if moved == {True}:

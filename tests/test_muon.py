@@ -727,4 +727,4 @@ def test_stages_op_checks_the_work_list_dtype():
         torch.ops.fused_optim.muon_(params, grads, bufs, updates, **kwargs)
     with pytest.raises(RuntimeError, match=message), torch._subclasses.FakeTensorMode() as mode:
         fake = [[mode.from_tensor(t) for t in lst] for lst in (params, grads, bufs, updates)]
-        torch.ops.fused_optim.muon_(*fake, **kwargs)
+        torch.ops.fused_optim.muon_(*fake, **{**kwargs, "lr": mode.from_tensor(kwargs["lr"])})
