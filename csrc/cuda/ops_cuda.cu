@@ -75,11 +75,6 @@ const cuda::Launchers kLaunchers[] = {FO_FOR_EACH_OPTIMIZER(FO_LAUNCHERS)};
 #undef FO_LAUNCHERS
 
 void cuda_step(const OpCall& c) {
-  // The CUDA engine's ListStorage holds params' and states' storage only: a list kept in
-  // bf16 beside fp64 params ([note: bf16 work lists]) has no kernel here yet (Muon runs
-  // its stages on the reference backend on a GPU).
-  TORCH_CHECK(c.op->info->bf16_lists == 0, c.name(),
-              ": the CUDA engine has no bf16 work lists yet; use the reference backend");
   const CheckedCall checked(c, c10::DeviceType::CUDA, nullptr, /*policies=*/true);
   if (checked.empty()) return;
   const at::TensorList params = c.params();
