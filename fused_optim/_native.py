@@ -58,6 +58,6 @@ def _unavailable_for(device_type: str, dispatch_key: str):
 _ENTRY = getattr(_extension.C, "step_group_", None)
 
 register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step,
-                         policies=True))
+                         policies=True, work_lists=True))
 register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY, _sparse_step,
-                         policies=True))
+                         policies=True, work_lists=True))

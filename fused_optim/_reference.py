@@ -196,4 +196,4 @@ def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 from fused_optim._sparse import reference_sparse_step  # noqa: E402
 
 register_backend(Backend("reference", _unavailable, step, sparse_step=reference_sparse_step,
-                         policies=True))
+                         policies=True, work_lists=True))

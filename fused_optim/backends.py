@@ -60,7 +60,8 @@ class Backend:
     ``sparse_step`` is the row-sparse engine's entry (fused_optim/_sparse.py), None
     where the backend has none. ``policies``: whether ``step`` takes a memory policy's
     lists (``master_params``, ``rng_states``) and per-list storage dtypes
-    (fused_optim/_policy.py).
+    (fused_optim/_policy.py). ``work_lists``: whether ``step`` runs a spec with bf16
+    work lists (``StateList(dtype="bfloat16")``: Muon's element-wise stages).
     """
 
     name: str
@@ -69,6 +70,7 @@ class Backend:
     step_group: Callable[..., bool] | None = None
     sparse_step: Callable[..., None] | None = None
     policies: bool = False
+    work_lists: bool = False
 
 
 _REGISTRY: dict[str, Backend] = {}

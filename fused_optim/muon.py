@@ -23,14 +23,18 @@ multiply-add, the decayed param stored in its dtype before the update is added, 
 one fused multiply-add with alpha in the add's dtype. So the numbers are torch's bit for
 bit on the CPU in fp64 / fp32 / bf16 / fp16 (tests/test_muon.py), with 2 passes over
 memory per batch where torch's per-param code makes 5 (lerp_, lerp, bfloat16, mul_,
-add_). The CUDA engine and the Triton kernels have no bf16 work lists yet: on a GPU the
-stages run on the reference backend (torch ops, the same numbers as torch's CPU ops
-where the GPU's are).
+add_). The stages run on the CPU and CUDA engines and the reference; the Triton kernels
+have no bf16 work lists yet (_stage_backend: FUSED_OPTIM_BACKEND=triton raises, "auto"
+falls back to the reference, saying so once). bf16 params' apply stage runs on the
+reference everywhere (_stage): torch's own add_ rounds by position on the CPU, which the
+kernels cannot, and on a GPU it keeps alpha in fp32 where the CPU's casts it to bf16.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -40,7 +44,7 @@ from torch.optim import Optimizer
 from fused_optim import _newton_schulz
 from fused_optim._newton_schulz import chunks, newton_schulz_
 from fused_optim._reference import lr_mul, lr_sub_from, opmath_of
-from fused_optim.backends import get_backend, select_backend
+from fused_optim.backends import AUTO_ORDER, DEFAULT_AUTO_ORDER, get_backend, select_backend
 from fused_optim.optimizer import _lr_tensor, _same_dense_layout
 from fused_optim.spec import Hyper, Spec, StateList, register
 
@@ -302,12 +306,38 @@ class Muon(Optimizer):
         return out
 
 
+_STAGE_FALLBACK_WARNED: set[tuple[str, str]] = set()
+
+
 def _stage_backend(device: torch.device, dtype: torch.dtype):
     """The backend that runs the stages' op for params on `device` of `dtype`: the
-    automatic choice (or FUSED_OPTIM_BACKEND), the reference where that engine has no
-    bf16 work lists yet (CUDA, Triton)."""
+    automatic choice (FUSED_OPTIM_BACKEND, else the first of AUTO_ORDER that can run the
+    bucket) if it has bf16 work lists (``Backend.work_lists``: "cpu", "cuda" and
+    "reference"; the Triton kernels have none yet). A backend that has none raises a
+    ValueError when FUSED_OPTIM_BACKEND names it, as a named backend that cannot run a
+    bucket does; under "auto" the next one of AUTO_ORDER that has them runs the stages,
+    and says so once."""
     backend = select_backend("auto", device, dtype)
-    return backend if backend.name in ("cpu", "reference") else get_backend("reference")
+    if backend.work_lists:
+        return backend
+    if (os.environ.get("FUSED_OPTIM_BACKEND") or "auto") != "auto":
+        raise ValueError(
+            f"fused_optim: backend {backend.name!r} was requested but cannot run Muon's "
+            f"element-wise stages (op {STAGES.op}: its bf16 work list 'updates' has no "
+            f"{backend.name} kernel yet); use 'auto', 'cpu', 'cuda' or 'reference'")
+    chosen = get_backend("reference")
+    for name in AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER):
+        candidate = get_backend(name)
+        if candidate.work_lists and candidate.unavailable(device, dtype) is None:
+            chosen = candidate
+            break
+    once = (backend.name, device.type)
+    if once not in _STAGE_FALLBACK_WARNED:
+        _STAGE_FALLBACK_WARNED.add(once)
+        warnings.warn(f"fused_optim: backend {backend.name!r} has no bf16 work lists yet; "
+                      f"backend {chosen.name!r} runs Muon's element-wise stages on "
+                      f"{device.type}", stacklevel=4)
+    return chosen
 
 
 def _stage(backend, lists: list[list[Tensor]], lr: Tensor, hyper: dict[str, Any], ratio: float,
@@ -325,6 +355,9 @@ def _stage(backend, lists: list[list[Tensor]], lr: Tensor, hyper: dict[str, Any]
         # its scalar loop (the last numel % 32 elements of each thread's range, on the
         # dev CPU's AVX2) rounds alpha * O to bf16 first; the element-wise kernels do not
         # see positions. The reference runs torch's own add_ per param: the same bits.
+        # (On a GPU, ATen's add ufunc takes alpha in its opmath, fp32, where math/muon.h
+        # casts it to bf16 as the CPU's add_ does: the reference there too. Read from
+        # ATen's source, not measured: no GPU on the dev machine.)
         backend = get_backend("reference")
     if apply and backend.name != "reference":
         moved = {u.stride() != p.stride() and u.numel() > 1 for p, u in zip(params, lists[3])}

@@ -697,6 +697,58 @@ def test_stages_one_call_per_batch(backend, monkeypatch):
                      (backend, 3, True)]
 
 
+def test_stages_named_backend_without_work_lists_raises(monkeypatch):
+    """A backend without bf16 work lists (Backend.work_lists; Triton's today) named by
+    FUSED_OPTIM_BACKEND raises before anything changes, as a named backend that cannot
+    run a bucket does; under "auto" the next backend of AUTO_ORDER that has them runs
+    the stages, with torch's bits, and says so once."""
+    from fused_optim import backends
+
+    cpu = backends.get_backend("cpu" if "cpu" in _stage_backends() else "reference")
+    monkeypatch.setitem(backends._REGISTRY, "nowork",
+                        backends.Backend("nowork", lambda device, dtype: None, cpu.step))
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", "nowork")
+    params = [torch.randn(9, 13, requires_grad=True) for _ in range(2)]
+    before = [p.detach().clone() for p in params]
+    opt = fused_optim.Muon(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="'nowork' was requested but cannot run Muon's "
+                                         "element-wise stages"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(not s["momentum_buffer"].any() for s in opt.state.values())  # as created
+
+    monkeypatch.delenv("FUSED_OPTIM_BACKEND")
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ["nowork", *backends.AUTO_ORDER["cpu"]])
+    backends._SELECTED.clear()
+    with pytest.warns(UserWarning, match=f"'nowork' has no bf16 work lists yet; backend "
+                                         f"'{cpu.name}' runs Muon's element-wise stages"):
+        _run(SHAPES[:3], torch.float32, {}, steps=2)
+
+
+def test_stages_on_triton_are_refused(monkeypatch):
+    """The Triton kernels have no bf16 work lists: their step refuses the stages' op
+    with the reason (fused_optim.Muon never calls it: _stage_backend), and so does
+    fused_optim.Muon under FUSED_OPTIM_BACKEND=triton."""
+    import _interpreted
+
+    if not _interpreted.load():
+        pytest.skip("the Triton kernels do not run interpreted in this process")
+    from fused_optim._triton_backend import load_kernels
+    from fused_optim.muon import STAGES
+
+    args, kwargs = _stage_args(torch.float32, False)
+    with pytest.raises(NotImplementedError, match="Triton kernels have no bf16 work lists"):
+        load_kernels().step(STAGES, *args, **kwargs)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", "triton")
+    p = torch.randn(4, 5, requires_grad=True)
+    p.grad = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="'triton' was requested but cannot run Muon's"):
+        fused_optim.Muon([p]).step()
+
+
 def _stage_args(dtype, apply, transposed=False, n=3, shape=(9, 13)):
     params = [torch.randn(shape, dtype=dtype) for _ in range(n)]
     grads = [torch.randn(shape, dtype=dtype) for _ in range(n)]
