@@ -781,12 +781,39 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
     O c[kC];
     for (int j = 0; j < kC; ++j) c[j] = quiet_nan_of(static_cast<O>(call.constants[t * kC + j]));
     const O sign = call.maximize ? O(-1) : O(1);
-    for (int64_t e0 = 0; e0 < len; e0 += kRowBlock) {
-      const int64_t m = std::min(kRowBlock, len - e0);
-      if constexpr (RowMath::kCoalesce) {
+    if constexpr (RowMath::kCoalesce) {
+      // The state rows as named pointers: GCC vectorizes the update loop for every math
+      // and dtype only when no pointer array is indexed inside it (it kept 5 of 8
+      // instantiations scalar before; SparseAdam fp32, 1M x 64, 16K lookups: the op
+      // took 3.8 ms, against Adagrad's 1.4).
+      static_assert(kS <= 2, "rows_typed names two state rows");
+      T* __restrict s0 = st[0];
+      T* __restrict s1 = st[kS > 1 ? 1 : 0];
+      // One update per element of the row's grad: grad(e) its (summed) entry.
+      auto update = [&](T* __restrict pr, int64_t e0, int64_t m, auto grad) {
+        for (int64_t e = 0; e < m; ++e) {
+          O pe = S::to_opmath(pr[e]);
+          O se[kS > 0 ? kS : 1];
+          if constexpr (kS > 0) se[0] = S::to_opmath(s0[e0 + e]);
+          if constexpr (kS > 1) se[1] = S::to_opmath(s1[e0 + e]);
+          RowMath::template update<R>(pe, sign * grad(e), se, c);
+          pr[e] = S::from_opmath(pe);
+          if constexpr (kS > 0) s0[e0 + e] = S::from_opmath(se[0]);
+          if constexpr (kS > 1) s1[e0 + e] = S::from_opmath(se[1]);
+        }
+      };
+      const T* first = values + (perm ? perm[seg.begin] : seg.begin) * len;
+      if (seg.end - seg.begin == 1) {
+        // Most rows of a large table have one entry: it is the sum, read in place.
+        update(p, 0, len, [&](int64_t e) { return S::to_opmath(first[e]); });
+        continue;
+      }
+      for (int64_t e0 = 0; e0 < len; e0 += kRowBlock) {
+        const int64_t m = std::min(kRowBlock, len - e0);
         // The row's entries summed in perm order, each sum rounded (coalesce()), then
         // one update per element.
-        const T* v = values + (perm ? perm[seg.begin] : seg.begin) * len + e0;
+        const T* v = first + e0;
+#pragma omp simd
         for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(v[e]);
         for (int64_t k = seg.begin + 1; k < seg.end; ++k) {
           if (k + kEntriesAhead < seg.end) {
@@ -798,36 +825,22 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
 #pragma omp simd
           for (int64_t e = 0; e < m; ++e) acc[e] = R::r(acc[e] + S::to_opmath(v[e]));
         }
-        // The state rows as named pointers: GCC vectorizes this loop for every math and
-        // dtype only when no pointer array is indexed inside it (it kept 5 of 8
-        // instantiations scalar before; SparseAdam fp32, 1M x 64, 16K lookups: the op
-        // took 3.8 ms, against Adagrad's 1.4).
-        static_assert(kS <= 2, "rows_typed names two state rows");
-        T* __restrict s0 = st[0];
-        T* __restrict s1 = st[kS > 1 ? 1 : 0];
-        T* __restrict pr = p + e0;
-        for (int64_t e = 0; e < m; ++e) {
+        update(p + e0, e0, m, [&](int64_t e) { return acc[e]; });
+      }
+    } else {
+      // One update per entry, in perm order, on the param row in place: the param is
+      // stored after each entry, as torch stores it after each add.
+      (void)acc;
+      for (int64_t k = seg.begin; k < seg.end; ++k) {
+        const T* __restrict v = values + (perm ? perm[k] : k) * len;
+        T* __restrict pr = p;
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) {
           O pe = S::to_opmath(pr[e]);
           O se[kS > 0 ? kS : 1];
-          if constexpr (kS > 0) se[0] = S::to_opmath(s0[e0 + e]);
-          if constexpr (kS > 1) se[1] = S::to_opmath(s1[e0 + e]);
-          RowMath::template update<R>(pe, sign * acc[e], se, c);
+          RowMath::template update<R>(pe, sign * S::to_opmath(v[e]), se, c);
           pr[e] = S::from_opmath(pe);
-          if constexpr (kS > 0) s0[e0 + e] = S::from_opmath(se[0]);
-          if constexpr (kS > 1) s1[e0 + e] = S::from_opmath(se[1]);
         }
-      } else {
-        // One update per entry, in perm order, on the row kept in opmath meanwhile.
-        for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(p[e0 + e]);
-        for (int64_t k = seg.begin; k < seg.end; ++k) {
-          const T* v = values + (perm ? perm[k] : k) * len + e0;
-#pragma omp simd
-          for (int64_t e = 0; e < m; ++e) {
-            O se[kS > 0 ? kS : 1];
-            RowMath::template update<R>(acc[e], sign * S::to_opmath(v[e]), se, c);
-          }
-        }
-        for (int64_t e = 0; e < m; ++e) p[e0 + e] = S::from_opmath(acc[e]);
       }
     }
   }
