@@ -112,6 +112,8 @@ void run_segments(const cpu::RowCall& call, const std::vector<cpu::RowSegment>& 
   });
 }
 
+}  // namespace
+
 void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList values,
                      at::TensorList states, const at::Tensor& constants, c10::string_view math,
                      bool maximize) {
@@ -219,6 +221,8 @@ void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList 
                      });
   }
 }
+
+namespace {
 
 // [note: version counters of mutated tensors] in csrc/ops.cpp: the params and states.
 void sparse_rows_bump(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
