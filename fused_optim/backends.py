@@ -61,9 +61,9 @@ class Backend:
     where the backend has none; ``sparse_group`` an optional faster way in
     (csrc/eager.cpp sparse_step_): ``sparse_group(math, params, states, constants,
     maximize)`` with the params and states as they are and their grads read from the
-    params, or False (nothing changed) outside its common case. ``policies``: whether ``step`` takes a memory policy's
-    lists (``master_params``, ``rng_states``) and per-list storage dtypes
-    (fused_optim/_policy.py).
+    params, or False (nothing changed) outside its common case. ``policies``: whether
+    ``step`` takes a memory policy's lists (``master_params``, ``rng_states``) and
+    per-list storage dtypes (fused_optim/_policy.py).
     """
 
     name: str
