@@ -29,7 +29,7 @@
 #                with --cuda-graph; between them a sparse run: SparseAdam, SGD and Adagrad
 #                on the embedding shapes (sparse grads, fp32: torch.optim's one
 #                implementation against fused_optim[cuda] and [triton]); then
-#                `fused-optim-bench adafactor|muon|lbfgs --device cuda` (output in this
+#                `fused-optim-bench adafactor|muon|lbfgs|policy --device cuda` (output in this
 #                script's log only); JSON, PNG and log under bench/results/<gpu name>/.
 #   4. summary   of every step; exit status 1 if the build, a test or the smoke check
 #                failed, or a benchmark run failed (each later step still runs).
@@ -478,10 +478,11 @@ EOF
         s_sparse=$(( SECONDS - t ))
       fi
       # The runners of the steps that are not element-wise (fused-optim-bench adafactor /
-      # muon / lbfgs): their output goes to this script's log only.
+      # muon / lbfgs) and of the memory policies (policy): their output goes to this
+      # script's log only.
       tl=$(min 100 $(( $(left) - 55 )))
       if (( tl < 40 )); then
-        echo "gpu-check: ${tl} s left for the adafactor/muon/lbfgs runners: skipped"
+        echo "gpu-check: ${tl} s left for the adafactor/muon/lbfgs/policy runners: skipped"
       else
         t=$SECONDS
         runners_run "$tl"
@@ -512,7 +513,7 @@ EOF
     "tests 3 optims" "$(word "$rc_steps")" "$s_steps" "$(pytest_line "$WORK/test_steps.log")" \
     "bench eager" "$(word "$rc_eager")" "$s_eager" "$(grep -m1 '^wrote .*json' "$WORK/bench-eager.log" 2>/dev/null)" \
     "bench sparse" "$(word "$rc_sparse")" "$s_sparse" "$(grep -m1 '^wrote .*json' "$WORK/bench-sparse.log" 2>/dev/null)" \
-    "runners" "$(word "$rc_runners")" "$s_runners" "adafactor, muon, lbfgs (in the log above)" \
+    "runners" "$(word "$rc_runners")" "$s_runners" "adafactor, muon, lbfgs, policy (in the log above)" \
     "bench graph" "$(word "$rc_graph")" "$s_graph" "$(grep -m1 '^wrote .*json' "$WORK/bench-graph.log" 2>/dev/null)"
   for mode in eager sparse graph; do
     if [[ -f $WORK/bench-$mode.log ]]; then
@@ -554,22 +555,26 @@ print(",".join(keep))
 EOF
 }
 
-# fused-optim-bench adafactor / muon / lbfgs on the device, within $1 seconds in all
-# (a third each, at least 20); each prints fused_optim against torch.optim and its error.
+# fused-optim-bench adafactor / muon / lbfgs / policy on the device, within $1 seconds
+# in all (a quarter each, at least 20); each prints fused_optim against torch.optim (and
+# its error, or the bytes per element of each memory policy).
 runners_run() {
-  local each=$(( $1 / 3 )) rc=0 r
+  local each=$(( $1 / 4 )) rc=0 r
   (( each < 20 )) && each=20
-  local -a sizes_a sizes_m sizes_l
+  local -a sizes_a sizes_m sizes_l sizes_p
   if [[ $DRY == 1 ]]; then
     sizes_a=(--shapes 2x256x128,2x256 --rounds 2)
     sizes_m=(--shapes 2x64x64 --warmup 1 --repeat 2)
     sizes_l=(--n 65536 --history 10 --max-iter 5 --rounds 2)
+    sizes_p=(--shapes 2x4096 --rounds 2)
   else
     sizes_a=(--rounds 5)                                         # 24 x 1024^2 + 24 x 1024
     sizes_m=(--shapes 24x1024x1024,512x128x128 --warmup 1 --repeat 3)  # batching on a GPU
     sizes_l=(--rounds 3)                                         # 4M, 20 iterations
+    sizes_p=(--shapes 8x16777216 --rounds 10)                    # AdamW, 9 rows, ~17 GB
   fi
-  for r in "adafactor ${sizes_a[*]}" "muon ${sizes_m[*]}" "lbfgs ${sizes_l[*]}"; do
+  for r in "adafactor ${sizes_a[*]}" "muon ${sizes_m[*]}" "lbfgs ${sizes_l[*]}" \
+           "policy ${sizes_p[*]}"; do
     echo "\$ $PY -m bench $r --device $DEVICE   (limit ${each} s)"
     # shellcheck disable=SC2086  (the sizes are words)
     timeout -k 10 "$each" "$PY" -m bench $r --device "$DEVICE" 2>&1 | tail -n 30

@@ -47,9 +47,11 @@ constexpr int64_t kRowsGrain = 16384;
 // A math that applies entries one by one (SparseGrads.coalesce False: torch's
 // param.add_(sparse) adds each entry to its row in index order) needs no sort: thread j
 // of T takes the rows [R j / T, R (j + 1) / T) of every param and applies, in index
-// order, the entries that fall there (each a one-entry segment). Every entry of a row
-// goes to one thread, in order; each thread reads all the indices (8 B per entry) and
-// the values and rows of its own entries.
+// order, the entries that fall there (each a one-entry segment), kScanBatch at a time
+// as it finds them. Every entry of a row goes to one thread, in order; each thread reads
+// all the indices (8 B per entry) and the values and rows of its own entries.
+constexpr int64_t kScanBatch = 512;
+
 void apply_in_index_order(const cpu::RowCall& call, at::TensorList params, at::TensorList rows,
                           cpu::RowsFn kernel) {
   const int64_t n = call.n_tensors;
@@ -57,9 +59,9 @@ void apply_in_index_order(const cpu::RowCall& call, at::TensorList params, at::T
   for (int64_t t = 0; t < n; ++t) work += rows[t].size(0) * call.row_len[t];
   const int64_t threads = work < kRowsGrain ? 1 : std::max<int64_t>(1, at::get_num_threads());
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<cpu::RowSegment> mine;
+    cpu::RowSegment batch[kScanBatch];
     for (int64_t j = begin; j < end; ++j) {
-      mine.clear();
+      int64_t count = 0;
       for (int64_t t = 0; t < n; ++t) {
         const int64_t nnz = rows[t].size(0);
         if (nnz == 0 || call.row_len[t] == 0) continue;
@@ -67,10 +69,15 @@ void apply_in_index_order(const cpu::RowCall& call, at::TensorList params, at::T
         const int64_t lo = n_rows * j / threads, hi = n_rows * (j + 1) / threads;
         const int64_t* idx = rows[t].data_ptr<int64_t>();
         for (int64_t k = 0; k < nnz; ++k) {
-          if (idx[k] >= lo && idx[k] < hi) mine.push_back(cpu::RowSegment{t, idx[k], k, k + 1});
+          if (idx[k] < lo || idx[k] >= hi) continue;
+          batch[count++] = cpu::RowSegment{t, idx[k], k, k + 1};
+          if (count == kScanBatch) {
+            kernel(call, batch, 0, count);
+            count = 0;
+          }
         }
       }
-      kernel(call, mine.data(), 0, static_cast<int64_t>(mine.size()));
+      if (count > 0) kernel(call, batch, 0, count);
     }
   });
 }
@@ -104,6 +111,8 @@ void run_segments(const cpu::RowCall& call, const std::vector<cpu::RowSegment>& 
     (void)end;
   });
 }
+
+}  // namespace
 
 void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList values,
                      at::TensorList states, const at::Tensor& constants, c10::string_view math,
@@ -212,6 +221,8 @@ void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList 
                      });
   }
 }
+
+namespace {
 
 // [note: version counters of mutated tensors] in csrc/ops.cpp: the params and states.
 void sparse_rows_bump(const c10::OperatorHandle& op, c10::DispatchKeySet keys,

@@ -31,4 +31,10 @@ void check_sparse_rows(const RowMathInfo& m, at::TensorList params, at::TensorLi
                        at::TensorList values, at::TensorList states,
                        const at::Tensor& constants, c10::DeviceType type);
 
+// The CPU op's implementation (its dispatcher kernel), for the eager entry
+// (csrc/eager.cpp sparse_step_): checks, then one call of the engine; no version bumps.
+void sparse_rows_cpu(at::TensorList params, at::TensorList rows, at::TensorList values,
+                     at::TensorList states, const at::Tensor& constants, c10::string_view math,
+                     bool maximize);
+
 }  // namespace fused_optim

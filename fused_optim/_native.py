@@ -57,7 +57,11 @@ def _unavailable_for(device_type: str, dispatch_key: str):
 # whichever device the group's params are on.
 _ENTRY = getattr(_extension.C, "step_group_", None)
 
+# The row-sparse engine's CPU entry (csrc/eager.cpp sparse_step_): the op's CPU
+# implementation, its views and constants made in C++.
+_SPARSE_ENTRY = getattr(_extension.C, "sparse_step_", None)
+
 register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step,
-                         policies=True, work_lists=True))
+                         policies=True, sparse_group=_SPARSE_ENTRY, work_lists=True))
 register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY, _sparse_step,
                          policies=True, work_lists=True))

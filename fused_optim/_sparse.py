@@ -24,7 +24,10 @@ optimizer that takes sparse grads says how in its spec (``Spec.sparse``, a
     ``SparseGrads.coalesce``), then one pass over the touched rows that gathers the
     state, updates, and scatters back;
   * the backend: the group's, or where it has none the next of its device's auto order
-    that has a sparse engine, else "reference";
+    that has a sparse engine, else "reference"; a backend with a ``sparse_group`` entry
+    (the CPU's) takes the bucket's params, states and constants as they are and makes
+    the views, rows and values itself, in C++, unless something traces the call or the
+    bucket is outside the entry's common case;
   * complex params, rows that are not contiguous and ``differentiable=True`` go to the
     reference, whose row math is torch.optim's own sparse ops.
 """
@@ -98,6 +101,8 @@ def step_sparse(opt: Any, group: dict[str, Any], params: list[Tensor],
                 hyper: dict[str, Any], engine: bool = True) -> None:
     """One step of a group's params whose grads are sparse (see the module docstring);
     `engine` False: the options are outside the row math (``SparseGrads.engine``)."""
+    from fused_optim.optimizer import _eager_possible
+
     spec = opt.spec
     rule = spec.sparse
     if unscale_and_check_skip(opt, params):
@@ -121,6 +126,13 @@ def step_sparse(opt: Any, group: dict[str, Any], params: list[Tensor],
     for (device, dtype, ref), rows in buckets.items():
         backend = get_backend("reference") if ref else _sparse_backend(
             group.get("backend", "auto"), device, dtype)
+        if backend.sparse_group is not None and _eager_possible():
+            # The params and states as they are, in C++ (csrc/eager.cpp sparse_step_).
+            bucket = [params[i] for i in rows]
+            if backend.sparse_group(rule.math, bucket,
+                                    [state_of[p][key] for key in rule.states for p in bucket],
+                                    [consts[i] for i in rows], maximize):
+                continue
         views, entry_rows, values = [], [], []
         states: list[list[Tensor]] = [[] for _ in rule.states]
         for i in rows:

@@ -58,10 +58,14 @@ class Backend:
     straight from its params list and the optimizer's state, or False (nothing
     changed) when the group needs the list path; see FusedOptimizer._step_group_eager.
     ``sparse_step`` is the row-sparse engine's entry (fused_optim/_sparse.py), None
-    where the backend has none. ``policies``: whether ``step`` takes a memory policy's
-    lists (``master_params``, ``rng_states``) and per-list storage dtypes
-    (fused_optim/_policy.py). ``work_lists``: whether ``step`` runs a spec with bf16
-    work lists (``StateList(dtype="bfloat16")``: Muon's element-wise stages).
+    where the backend has none; ``sparse_group`` an optional faster way in
+    (csrc/eager.cpp sparse_step_): ``sparse_group(math, params, states, constants,
+    maximize)`` with the params and states as they are and their grads read from the
+    params, or False (nothing changed) outside its common case. ``policies``: whether
+    ``step`` takes a memory policy's lists (``master_params``, ``rng_states``) and
+    per-list storage dtypes (fused_optim/_policy.py).
+    ``work_lists``: whether ``step`` runs a spec with bf16 work lists
+    (``StateList(dtype="bfloat16")``: Muon's element-wise stages).
     """
 
     name: str
@@ -71,6 +75,7 @@ class Backend:
     sparse_step: Callable[..., None] | None = None
     policies: bool = False
     work_lists: bool = False
+    sparse_group: Callable[..., bool] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

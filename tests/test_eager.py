@@ -383,3 +383,79 @@ def test_profiler_sees_the_eager_step_under_the_op_name(case, monkeypatch):
         opt.step()
     assert calls.results[-1] is True
     assert name in {e.name for e in prof.events()}
+
+
+# -- the row-sparse engine's entry (csrc/eager.cpp sparse_step_) ----------------------
+
+SPARSE_CASES = [("SparseAdam", {"lr": 4e-2}), ("Adagrad", {"lr": 0.1, "lr_decay": 0.05}),
+                ("SGD", {"lr": 4.8e-3, "maximize": True})]
+
+
+def _embedding_steps(name, options, dtype, entry, monkeypatch, steps=3):
+    """Steps fused_optim.<name> on two embedding tables (one 1-D) with uncoalesced grads
+    (duplicates included); returns (params, optimizer, what the entry returned)."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(37, 5, generator=gen).to(dtype), torch.randn(23, generator=gen).to(dtype)]
+    returned: list[bool] = []
+    with monkeypatch.context() as m:
+        if entry:
+            real = select_backend("cpu", torch.device("cpu"), dtype)
+
+            def recording(*args):
+                returned.append(real.sparse_group(*args))
+                return returned[-1]
+
+            from fused_optim import _sparse
+            m.setattr(_sparse, "_sparse_backend",
+                      lambda *a: dataclasses.replace(real, sparse_group=recording))
+        else:
+            list_path_only(m)
+        opt = getattr(fused_optim, name)(params, backend="cpu", **options)
+        for _ in range(steps):
+            for p in params:
+                idx = torch.randint(0, p.shape[0], (2, 11), generator=gen).flatten()
+                values = torch.randn(idx.numel(), *p.shape[1:], generator=gen).to(dtype)
+                p.grad = torch.sparse_coo_tensor(idx[None], values, p.shape)
+            opt.step()
+    return params, opt, returned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("name,options", SPARSE_CASES, ids=[c[0] for c in SPARSE_CASES])
+def test_sparse_entry_matches_the_op_bit_for_bit(name, options, dtype, monkeypatch):
+    a_params, a_opt, returned = _embedding_steps(name, options, dtype, True, monkeypatch)
+    b_params, b_opt, _ = _embedding_steps(name, options, dtype, False, monkeypatch)
+    assert returned == [True] * 3, "the entry did not take the embedding grads"
+    for i, (pa, pb) in enumerate(zip(a_params, b_params)):
+        assert torch.equal(pa, pb) and pa._version == pb._version, f"param {i}"
+        sa, sb = a_opt.state[pa], b_opt.state[pb]
+        assert sorted(sa) == sorted(sb)
+        for key, va in sa.items():
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, sb[key]) and va._version == sb[key]._version, key
+            else:
+                assert va == sb[key], key
+
+
+def test_sparse_entry_declines_and_changes_nothing():
+    entry = _extension.C.sparse_step_
+    p = torch.randn(6, 4)
+    state = torch.zeros(6, 4)
+    idx = torch.tensor([[0, 2, 2]])
+
+    def declines(param, grad, states=None, constants=None):
+        param.grad = grad
+        before = param.clone(), [s.clone() for s in states or []]
+        result = entry("adagrad", [param], states if states is not None else [state],
+                       constants or [[1e-10, -0.1]], False)
+        assert result is False
+        assert torch.equal(param, before[0])
+        assert all(torch.equal(s, b) for s, b in zip(states or [], before[1]))
+
+    declines(p, torch.randn(6, 4))  # a dense grad
+    declines(p, torch.sparse_coo_tensor(torch.tensor([[0, 1], [2, 3]]), torch.ones(2), (6, 4)))
+    declines(torch.randn(4, 6).t(), torch.sparse_coo_tensor(idx, torch.ones(3, 4), (6, 4)))
+    declines(p, torch.sparse_coo_tensor(idx, torch.ones(3, 4), (6, 4)),
+             states=[torch.zeros(4, 6).t()])  # a state that is not contiguous
+    declines(p, torch.sparse_coo_tensor(idx, torch.ones(4, 3).t(), (6, 4)))  # values strided
+    assert entry("adagrad", [], [], [], False) is False

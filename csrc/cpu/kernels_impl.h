@@ -801,13 +801,22 @@ struct RowRounding {
 // the pass waits on one cache (and TLB) miss after another, which the hardware
 // prefetcher cannot predict. So the loop fetches ahead: the param and state rows of the
 // segment kSegmentsAhead on, and the value rows of the entries kEntriesAhead on.
+// The prefetches are reads with low temporal locality (prefetcht2: on x86 into L2, not
+// L1): with 16 segments ahead, each of 2-4 rows of 4-8 lines, far more lines are in
+// flight than L1 can track, and prefetches into L1 (prefetcht0 / prefetchw, as before)
+// stalled the loop at the prefetch instructions themselves (41% of the Adagrad kernel's
+// samples, 44% of SGD's). Measured (2-core EPYC VM, fp32, op alone, 1 thread, the
+// machine shared: mins of 60-100 calls, 3 interleaved rounds): SGD Embedding(100K, 128)
+// 65,536 lookups 5.3-5.9 -> 4.1-4.4 ms, Adagrad Embedding(1M, 64) 16,384 lookups
+// 2.25-2.69 -> 2.03-2.13 ms, SparseAdam 1M 3.50-3.83 -> 2.68-2.87 ms, SparseAdam 100K
+// 23.0-23.8 -> 18.7 ms. 32 segments ahead was no better overall.
 constexpr int64_t kSegmentsAhead = 16;
 constexpr int64_t kEntriesAhead = 4;
 constexpr int64_t kPrefetchBytes = 1024;  // of each row (the rest streams)
 
 FO_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 1);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 1);
 }
 
 template <typename T, int kS>
@@ -849,12 +858,39 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
     O c[kC];
     for (int j = 0; j < kC; ++j) c[j] = quiet_nan_of(static_cast<O>(call.constants[t * kC + j]));
     const O sign = call.maximize ? O(-1) : O(1);
-    for (int64_t e0 = 0; e0 < len; e0 += kRowBlock) {
-      const int64_t m = std::min(kRowBlock, len - e0);
-      if constexpr (RowMath::kCoalesce) {
+    if constexpr (RowMath::kCoalesce) {
+      // The state rows as named pointers: GCC vectorizes the update loop for every math
+      // and dtype only when no pointer array is indexed inside it (it kept 5 of 8
+      // instantiations scalar before; SparseAdam fp32, 1M x 64, 16K lookups: the op
+      // took 3.8 ms, against Adagrad's 1.4).
+      static_assert(kS <= 2, "rows_typed names two state rows");
+      T* __restrict s0 = st[0];
+      T* __restrict s1 = st[kS > 1 ? 1 : 0];
+      // One update per element of the row's grad: grad(e) its (summed) entry.
+      auto update = [&](T* __restrict pr, int64_t e0, int64_t m, auto grad) {
+        for (int64_t e = 0; e < m; ++e) {
+          O pe = S::to_opmath(pr[e]);
+          O se[kS > 0 ? kS : 1];
+          if constexpr (kS > 0) se[0] = S::to_opmath(s0[e0 + e]);
+          if constexpr (kS > 1) se[1] = S::to_opmath(s1[e0 + e]);
+          RowMath::template update<R>(pe, sign * grad(e), se, c);
+          pr[e] = S::from_opmath(pe);
+          if constexpr (kS > 0) s0[e0 + e] = S::from_opmath(se[0]);
+          if constexpr (kS > 1) s1[e0 + e] = S::from_opmath(se[1]);
+        }
+      };
+      const T* first = values + (perm ? perm[seg.begin] : seg.begin) * len;
+      if (seg.end - seg.begin == 1) {
+        // Most rows of a large table have one entry: it is the sum, read in place.
+        update(p, 0, len, [&](int64_t e) { return S::to_opmath(first[e]); });
+        continue;
+      }
+      for (int64_t e0 = 0; e0 < len; e0 += kRowBlock) {
+        const int64_t m = std::min(kRowBlock, len - e0);
         // The row's entries summed in perm order, each sum rounded (coalesce()), then
         // one update per element.
-        const T* v = values + (perm ? perm[seg.begin] : seg.begin) * len + e0;
+        const T* v = first + e0;
+#pragma omp simd
         for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(v[e]);
         for (int64_t k = seg.begin + 1; k < seg.end; ++k) {
           if (k + kEntriesAhead < seg.end) {
@@ -866,36 +902,22 @@ void rows_typed(const RowCall& call, const RowSegment* segments, int64_t begin, 
 #pragma omp simd
           for (int64_t e = 0; e < m; ++e) acc[e] = R::r(acc[e] + S::to_opmath(v[e]));
         }
-        // The state rows as named pointers: GCC vectorizes this loop for every math and
-        // dtype only when no pointer array is indexed inside it (it kept 5 of 8
-        // instantiations scalar before; SparseAdam fp32, 1M x 64, 16K lookups: the op
-        // took 3.8 ms, against Adagrad's 1.4).
-        static_assert(kS <= 2, "rows_typed names two state rows");
-        T* __restrict s0 = st[0];
-        T* __restrict s1 = st[kS > 1 ? 1 : 0];
-        T* __restrict pr = p + e0;
-        for (int64_t e = 0; e < m; ++e) {
+        update(p + e0, e0, m, [&](int64_t e) { return acc[e]; });
+      }
+    } else {
+      // One update per entry, in perm order, on the param row in place: the param is
+      // stored after each entry, as torch stores it after each add.
+      (void)acc;
+      for (int64_t k = seg.begin; k < seg.end; ++k) {
+        const T* __restrict v = values + (perm ? perm[k] : k) * len;
+        T* __restrict pr = p;
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) {
           O pe = S::to_opmath(pr[e]);
           O se[kS > 0 ? kS : 1];
-          if constexpr (kS > 0) se[0] = S::to_opmath(s0[e0 + e]);
-          if constexpr (kS > 1) se[1] = S::to_opmath(s1[e0 + e]);
-          RowMath::template update<R>(pe, sign * acc[e], se, c);
+          RowMath::template update<R>(pe, sign * S::to_opmath(v[e]), se, c);
           pr[e] = S::from_opmath(pe);
-          if constexpr (kS > 0) s0[e0 + e] = S::from_opmath(se[0]);
-          if constexpr (kS > 1) s1[e0 + e] = S::from_opmath(se[1]);
         }
-      } else {
-        // One update per entry, in perm order, on the row kept in opmath meanwhile.
-        for (int64_t e = 0; e < m; ++e) acc[e] = S::to_opmath(p[e0 + e]);
-        for (int64_t k = seg.begin; k < seg.end; ++k) {
-          const T* v = values + (perm ? perm[k] : k) * len + e0;
-#pragma omp simd
-          for (int64_t e = 0; e < m; ++e) {
-            O se[kS > 0 ? kS : 1];
-            RowMath::template update<R>(acc[e], sign * S::to_opmath(v[e]), se, c);
-          }
-        }
-        for (int64_t e = 0; e < m; ++e) p[e0 + e] = S::from_opmath(acc[e]);
       }
     }
   }
