@@ -257,15 +257,20 @@ class _History:
 
     # -- the iteration ---------------------------------------------------------------
 
-    def candidate(self, prev_flat_grad: Tensor, d: Tensor, t) -> tuple[int, Tensor, Tensor]:
-        """Writes this iteration's pair y = g - g_prev, s = d * t (torch's ops) into a
-        free slot; returns (slot, y . s, y . y) (torch's dots)."""
+    def _free_slot(self) -> int:
+        """The slot this iteration's candidate pair goes to: the first free one, else a
+        new one (growing the buffer if it is full)."""
         if not self.free:
             if self.used == self.capacity:
                 self.reserve(self.used + 1)
             self.free.append(self.used)
             self.used += 1
-        slot = self.free[0]
+        return self.free[0]
+
+    def candidate(self, prev_flat_grad: Tensor, d: Tensor, t) -> tuple[int, Tensor, Tensor]:
+        """Writes this iteration's pair y = g - g_prev, s = d * t (torch's ops) into a
+        free slot; returns (slot, y . s, y . y) (torch's dots)."""
+        slot = self._free_slot()
         y, s = self.y(slot), self.s(slot)
         torch.sub(self.grad_row, prev_flat_grad, out=y)
         torch.mul(d, t, out=s)
@@ -280,12 +285,7 @@ class _History:
                 and prev_flat_grad.numel() == self.n and d.numel() == self.n
                 and prev_flat_grad.device == self.device and d.device == self.device):
             return None
-        if not self.free:
-            if self.used == self.capacity:
-                self.reserve(self.used + 1)
-            self.free.append(self.used)
-            self.used += 1
-        slot = self.free[0]
+        slot = self._free_slot()
         out = torch.ops.fused_optim.lbfgs_products_(self.buf, prev_flat_grad, d,
                                                     _as_step_tensor(t), slot, 2 * self.used)
         r = 2 * self.used

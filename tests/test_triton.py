@@ -1415,15 +1415,8 @@ def keep_graph(gm, example_inputs):
     graphs.append(gm.code)
     raise Traced  # compiled kernels cannot run without a GPU: stop after tracing
 
-sizes = [3, 5, 40000]
-for name, case in FAMILIES.items():
-    spec = case.spec
-    h = hyper_of(case)
-    op = getattr(torch.ops.fused_optim_triton, spec.op)
-    args = (*lists_of(case, h, sizes), torch.tensor(1e-3), torch.tensor(2.0),
-            torch.tensor(0.0), *(h[x.name] for x in spec.floats),
-            *(h[x.name] for x in spec.flags), [], [])
-
+def traced_code(op, args):
+    # The code of the graph torch.compile traces for op(*args).
     def step(*args):
         op(*args)
 
@@ -1433,7 +1426,17 @@ for name, case in FAMILIES.items():
         torch.compile(step, backend=aot_autograd(fw_compiler=keep_graph), fullgraph=True)(*args)
     except Exception as exc:
         assert graphs, exc
-    code = graphs[0]
+    return graphs[0]
+
+sizes = [3, 5, 40000]
+for name, case in FAMILIES.items():
+    spec = case.spec
+    h = hyper_of(case)
+    op = getattr(torch.ops.fused_optim_triton, spec.op)
+    args = (*lists_of(case, h, sizes), torch.tensor(1e-3), torch.tensor(2.0),
+            torch.tensor(0.0), *(h[x.name] for x in spec.floats),
+            *(h[x.name] for x in spec.flags), [], [])
+    code = traced_code(op, args)
     nodes = code.count("triton_kernel_wrapper_functional(")
     tensor_nodes = code.count("'numel': ")  # _tensor_kernel's; _state_kernel has none
     print(name, "nodes", nodes, "tensor kernels", tensor_nodes)
@@ -1454,17 +1457,7 @@ if "sgd" in FAMILIES:
             *(h[x.name] for x in spec.floats), *(h[x.name] for x in spec.flags),
             [torch.zeros(k) for k in sizes], [torch.tensor([1, 0]) for _ in sizes])
     op = torch.ops.fused_optim_triton.sgd_
-
-    def step(*args):
-        op(*args)
-
-    graphs.clear()
-    torch._dynamo.reset()
-    try:
-        torch.compile(step, backend=aot_autograd(fw_compiler=keep_graph), fullgraph=True)(*args)
-    except Exception as exc:
-        assert graphs, exc
-    code = graphs[0]
+    code = traced_code(op, args)
     nodes = code.count("triton_kernel_wrapper_functional(")
     print("sgd policy nodes", nodes)
     assert code.count("'numel': ") == len(sizes) and nodes == 2 * len(sizes), code
