@@ -181,6 +181,8 @@ inline void prefetch_metadata(at::TensorList l, size_t i) {
 struct ListDTypes {
   c10::ScalarType param;
   c10::ScalarType state;
+  uint32_t bf16 = 0;  // the lists (by position in the call) kept in bf16 whatever the params'
+                      // dtype ([note: bf16 work lists] in fused_optim/math/optimizer.h)
 };
 
 // One row of check_bucket: row i of every list checked, its pointers written to `flat`.
@@ -194,13 +196,18 @@ inline void check_row(const char* op, const std::vector<NamedList>& lists, size_
     const NamedList& l = lists[k];
     prefetch_metadata(l.tensors, i);
     const at::Tensor& t = l.tensors[i];
-    const c10::ScalarType dtype = k < 2 ? dtypes.param : dtypes.state;
+    const bool bf16_list = (dtypes.bf16 >> k) & 1u;
+    const c10::ScalarType dtype =
+        bf16_list ? c10::ScalarType::BFloat16 : k < 2 ? dtypes.param : dtypes.state;
     TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
     TORCH_CHECK(t.layout() == c10::kStrided, op, ": ", l.name, "[", i,
                 "] is sparse; fused_optim kernels take dense tensors only");
     TORCH_CHECK(t.device() == device, op, ": all tensors of one call must be on one device; ",
                 l.name, "[", i, "] is on ", t.device(), ", params[0] on ", device);
-    if (dtype == dtypes.param) {
+    if (bf16_list) {
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", l.name, "[", i,
+                  "] must be bfloat16 (a bfloat16 work list), got ", t.scalar_type());
+    } else if (dtype == dtypes.param) {
       TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors of one call must have one dtype; ",
                   l.name, "[", i, "] is ", t.scalar_type(), ", params[0] is ", dtype);
     } else {
@@ -225,7 +232,8 @@ inline void check_row(const char* op, const std::vector<NamedList>& lists, size_
 // and strides (so element i of every list sits at the same offset); no sparse or
 // complex tensors. Rows are split over threads by `run_rows` when given.
 inline void check_bucket(const char* op, const std::vector<NamedList>& lists, FlatTable* flat,
-                         RowRunner run_rows, const c10::ScalarType* state_dtype = nullptr) {
+                         RowRunner run_rows, const c10::ScalarType* state_dtype = nullptr,
+                         uint32_t bf16_lists = 0) {
   const at::TensorList params = lists[0].tensors;
   for (const NamedList& l : lists) {
     TORCH_CHECK(l.tensors.size() == params.size(), op, ": expected ", params.size(), " ",
@@ -234,7 +242,8 @@ inline void check_bucket(const char* op, const std::vector<NamedList>& lists, Fl
   if (params.empty()) return;
   const cpu::DType kernel_dtype = to_kernel_dtype(op, params[0].scalar_type());
   const ListDTypes dtypes{params[0].scalar_type(),
-                          state_dtype != nullptr ? *state_dtype : params[0].scalar_type()};
+                          state_dtype != nullptr ? *state_dtype : params[0].scalar_type(),
+                          bf16_lists};
   const size_t n = params.size();
   flat->ptrs.resize(lists.size() * n);
   flat->numels.resize(n);
@@ -305,8 +314,10 @@ struct CheckedLists {
   CheckedLists(const OpCall& c, RowRunner run_rows, bool policies = false) {
     const OpBinding& b = *c.op;
     const std::vector<std::string>& names = b.info->lists;
+    uint32_t bf16 = 0;  // by position among the present lists
     for (size_t k = 0; k < names.size(); ++k) {
       if (b.has_list(c.args, k)) {
+        if ((b.info->bf16_lists >> k) & 1u) bf16 |= uint32_t{1} << present.size();
         present.push_back({names[k].c_str(), c.lists[k]});
         mask |= uint32_t{1} << k;
         continue;
@@ -321,6 +332,13 @@ struct CheckedLists {
                   "=", c.args.floats[w], ", got ", c.lists[k].size());
     }
     const at::TensorList params = c.params();
+    if (bf16 != 0) {
+      // [note: bf16 work lists]: the other lists in the params' dtype, no policy.
+      TORCH_CHECK(c.master.empty() && c.rng.empty(), c.name(),
+                  ": takes no memory policy (master_params, rng_states)");
+      check_bucket(c.name(), present, &flat, run_rows, nullptr, bf16);
+      return;
+    }
     if (!policies) {
       TORCH_CHECK(c.master.empty() && c.rng.empty(), c.name(),
                   ": this device's engine has no memory policy (master_params, rng_states) yet");
@@ -432,6 +450,7 @@ struct CheckedCall {
                 " kernel called with tensors on ", device);
     const at::Tensor& lr = *c.lr;
     args.lr_dtype = lr_dtype(c.name(), lr);
+    args.param_dtype = lr_dtype(c.name(), params[0]);
     if (!lr.device().is_cpu()) {
       TORCH_CHECK(lr.device() == device, c.name(), ": lr is on ", lr.device(),
                   " but the params are on ", device,

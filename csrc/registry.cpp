@@ -17,6 +17,7 @@ OptimInfo describe(int id) {
                    Optim::kOp,
                    strings(Optim::kListNames),
                    Optim::kOptionalLists,
+                   Optim::kBFloat16Lists,
                    strings(Optim::kStateNames),
                    strings(Optim::kFloatNames),
                    strings(Optim::kFlagNames),

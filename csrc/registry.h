@@ -17,6 +17,7 @@ struct OptimInfo {
   std::string op;           // the op's name in the fused_optim namespace ("adam_")
   std::vector<std::string> lists;   // element-wise lists, op order; params and grads first
   uint32_t optional_lists;  // lists an option may leave out, a bit per list
+  uint32_t bf16_lists;      // work lists stored in bf16 ([note: bf16 work lists])
   std::vector<std::string> states;  // per-tensor scalar state lists
   std::vector<std::string> floats;  // float arguments, schema order
   std::vector<std::string> flags;   // bool arguments, schema order

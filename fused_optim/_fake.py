@@ -73,9 +73,18 @@ def state_dtype_of(lists: Sequence[tuple[str, Sequence[Tensor]]], master: bool,
 
 
 def check_list_dtype(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]], k: int, i: int,
-                     dtype: torch.dtype, state_dtype: torch.dtype) -> None:
+                     dtype: torch.dtype, state_dtype: torch.dtype,
+                     fixed: dict[str, str] | None = None) -> None:
     """Tensor i of list k of a call (its present lists) has its storage dtype: params and
-    grads `dtype`, state lists `state_dtype` (csrc/ops_common.h check_row's messages)."""
+    grads `dtype`, state lists `state_dtype`, a work list its fixed dtype (`fixed`, the
+    spec's fixed_dtypes) (csrc/ops_common.h check_row's messages)."""
+    name, tensors = lists[k]
+    if fixed and name in fixed:
+        t, want = tensors[i], getattr(torch, fixed[name])
+        torch._check(t.dtype == want, lambda: (
+            f"{op}: {name}[{i}] must be {str(want).removeprefix('torch.')} (a "
+            f"{str(want).removeprefix('torch.')} work list), got {t.dtype}"))
+        return
     name, t = lists[k][0], lists[k][1][i]
     if k < 2 or state_dtype == dtype:
         torch._check(t.dtype == dtype, lambda: (
@@ -88,7 +97,8 @@ def check_list_dtype(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]], k: 
 
 
 def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]],
-                  master: bool = False, stochastic: bool = False) -> None:
+                  master: bool = False, stochastic: bool = False,
+                  fixed: dict[str, str] | None = None) -> None:
     """As check_bucket in csrc/ops_common.h."""
     params = lists[0][1]
     for name, tensors in lists:
@@ -107,7 +117,7 @@ def _check_bucket(op: str, lists: Sequence[tuple[str, Sequence[Tensor]]],
             torch._check(t.device == device, lambda: (
                 f"{op}: all tensors of one call must be on one device; {name}[{i}] is on "
                 f"{t.device}, params[0] on {device}"))
-            check_list_dtype(op, lists, k, i, dtype, state_dtype)
+            check_list_dtype(op, lists, k, i, dtype, state_dtype, fixed)
             torch._check(t.shape == p.shape, lambda: (
                 f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape "
                 f"{list(p.shape)}"))
@@ -188,7 +198,7 @@ def check_call(spec: Spec, op: str, lists: Sequence[Sequence[Tensor]], lr: Tenso
     args = spec.list_args()
     by_arg = dict(zip(args, lists))
     present = present_lists(spec, op, by_arg, h)
-    _check_bucket(op, present, bool(master_params), bool(rng_states))
+    _check_bucket(op, present, bool(master_params), bool(rng_states), spec.fixed_dtypes)
     params = by_arg["params"]
     check_policy(op, present, master_params, rng_states)
     _check_common(op, params, lr, grad_scale, found_inf)

@@ -62,6 +62,6 @@ _ENTRY = getattr(_extension.C, "step_group_", None)
 _SPARSE_ENTRY = getattr(_extension.C, "sparse_step_", None)
 
 register_backend(Backend("cpu", _unavailable_for("cpu", "CPU"), _step, _ENTRY, _sparse_step,
-                         policies=True, sparse_group=_SPARSE_ENTRY))
+                         policies=True, sparse_group=_SPARSE_ENTRY, work_lists=True))
 register_backend(Backend("cuda", _unavailable_for("cuda", "CUDA"), _step, _ENTRY, _sparse_step,
-                         policies=True))
+                         policies=True, work_lists=True))

@@ -25,8 +25,11 @@ A spec's reference function is called per param as
 ``reference(x, grad, state, lr, h)``: ``x`` maps "param" and the key of each state list
 the call has ("exp_avg") to opmath copies, ``grad`` is the unscaled, signed grad,
 ``state`` maps each per-tensor state key ("step") to its tensor, ``lr`` is a 0-dim
-tensor of lr's dtype, ``h`` the float and bool arguments by name. It replaces the
-entries of ``x`` and ``state`` with their new values.
+tensor of lr's dtype, ``h`` the float and bool arguments by name and ``param_dtype``,
+the params' storage dtype (for a math that rounds as torch's ops in that dtype do). It
+replaces the entries of ``x`` and ``state`` with their new values; an entry of ``x`` it
+leaves as it is (the same object) is not stored back. A work list of a fixed dtype
+(``StateList.dtype``) is stored rounded to the params' dtype, then to its own.
 """
 
 from __future__ import annotations
@@ -145,6 +148,9 @@ def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None
         grad_scale = grad_scale.reshape(()).to(device)
     keep = _skip_mask(found_inf, device)
     maximize = bool(h.get("maximize", False))
+    h = {**h, "param_dtype": params[0].dtype}
+    fixed = spec.fixed_dtypes
+    fixed_keys = {s.key for s in spec.lists if s.dtype is not None}
     for i, param in enumerate(params):
         source = master_params[i] if master_params else param
         opmath = opmath_of(source.dtype)
@@ -155,18 +161,26 @@ def step(spec: Spec, *lists: list[Tensor], lr: Tensor, grad_scale: Tensor | None
         if maximize:
             g = -g
         state = {key: tensors[i] for key, tensors in states}
+        loaded = dict(x)
         spec.reference(x, g, state, lr, h)
         words = None
         if rng_states:
             rng = rng_states[i]
             words = _policy.philox_words(rng[0], rng[1] + _policy.memory_offsets(param))
             _store(rng[1:], rng[1:] + param.numel(), keep)
-        if master_params:
+        if x["param"] is loaded["param"]:
+            pass  # left as it is (a stage that does not step the params)
+        elif master_params:
             _store(source, x["param"], keep)
             _store(param, x["param"].to(param.dtype), keep)  # the copy: to nearest
         else:
             _store(param, _policy.round_to(x["param"], param.dtype, words and words[0]), keep)
         for k, (key, tensors) in enumerate(present):
+            if x[key] is loaded[key]:
+                continue
+            if fixed and key in fixed_keys:
+                _store(tensors[i], x[key].to(param.dtype).to(tensors[i].dtype), keep)
+                continue
             _store(tensors[i], _policy.round_to(x[key], tensors[i].dtype,
                                                 words and words[1 + k]), keep)
         for key, tensors in states:
@@ -182,4 +196,4 @@ def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 from fused_optim._sparse import reference_sparse_step  # noqa: E402
 
 register_backend(Backend("reference", _unavailable, step, sparse_step=reference_sparse_step,
-                         policies=True))
+                         policies=True, work_lists=True))

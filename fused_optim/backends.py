@@ -64,6 +64,8 @@ class Backend:
     params, or False (nothing changed) outside its common case. ``policies``: whether
     ``step`` takes a memory policy's lists (``master_params``, ``rng_states``) and
     per-list storage dtypes (fused_optim/_policy.py).
+    ``work_lists``: whether ``step`` runs a spec with bf16 work lists
+    (``StateList(dtype="bfloat16")``: Muon's element-wise stages).
     """
 
     name: str
@@ -72,6 +74,7 @@ class Backend:
     step_group: Callable[..., bool] | None = None
     sparse_step: Callable[..., None] | None = None
     policies: bool = False
+    work_lists: bool = False
     sparse_group: Callable[..., bool] | None = None
 
 

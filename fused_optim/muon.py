@@ -1,32 +1,40 @@
 """Muon: a drop-in for torch.optim.Muon, with same-shape params orthogonalized together.
 
-A step of a param group runs, for all its params at once:
+A step of a param group runs, per batch of params of one (device, dtype, shape):
 
-  1. momentum: one multi-tensor call, B <- lerp(B, g, 1 - momentum)
-     (``torch._foreach_lerp_``, the kernel torch's ``buf.lerp_`` runs);
-  2. per batch of params of one (device, dtype, shape): the update G (B, or
-     lerp(g, B, momentum) with nesterov) written as bf16 into one [batch, m, n] tensor,
-     then ONE batched Newton-Schulz run over it (fused_optim/_newton_schulz.py: a bmm /
-     baddbmm per product instead of one mm / addmm per param);
-  3. decay: one multi-tensor call per batch, p <- p * (1 - lr * weight_decay);
-  4. update: one multi-tensor call per batch, p <- p - lr' O, with lr' torch's
-     shape-adjusted lr (equal across a batch).
+  1. momentum: ONE engine call (the spec-driven op torch.ops.fused_optim.muon_, its
+     momentum stage): B <- lerp(B, g, 1 - momentum), and the update (B, or lerp(g, B,
+     momentum) with nesterov) written as bf16 into one [batch, m, n] tensor;
+  2. ONE batched Newton-Schulz run over that tensor (fused_optim/_newton_schulz.py: a
+     bmm / baddbmm per product instead of one mm / addmm per param);
+  3. apply: ONE engine call (the same op, its apply stage): p <- p * (1 - lr *
+     weight_decay), then p <- p - lr' O, with lr' torch's shape-adjusted lr (equal
+     across a batch: the op's per-call lr_ratio).
 
 A batch is cut into chunks of at most _newton_schulz.MAX_BATCH_ELEMENTS elements, each
-stepped (2-4) before the next is orthogonalized, so the extra memory is one chunk's.
+stepped (1-3) before the next, so the extra memory is one chunk's.
 
-Why torch's multi-tensor (foreach) ops and not the spec-driven engine for 1, 3 and 4: they
-run the very kernels of torch's per-param code, so the numbers are torch's bit for bit
-in every dtype, and they are a few percent of a step whose time is the Newton-Schulz
-products (24 params of 1024 x 1024 fp32 on the 2-core dev CPU, under load: 65-90 ms of
-element-wise work in a step of 2-9 s). Fusing them in the spec-driven engine would need
-a list of another dtype (the bf16 update) and a per-param lr, concepts the spec does not
-have yet, and rounding that follows torch's two separate ops (mul_, then add_).
+Why the element-wise stages are an op of the shared engine with a bf16 work list: the
+momentum stage writes the Newton-Schulz input, and the apply stage reads its output, in
+bf16 beside params of any dtype (the spec's ``StateList(dtype="bfloat16")``, [note: bf16
+work lists] in csrc/include/fused_optim/math/optimizer.h), and the math (csrc/include/
+fused_optim/math/muon.h) rounds as torch's separate ops round: lerp with one fused
+multiply-add, the decayed param stored in its dtype before the update is added, the add
+one fused multiply-add with alpha in the add's dtype. So the numbers are torch's bit for
+bit on the CPU in fp64 / fp32 / bf16 / fp16 (tests/test_muon.py), with 2 passes over
+memory per batch where torch's per-param code makes 5 (lerp_, lerp, bfloat16, mul_,
+add_). The stages run on the CPU and CUDA engines and the reference; the Triton kernels
+have no bf16 work lists yet (_stage_backend: FUSED_OPTIM_BACKEND=triton raises, "auto"
+falls back to the reference, saying so once). bf16 params' apply stage runs on the
+reference everywhere (_stage): torch's own add_ rounds by position on the CPU, which the
+kernels cannot, and on a GPU it keeps alpha in fp32 where the CPU's casts it to bf16.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -35,6 +43,10 @@ from torch.optim import Optimizer
 
 from fused_optim import _newton_schulz
 from fused_optim._newton_schulz import chunks, newton_schulz_
+from fused_optim._reference import lr_mul, lr_sub_from, opmath_of
+from fused_optim.backends import AUTO_ORDER, DEFAULT_AUTO_ORDER, get_backend, select_backend
+from fused_optim.optimizer import _lr_tensor, _same_dense_layout
+from fused_optim.spec import Hyper, Spec, StateList, register
 
 __all__ = ["Muon"]
 
@@ -60,10 +72,53 @@ def adjusted_lr(lr: float | Tensor, adjust_lr_fn: str | None, shape: torch.Size)
     return lr * ratio
 
 
-def _as_number(x: float | Tensor) -> float:
-    """A hyperparameter as the Python number torch passes as an op's Scalar (a tensor's
-    .item(): one host read)."""
-    return x.item() if isinstance(x, Tensor) else x
+def lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """adjusted_lr's factor for a param of this shape (the op's per-call lr_ratio)."""
+    return adjusted_lr(1.0, adjust_lr_fn, shape)
+
+
+def muon_reference(x: dict[str, Tensor], grad: Tensor, state: dict[str, Tensor], lr: Tensor,
+                   h: dict[str, Any]) -> None:
+    """Muon's element-wise stages on one param in torch's own ops, in the param's dtype
+    (see fused_optim/_reference.py): the momentum stage (apply=False) updates the buffer
+    and writes the update, the apply stage decays the param and adds the orthogonalized
+    update (x["update"]) times -lr * lr_ratio; with transposed_update, added from the
+    layout transposed to the param's, as torch adds a tall param's update (its
+    strided loop, which rounds differently for bf16)."""
+    dtype = h["param_dtype"]
+    opmath = opmath_of(dtype)
+    if h["apply"]:
+        p = x["param"].to(dtype, copy=True)
+        p.mul_(lr_sub_from(1, lr_mul(lr, h["weight_decay"])))
+        # torch passes -adjusted_lr as a Python number (a tensor lr's is read on the host).
+        alpha = -lr_mul(lr, h["lr_ratio"]).item()
+        update = x["update"].to(torch.bfloat16)
+        if h["transposed_update"]:
+            update = update.mT.contiguous().mT if p.is_contiguous() else update.contiguous()
+        p.add_(update, alpha=alpha)
+        x["param"] = p.to(opmath)
+        return
+    buf = x["momentum_buffer"].to(dtype, copy=True)
+    g = grad.to(dtype)
+    buf.lerp_(g, 1 - h["momentum"])
+    x["momentum_buffer"] = buf.to(opmath)
+    x["update"] = (g.lerp(buf, h["momentum"]) if h["nesterov"] else buf).to(opmath)
+
+
+# The element-wise stages' op, torch.ops.fused_optim.muon_ (its C++ math:
+# csrc/include/fused_optim/math/muon.h). `updates` is the bf16 work list: the
+# Newton-Schulz input (written by the momentum stage) and output (read by apply).
+STAGES = register(Spec(
+    name="muon",
+    lists=(StateList("momentum_buffers", "momentum_buffer"),
+           StateList("updates", "update", dtype="bfloat16")),
+    scalars=(),
+    hypers=(Hyper("momentum"), Hyper("weight_decay"), Hyper("lr_ratio", group_key=""),
+            Hyper("nesterov", bool), Hyper("apply", bool, group_key=""),
+            Hyper("transposed_update", bool, group_key="")),
+    reference=muon_reference,
+    stages_of="Muon",
+))
 
 
 class Muon(Optimizer):
@@ -211,41 +266,33 @@ class Muon(Optimizer):
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.squeeze()  # torch's _to_scalar: a tensor lr stays a (0-dim) tensor
-        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-        # Decoupled weight decay (always applied, as torch does: a multiplication by 1
-        # without it), then the update, in torch's dtypes: with a tensor lr, 1 - lr * wd
-        # is a tensor of lr's dtype and lr' a Python number read from one (one host
-        # read per shape; torch reads it per param).
-        decay = 1 - lr * group["weight_decay"]
+        hyper = {"momentum": group["momentum"], "weight_decay": group["weight_decay"],
+                 "nesterov": group["nesterov"]}
         for rows in _batches(grads):
-            shape = params[rows[0]].shape
-            alpha = -_as_number(adjusted_lr(lr, group["adjust_lr_fn"], shape))
+            p0 = params[rows[0]]
+            shape = p0.shape
+            backend = _stage_backend(p0.device, p0.dtype)
+            lr_t = _lr_tensor(lr, p0.device)
+            ratio = lr_ratio(group["adjust_lr_fn"], shape)
             # A chunk's params are stepped before the next chunk's update is computed:
             # extra memory stays one chunk's, whatever the model's size.
             for start, stop in chunks(len(rows), shape.numel()):
                 part = rows[start:stop]
-                update = self._orthogonalized([grads[i] for i in part],
-                                              [bufs[i] for i in part], group)
-                chunk = [params[i] for i in part]
-                _decay_(chunk, decay)
-                torch._foreach_add_(chunk, update, alpha=alpha)
+                ps, gs, bs = ([lst[i] for i in part] for lst in (params, grads, bufs))
+                x = torch.empty((len(part), *shape), dtype=torch.bfloat16, device=p0.device)
+                slots = list(x.unbind(0))
+                _stage(backend, [ps, gs, bs, slots], lr_t, hyper, ratio, apply=False)
+                out = self._orthogonalized(x, slots, bs, group)
+                _stage(backend, [ps, gs, bs, out], lr_t, hyper, ratio, apply=True)
 
     @staticmethod
-    def _orthogonalized(grads: list[Tensor], bufs: list[Tensor],
+    def _orthogonalized(x: Tensor, slots: list[Tensor], bufs: list[Tensor],
                         group: dict[str, Any]) -> list[Tensor]:
-        """The Newton-Schulz outputs (bf16) of a batch of same-shape params: the update
-        (the buffer, or lerp(grad, buffer, momentum) with nesterov) cast to bf16 into one
-        stacked tensor, then one batched iteration over it (or one per matrix where a
-        batch would round otherwise: _newton_schulz.batch_is_exact)."""
-        g0 = grads[0]
-        x = torch.empty((len(grads), *g0.shape), dtype=torch.bfloat16, device=g0.device)
-        slots = list(x.unbind(0))
-        if group["nesterov"]:
-            torch._foreach_copy_(slots, torch._foreach_lerp(grads, bufs, group["momentum"]))
-        else:
-            torch._foreach_copy_(slots, bufs)
+        """The Newton-Schulz outputs (bf16) of a batch of same-shape params from their
+        updates `x` (stacked, `slots` its matrices): one batched iteration (or one per
+        matrix where a batch would round otherwise: _newton_schulz.batch_is_exact)."""
         args = (group["ns_coefficients"], group["ns_steps"], group["eps"])
-        if len(slots) > 1 and _newton_schulz.batch_is_exact(x.device, *g0.shape):
+        if len(slots) > 1 and _newton_schulz.batch_is_exact(x.device, *x.shape[1:]):
             out = list(newton_schulz_(x, *args).unbind(0))
         else:
             out = [newton_schulz_(slot, *args) for slot in slots]
@@ -259,20 +306,80 @@ class Muon(Optimizer):
         return out
 
 
-def _decay_(params: list[Tensor], decay: float | Tensor) -> None:
-    """p.mul_(decay) for every param, as torch's per-param ``mul_`` rounds it: in one
-    multi-tensor call per dtype. (On the CPU, torch 2.13's ``_foreach_mul_`` with a
-    Python scalar rounds the scalar to a bf16 / fp16 list's dtype first, and ``mul_``
-    does not; given as a 0-dim float64 tensor, the scalar is rounded as ``mul_`` rounds
-    it.)"""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.dtype, []).append(p)
-    for dtype, ps in by_dtype.items():
-        if dtype.itemsize < 4 and not isinstance(decay, Tensor):
-            torch._foreach_mul_(ps, torch.tensor(decay, dtype=torch.float64))
-        else:
-            torch._foreach_mul_(ps, decay)
+_STAGE_FALLBACK_WARNED: set[tuple[str, str]] = set()
+
+
+def _stage_backend(device: torch.device, dtype: torch.dtype):
+    """The backend that runs the stages' op for params on `device` of `dtype`: the
+    automatic choice (FUSED_OPTIM_BACKEND, else the first of AUTO_ORDER that can run the
+    bucket) if it has bf16 work lists (``Backend.work_lists``: "cpu", "cuda" and
+    "reference"; the Triton kernels have none yet). A backend that has none raises a
+    ValueError when FUSED_OPTIM_BACKEND names it, as a named backend that cannot run a
+    bucket does; under "auto" the next one of AUTO_ORDER that has them runs the stages,
+    and says so once."""
+    backend = select_backend("auto", device, dtype)
+    if backend.work_lists:
+        return backend
+    if (os.environ.get("FUSED_OPTIM_BACKEND") or "auto") != "auto":
+        raise ValueError(
+            f"fused_optim: backend {backend.name!r} was requested but cannot run Muon's "
+            f"element-wise stages (op {STAGES.op}: its bf16 work list 'updates' has no "
+            f"{backend.name} kernel yet); use 'auto', 'cpu', 'cuda' or 'reference'")
+    chosen = get_backend("reference")
+    for name in AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER):
+        candidate = get_backend(name)
+        if candidate.work_lists and candidate.unavailable(device, dtype) is None:
+            chosen = candidate
+            break
+    once = (backend.name, device.type)
+    if once not in _STAGE_FALLBACK_WARNED:
+        _STAGE_FALLBACK_WARNED.add(once)
+        warnings.warn(f"fused_optim: backend {backend.name!r} has no bf16 work lists yet; "
+                      f"backend {chosen.name!r} runs Muon's element-wise stages on "
+                      f"{device.type}", stacklevel=4)
+    return chosen
+
+
+def _stage(backend, lists: list[list[Tensor]], lr: Tensor, hyper: dict[str, Any], ratio: float,
+           *, apply: bool) -> None:
+    """One stage over a chunk: ONE call of the op, or of the reference for rows whose
+    tensors do not share one dense layout (a transposed param; the compiled kernels
+    index flat memory). In the apply stage, updates whose layout is the transpose of
+    their params' (a tall matrix's: the transpose of the iteration's result) are copied
+    into their params' layout and flagged (transposed_update), since torch adds them in
+    another loop (fused_optim/muon.py's muon_reference, math/muon.h)."""
+    params = lists[0]
+    h = {**hyper, "lr_ratio": ratio, "apply": apply, "transposed_update": False}
+    if apply and params[0].dtype == torch.bfloat16:
+        # torch's bf16 add_ rounds by position: its vectorized loop fuses alpha * O + p,
+        # its scalar loop (the last numel % 32 elements of each thread's range, on the
+        # dev CPU's AVX2) rounds alpha * O to bf16 first; the element-wise kernels do not
+        # see positions. The reference runs torch's own add_ per param: the same bits.
+        # (On a GPU, ATen's add ufunc takes alpha in its opmath, fp32, where math/muon.h
+        # casts it to bf16 as the CPU's add_ does: the reference there too. Read from
+        # ATen's source, not measured: no GPU on the dev machine.)
+        backend = get_backend("reference")
+    # Contiguous tensors of one shape (a batch's) without a dimension of size 0 or 1
+    # (whose stride a contiguous tensor may have any value of) have one layout and move
+    # no update: the usual case costs one C call per tensor here (the per-row checks
+    # below took 2.5x the op's own time at 128 params of 4 x 4; the op checks every row
+    # again in C++).
+    if backend.name != "reference" and not (min(params[0].shape) > 1
+                                            and _all_contiguous(lists)):
+        if apply:
+            moved = {u.stride() != p.stride() and u.numel() > 1
+                     for p, u in zip(params, lists[3])}
+            if moved == {True}:
+                h["transposed_update"] = True
+                lists = [*lists[:3], [torch.empty_like(p, dtype=torch.bfloat16).copy_(u)
+                                      for p, u in zip(params, lists[3])]]
+        if not all(_same_dense_layout(list(row)) for row in zip(*lists)):
+            backend = get_backend("reference")
+    backend.step(STAGES, *lists, lr=lr, **h)
+
+
+def _all_contiguous(lists: list[list[Tensor]]) -> bool:
+    return all(all(map(Tensor.is_contiguous, lst)) for lst in lists)
 
 
 def _batches(grads: list[Tensor]) -> list[list[int]]:

@@ -61,12 +61,19 @@ class StateList:
     ``when`` names the hyperparameter that keeps the list: present when it is true or
     non-zero (``"amsgrad"``, ``"momentum"``), always when None. ``init`` is the value a
     new state tensor is filled with (see ``initial_value``).
+
+    ``dtype``: a work list's fixed storage dtype ("bfloat16"), whatever the params' (and
+    with no memory policy): a value the math writes into it is rounded to the params'
+    dtype first, then to this one, as torch's ``.to(dtype)`` of a tensor of the params'
+    dtype ([note: bf16 work lists] in csrc/include/fused_optim/math/optimizer.h; Muon's
+    Newton-Schulz input and output). None: the memory policy's state dtype.
     """
 
     arg: str
     key: str
     when: str | None = None
     init: float | str | FromGroup = 0.0
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,9 @@ class Spec:
     signature); ``state_at_init`` says that torch.optim creates the state of every param
     in ``__init__`` rather than at each param's first step; ``bench`` holds the
     options the benchmark runs it with (e.g. a momentum, so that a buffer is kept).
+    ``stages_of`` names the optimizer class whose element-wise stages the op runs when
+    it is not a FusedOptimizer's whole step (Muon's, around its Newton-Schulz run: that
+    class calls the backends itself).
     """
 
     name: str
@@ -155,6 +165,7 @@ class Spec:
     state_at_init: bool = False
     bench: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     sparse: SparseGrads | None = None
+    stages_of: str | None = None
 
     @property
     def op(self) -> str:
@@ -214,6 +225,11 @@ class Spec:
                 + ["Tensor? grad_scale=None", "Tensor? found_inf=None"]
                 + [f"Tensor({next(letters)}!)[]? {a}=None" for a in POLICY_ARGS])
         return f"{namespace}::{self.op}({', '.join(lists)}, *, {', '.join(args)}) -> ()"
+
+    @cached_property
+    def fixed_dtypes(self) -> dict[str, str]:
+        """List arg -> its fixed storage dtype name, for the work lists that have one."""
+        return {s.arg: s.dtype for s in self.lists if s.dtype is not None}
 
     def when(self) -> dict[str, str]:
         """Optional list -> the hyperparameter that keeps it (for csrc/ops.cpp)."""

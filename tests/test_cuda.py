@@ -1006,3 +1006,81 @@ def test_policy_auto_runs_the_cuda_engine():
             warnings.simplefilter("error")
             opt.step()
         assert float(opt.state[p]["rng_state"][1]) == 100
+
+
+# ---------------------------------------------------------------------------------------
+# Muon's element-wise stages (op muon_: a bf16 work list, [note: bf16 work lists] in
+# csrc/include/fused_optim/math/optimizer.h) on the CUDA engine. Written without a GPU:
+# the engine's bits against the CPU engine's are ctest's (test_cuda_engine.cpp,
+# cuda_engine_bf16_work_lists_match_cpu_bits, host emulation); these check them against
+# torch's own CUDA ops.
+
+MUON_STAGES = {
+    "momentum": {"apply": False, "nesterov": False},
+    "nesterov": {"apply": False, "nesterov": True},
+    "apply": {"apply": True, "nesterov": False},
+}
+
+
+def _muon_lists(dtype: torch.dtype) -> list[list[Tensor]]:
+    """params, grads, momentum_buffers (dtype) and updates (bf16) on DEVICE: sizes across
+    the vector widths and a chunk (257 x 257 > CHUNK), and one row one element into its
+    storage (not 16-byte aligned: the scalar path)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 1), (3, 5), (7, 9), (257, 257), (6, 11)]
+    lists: list[list[Tensor]] = [[], [], [], []]
+    for i, shape in enumerate(shapes):
+        for k in range(4):
+            value = torch.randn(shape, generator=gen, dtype=torch.float64)
+            value = value.to(torch.bfloat16 if k == 3 else dtype)
+            if i == len(shapes) - 1:  # offset
+                store = torch.empty(value.numel() + 1, dtype=value.dtype, device=DEVICE)
+                lists[k].append(store[1:].view(shape).copy_(value))
+            else:
+                lists[k].append(value.to(DEVICE))
+    return lists
+
+
+@pytest.mark.parametrize("stage", list(MUON_STAGES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_muon_stages_bit_for_bit_with_torch_ops(stage, dtype):
+    """The op on the CUDA engine against the reference backend on the same CUDA tensors
+    (fused_optim/muon.py's muon_reference: torch's lerp_, lerp, .bfloat16(), mul_ and
+    add_), bit for bit: the same operations, each rounded once (lerp and the add one
+    fused multiply-add in math/muon.h, as nvcc contracts ATen's expressions). bf16
+    params' apply stage is not compared: fused_optim.Muon runs it on the reference (its
+    kernel casts alpha to bf16 as torch's CPU add_ does)."""
+    if stage == "apply" and dtype == torch.bfloat16:
+        pytest.skip("bf16 params' apply stage runs on the reference (fused_optim/muon.py)")
+    from fused_optim.backends import get_backend
+    from fused_optim.muon import STAGES
+
+    kwargs = {"lr": torch.tensor(0.02, dtype=torch.float64), "momentum": 0.95,
+              "weight_decay": 0.1, "lr_ratio": 1.5, "transposed_update": False,
+              **MUON_STAGES[stage]}
+    got = _muon_lists(dtype)
+    want = _muon_lists(dtype)
+    get_backend("cuda").step(STAGES, *got, **kwargs)
+    get_backend("reference").step(STAGES, *want, **kwargs)
+    torch.cuda.synchronize()
+    for name, g_list, w_list in zip(("params", "grads", "momentum_buffers", "updates"), got,
+                                    want):
+        for i, (g, w) in enumerate(zip(g_list, w_list)):
+            assert torch.equal(g, w), (
+                f"{stage} {dtype} {name}[{i}]: {(g != w).sum().item()} elements differ, "
+                f"max |diff| {(g.double() - w.double()).abs().max().item()}")
+
+
+def test_muon_runs_its_stages_on_the_cuda_engine():
+    """fused_optim.Muon's automatic choice on a GPU is the CUDA engine, with no warning."""
+    import warnings
+
+    import fused_optim
+    from fused_optim import muon
+
+    assert muon._stage_backend(torch.device(DEVICE), torch.float32).name == "cuda"
+    p = torch.nn.Parameter(torch.randn(64, 32, device=DEVICE))
+    p.grad = torch.randn_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_optim.Muon([p]).step()

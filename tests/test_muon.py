@@ -11,12 +11,14 @@
   schedulers, closures, hooks, zero_grad, pickling, GradScaler; torch's optim_db configs
   and error inputs for Muon.
 
-Muon adds no op (its products are torch's bmm / baddbmm, its element-wise stages torch's
-multi-tensor ops: fused_optim/muon.py), so there is nothing to opcheck.
+* the element-wise stages' op (torch.ops.fused_optim.muon_, with its bf16 work list):
+  parity on every backend the CPU has (the C++ engine, the reference), one call per
+  stage and batch, opcheck.
 
 Tolerance: none. On the CPU every param and buffer is bit-equal to torch's after every
-step, in every dtype: the element-wise stages run torch's own kernels, and ATen's bf16
-bmm gives each matrix of a batch the bits its mm gives it alone.
+step, in every dtype: the element-wise stages round as torch's ops round
+(csrc/include/fused_optim/math/muon.h), and ATen's bf16 bmm gives each matrix of a
+batch the bits its mm gives it alone.
 """
 
 from __future__ import annotations
@@ -234,8 +236,8 @@ class _CountOps(TorchDispatchMode):
 
 def test_one_batched_product_per_iteration():
     """24 equal shapes (and 3 of another): each Newton-Schulz iteration is one bmm and two
-    baddbmm per shape, never a per-param mm / addmm; the momentum is one multi-tensor
-    call, the decay and the update one each per shape."""
+    baddbmm per shape, never a per-param mm / addmm; the element-wise stages are one
+    call of the stages' op each per shape (momentum, apply), no per-param op."""
     params = [torch.randn(64, 32, requires_grad=True) for _ in range(24)]
     params += [torch.randn(32, 64, requires_grad=True) for _ in range(3)]
     opt = fused_optim.Muon(params, ns_steps=5)
@@ -247,8 +249,10 @@ def test_one_batched_product_per_iteration():
     c = counted.counts
     assert c.get("bmm") == 2 * 5 and c.get("baddbmm") == 2 * 2 * 5, c
     assert "mm" not in c and "addmm" not in c, c
-    assert c.get("_foreach_lerp_") == 1, c
-    assert c.get("_foreach_mul_") == 2 and c.get("_foreach_add_") == 2, c
+    if fused_optim.muon._stage_backend(torch.device("cpu"), torch.float32).name == "cpu":
+        assert c.get("muon_") == 2 * 2, c
+        assert not any(k.startswith("_foreach") or k in ("lerp_", "lerp", "mul_", "add_")
+                       for k in c), c
 
 
 def test_chunked_batches_give_the_same_bits(monkeypatch):
@@ -635,3 +639,144 @@ def test_optim_db_error_inputs(case):
     expected = _error(lambda: attempt(torch.optim.Muon))
     assert expected is not None and expected[0] is not AssertionError, desc
     assert _error(lambda: attempt(fused_optim.Muon)) == expected, desc
+
+
+# -- the element-wise stages' op -------------------------------------------------------------
+
+
+def _stage_backends():
+    from fused_optim.backends import get_backend
+
+    names = ["reference"]
+    if get_backend("cpu").unavailable(torch.device("cpu"), torch.float32) is None:
+        names.insert(0, "cpu")
+    return names
+
+
+@pytest.mark.parametrize("backend", _stage_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"}],
+                         ids=_options_id)
+def test_stages_parity_per_backend(backend, dtype, options, monkeypatch):
+    """The stages on each backend the CPU has, bit-equal to torch: a batch of wide, tall
+    (a transposed update) and odd shapes (sizes crossing SIMD widths)."""
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", backend)
+    _run(BATCH[:7] + [(33, 7), (7, 33)], dtype, options, steps=3)
+
+
+@pytest.mark.parametrize("backend", _stage_backends())
+def test_stages_one_call_per_batch(backend, monkeypatch):
+    """Each stage is ONE call per batch on every backend (the chosen one: the C++ engine
+    where built); a transposed param's rows go to the reference (torch ops on strides)."""
+    import fused_optim.muon as muon
+
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", backend)
+    calls = []
+    real = muon._stage_backend
+
+    def spy(device, dtype):
+        chosen = real(device, dtype)
+
+        class Spy:
+            name = chosen.name
+
+            @staticmethod
+            def step(spec, *lists, **kw):
+                calls.append((chosen.name, len(lists[0]), kw["apply"]))
+                chosen.step(spec, *lists, **kw)
+        return Spy
+
+    monkeypatch.setattr(muon, "_stage_backend", spy)
+    params = [torch.randn(24, 40, requires_grad=True) for _ in range(4)]
+    params += [torch.randn(40, 24, requires_grad=True) for _ in range(3)]
+    opt = fused_optim.Muon(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == [(backend, 4, False), (backend, 4, True), (backend, 3, False),
+                     (backend, 3, True)]
+
+
+def test_stages_named_backend_without_work_lists_raises(monkeypatch):
+    """A backend without bf16 work lists (Backend.work_lists; Triton's today) named by
+    FUSED_OPTIM_BACKEND raises before anything changes, as a named backend that cannot
+    run a bucket does; under "auto" the next backend of AUTO_ORDER that has them runs
+    the stages, with torch's bits, and says so once."""
+    from fused_optim import backends
+
+    cpu = backends.get_backend("cpu" if "cpu" in _stage_backends() else "reference")
+    monkeypatch.setitem(backends._REGISTRY, "nowork",
+                        backends.Backend("nowork", lambda device, dtype: None, cpu.step))
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", "nowork")
+    params = [torch.randn(9, 13, requires_grad=True) for _ in range(2)]
+    before = [p.detach().clone() for p in params]
+    opt = fused_optim.Muon(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="'nowork' was requested but cannot run Muon's "
+                                         "element-wise stages"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(not s["momentum_buffer"].any() for s in opt.state.values())  # as created
+
+    monkeypatch.delenv("FUSED_OPTIM_BACKEND")
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ["nowork", *backends.AUTO_ORDER["cpu"]])
+    backends._SELECTED.clear()
+    with pytest.warns(UserWarning, match=f"'nowork' has no bf16 work lists yet; backend "
+                                         f"'{cpu.name}' runs Muon's element-wise stages"):
+        _run(SHAPES[:3], torch.float32, {}, steps=2)
+
+
+def test_stages_on_triton_are_refused(monkeypatch):
+    """The Triton kernels have no bf16 work lists: their step refuses the stages' op
+    with the reason (fused_optim.Muon never calls it: _stage_backend), and so does
+    fused_optim.Muon under FUSED_OPTIM_BACKEND=triton."""
+    import _interpreted
+
+    if not _interpreted.load():
+        pytest.skip("the Triton kernels do not run interpreted in this process")
+    from fused_optim._triton_backend import load_kernels
+    from fused_optim.muon import STAGES
+
+    args, kwargs = _stage_args(torch.float32, False)
+    with pytest.raises(NotImplementedError, match="Triton kernels have no bf16 work lists"):
+        load_kernels().step(STAGES, *args, **kwargs)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", "triton")
+    p = torch.randn(4, 5, requires_grad=True)
+    p.grad = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="'triton' was requested but cannot run Muon's"):
+        fused_optim.Muon([p]).step()
+
+
+def _stage_args(dtype, apply, transposed=False, n=3, shape=(9, 13)):
+    params = [torch.randn(shape, dtype=dtype) for _ in range(n)]
+    grads = [torch.randn(shape, dtype=dtype) for _ in range(n)]
+    bufs = [torch.randn(shape, dtype=dtype) for _ in range(n)]
+    updates = [torch.randn(shape).bfloat16() for _ in range(n)]
+    kwargs = {"lr": torch.tensor(0.02, dtype=torch.float64), "momentum": 0.9,
+              "weight_decay": 0.1, "lr_ratio": 1.5, "nesterov": True, "apply": apply,
+              "transposed_update": transposed}
+    return (params, grads, bufs, updates), kwargs
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.fused_optim, "muon_"), reason="no compiled muon_ op")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stage", ["momentum", "apply", "apply-transposed"])
+def test_stages_opcheck(stage, dtype):
+    args, kwargs = _stage_args(dtype, stage != "momentum", stage == "apply-transposed")
+    torch.library.opcheck(torch.ops.fused_optim.muon_.default, args, kwargs)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.fused_optim, "muon_"), reason="no compiled muon_ op")
+def test_stages_op_checks_the_work_list_dtype():
+    """The updates list is bf16 whatever the params' dtype: the op and its fake kernel
+    refuse another dtype with the same message."""
+    (params, grads, bufs, updates), kwargs = _stage_args(torch.float32, False)
+    updates = [u.float() for u in updates]
+    message = "updates\\[0\\] must be bfloat16"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fused_optim.muon_(params, grads, bufs, updates, **kwargs)
+    with pytest.raises(RuntimeError, match=message), torch._subclasses.FakeTensorMode() as mode:
+        fake = [[mode.from_tensor(t) for t in lst] for lst in (params, grads, bufs, updates)]
+        torch.ops.fused_optim.muon_(*fake, **{**kwargs, "lr": mode.from_tensor(kwargs["lr"])})

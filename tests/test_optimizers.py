@@ -129,8 +129,9 @@ def test_tables_cover_every_optimizer():
     extra = sorted(c.__name__ for c in set(rows) - exported)
     assert not missing and not extra, (
         f"no row in tests/_tables.py OPTIMIZERS: {missing}; a row for no exported class: {extra}")
-    assert {s.name for s in specs()} == ({row.fused.spec.name for row in OPTIMIZERS}
-                                         | {c.spec.name for c in sparse_only})
+    # (a spec of another class's element-wise stages, Muon's, has no row: stages_of)
+    assert {s.name for s in specs() if s.stages_of is None} == (
+        {row.fused.spec.name for row in OPTIMIZERS} | {c.spec.name for c in sparse_only})
     for row in OPTIMIZERS:
         assert row.torch is getattr(torch.optim, row.fused.__name__), row.fused.__name__
         assert row.cases and row.full, f"{row.fused.__name__}: no cases"

@@ -586,6 +586,58 @@ FO_INLINE void apply_policy_chunk_impl(std::index_sequence<Is...> lists, void* c
   }
 }
 
+// ---------------------------------------------------------------------------------
+// bf16 work lists ([note: bf16 work lists] in fused_optim/math/optimizer.h): the lists of
+// the bit mask BF16 in bf16, the others in storage D (any of the four), computed in D's
+// opmath. One element loop in scalar form, vectorized by GCC as the policies' is.
+
+template <DType D, bool WORK>
+using WorkStorageType = std::conditional_t<WORK, uint16_t, typename Storage<D>::type>;
+
+template <DType D, bool WORK, typename T>
+FO_INLINE typename Storage<D>::opmath load_work(const T* p) {
+  using opmath = typename Storage<D>::opmath;
+  if constexpr (WORK) {
+    return static_cast<opmath>(bf16_to_float(*p));
+  } else {
+    return Storage<D>::to_opmath(*p);
+  }
+}
+
+// A work list's value is rounded to the params' dtype, then to bf16 (through float).
+template <DType D, bool WORK, typename T>
+FO_INLINE void store_work(T* p, typename Storage<D>::opmath x) {
+  if constexpr (WORK) {
+    *p = float_to_bf16_any(static_cast<float>(Storage<D>::to_opmath(Storage<D>::from_opmath(x))));
+  } else {
+    *p = Storage<D>::from_opmath(x);
+  }
+}
+
+template <DType D, uint32_t BF16, typename Op, std::size_t... Is, typename... Ptrs>
+FO_INLINE void work_list_loop(std::index_sequence<Is...>, int64_t n, const Op& op, Ptrs... ptrs) {
+  using opmath = typename Storage<D>::opmath;
+  const Op local_op = op;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    opmath x[sizeof...(Is)] = {
+        (Op::reads(Is) ? load_work<D, ((BF16 >> Is) & 1u) != 0>(ptrs + i) : opmath(0))...};
+    local_op(x);
+    ((Op::writes(Is) ? store_work<D, ((BF16 >> Is) & 1u) != 0>(ptrs + i, x[Is]) : void()), ...);
+  }
+}
+
+template <DType D, uint32_t BF16, typename Op, std::size_t... Is>
+FO_INLINE void apply_work_chunk_impl(std::index_sequence<Is...> lists, void* const* base,
+                                     int64_t begin, int64_t end, const Op& op) {
+  work_list_loop<D, BF16>(
+      lists, end - begin, op,
+      (static_cast<WorkStorageType<D, ((BF16 >> Is) & 1u) != 0>*>(base[Is]) + begin)...);
+}
+
+// The P of chunks_typed for an optimizer with bf16 work lists.
+constexpr int kWorkLists = -2;
+
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
@@ -666,7 +718,10 @@ void chunks_typed(const TensorTable& table, const StepCall& call, const Chunk* c
           for (int k = 0; k < Op::kLists; ++k) {
             base[k] = table.ptrs[row[k] * table.n_tensors + chunk.tensor];
           }
-          if constexpr (P < 0) {
+          if constexpr (P == kWorkLists) {
+            apply_work_chunk_impl<D, Optim::kBFloat16Lists>(
+                std::make_index_sequence<Op::kLists>{}, base, chunk.begin, chunk.end, op);
+          } else if constexpr (P < 0) {
             apply_chunk<D>(base, chunk.begin, chunk.end, op);
           } else {
             const uint64_t* rng = call.rng != nullptr ? call.rng + 2 * chunk.tensor : nullptr;
@@ -693,8 +748,8 @@ FO_INLINE void dispatch_policy(int policy, F&& f) {
 }
 
 template <typename Optim>
-void chunks(const TensorTable& table, const StepCall& call, const Chunk* chunks, int64_t begin,
-            int64_t end) {
+void chunks_policy(const TensorTable& table, const StepCall& call, const Chunk* chunks,
+                   int64_t begin, int64_t end) {
   const int policy = policy_index(table.dtype, table.state_dtype, table.master != nullptr,
                                   call.rng != nullptr);
   if (policy < 0) {
@@ -707,6 +762,19 @@ void chunks(const TensorTable& table, const StepCall& call, const Chunk* chunks,
     constexpr int P = decltype(policy_c)::value;
     chunks_typed<Optim, kPolicies[P].param, P>(table, call, chunks, begin, end);
   });
+}
+
+template <typename Optim>
+void chunks(const TensorTable& table, const StepCall& call, const Chunk* chunks, int64_t begin,
+            int64_t end) {
+  if constexpr (Optim::kBFloat16Lists != 0) {
+    // No memory policy (the ops refuse one): the params' dtype and the bf16 work lists.
+    dispatch_dtype(table.dtype, [&](auto dtype_c) {
+      chunks_typed<Optim, decltype(dtype_c)::value, kWorkLists>(table, call, chunks, begin, end);
+    });
+  } else {
+    chunks_policy<Optim>(table, call, chunks, begin, end);
+  }
 }
 
 // ---------------------------------------------------------------------------------

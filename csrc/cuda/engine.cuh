@@ -105,6 +105,27 @@ FO_HOST_DEVICE constexpr int list_of(uint32_t lists, int d) {
   return -1;
 }
 
+// The bits of `bits` (a bit per optimizer list) as table lists of a call with `lists`.
+FO_HOST_DEVICE constexpr uint32_t table_bits(uint32_t lists, uint32_t bits) {
+  uint32_t out = 0;
+  int d = 0;
+  for (int k = 0; k < 32; ++k) {
+    if ((lists >> k) & 1u) {
+      if ((bits >> k) & 1u) out |= uint32_t{1} << d;
+      ++d;
+    }
+  }
+  return out;
+}
+
+// Pol with the table lists WORK as bf16 work lists ([note: bf16 work lists]).
+template <typename Pol, uint32_t WORK>
+struct WithWorkLists;
+template <typename P, typename S, bool M, bool R, uint32_t W, uint32_t WORK>
+struct WithWorkLists<ListStorage<P, S, M, R, W>, WORK> {
+  using type = ListStorage<P, S, M, R, WORK>;
+};
+
 // ElementStep (fused_optim/dispatch.h, shared with the CPU engine) as the multi-tensor
 // engine takes it: by table list d, which holds the optimizer's list list_of(LISTS, d).
 // Pol: the launch's ListStorage ([note: storage policy] in multi_tensor_apply.cuh).
@@ -157,7 +178,8 @@ struct OptimFunctor {
   }
 };
 
-// One step of Optim over l.rows with the lists stored as Pol says.
+// One step of Optim over l.rows with the lists stored as Pol says, and Optim's bf16 work
+// lists (Optim::kBFloat16Lists) in bf16.
 template <typename Optim, typename Pol>
 cudaError_t launch_storage(const Launch& l, cudaStream_t stream) {
   constexpr int NS = math::num_states<Optim>();
@@ -168,7 +190,10 @@ cudaError_t launch_storage(const Launch& l, cudaStream_t stream) {
   // in fused_optim/dispatch.h); refused here too, before any launch.
   const bool compiled = dispatch_variant<Optim>(
       l.lists, l.args, l.grad_scale != nullptr, [&](auto lists_c, auto variant_c, auto unscale_c) {
-        using Op = OptimFunctor<Optim, Pol, decltype(lists_c)::value, decltype(variant_c)::value,
+        constexpr uint32_t lists = decltype(lists_c)::value;
+        using LaunchPol =
+            typename WithWorkLists<Pol, table_bits(lists, Optim::kBFloat16Lists)>::type;
+        using Op = OptimFunctor<Optim, LaunchPol, lists, decltype(variant_c)::value,
                                 decltype(unscale_c)::value>;
         Op op;
         op.args = l.args;
@@ -177,8 +202,8 @@ cudaError_t launch_storage(const Launch& l, cudaStream_t stream) {
         op.found_inf = l.found_inf;
         op.maximize = l.maximize;
         for (int j = 0; j < math::kMaxStates; ++j) op.states_are_double[j] = l.states_are_double[j];
-        err = multi_tensor_apply<Op>(l.rows, states, Pol::kStochastic ? l.rng : nullptr, op,
-                                     stream);
+        err = multi_tensor_apply<Op>(l.rows, states, LaunchPol::kStochastic ? l.rng : nullptr,
+                                     op, stream);
       });
   return compiled ? err : cudaErrorInvalidValue;
 }
@@ -192,11 +217,18 @@ cudaError_t launch(const Launch& l, cudaStream_t stream) {
   return launch_storage<Optim, UniformStorage<typename StorageOf<D>::type>>(l, stream);
 }
 
+// An optimizer with bf16 work lists takes no memory policy (the ops refuse one): its
+// policy units instantiate no kernel.
 template <typename Optim, int P>
 cudaError_t launch_policy(const Launch& l, cudaStream_t stream) {
   static_assert(P >= 0 && P < cpu::kNumPolicies, "a policy of cpu::kPolicies");
   if (policy_of(l) != P) return cudaErrorInvalidValue;
-  return launch_storage<Optim, PolicyListStorage<P>>(l, stream);
+  if constexpr (Optim::kBFloat16Lists != 0) {
+    (void)stream;
+    return cudaErrorInvalidValue;
+  } else {
+    return launch_storage<Optim, PolicyListStorage<P>>(l, stream);
+  }
 }
 
 // ---------------------------------------------------------------------------------

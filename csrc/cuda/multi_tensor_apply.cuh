@@ -96,6 +96,11 @@
 //    state, after every block has read it ([note: per-tensor state] in engine.cuh).
 // The policy's lists travel in the launch table (the master copies' and rng_states'
 // pointers, 8 B per tensor each, only in the tables of policies that have them).
+// A bf16 work list ([note: bf16 work lists] in fused_optim/math/optimizer.h: Muon's
+// Newton-Schulz input and output) is a list of its own storage beside the uniform ones
+// (ListStorage's WORK, Bf16Work): loaded exactly, stored rounded to the params' dtype and
+// then to bf16, as the CPU engine's store_work; no memory policy with it. It moves V
+// elements in one access of 2V bytes (4 B beside fp64 params, 8 B beside fp32).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -200,6 +205,29 @@ struct Storage<Bf16Bits> {
   }
 };
 
+// A bf16 work list beside lists of storage PARAM ([note: bf16 work lists] in
+// fused_optim/math/optimizer.h): its bits, loaded exactly into PARAM's opmath (float, or
+// double beside fp64 params); a value stored into it is rounded to PARAM first, then to
+// bf16 through float as the CPU engine's store_work rounds it (math::bf16_bits_nearest is
+// its float_to_bf16_any), so its bits are those of torch's `.bfloat16()` of a tensor of
+// the params' dtype.
+template <typename PARAM>
+struct Bf16Work {
+  uint16_t x;
+};
+
+template <typename PARAM>
+struct Storage<Bf16Work<PARAM>> {
+  using opmath = typename Storage<PARAM>::opmath;
+  static __device__ FO_INLINE opmath to_opmath(Bf16Work<PARAM> b) {
+    return static_cast<opmath>(Storage<Bf16Bits>::to_opmath(Bf16Bits{b.x}));
+  }
+  static __device__ FO_INLINE Bf16Work<PARAM> from_opmath(opmath x) {
+    const auto stored = Storage<PARAM>::to_opmath(Storage<PARAM>::from_opmath(x));
+    return Bf16Work<PARAM>{math::bf16_bits_nearest(static_cast<float>(stored))};
+  }
+};
+
 // V elements of T in one 16-byte-aligned word: one 128-bit load or store.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Packed {
@@ -210,16 +238,21 @@ struct alignas(sizeof(T) * V) Packed {
 // Storage policies ([note: storage policy]).
 
 // PARAM: the storage of params and grads, STATE: of the state lists; MASTER: the params
-// have fp32 master copies; STOCHASTIC: bf16 stores round stochastically.
-template <typename PARAM, typename STATE, bool MASTER, bool STOCHASTIC>
+// have fp32 master copies; STOCHASTIC: bf16 stores round stochastically; WORK: the table
+// lists (a bit per list) that are bf16 work lists (Bf16Work<PARAM>), the others as above.
+template <typename PARAM, typename STATE, bool MASTER, bool STOCHASTIC, uint32_t WORK = 0>
 struct ListStorage {
   using param_t = PARAM;
   using state_t = STATE;
+  using work_t = Bf16Work<PARAM>;
   using opmath = typename Storage<PARAM>::opmath;
   static_assert(std::is_same_v<opmath, typename Storage<STATE>::opmath>,
                 "the lists of a launch share one opmath");
+  static_assert(WORK == 0 || (!MASTER && !STOCHASTIC && std::is_same_v<PARAM, STATE>),
+                "bf16 work lists take no memory policy ([note: bf16 work lists])");
   static constexpr bool kMaster = MASTER;
   static constexpr bool kStochastic = STOCHASTIC;
+  static constexpr uint32_t kWork = WORK;
   // Elements per thread and iteration: the widest list's 16 bytes (a narrower list moves
   // them in one 8-byte access: 4 bf16 beside fp32 lists), which keeps a policy's
   // registers near the uniform fp32 kernel's.
@@ -230,8 +263,11 @@ struct ListStorage {
   // are read from and written to their master copies too.
   static constexpr FO_HOST_DEVICE bool param_list(int d) { return d < 2; }
   static constexpr FO_HOST_DEVICE bool master_list(int d) { return MASTER && d == 0; }
+  static constexpr FO_HOST_DEVICE bool work_list(int d) { return ((WORK >> d) & 1u) != 0; }
   static constexpr FO_HOST_DEVICE int bytes(int d) {
-    return static_cast<int>(param_list(d) ? sizeof(PARAM) : sizeof(STATE));
+    return static_cast<int>(work_list(d)    ? sizeof(work_t)
+                            : param_list(d) ? sizeof(PARAM)
+                                            : sizeof(STATE));
   }
   // Whether table list d's stores round stochastically, and with which random word.
   static constexpr FO_HOST_DEVICE bool stochastic(int d) {
@@ -278,6 +314,10 @@ __device__ FO_INLINE void store_vector(void* base, int i, const O (&x)[V][D], in
 // Element i of table list d, as opmath; x stored there, rounded to nearest.
 template <typename Pol>
 __device__ FO_INLINE typename Pol::opmath load_element(int d, const void* base, int i) {
+  if (Pol::work_list(d)) {
+    return Storage<typename Pol::work_t>::to_opmath(
+        static_cast<const typename Pol::work_t*>(base)[i]);
+  }
   if (Pol::param_list(d)) {
     return Storage<typename Pol::param_t>::to_opmath(
         static_cast<const typename Pol::param_t*>(base)[i]);
@@ -288,7 +328,9 @@ __device__ FO_INLINE typename Pol::opmath load_element(int d, const void* base, 
 
 template <typename Pol>
 __device__ FO_INLINE void store_element(int d, void* base, int i, typename Pol::opmath x) {
-  if (Pol::param_list(d)) {
+  if (Pol::work_list(d)) {
+    static_cast<typename Pol::work_t*>(base)[i] = Storage<typename Pol::work_t>::from_opmath(x);
+  } else if (Pol::param_list(d)) {
     static_cast<typename Pol::param_t*>(base)[i] = Storage<typename Pol::param_t>::from_opmath(x);
   } else {
     static_cast<typename Pol::state_t*>(base)[i] = Storage<typename Pol::state_t>::from_opmath(x);
@@ -446,6 +488,8 @@ __global__ void __launch_bounds__(kBlockSize)
           for (int k = 0; k < V; ++k) x[k][d] = opmath(0);
         } else if (Pol::master_list(d)) {
           if constexpr (Pol::kMaster) load_vector<float>(master, i, x, d);
+        } else if (Pol::work_list(d)) {
+          load_vector<typename Pol::work_t>(base[d], i, x, d);
         } else if (Pol::param_list(d)) {
           load_vector<P>(base[d], i, x, d);
         } else {
@@ -466,7 +510,9 @@ __global__ void __launch_bounds__(kBlockSize)
           if constexpr (Pol::kMaster) {
             if (Pol::master_list(d)) store_vector<float>(master, i, x, d);
           }
-          if (Pol::param_list(d)) {
+          if (Pol::work_list(d)) {
+            store_vector<typename Pol::work_t>(base[d], i, x, d);
+          } else if (Pol::param_list(d)) {
             store_vector<P>(base[d], i, x, d);
           } else {
             store_vector<S>(base[d], i, x, d);

@@ -1396,4 +1396,186 @@ FO_TEST(cuda_engine_memory_policy_tables) {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// bf16 work lists ([note: bf16 work lists] in fused_optim/math/optimizer.h; [note: storage
+// policy] in multi_tensor_apply.cuh): Muon's two stages (fused_optim/math/muon.h), params,
+// grads and momentum buffers in each of the four dtypes beside the bf16 `updates` list.
+// The emulated CUDA engine, bit for bit against the CPU engine on the same buckets (the
+// reference and torch's bits are tests/test_muon.py's business): every variant (momentum
+// with and without Nesterov, apply, apply with a transposed update), grads scaled or not,
+// aligned rows (vector path, V = 2..8 with the work list's 4- to 16-byte accesses) and
+// misaligned ones (scalar path), the vector tails, a tensor of two chunks (the work
+// list's chunk offset is in its own element size); the lists a stage does not write keep
+// their bits; no byte outside the tensors is written.
+namespace {
+
+constexpr int kMuonId = optimizer_id<fm::Muon>();
+
+struct MuonBuckets {
+  Bucket main;  // params, grads, momentum_buffers: the params' dtype
+  Bucket work;  // updates: bf16
+  std::vector<void*> ptrs;
+
+  // The call's list-major table, as csrc/ops_common.h's check_bucket builds it.
+  fc::TensorTable table() {
+    const int64_t n = main.n_tensors();
+    ptrs.clear();
+    for (int l = 0; l < fm::Muon::kLists; ++l) {
+      for (int64_t t = 0; t < n; ++t) {
+        ptrs.push_back(l < fm::Muon::kUpdate ? main.at(l, t).data() : work.at(0, t).data());
+      }
+    }
+    return fc::TensorTable{n, fm::Muon::kLists, ptrs.data(), main.numels.data(), main.dtype,
+                           main.dtype};
+  }
+};
+
+MuonBuckets muon_buckets(DType d, int (*offset)(int, int), uint64_t seed,
+                         const MuonBuckets* copy_of = nullptr) {
+  std::vector<int64_t> sizes = cuda_sizes();
+  sizes.push_back(kCudaChunk + 37);
+  MuonBuckets b{Bucket(d, 3, sizes, offset),
+                Bucket(DType::kBFloat16, 1, sizes, [&](int, int t) { return offset(3, t); }),
+                {}};
+  if (copy_of != nullptr) {
+    for (int l = 0; l < 3; ++l) {
+      for (int64_t t = 0; t < b.main.n_tensors(); ++t) {
+        for (int64_t i = 0; i < sizes[t]; ++i) {
+          b.main.at(l, t).set_bits(i, copy_of->main.at(l, t).bits(i));
+        }
+      }
+    }
+    for (int64_t t = 0; t < b.main.n_tensors(); ++t) {
+      for (int64_t i = 0; i < sizes[t]; ++i) {
+        b.work.at(0, t).set_bits(i, copy_of->work.at(0, t).bits(i));
+      }
+    }
+    return b;
+  }
+  Rng rng(seed);
+  for (int64_t t = 0; t < b.main.n_tensors(); ++t) {
+    for (int64_t i = 0; i < sizes[t]; ++i) {
+      // Magnitudes over many binades, both signs, some zeros; no NaN (the engines' NaNs
+      // differ in payload only: cuda_engine_fp32_all_options_match_reference_and_cpu_bits).
+      for (int l = 0; l < 3; ++l) {
+        const double x = rng.chance(0.02) ? 0.0
+                                          : (rng.chance(0.5) ? -1 : 1) *
+                                                std::ldexp(rng.uniform(1.0, 2.0),
+                                                           static_cast<int>(rng.uniform(-12, 8)));
+        b.main.at(l, t).set(i, x);
+      }
+      b.work.at(0, t).set(i, rng.uniform(-3.0, 3.0));
+    }
+  }
+  return b;
+}
+
+fm::LrDType lr_dtype_of(DType d) {
+  switch (d) {
+    case DType::kFloat64: return fm::LrDType::kFloat64;
+    case DType::kFloat16: return fm::LrDType::kFloat16;
+    case DType::kBFloat16: return fm::LrDType::kBFloat16;
+    default: return fm::LrDType::kFloat32;
+  }
+}
+
+void muon_case(DType d, bool apply, bool nesterov, bool transposed, bool scaled, bool aligned) {
+  const std::string ctx = std::string("Muon ") + dtype_name(d) + (apply ? " apply" : " momentum") +
+                          (nesterov ? " nesterov" : "") + (transposed ? " transposed" : "") +
+                          (scaled ? " grad_scale" : "") + (aligned ? ", aligned" : ", misaligned");
+  fm::Args args{};
+  args.floats[fm::Muon::kMomentum] = 0.9;
+  args.floats[fm::Muon::kWeightDecay] = 0.1;
+  args.floats[fm::Muon::kLrRatio] = 1.5;
+  args.flags[fm::Muon::kNesterov] = nesterov;
+  args.flags[fm::Muon::kApply] = apply;
+  args.flags[fm::Muon::kTransposedUpdate] = transposed;
+  args.lr = 0.02;
+  args.lr_dtype = fm::LrDType::kFloat64;
+  args.param_dtype = lr_dtype_of(d);
+  const float grad_scale = 4.0f;
+  const uint32_t lists = (1u << fm::Muon::kLists) - 1;
+
+  int (*offset)(int, int) = aligned ? offset_zero : mixed_offset;
+  MuonBuckets input = muon_buckets(d, offset, 7000u + static_cast<unsigned>(d));
+  MuonBuckets cpu = muon_buckets(d, offset, 0, &input);
+  MuonBuckets got = muon_buckets(d, offset, 0, &input);
+
+  fc::StepCall call{};
+  call.args = args;
+  call.lists = lists;
+  call.maximize = false;
+  call.grad_scale = scaled ? &grad_scale : nullptr;
+  const fc::TensorTable cpu_table = cpu.table();
+  const std::vector<Chunk> chunks = make_chunks(cpu.main.numels);
+  fc::kernels_for("default").chunks[kMuonId](cpu_table, call, chunks.data(), 0,
+                                             static_cast<int64_t>(chunks.size()));
+
+  fcu::Launch l{};
+  l.rows = got.table();
+  l.lists = lists;
+  l.args = args;
+  l.lr = fcu::DeviceScalar{nullptr, false, args.lr};
+  l.maximize = false;
+  l.grad_scale = scaled ? &grad_scale : nullptr;
+  const fcu::Launchers& fns = kLaunchers[kMuonId];
+  FO_CHECK_EQ(fns.by_dtype[static_cast<int>(d)](l, nullptr), cudaSuccess) << ctx;
+  FO_CHECK_EQ(fns.advance(l, nullptr), cudaSuccess) << ctx;
+
+  FO_CHECK_EQ(got.main.damaged_guard_bytes() + got.work.damaged_guard_bytes(), 0) << ctx;
+  FO_CHECK_EQ(count_bit_differences(cpu.main, got.main), 0) << ctx << ": differs from the CPU";
+  FO_CHECK_EQ(count_bit_differences(cpu.work, got.work), 0) << ctx << ": updates differ";
+  // What the stage writes changed; what it does not (grads: unless scaled) kept its bits.
+  const Bucket* lists_of[] = {&got.main, &got.main, &got.main, &got.work};
+  const Bucket* inputs_of[] = {&input.main, &input.main, &input.main, &input.work};
+  for (int k = 0; k < fm::Muon::kLists; ++k) {
+    const int row = k < fm::Muon::kUpdate ? k : 0;
+    int64_t changed = 0;
+    for (int64_t t = 0; t < got.main.n_tensors(); ++t) {
+      for (int64_t i = 0; i < got.main.numels[t]; ++i) {
+        changed += lists_of[k]->at(row, t).bits(i) != inputs_of[k]->at(row, t).bits(i);
+      }
+    }
+    const bool written = apply ? k == fm::Muon::kParam
+                               : k != fm::Muon::kParam && (k != fm::Muon::kGrad || scaled);
+    if (written) {
+      FO_CHECK(changed > 0) << ctx << ": " << fm::Muon::kListNames[k] << " never written";
+    } else {
+      FO_CHECK_EQ(changed, 0) << ctx << ": " << fm::Muon::kListNames[k] << " changed";
+    }
+  }
+}
+
+}  // namespace
+
+FO_TEST(cuda_engine_bf16_work_lists_match_cpu_bits) {
+  for (DType d : {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16}) {
+    for (bool aligned : {true, false}) {
+      for (bool nesterov : {false, true}) {
+        for (bool scaled : {false, true}) muon_case(d, false, nesterov, false, scaled, aligned);
+      }
+      for (bool transposed : {false, true}) muon_case(d, true, false, transposed, false, aligned);
+    }
+  }
+}
+
+// Its memory-policy launchers run no kernel (the ops refuse a policy first): a policy call
+// is refused, nothing launched.
+FO_TEST(cuda_engine_bf16_work_lists_take_no_memory_policy) {
+  fo_cuda_shim::state().launches.clear();
+  fcu::Launch l{};
+  l.rows.dtype = DType::kBFloat16;
+  l.rows.state_dtype = DType::kFloat32;
+  for (int p = 0; p < fc::kNumPolicies; ++p) {
+    l.rows.dtype = fc::kPolicies[p].param;
+    l.rows.state_dtype = fc::kPolicies[p].state;
+    l.rows.master = fc::kPolicies[p].master ? reinterpret_cast<void* const*>(&l) : nullptr;
+    l.rng = fc::kPolicies[p].stochastic ? reinterpret_cast<int64_t* const*>(&l) : nullptr;
+    FO_CHECK_EQ(fcu::policy_of(l), p);
+    FO_CHECK_EQ(kLaunchers[kMuonId].by_policy[p](l, nullptr), cudaErrorInvalidValue) << p;
+  }
+  FO_CHECK(fo_cuda_shim::state().launches.empty());
+}
+
 }  // namespace fo_test

@@ -95,7 +95,9 @@ struct ElementStep {
     return math::has<LISTS>(list) && Optim::template reads<LISTS, V>(list);
   }
   static constexpr FO_HOST_DEVICE bool writes(int list) {
-    return list == Optim::kGrad ? UNSCALE : math::has<LISTS>(list);
+    return list == Optim::kGrad
+               ? UNSCALE
+               : math::has<LISTS>(list) && Optim::template writes<LISTS, V>(list);
   }
 
   // Vt: the opmath type S, or lanes of it (math::vfloat8 on the CPU: [note: half

@@ -9,6 +9,7 @@
 #include "fused_optim/math/adam.h"
 #include "fused_optim/math/adamax.h"
 #include "fused_optim/math/asgd.h"
+#include "fused_optim/math/muon.h"
 #include "fused_optim/math/nadam.h"
 #include "fused_optim/math/radam.h"
 #include "fused_optim/math/rmsprop.h"
@@ -27,7 +28,8 @@
   X(NAdam)                       \
   X(RAdam)                       \
   X(Asgd)                        \
-  X(Rprop)
+  X(Rprop)                       \
+  X(Muon)
 
 // X(Struct): the row maths of the optimizers that take sparse grads ([note: row math] in
 // fused_optim/math/optimizer.h), for the row-sparse engine.

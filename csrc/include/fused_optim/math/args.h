@@ -28,6 +28,10 @@ struct Args {
   bool flags[kMaxFlags];      // the op's bool arguments, in schema order
   double lr;
   LrDType lr_dtype;
+  // The params' storage dtype, for a math that rounds as torch's ops on them round
+  // (Muon's stages: an intermediate value stored in the param's dtype, an alpha cast to
+  // an op's dtype). Set by the ops layer from params[0].
+  LrDType param_dtype;
 };
 
 }  // namespace math

@@ -22,6 +22,13 @@
 //   valid<LISTS, V>()                            false for combinations never called
 //   reads<LISTS, V>(list)                        false for a list whose old values the
 //                                               update never reads (a buffer's first step)
+//   writes<LISTS, V>(list)                       false for a list the variant never changes
+//                                               (not stored: a stage that leaves the
+//                                               params as they are)
+//   kBFloat16Lists                               the work lists kept in bf16 whatever the
+//                                               params' dtype (a bit per list; Muon's
+//                                               Newton-Schulz input / output): [note:
+//                                               bf16 work lists]
 //   advance(args, state, is_double)              a tensor's scalar state after this step
 //                                               (step + 1, ...), in double, in place;
 //                                               is_double[j] says whether state j is kept
@@ -70,8 +77,15 @@ FO_HOST_DEVICE constexpr bool has(int list) {
   return (LISTS & bit(list)) != 0;
 }
 
+// [note: bf16 work lists]
+// A list of kBFloat16Lists is stored in bf16 beside lists of the params' dtype (any of
+// the four). It is loaded exactly into the opmath type (float, or double for fp64
+// params), and a value stored into it is rounded to the params' dtype first and then to
+// bf16 (through float for fp64, as c10's conversions go): what torch's `.bfloat16()` of
+// a tensor of the params' dtype holds. Such an optimizer takes no memory policy.
 struct OptimizerBase {
   static constexpr uint32_t kOptionalLists = 0;
+  static constexpr uint32_t kBFloat16Lists = 0;
   static constexpr std::array<const char*, 0> kStateNames{};
   static constexpr int kVariantBits = 0;
 
@@ -84,6 +98,11 @@ struct OptimizerBase {
 
   template <uint32_t LISTS, uint32_t V>
   FO_HOST_DEVICE static constexpr bool reads(int) {
+    return true;
+  }
+
+  template <uint32_t LISTS, uint32_t V>
+  FO_HOST_DEVICE static constexpr bool writes(int) {
     return true;
   }
 

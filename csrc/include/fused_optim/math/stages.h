@@ -200,6 +200,39 @@ FO_INLINE vfloat8 abs_op(vfloat8 x) {
 }
 #endif
 
+// torch.lerp(start, end, weight) as ATen's kernels compute it (Lerp.h, the CPU's
+// lerp_vec): |weight| < 0.5 picks start + w * (end - start), else end - (end - start) *
+// (1 - w), each with ONE rounding (a fused multiply-add; measured bit-equal to torch
+// 2.13's lerp_ on the dev CPU in fp64, fp32, bf16 and fp16, tails included). `lerp`
+// above is the two-rounding form the older maths were checked against.
+template <typename S>
+FO_HOST_DEVICE FO_INLINE S lerp_fused(S start, S end, S weight) {
+  const bool from_start = (weight < S(0) ? -weight : weight) < S(0.5);
+  return fma_op(from_start ? weight : weight - S(1), end - start, from_start ? start : end);
+}
+
+// x rounded to bfloat16 (nearest even) and widened back: the value a bf16 tensor op
+// stores. NaN stays NaN.
+FO_HOST_DEVICE FO_INLINE float round_bf16(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float out;
+  __builtin_memcpy(&out, &r, sizeof out);
+  return (u & 0x7fffffffu) > 0x7f800000u ? x : out;
+}
+FO_HOST_DEVICE FO_INLINE double round_bf16(double x) {
+  return round_bf16(static_cast<float>(x));
+}
+
+// x rounded to float16 (nearest even, subnormals, overflow to inf) and widened back.
+FO_HOST_DEVICE FO_INLINE float round_f16(float x) {
+  return static_cast<float>(round_to_bits(static_cast<double>(x), 10, -13, 65504.0));
+}
+FO_HOST_DEVICE FO_INLINE double round_f16(double x) {
+  return round_f16(static_cast<float>(x));
+}
+
 // torch.maximum: propagates NaN from either side.
 template <typename V>
 FO_HOST_DEVICE FO_INLINE V maximum(V a, V b) {
