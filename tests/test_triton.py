@@ -1274,8 +1274,12 @@ def table_kernel(case, dtype, device_scalars, state_f64=0, policy=None):
                  arrivals="*i32", n_tensors="i32", lr_parts=("fp32", "fp32", "fp32"))
     consts.update(LR_ON_DEVICE=device_scalars, UNSCALE=device_scalars,
                   HAS_FOUND_INF=device_scalars, ELEM_ALIGN=16 // dtype.itemsize,
-                  STATE_ALIGN=16 // state.itemsize, MASTER_ALIGN=4,
+                  STATE_ALIGN=16 // state.itemsize, WORK_ALIGN=8, MASTER_ALIGN=4,
                   LR_DTYPE=tl.float32 if device_scalars else tl.float64)
+    if consts["FIXED"]:  # the work lists (bf16: Muon's)
+        types["work_base"] = "*bf16"
+    else:
+        consts["work_base"] = None
     for name in ("lr_ptr", "grad_scale_ptr", "found_inf_ptr"):
         if device_scalars:
             types[name] = "*fp32"

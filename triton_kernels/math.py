@@ -6,10 +6,18 @@ its name, the same operations in the same order as its C++ math
 implementation:
 
   <name>_variant(h) -> tuple      plain Python: the compile-time variant of a call from
-                                  its float / bool arguments `h` (a dict by name), a
-                                  tuple of ints or bools (VARIANT in the kernels)
+                                  its float / bool arguments `h` (a dict by name, with
+                                  the params' torch dtype under "param_dtype", as the
+                                  reference's h has it), a tuple of ints or bools
+                                  (VARIANT in the kernels)
   <name>_skip_reads(h) -> int     optional, plain Python: lists (a bit each) whose old
-                                  values the call's update never reads
+                                  values the call's update never reads (the grad
+                                  included: a call that never reads it leaves it as it
+                                  is, grad_scale or not)
+  <name>_skip_writes(h) -> int    optional, plain Python: lists (a bit each) the call's
+                                  update never changes, which are then not stored (a
+                                  stage that leaves the params as they are); the C++
+                                  math's reads<LISTS, V> / writes<LISTS, V>
   <name>_advance(state, lr, h, STATE_F64, LR_DTYPE)
                                   the tensor's per-tensor state after this step (a tuple
                                   of float64; default `count_step`: step + 1); bit j of
@@ -30,8 +38,10 @@ implementation:
                                   are zeros to be ignored), grad the unscaled, signed
                                   grad, s the scalars; returns x updated
 
-Element values arrive in opmath (float32, or float64 for float64 storage). Memory
-traffic is the kernels' business (launcher.py); nothing here loads or stores.
+Element values arrive in opmath (float32, or float64 for float64 storage), those of
+a work list stored in a fixed dtype (the spec's ``StateList(dtype=...)``: Muon's bf16
+updates) too, loaded exactly. Memory traffic is the kernels' business (launcher.py);
+nothing here loads or stores.
 
 An optimizer that takes sparse grads also has a row math for the row-sparse engine
 (sparse.py), under its SparseGrads.math name: `<math>_rows(p, g, s, c, DTYPE)` and
@@ -116,6 +126,17 @@ def to_policy_storage(x, DTYPE: tl.constexpr, r, STOCHASTIC: tl.constexpr):
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def to_work_storage(x, DTYPE: tl.constexpr, WORK_DTYPE: tl.constexpr):
+    """A value stored into a work list of its own dtype WORK_DTYPE beside params of
+    DTYPE ([note: bf16 work lists] in csrc/include/fused_optim/math/optimizer.h): rounded
+    to DTYPE first, then through float32 to WORK_DTYPE, as torch's `.bfloat16()` of a
+    tensor of the params' dtype (and the C++ engines' store_work: float_to_bf16_any's NaN
+    rule, a NaN keeping its sign and high payload)."""
+    stored = to_storage(x, DTYPE).to(x.dtype).to(tl.float32)
+    return to_policy_storage(stored, WORK_DTYPE, 0, False)
 
 
 @triton.jit
