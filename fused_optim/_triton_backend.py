@@ -11,8 +11,9 @@ Where it runs:
     kernels are first imported): that is how CI tests the kernels without a GPU.
 Storage dtypes: float32, float16, bfloat16 (math in float32) and float64 (math in
 float64), and the memory policies of fused_optim/_policy.py (states of another dtype,
-fp32 master copies, stochastic rounding into bf16). It has a row-sparse engine (sparse grads: fused_optim/_sparse.py), in
-triton_kernels/sparse.py.
+fp32 master copies, stochastic rounding into bf16), and work lists of a fixed dtype
+(Muon's bf16 updates: [note: work lists] in triton_kernels/launcher.py). It has a
+row-sparse engine (sparse grads: fused_optim/_sparse.py), in triton_kernels/sparse.py.
 """
 
 from __future__ import annotations
@@ -170,4 +171,4 @@ def _sparse_step(math, params, rows, values, states, constants, *, maximize) -> 
 
 
 register_backend(Backend("triton", unavailable, _step, sparse_step=_sparse_step,
-                         policies=True))
+                         policies=True, work_lists=True))

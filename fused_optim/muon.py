@@ -23,11 +23,11 @@ multiply-add, the decayed param stored in its dtype before the update is added, 
 one fused multiply-add with alpha in the add's dtype. So the numbers are torch's bit for
 bit on the CPU in fp64 / fp32 / bf16 / fp16 (tests/test_muon.py), with 2 passes over
 memory per batch where torch's per-param code makes 5 (lerp_, lerp, bfloat16, mul_,
-add_). The stages run on the CPU and CUDA engines and the reference; the Triton kernels
-have no bf16 work lists yet (_stage_backend: FUSED_OPTIM_BACKEND=triton raises, "auto"
-falls back to the reference, saying so once). bf16 params' apply stage runs on the
-reference everywhere (_stage): torch's own add_ rounds by position on the CPU, which the
-kernels cannot, and on a GPU it keeps alpha in fp32 where the CPU's casts it to bf16.
+add_). The stages run on every built-in backend: the CPU and CUDA engines, the Triton
+kernels (their generic work lists: [note: work lists] in triton_kernels/launcher.py)
+and the reference. bf16 params' apply stage runs on the reference everywhere (_stage):
+torch's own add_ rounds by position on the CPU, which the kernels cannot, and on a GPU
+it keeps alpha in fp32 where the CPU's casts it to bf16.
 """
 
 from __future__ import annotations
@@ -312,11 +312,11 @@ _STAGE_FALLBACK_WARNED: set[tuple[str, str]] = set()
 def _stage_backend(device: torch.device, dtype: torch.dtype):
     """The backend that runs the stages' op for params on `device` of `dtype`: the
     automatic choice (FUSED_OPTIM_BACKEND, else the first of AUTO_ORDER that can run the
-    bucket) if it has bf16 work lists (``Backend.work_lists``: "cpu", "cuda" and
-    "reference"; the Triton kernels have none yet). A backend that has none raises a
-    ValueError when FUSED_OPTIM_BACKEND names it, as a named backend that cannot run a
-    bucket does; under "auto" the next one of AUTO_ORDER that has them runs the stages,
-    and says so once."""
+    bucket) if it has bf16 work lists (``Backend.work_lists``: every built-in backend
+    has them; a registered one may not). A backend that has none raises a ValueError
+    when FUSED_OPTIM_BACKEND names it, as a named backend that cannot run a bucket does;
+    under "auto" the next one of AUTO_ORDER that has them runs the stages, and says so
+    once."""
     backend = select_backend("auto", device, dtype)
     if backend.work_lists:
         return backend

@@ -12,8 +12,10 @@
   and error inputs for Muon.
 
 * the element-wise stages' op (torch.ops.fused_optim.muon_, with its bf16 work list):
-  parity on every backend the CPU has (the C++ engine, the reference), one call per
-  stage and batch, opcheck.
+  parity on every backend the CPU has (the C++ engine, the reference, and the Triton
+  kernels under the interpreter where this process may run them: tests/_interpreted.py),
+  one call per stage and batch, opcheck. (The Triton stages against the C++ op,
+  element by element: tests/test_triton.py.)
 
 Tolerance: none. On the CPU every param and buffer is bit-equal to torch's after every
 step, in every dtype: the element-wise stages round as torch's ops round
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -645,12 +648,24 @@ def test_optim_db_error_inputs(case):
 
 
 def _stage_backends():
+    import _interpreted
+
     from fused_optim.backends import get_backend
 
     names = ["reference"]
     if get_backend("cpu").unavailable(torch.device("cpu"), torch.float32) is None:
         names.insert(0, "cpu")
+    if _interpreted.load():
+        names.append("triton")
     return names
+
+
+def _use_backend(monkeypatch, backend):
+    """FUSED_OPTIM_BACKEND=backend; for "triton", TRITON_INTERPRET=1 too (its
+    availability check reads it: the kernels run interpreted on the CPU)."""
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", backend)
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.mark.parametrize("backend", _stage_backends())
@@ -660,7 +675,7 @@ def _stage_backends():
 def test_stages_parity_per_backend(backend, dtype, options, monkeypatch):
     """The stages on each backend the CPU has, bit-equal to torch: a batch of wide, tall
     (a transposed update) and odd shapes (sizes crossing SIMD widths)."""
-    monkeypatch.setenv("FUSED_OPTIM_BACKEND", backend)
+    _use_backend(monkeypatch, backend)
     _run(BATCH[:7] + [(33, 7), (7, 33)], dtype, options, steps=3)
 
 
@@ -670,7 +685,7 @@ def test_stages_one_call_per_batch(backend, monkeypatch):
     where built); a transposed param's rows go to the reference (torch ops on strides)."""
     import fused_optim.muon as muon
 
-    monkeypatch.setenv("FUSED_OPTIM_BACKEND", backend)
+    _use_backend(monkeypatch, backend)
     calls = []
     real = muon._stage_backend
 
@@ -698,10 +713,11 @@ def test_stages_one_call_per_batch(backend, monkeypatch):
 
 
 def test_stages_named_backend_without_work_lists_raises(monkeypatch):
-    """A backend without bf16 work lists (Backend.work_lists; Triton's today) named by
-    FUSED_OPTIM_BACKEND raises before anything changes, as a named backend that cannot
-    run a bucket does; under "auto" the next backend of AUTO_ORDER that has them runs
-    the stages, with torch's bits, and says so once."""
+    """A backend without bf16 work lists (Backend.work_lists: a registered one; every
+    built-in backend has them) named by FUSED_OPTIM_BACKEND raises before anything
+    changes, as a named backend that cannot run a bucket does; under "auto" the next
+    backend of AUTO_ORDER that has them runs the stages, with torch's bits, and says so
+    once."""
     from fused_optim import backends
 
     cpu = backends.get_backend("cpu" if "cpu" in _stage_backends() else "reference")
@@ -727,26 +743,29 @@ def test_stages_named_backend_without_work_lists_raises(monkeypatch):
         _run(SHAPES[:3], torch.float32, {}, steps=2)
 
 
-def test_stages_on_triton_are_refused(monkeypatch):
-    """The Triton kernels have no bf16 work lists: their step refuses the stages' op
-    with the reason (fused_optim.Muon never calls it: _stage_backend), and so does
-    fused_optim.Muon under FUSED_OPTIM_BACKEND=triton."""
+def test_stages_choose_triton_without_a_warning(monkeypatch):
+    """The Triton kernels have work lists: named (FUSED_OPTIM_BACKEND=triton) or first
+    in AUTO_ORDER (as on a GPU without the CUDA engine), they run the stages, with no
+    fallback warning, and the stages then change nothing on another backend's account
+    (torch's bits: test_stages_parity_per_backend)."""
     import _interpreted
 
     if not _interpreted.load():
         pytest.skip("the Triton kernels do not run interpreted in this process")
-    from fused_optim._triton_backend import load_kernels
-    from fused_optim.muon import STAGES
+    from fused_optim import backends
+    from fused_optim.muon import _stage_backend
 
-    args, kwargs = _stage_args(torch.float32, False)
-    with pytest.raises(NotImplementedError, match="Triton kernels have no bf16 work lists"):
-        load_kernels().step(STAGES, *args, **kwargs)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("FUSED_OPTIM_BACKEND", "triton")
-    p = torch.randn(4, 5, requires_grad=True)
-    p.grad = torch.randn(4, 5)
-    with pytest.raises(ValueError, match="'triton' was requested but cannot run Muon's"):
-        fused_optim.Muon([p]).step()
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setenv("FUSED_OPTIM_BACKEND", "triton")
+        assert _stage_backend(cpu, torch.float32).name == "triton"
+        monkeypatch.delenv("FUSED_OPTIM_BACKEND")
+        monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ["triton", *backends.AUTO_ORDER["cpu"]])
+        backends._SELECTED.clear()
+        assert _stage_backend(cpu, torch.float16).name == "triton"
+        _run(SHAPES[:3], torch.float16, {}, steps=2)
 
 
 def _stage_args(dtype, apply, transposed=False, n=3, shape=(9, 13)):

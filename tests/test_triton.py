@@ -739,6 +739,163 @@ def test_bf16_step_rounds_ties_like_torch():
 
 
 # ---------------------------------------------------------------------------------------
+# Work lists ([note: work lists] in launcher.py): Muon's element-wise stages, the op
+# muon_ with its bf16 `updates` beside params of any dtype, against the C++ op on the
+# same arguments, bit for bit in every dtype (no pow in its scalars: float64 is exact
+# too). Muon is no row of tests/_tables.py (its class runs its own step around the
+# Newton-Schulz iteration: Spec.stages_of), so its op is driven here directly; its
+# class against torch.optim.Muon on this backend is tests/test_muon.py's.
+
+# 7 tensors, 7 programs: an empty one, a full block and a tail, two chunks, a 2-D one
+# scaled by 2^-16 (fp16's subnormals in the params' rounding between two ops).
+MUON_SHAPES = [(1,), (3,), (BLOCK + 1,), (CHUNK + 1,), (0,), (5, 7)]
+MUON_STAGES = {
+    "momentum": {"apply": False, "nesterov": False, "transposed_update": False},
+    "nesterov": {"apply": False, "nesterov": True, "transposed_update": False},
+    "apply": {"apply": True, "nesterov": False, "transposed_update": False},
+    # bf16 params: the split add (alpha * O rounded to bf16 first); others: the flag is
+    # ignored, as by math/muon.h
+    "apply-transposed": {"apply": True, "nesterov": False, "transposed_update": True},
+}
+# Two launches on the same lists: 1 - momentum and momentum on both sides of 0.5 (both
+# branches of each lerp), a float64 and a float32 lr, weight decay on and off.
+MUON_LAUNCHES = (
+    {"lr": (0.02, torch.float64), "momentum": 0.95, "weight_decay": 0.1, "lr_ratio": 1.5},
+    {"lr": (0.3, torch.float32), "momentum": 0.4, "weight_decay": 0.0, "lr_ratio": 0.7},
+)
+
+
+def _muon_spec():
+    from fused_optim.muon import STAGES
+
+    return STAGES
+
+
+def _muon_lists(shapes, dtype: torch.dtype, seed: int = 0) -> list[list[torch.Tensor]]:
+    """params, grads, momentum_buffers (dtype) and updates (bf16); the last shape's
+    values scaled by 2^-16."""
+    gen = torch.Generator().manual_seed(seed)
+    lists: list[list[torch.Tensor]] = [[], [], [], []]
+    for i, shape in enumerate(shapes):
+        scale = 2.0 ** -16 if i == len(shapes) - 1 else 1.0
+        for k in range(4):
+            value = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+            lists[k].append(value.to(torch.bfloat16 if k == 3 else dtype))
+    return lists
+
+
+def _muon_kwargs(stage: str, launch: dict) -> dict:
+    value, lr_dtype = launch["lr"]
+    return {**launch, "lr": torch.tensor(value, dtype=lr_dtype), **MUON_STAGES[stage]}
+
+
+def _muon_same_bits(label: str, got, want) -> None:
+    names = _muon_spec().list_args()
+    _compare(label, dict(zip(names, got)), dict(zip(names, want)), exact=True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("stage", list(MUON_STAGES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_muon_stages_match_cpu_op(dtype, stage):
+    """Each stage, every param dtype: params, grads, buffers and the bf16 updates bit for
+    bit the C++ op's after each of two launches."""
+    spec = _muon_spec()
+    _needs_cpu_op(spec)
+    got = _muon_lists(MUON_SHAPES, dtype)
+    want = [[t.clone() for t in lst] for lst in got]
+    for k, launch in enumerate(MUON_LAUNCHES):
+        kwargs = _muon_kwargs(stage, launch)
+        _triton_step(spec, *got, **kwargs)
+        _oracle_step(spec, *want, **kwargs)
+        _muon_same_bits(f"muon {stage} {dtype_id(dtype)} launch {k + 1}", got, want)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,stage", [(torch.float32, "nesterov"),
+                                         (torch.bfloat16, "apply-transposed")],
+                         ids=["float32-nesterov", "bfloat16-apply-transposed"])
+def test_muon_production_launch_config(dtype, stage, monkeypatch):
+    """The default BLOCK / CHUNK (1024 / 16384): BLOCK + 1 and CHUNK + 1 elements."""
+    spec = _muon_spec()
+    _needs_cpu_op(spec)
+    config = launcher.LaunchConfig()
+    monkeypatch.setattr(launcher, "CONFIG", config)
+    got = _muon_lists([(1,), (3,), (config.block + 1,), (config.chunk + 1,)], dtype)
+    want = [[t.clone() for t in lst] for lst in got]
+    kwargs = _muon_kwargs(stage, MUON_LAUNCHES[0])
+    _triton_step(spec, *got, **kwargs)
+    _oracle_step(spec, *want, **kwargs)
+    _muon_same_bits(f"muon {stage} {dtype_id(dtype)}", got, want)
+    assert {t.n_programs for t in launcher._TABLES.values()} == {1 + 1 + 1 + 2}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,stage", [(torch.float32, "nesterov"),
+                                         (torch.bfloat16, "apply-transposed")],
+                         ids=["float32-nesterov", "bfloat16-apply-transposed"])
+def test_muon_per_tensor_kernels_match_table_kernels(dtype, stage):
+    """The kernels torch.compile traces (one launch per tensor, the bf16 update an
+    ordinary argument) give the table kernel's bits."""
+    spec = _muon_spec()
+    table = _muon_lists(PER_TENSOR_SHAPES, dtype)
+    per_tensor = [[t.clone() for t in lst] for lst in table]
+    kwargs = _muon_kwargs(stage, MUON_LAUNCHES[0])
+    launcher.step_table(spec, *table, **kwargs)
+    launcher.step_per_tensor(spec, *per_tensor, **kwargs)
+    _muon_same_bits(f"muon {stage} {dtype_id(dtype)} per tensor", per_tensor, table)
+
+
+@needs_interpreter
+def test_muon_stages_read_and_write_only_their_lists():
+    """Each stage loads only the lists it reads and stores only those it writes
+    (math.muon_skip_reads / muon_skip_writes: math/muon.h's reads / writes): the
+    momentum stage leaves the params alone, the apply stage the buffers, the updates and
+    the grads (even with grad_scale: it never reads them). Seen in bits: bf16 NaNs whose
+    payload any store would change (0x7f81: a bf16 param stores 0x7fc0, a work list
+    0x7fc1) stay in every list a stage does not write."""
+    from fused_optim.triton_kernels.launcher import _prepare
+
+    spec = _muon_spec()
+    for stage, reads, writes in (("nesterov", {1, 2}, {1, 2, 3}), ("apply", {0, 3}, {0})):
+        lists = _muon_lists([(BLOCK + 1,), (3,)], torch.bfloat16)
+        before = [[t.clone() for t in lst] for lst in lists]
+        for k in set(range(4)) - writes:
+            for t in lists[k]:
+                t.view(torch.int16).fill_(0x7F81)
+        kwargs = _muon_kwargs(stage, MUON_LAUNCHES[0])
+        h = {key: v for key, v in kwargs.items() if key != "lr"}
+        c = _prepare(spec.op, spec, lists, h, torch.tensor(1.0)).constexprs
+        assert c["READS"] == sum(1 << k for k in reads), stage
+        assert c["WRITES"] == sum(1 << k for k in writes - {1}), stage  # grad: when read
+        _triton_step(spec, *lists, grad_scale=torch.tensor(2.0), **kwargs)
+        for k in range(4):
+            for i, t in enumerate(lists[k]):
+                if k in writes:
+                    assert not torch.equal(t, before[k][i]), f"{stage}: list {k} not written"
+                else:
+                    assert (t.view(torch.int16) == 0x7F81).all(), f"{stage}: list {k} written"
+
+
+@needs_interpreter
+def test_muon_work_list_checks():
+    """The C++ op's checks of a call with work lists: the work list in its own dtype,
+    the other lists in the params' (never a memory policy's state dtype), no policy."""
+    spec = _muon_spec()
+    kwargs = _muon_kwargs("nesterov", MUON_LAUNCHES[0])
+    lists = _muon_lists([(3,)], torch.float32)
+    with pytest.raises(RuntimeError, match=r"updates\[0\] must be bfloat16 \(a bfloat16 work "
+                                           r"list\)"):
+        _triton_step(spec, *lists[:3], [t.float() for t in lists[3]], **kwargs)
+    lists = _muon_lists([(3,)], torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] is torch.float32, "
+                                           r"params\[0\] is torch.bfloat16"):
+        _triton_step(spec, *lists[:2], [t.float() for t in lists[2]], lists[3], **kwargs)
+    with pytest.raises(RuntimeError, match="takes no memory policy"):
+        _triton_step(spec, *lists, master_params=[t.float() for t in lists[0]], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
 # The row-sparse engine (triton_kernels/sparse.py) against the C++ one
 # (torch.ops.fused_optim.sparse_rows_, csrc/sparse_rows.cpp)
 
@@ -1248,10 +1405,11 @@ def compile_ptx(kernel, types, constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
 
-def prepared(case, dtype, policy=None):
-    # policy: (state dtype, master, stochastic) of a memory policy, or None
-    h = hyper_of(case)
-    lists = lists_of(case, h, [4], dtype)
+def prepared(case, dtype, policy=None, h=None, lists=None):
+    # policy: (state dtype, master, stochastic) of a memory policy, or None; h and lists:
+    # the call's arguments (default: the case's, through its class)
+    h = h or hyper_of(case)
+    lists = lists or lists_of(case, h, [4], dtype)
     master = rng = None
     if policy is not None:
         state, m, r = policy
@@ -1266,16 +1424,20 @@ def prepared(case, dtype, policy=None):
                   CHUNK=16384, BLOCK=1024)
     return consts, {"hyper": ("fp32",) * len(call.hyper)}, call.state_dtype
 
-def table_kernel(case, dtype, device_scalars, state_f64=0, policy=None):
-    consts, types, state = prepared(case, dtype, policy)
+def table_kernel(case, dtype, device_scalars, state_f64=0, policy=None, h=None, lists=None):
+    consts, types, state = prepared(case, dtype, policy, h, lists)
     consts["STATE_F64"] = state_f64
     types.update(base="*" + TYPE[dtype], state_base="*" + TYPE[state], list_offsets="*i64",
                  state_ptrs="*i64", numels="*i64", n_chunks="*i64", work="*i64",
                  arrivals="*i32", n_tensors="i32", lr_parts=("fp32", "fp32", "fp32"))
     consts.update(LR_ON_DEVICE=device_scalars, UNSCALE=device_scalars,
                   HAS_FOUND_INF=device_scalars, ELEM_ALIGN=16 // dtype.itemsize,
-                  STATE_ALIGN=16 // state.itemsize, MASTER_ALIGN=4,
+                  STATE_ALIGN=16 // state.itemsize, WORK_ALIGN=8, MASTER_ALIGN=4,
                   LR_DTYPE=tl.float32 if device_scalars else tl.float64)
+    if consts["FIXED"]:  # the work lists (bf16: Muon's)
+        types["work_base"] = "*bf16"
+    else:
+        consts["work_base"] = None
     for name in ("lr_ptr", "grad_scale_ptr", "found_inf_ptr"):
         if device_scalars:
             types[name] = "*fp32"
@@ -1325,6 +1487,23 @@ for name, policy_dtype, policy in (("adam", torch.bfloat16, (torch.bfloat16, Tru
     if name in FAMILIES:
         jobs.append((f"{name} {TYPE[policy_dtype]} policy table", FAMILIES[name],
                      lambda c, d=policy_dtype, p=policy: table_kernel(c, d, True, policy=p)))
+# Muon's stages (its op's bf16 work list beside the params: [note: work lists] in
+# launcher.py; Muon is no row of the tables): the momentum stage with nesterov on fp32
+# params, the apply stage on fp64 params, the split add on bf16 params.
+from types import SimpleNamespace
+from fused_optim.muon import STAGES as MUON
+
+def muon_table(dtype, **flags):
+    h = {"momentum": 0.95, "weight_decay": 0.1, "lr_ratio": 1.5, "nesterov": False,
+         "apply": False, "transposed_update": False, **flags}
+    lists = [[torch.randn(4, dtype=dtype)] for _ in range(3)] + [[torch.randn(4).bfloat16()]]
+    return lambda c: table_kernel(c, dtype, True, h=h, lists=lists)
+
+muon = SimpleNamespace(spec=MUON)
+jobs += [("muon fp32 table, momentum nesterov", muon, muon_table(torch.float32, nesterov=True)),
+         ("muon fp64 table, apply", muon, muon_table(torch.float64, apply=True)),
+         ("muon bf16 table, apply split", muon,
+          muon_table(torch.bfloat16, apply=True, transposed_update=True))]
 # Every per-tensor state list of every family in float64 but the first (a loaded float64
 # model's state: step float32, the others float64).
 for name, case in FAMILIES.items():
@@ -1343,9 +1522,14 @@ for label, case, build in jobs:
     assert vector, f"{label}: no 16-byte vectorized loads and stores"
     # No contracted multiply-add in the element math. In fp32 / bf16 kernels that math is
     # float32, and float64 instructions are per-tensor scalars: libdevice's float64 exp
-    # and log (NAdam's and ASGD's pow) are built from fma.rn.f64, on purpose.
+    # and log (NAdam's and ASGD's pow) are built from fma.rn.f64, on purpose. Muon's math
+    # has explicit ones (ATen's lerp and add: math/muon.h), but for the split add.
     fma = r"fma\.rn" if "fp64" in label else r"fma\.rn\.f32"
-    assert not count(rf"div\.full|div\.approx|sqrt\.approx|{fma}"), f"{label}: inexact ops"
+    assert not count(r"div\.full|div\.approx|sqrt\.approx"), f"{label}: inexact ops"
+    if label.startswith("muon"):
+        assert bool(count(fma)) == ("split" not in label), f"{label}: {fma}"
+    else:
+        assert not count(fma), f"{label}: contracted multiply-add"
     if "policy" in label:  # the random counter is advanced once per tensor too
         assert count("atom") and count(r"mul\.hi\.u32"), f"{label}: atom, Philox"
     elif "table" in label:
@@ -1388,11 +1572,12 @@ print("OK")
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_sm90():
     """The interpreter does not type-check like the compiler: compile the table kernel of
-    every optimizer family (fp32; SGD also bf16), Adam's fp64 per-tensor kernel and the
-    row-sparse kernel of every row math (fp32, bf16, fp64, fp16) to PTX for sm_90 (no GPU
-    needed), and check what the design relies on: 16-byte vectorized accesses, IEEE
-    division and sqrt, no contracted FMA (the row maths' explicit ones where they have
-    them), the arrivals atomic exactly where there is per-tensor state."""
+    every optimizer family (fp32; SGD also bf16) and of Muon's stages (fp32, fp64, bf16,
+    with their bf16 work list), Adam's fp64 per-tensor kernel and the row-sparse kernel
+    of every row math (fp32, bf16, fp64, fp16) to PTX for sm_90 (no GPU needed), and
+    check what the design relies on: 16-byte vectorized accesses, IEEE division and
+    sqrt, no contracted FMA (the explicit ones of the row maths and of Muon's where they
+    have them), the arrivals atomic exactly where there is per-tensor state."""
     res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, str(TESTS)],
                          env=_subprocess_env(), cwd=str(ROOT), capture_output=True, text=True,
                          timeout=600)
@@ -1445,6 +1630,18 @@ for name, case in FAMILIES.items():
     assert code.count("grid = [(3, 1, 1)]") == 1, code  # 40000 elements: 3 chunks of 16384
     assert "aten.add" not in code, code  # the state is advanced by the kernels
 
+# Muon's stages (its bf16 work list an ordinary bf16 argument of the per-tensor kernel):
+# one node per tensor and stage, no state kernel (no per-tensor state).
+from fused_optim.muon import STAGES as MUON
+for apply in (False, True):
+    lists = [[torch.randn(k) for k in sizes] for _ in range(3)]
+    lists.append([torch.randn(k).bfloat16() for k in sizes])
+    args = (*lists, torch.tensor(1e-3), None, None, 0.95, 0.1, 1.5, True, apply, False, [], [])
+    code = traced_code(torch.ops.fused_optim_triton.muon_, args)
+    nodes = code.count("triton_kernel_wrapper_functional(")
+    print("muon apply" if apply else "muon momentum", "nodes", nodes)
+    assert code.count("'numel': ") == len(sizes) and nodes == len(sizes), code
+
 # SGD with the memory policy (bf16 params and momentum buffers, fp32 master copies,
 # stochastic rounding): per tensor its kernel and its state kernel (which advances its
 # random counter, as SGD has no per-tensor state).
@@ -1469,11 +1666,13 @@ print("OK")
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_torch_compile_traces_per_tensor_kernels():
     """torch.compile (dynamo + AOT functionalization, no Inductor) traces each family's
-    op into one wrap_triton _tensor_kernel node per tensor, plus one _state_kernel node
-    per tensor for an optimizer with per-tensor state (which the kernels advance: no
-    aten.add), or with stochastic rounding (SGD's memory policy: the random counter). Compiled kernels are needed, so it runs in a subprocess; without a GPU the
-    graph is traced, not run (and Triton's mutation analysis, which needs a GPU target,
-    falls back to "all mutated")."""
+    op (and Muon's stages', with their bf16 work list) into one wrap_triton
+    _tensor_kernel node per tensor, plus one _state_kernel node per tensor for an
+    optimizer with per-tensor state (which the kernels advance: no aten.add), or with
+    stochastic rounding (SGD's memory policy: the random counter). Compiled kernels are
+    needed, so it runs in a subprocess; without a GPU the graph is traced, not run (and
+    Triton's mutation analysis, which needs a GPU target, falls back to "all
+    mutated")."""
     res = subprocess.run([sys.executable, "-c", _TRACE_WITH_TORCH_COMPILE, str(TESTS)],
                          env=_subprocess_env(), cwd=str(ROOT), capture_output=True, text=True,
                          timeout=600)

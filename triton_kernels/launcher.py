@@ -9,7 +9,8 @@ functions. Nothing here names an optimizer.
 
 Preconditions (checked when a table is built, see `_check_bucket`): every list as long
 as params; every tensor on params' device, of params' dtype (the state lists: of a
-memory policy's state dtype, see [note: memory policy]), shape and strides, and
+memory policy's state dtype, see [note: memory policy]; the work lists: of their own,
+see [note: work lists]), shape and strides, and
 non-overlapping and dense (element i of each list sits at offset i); per-tensor state
 is one-element float32 or float64 tensors on params' device (rows whose states differ in
 dtype go in separate launches, see `_rows_by_state_dtypes`); grad_scale
@@ -31,7 +32,8 @@ state are read from device memory too). Layout, each a view of the one tensor:
                                 leaves out has 0), tensor t at k * n + t: its address
                                 minus its base's, in elements of its dtype (the base:
                                 params[0] for params and grads, the first state tensor
-                                for the state lists)
+                                for the state lists, the first work list's first tensor
+                                for the work lists)
     state_ptrs   [N_STATES * n] data_ptr of tensor t's state j at j * n + t
     master_offsets [n]          master_params[t]'s address minus master_params[0]'s, in
                                 elements (only with master copies)
@@ -83,6 +85,23 @@ bf16 grad, states; not the param) and writes 14 B (master, bf16 param, states).
 Philox4x32-10 adds 10 rounds of two 32-bit multiply-high/low pairs per element, computed
 only when STOCHASTIC (its cost on a GPU is unmeasured).
 
+[note: work lists]
+A spec's StateList(dtype=...) is a work list stored in that dtype whatever the params'
+(Muon's bf16 `updates`: [note: bf16 work lists] in
+csrc/include/fused_optim/math/optimizer.h). The kernels take it from the spec, for any
+optimizer (constexprs FIXED, a bit per list, and WORK_DTYPE, their dtype: bf16, the
+one the C++ engines take too): it is addressed from its own base (work_base, WORK_ALIGN), loaded exactly into
+opmath, and stored rounded to the params' dtype first, then through float32 to
+WORK_DTYPE (math.to_work_storage: the bits of torch's `.bfloat16()` of a tensor of the
+params' dtype, as the C++ engines store it). Such a call takes no memory policy and
+its other state lists are of the params' dtype.
+The stages that use work lists also read or write only some of the lists (Muon's
+momentum stage leaves the params alone, its apply stage the buffer and the update):
+READS and WRITES come from the math's <name>_skip_reads / <name>_skip_writes (the C++
+math's reads / writes), so a stage moves only the bytes it needs (Muon fp32: momentum
+reads 8 B and writes 6 B per element, apply reads 6 B and writes 4 B), and a stage that
+never reads the grad leaves it as it is, grad_scale or not.
+
 [note: torch.compile]
 The table holds raw addresses, which a compiler tracing with FakeTensors cannot build
 and cannot see the mutations through. Traced calls (FakeTensor / FunctionalTensor
@@ -109,7 +128,7 @@ from fused_optim._fake import (check_count, check_device_scalar, check_list_dtyp
                                check_policy, present_lists, state_dtype_of)
 
 from . import math as _math
-from .math import to_policy_storage, to_storage, unscale
+from .math import to_policy_storage, to_storage, to_work_storage, unscale
 
 __all__ = [
     "LaunchConfig",
@@ -189,10 +208,13 @@ def _block(ptrs, master, offs, mask, grad_scale, s, seed, counter, UPDATE: tl.co
            WRITES: tl.constexpr, VARIANT: tl.constexpr, DTYPE: tl.constexpr,
            STATE_DTYPE: tl.constexpr, OPMATH: tl.constexpr, UNSCALE: tl.constexpr,
            MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-           WORDS: tl.constexpr, POLICY: tl.constexpr, BLOCK: tl.constexpr):
+           WORDS: tl.constexpr, POLICY: tl.constexpr, FIXED: tl.constexpr,
+           WORK_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """The optimizer's update on the elements `offs` (where `mask`, or all when mask is
     None): x holds every list of the optimizer (list 0 params, 1 grads); lists the call
-    leaves out, or whose old values the update never reads, are zeros, never loaded.
+    leaves out, or whose old values the update never reads (READS), are zeros, never
+    loaded, and only the lists of WRITES are stored (the grad: when READS has it and the
+    call unscales it). The work lists of FIXED are of WORK_DTYPE ([note: work lists]).
     Under a memory policy ([note: memory policy]) the state lists are of STATE_DTYPE,
     the params are read from and written to their fp32 copies `master` (MASTER) and
     written rounded to nearest from them, and bf16 stores round stochastically
@@ -208,11 +230,12 @@ def _block(ptrs, master, offs, mask, grad_scale, s, seed, counter, UPDATE: tl.co
             x = x + (tl.zeros([BLOCK], OPMATH),)
     g = x[1]
     if UNSCALE:
-        g = unscale(g, grad_scale)
-        if POLICY:
-            tl.store(ptrs[1] + offs, to_policy_storage(g, DTYPE, 0, False), mask=mask)
-        else:
-            tl.store(ptrs[1] + offs, to_storage(g, DTYPE), mask=mask)
+        if (READS >> 1) & 1:  # a stage that never reads the grad leaves it as it is
+            g = unscale(g, grad_scale)
+            if POLICY:
+                tl.store(ptrs[1] + offs, to_policy_storage(g, DTYPE, 0, False), mask=mask)
+            else:
+                tl.store(ptrs[1] + offs, to_storage(g, DTYPE), mask=mask)
     if MAXIMIZE:
         g = -g
     x = UPDATE(x, g, s, LISTS, VARIANT)
@@ -221,7 +244,9 @@ def _block(ptrs, master, offs, mask, grad_scale, s, seed, counter, UPDATE: tl.co
         words = tl.randint4x(seed, counter + offs)
     for k in tl.static_range(N_LISTS):
         if (WRITES >> k) & 1:
-            if not POLICY:
+            if (FIXED >> k) & 1:
+                tl.store(ptrs[k] + offs, to_work_storage(x[k], DTYPE, WORK_DTYPE), mask=mask)
+            elif not POLICY:
                 tl.store(ptrs[k] + offs, to_storage(x[k], DTYPE), mask=mask)
             elif MASTER and k == 0:
                 tl.store(master + offs, x[0], mask=mask)
@@ -243,7 +268,8 @@ def _chunk(ptrs, master, begin, end, grad_scale, s, seed, counter, UPDATE: tl.co
            WRITES: tl.constexpr, VARIANT: tl.constexpr, DTYPE: tl.constexpr,
            STATE_DTYPE: tl.constexpr, OPMATH: tl.constexpr, UNSCALE: tl.constexpr,
            MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-           WORDS: tl.constexpr, POLICY: tl.constexpr, BLOCK: tl.constexpr):
+           WORDS: tl.constexpr, POLICY: tl.constexpr, FIXED: tl.constexpr,
+           WORK_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """Elements [begin, end) of one tensor's lists; begin is a multiple of BLOCK. Full
     blocks go unmasked (a mask of unknown alignment keeps the compiler from vectorizing),
     then one masked tail. Alignment hints must be given where begin and the pointers are
@@ -253,12 +279,12 @@ def _chunk(ptrs, master, begin, end, grad_scale, s, seed, counter, UPDATE: tl.co
         offs = block_start + tl.arange(0, BLOCK)
         _block(ptrs, master, offs, None, grad_scale, s, seed, counter, UPDATE, N_LISTS, LISTS,
                READS, WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE, MASTER,
-               STOCHASTIC, WORDS, POLICY, BLOCK)
+               STOCHASTIC, WORDS, POLICY, FIXED, WORK_DTYPE, BLOCK)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         _block(ptrs, master, offs, offs < end, grad_scale, s, seed, counter, UPDATE, N_LISTS,
                LISTS, READS, WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE,
-               MASTER, STOCHASTIC, WORDS, POLICY, BLOCK)
+               MASTER, STOCHASTIC, WORDS, POLICY, FIXED, WORK_DTYPE, BLOCK)
 
 
 @triton.jit
@@ -306,8 +332,9 @@ def _scalars_of(state, lr_ptr, lr_parts, hyper, ADVANCE: tl.constexpr,
 @triton.jit(do_not_specialize=["n_tensors"])
 def _table_kernel(
     # the resident table ([note: the resident table]); base is params[0], state_base the
-    # first state tensor (or params[0]), master_base master_params[0] (None without)
-    base, state_base, master_base, list_offsets, state_ptrs, master_offsets, rng_ptrs,
+    # first state tensor (or params[0]), work_base the first work list's first tensor
+    # ([note: work lists]; None without), master_base master_params[0] (None without)
+    base, state_base, work_base, master_base, list_offsets, state_ptrs, master_offsets, rng_ptrs,
     numels, n_chunks, work, arrivals, n_tensors,
     # device scalars (None when absent)
     lr_ptr, grad_scale_ptr, found_inf_ptr,
@@ -320,12 +347,14 @@ def _table_kernel(
     # the memory policy ([note: memory policy])
     STATE_DTYPE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
     WORDS: tl.constexpr, POLICY: tl.constexpr,
+    # the work lists ([note: work lists]): a bit per list, their dtype
+    FIXED: tl.constexpr, WORK_DTYPE: tl.constexpr,
     # meta-parameters
     DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_F64: tl.constexpr,
     LR_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ELEM_ALIGN: tl.constexpr,
-    STATE_ALIGN: tl.constexpr, MASTER_ALIGN: tl.constexpr,
+    STATE_ALIGN: tl.constexpr, WORK_ALIGN: tl.constexpr, MASTER_ALIGN: tl.constexpr,
 ):
     # This program's chunk: tensor t, elements [begin, end); none if the step is skipped
     # (alignment hints go here, where the values are loaded: see _chunk).
@@ -355,12 +384,16 @@ def _table_kernel(
     if UNSCALE:
         grad_scale = tl.load(grad_scale_ptr).to(OPMATH)
     # Tensor t's lists: params[0]'s pointer plus element offsets (the state lists:
-    # state_base's, in their own dtype), its master copy, its Philox key and counter.
+    # state_base's, in their own dtype; the work lists: work_base's), its master copy,
+    # its Philox key and counter.
     ptrs = ()
     for k in tl.static_range(N_LISTS):
         if k < 2:
             ptrs = ptrs + (base + tl.multiple_of(tl.load(list_offsets + k * n_tensors + t),
                                                  ELEM_ALIGN),)
+        elif (FIXED >> k) & 1:
+            ptrs = ptrs + (work_base + tl.multiple_of(
+                tl.load(list_offsets + k * n_tensors + t), WORK_ALIGN),)
         else:
             ptrs = ptrs + (state_base + tl.multiple_of(
                 tl.load(list_offsets + k * n_tensors + t), STATE_ALIGN),)
@@ -375,7 +408,7 @@ def _table_kernel(
         counter = tl.load(rng_at + 1)
     _chunk(ptrs, master, begin, end, grad_scale, s, seed, counter, UPDATE, N_LISTS, LISTS,
            READS, WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE, MASTER,
-           STOCHASTIC, WORDS, POLICY, BLOCK)
+           STOCHASTIC, WORDS, POLICY, FIXED, WORK_DTYPE, BLOCK)
     if N_STATES > 0 or STOCHASTIC:
         # Store the state and the advanced counter (offset + numel) once, from the last
         # of t's programs ([note: advancing ...]).
@@ -401,7 +434,7 @@ def _tensor_kernel(
     N_LISTS: tl.constexpr, LISTS: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
     VARIANT: tl.constexpr, N_FLOATS: tl.constexpr, N_STATES: tl.constexpr,
     STATE_DTYPE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    WORDS: tl.constexpr, POLICY: tl.constexpr,
+    WORDS: tl.constexpr, POLICY: tl.constexpr, FIXED: tl.constexpr, WORK_DTYPE: tl.constexpr,
     DTYPE: tl.constexpr, OPMATH: tl.constexpr, STATE_F64: tl.constexpr,
     LR_DTYPE: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -431,7 +464,7 @@ def _tensor_kernel(
         counter = tl.load(rng + 1)
     _chunk(ptrs, m, begin, end, grad_scale, s, seed, counter, UPDATE, N_LISTS, LISTS, READS,
            WRITES, VARIANT, DTYPE, STATE_DTYPE, OPMATH, UNSCALE, MAXIMIZE, MASTER, STOCHASTIC,
-           WORDS, POLICY, BLOCK)
+           WORDS, POLICY, FIXED, WORK_DTYPE, BLOCK)
 
 
 @triton.jit
@@ -476,7 +509,8 @@ class _Table:
     n_tensors: int
     n_programs: int
     elem_align: int             # every address is a multiple of this many elements:
-    state_align: int            # params and grads, state lists, master copies
+    state_align: int            # params and grads, state lists, work lists, master
+    work_align: int             # copies
     master_align: int
     state_f64: int              # bit j: state list j is float64 (else float32)
 
@@ -506,17 +540,20 @@ def _op_error(op: str, msg: str) -> RuntimeError:
 def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
                   states: list[tuple[str, list[torch.Tensor]]],
                   master: list[torch.Tensor] | None = None,
-                  rng: list[torch.Tensor] | None = None) -> None:
+                  rng: list[torch.Tensor] | None = None, state_dtype: torch.dtype | None = None,
+                  fixed: dict[str, str] | None = None) -> None:
     """The checks of csrc/ops_common.h check_bucket / check_scalars / check_policy_lists
     (the dtype rules and the memory policy's in fused_optim/_fake.py, shared with the
-    fake kernels), run once per table (not per step)."""
+    fake kernels), run once per table (not per step). `state_dtype`: the call's (see
+    _prepare); `fixed`: the spec's work lists and their dtypes."""
     params = lists[0]
     device, dtype = params[0].device, params[0].dtype
     if dtype not in SUPPORTED_DTYPES:
         raise _op_error(op, f"parameters must be float32, float64, float16 or bfloat16, "
                             f"got {dtype}")
     present = list(zip(names, lists))
-    state_dtype = state_dtype_of(present, bool(master), bool(rng))
+    if state_dtype is None:
+        state_dtype = state_dtype_of(present, bool(master), bool(rng))
     for i, p in enumerate(params):
         for k, (name, lst) in enumerate(present):
             t = lst[i]
@@ -526,7 +563,7 @@ def _check_bucket(op: str, names: list[str], lists: list[list[torch.Tensor]],
             if t.device != device:
                 raise _op_error(op, f"all tensors of one call must be on one device; {where} "
                                     f"is on {t.device}, params[0] on {device}")
-            check_list_dtype(_qualified(op), present, k, i, dtype, state_dtype)
+            check_list_dtype(_qualified(op), present, k, i, dtype, state_dtype, fixed)
             if t.shape != p.shape:
                 raise _op_error(op, f"{where} has shape {tuple(t.shape)} but params[{i}] has "
                                     f"shape {tuple(p.shape)}")
@@ -590,6 +627,28 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+# The groups of an optimizer's lists, each addressed from its own base in its own dtype
+# ([note: the resident table]): params and grads, the state lists, the work lists.
+_PARAMS, _STATES, _WORK = 0, 1, 2
+
+
+def _group_of(slot: int, fixed: int) -> int:
+    """The group of optimizer list `slot`; `fixed`: the work lists, a bit each."""
+    return _PARAMS if slot < 2 else _WORK if (fixed >> slot) & 1 else _STATES
+
+
+def _bases(call: "_Call") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each group's base tensor: params[0]; the first state list's first tensor (params[0]
+    when the call keeps none); the first work list's first tensor (None without)."""
+    fixed = call.constexprs["FIXED"]
+    found: list[torch.Tensor | None] = [call.lists[0][0], None, None]
+    for slot, lst in zip(call.slots, call.lists):
+        group = _group_of(slot, fixed)
+        if found[group] is None:
+            found[group] = lst[0]
+    return found[0], found[1] if found[1] is not None else found[0], found[2]
+
+
 def _get_table(op: str, call: "_Call", config: LaunchConfig) -> _Table:
     """The table of a call's lists (optimizer list `call.slots[i]` each), state and
     policy lists."""
@@ -602,29 +661,31 @@ def _get_table(op: str, call: "_Call", config: LaunchConfig) -> _Table:
     numels = [p.numel() for p in params]
     # The states' dtypes are part of the key: the table fixes how the kernel reads each
     # state list (STATE_F64, STATE_DTYPE), and a float64 state may sit where a float32
-    # one did.
+    # one did. So are the work lists: they fix each list's group (its base).
     state_f64 = _state_f64(states, 0)
     n_slots = call.constexprs["N_LISTS"]
+    fixed = call.constexprs["FIXED"]
     key = (params[0].device, params[0].dtype, call.state_dtype, state_f64, tuple(call.slots),
-           n_slots, config.chunk, tuple(ptrs), tuple(state_ptrs), bool(master),
+           n_slots, fixed, config.chunk, tuple(ptrs), tuple(state_ptrs), bool(master),
            tuple(master_ptrs), bool(rng), tuple(rng_ptrs), tuple(numels))
     table = _TABLES.get(key)
     if table is not None:
         _TABLES.move_to_end(key)
         _STATS["hits"] += 1
         return table
-    _check_bucket(op, call.names, lists, states, master, rng)
+    _check_bucket(op, call.names, lists, states, master, rng, call.state_dtype, call.fixed)
     n = len(params)
-    # Every optimizer list gets a row of offsets from its base: params[0] for params and
-    # grads, the first state tensor for the state lists (0 for a list the call leaves out).
-    state_base = lists[2][0].data_ptr() if len(lists) > 2 else ptrs[0]
+    # Every optimizer list gets a row of offsets from its group's base, in bytes here (0
+    # for a list the call leaves out).
+    bases = _bases(call)
+    groups = [_group_of(k, fixed) for k in range(n_slots)]
     rows = [[0] * n for _ in range(n_slots)]
     for i, slot in enumerate(call.slots):
-        base = ptrs[0] if slot < 2 else state_base
+        base = bases[groups[slot]].data_ptr()
         rows[slot] = [q - base for q in ptrs[i * n:(i + 1) * n]]
-    table = _build_table(op, params[0].device, rows, (ptrs[0], state_base, *master_ptrs[:1]),
-                         (params[0].element_size(), lists[2][0].element_size()
-                          if len(lists) > 2 else params[0].element_size(), 4),
+    table = _build_table(op, params[0].device, rows, groups,
+                         [b.data_ptr() if b is not None else None for b in bases],
+                         [b.element_size() if b is not None else 1 for b in bases],
                          state_ptrs, master_ptrs, rng_ptrs, numels, config, state_f64)
     _TABLES[key] = table
     if len(_TABLES) > _TABLE_CACHE_SIZE:
@@ -633,28 +694,39 @@ def _get_table(op: str, call: "_Call", config: LaunchConfig) -> _Table:
     return table
 
 
-def _build_table(op: str, device: torch.device, rows: list[list[int]], bases: tuple[int, ...],
-                 sizes: tuple[int, int, int], state_ptrs: list[int], master_ptrs: list[int],
-                 rng_ptrs: list[int], numels: list[int], config: LaunchConfig,
-                 state_f64: int) -> _Table:
-    """`rows`: per optimizer list, each tensor's address minus its base's (params[0] for
-    lists 0 and 1, bases[1] for the state lists) in bytes; `bases`: params[0], the state
-    lists' base, master_params[0] when there are master copies; `sizes`: the element
-    sizes of params, states, master copies."""
+def _offsets(op: str, rows: list[list[int]], base: int | None, size: int
+             ) -> tuple[list[list[int]], int]:
+    """Byte offsets `rows` from `base` in elements of `size` bytes, and the alignment
+    hint of their group: 16 // size elements when the base and every offset are
+    16-byte aligned, else 1."""
+    flat = [d for row in rows for d in row]
+    if any(d % size for d in flat):
+        raise _op_error(op, f"tensor addresses are not multiples of the element size "
+                            f"({size} B) apart")
+    aligned = base is not None and base % 16 == 0 and all(d % 16 == 0 for d in flat)
+    return [[d // size for d in row] for row in rows], 16 // size if aligned else 1
+
+
+def _build_table(op: str, device: torch.device, rows: list[list[int]], groups: list[int],
+                 bases: list[int | None], sizes: list[int], state_ptrs: list[int],
+                 master_ptrs: list[int], rng_ptrs: list[int], numels: list[int],
+                 config: LaunchConfig, state_f64: int) -> _Table:
+    """`rows`: per optimizer list, each tensor's address minus its group's base in bytes;
+    `groups`: each list's group (_PARAMS, _STATES, _WORK); `bases`, `sizes`: each
+    group's base address (None: a group without lists) and element size."""
     n = len(numels)
-    groups = [(rows[:2], bases[0], sizes[0]), (rows[2:], bases[1], sizes[1])]
+    offsets: list[list[int]] = [[] for _ in rows]
+    aligns = []
+    for group, (base, size) in enumerate(zip(bases, sizes)):
+        members = [k for k, g in enumerate(groups) if g == group]
+        converted, align = _offsets(op, [rows[k] for k in members], base, size)
+        for k, row in zip(members, converted):
+            offsets[k] = row
+        aligns.append(align)
+    master_offsets, master_align = [], 1
     if master_ptrs:
-        groups.append(([[q - master_ptrs[0] for q in master_ptrs]], master_ptrs[0], sizes[2]))
-    offsets, aligns = [], []
-    for group_rows, base, size in groups:
-        flat = [d for row in group_rows for d in row]
-        if any(d % size for d in flat):
-            raise _op_error(op, f"tensor addresses are not multiples of the element size "
-                                f"({size} B) apart")
-        offsets.append([d // size for d in flat])
-        aligned = base % 16 == 0 and all(d % 16 == 0 for d in flat)
-        aligns.append(16 // size if aligned else 1)
-    aligns += [1] * (3 - len(aligns))
+        (master_offsets,), master_align = _offsets(
+            op, [[q - master_ptrs[0] for q in master_ptrs]], master_ptrs[0], 4)
     numel_t = torch.tensor(numels, dtype=torch.int64)
     n_chunks = torch.clamp((numel_t + config.chunk - 1) // config.chunk, min=1)
     n_programs = int(n_chunks.sum())
@@ -663,8 +735,7 @@ def _build_table(op: str, device: torch.device, rows: list[list[int]], bases: tu
     first_program = torch.cumsum(n_chunks, 0) - n_chunks
     chunk_of = torch.arange(n_programs, dtype=torch.int64) - first_program[tensor_of]
     work = torch.stack([tensor_of, chunk_of * config.chunk], dim=1).reshape(-1)
-    list_offsets = offsets[0] + offsets[1]
-    master_offsets = offsets[2] if master_ptrs else []
+    list_offsets = [d for row in offsets for d in row]
     host = torch.cat([torch.tensor(list_offsets, dtype=torch.int64),
                       torch.tensor(state_ptrs, dtype=torch.int64),
                       torch.tensor(master_offsets, dtype=torch.int64),
@@ -677,7 +748,7 @@ def _build_table(op: str, device: torch.device, rows: list[list[int]], bases: tu
     return _Table(meta, list_offsets_t, state_ptrs_t, master_t if master_ptrs else None,
                   rng_t if rng_ptrs else None, numels_t, n_chunks_t, work_t,
                   torch.zeros(n, dtype=torch.int32, device=device), n, n_programs,
-                  aligns[0], aligns[1], aligns[2], state_f64)
+                  aligns[_PARAMS], aligns[_STATES], aligns[_WORK], master_align, state_f64)
 
 
 # ---------------------------------------------------------------------------------
@@ -729,6 +800,7 @@ class _Call:
     master: list[torch.Tensor] | None   # the memory policy's lists (None: none)
     rng: list[torch.Tensor] | None
     state_dtype: torch.dtype         # the state lists' storage dtype
+    fixed: dict[str, str]            # the spec's work lists -> their dtype names
 
 
 def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale,
@@ -752,17 +824,16 @@ def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale,
     states = [(s.arg, list(t)) for s, t in zip(spec.scalars, lists[n_lists:])]
     for name, lst in [*zip(names, present), *states]:
         check_count(qualified, name, lst, n)
-    variant, advance, scalars, update, skip_reads = _math_of(spec)
-    reads = 0
-    for k in range(n_lists):
-        if (mask >> k) & 1 and k != 1:
-            reads |= 1 << k
-    reads &= ~skip_reads(h)
-    reads |= 0b10  # the grad
+    variant, advance, scalars, update, skip_reads, skip_writes = _math_of(spec)
+    fixed, work_dtype = _work_lists(spec)
+    dtype = present[0][0].dtype if n else torch.float32
+    # The math's plain-Python functions see the params' dtype too (math.py).
+    hd = {**h, "param_dtype": dtype}
     constexprs = dict(
         ADVANCE=advance, SCALARS=scalars, UPDATE=update, N_LISTS=n_lists, LISTS=mask,
-        READS=reads, WRITES=mask & ~0b10, VARIANT=variant(h), N_FLOATS=len(spec.floats),
-        N_STATES=len(spec.scalars),
+        READS=mask & ~skip_reads(hd), WRITES=mask & ~0b10 & ~skip_writes(hd),
+        VARIANT=variant(hd), N_FLOATS=len(spec.floats), N_STATES=len(spec.scalars),
+        FIXED=fixed, WORK_DTYPE=_TL_DTYPE[work_dtype] if fixed else tl.bfloat16,
     )
     hyper = tuple(part for f in spec.floats for part in split_f64(h[f.name]))
     # The memory policy ([note: memory policy]): the state lists' dtype (the params' unless
@@ -770,8 +841,11 @@ def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale,
     # table is built), the master copies, the random words of each state list.
     master = list(master_params) if master_params else None
     rng = list(rng_states) if rng_states else None
-    dtype = state_dtype = present[0][0].dtype if n else torch.float32
-    if n:
+    state_dtype = dtype
+    if fixed and (master or rng):
+        # [note: work lists]: as the C++ ops, no policy beside them.
+        raise _op_error(op, "takes no memory policy (master_params, rng_states)")
+    if n and not fixed:
         state_dtype = state_dtype_of(list(zip(names, present)), bool(master), bool(rng))
     kept = [k for k in slots if k >= 2]
     if rng and len(kept) > 3:
@@ -782,21 +856,24 @@ def _prepare(op: str, spec, lists: tuple, h: dict[str, Any], grad_scale,
         STOCHASTIC=bool(rng), WORDS=sum((1 + j) << (2 * k) for j, k in enumerate(kept)),
         POLICY=bool(master) or bool(rng) or state_dtype != dtype,
     )
-    return _Call(names, present, slots, states, constexprs, hyper, master, rng, state_dtype)
+    return _Call(names, present, slots, states, constexprs, hyper, master, rng, state_dtype,
+                 spec.fixed_dtypes)
 
 
 @functools.lru_cache(maxsize=None)
 def _math_of(spec):
-    """The optimizer's math in math.py: (variant, advance, scalars, update, skip_reads);
-    skip_reads(h) is the mask of the lists whose old values a call's update never reads
-    (math.<name>_skip_reads, e.g. a buffer that its first step sets from the grad; none
-    by default)."""
+    """The optimizer's math in math.py: (variant, advance, scalars, update, skip_reads,
+    skip_writes); skip_reads(h) is the mask of the lists whose old values a call's update
+    never reads (math.<name>_skip_reads, e.g. a buffer that its first step sets from the
+    grad), skip_writes(h) of those it never changes (math.<name>_skip_writes, e.g. the
+    params in a stage that does not step them); none by default."""
     try:
         return (getattr(_math, f"{spec.name}_variant"),
                 getattr(_math, f"{spec.name}_advance", _math.count_step),
                 getattr(_math, f"{spec.name}_scalars"),
                 getattr(_math, f"{spec.name}_update"),
-                getattr(_math, f"{spec.name}_skip_reads", _reads_all))
+                getattr(_math, f"{spec.name}_skip_reads", _reads_all),
+                getattr(_math, f"{spec.name}_skip_writes", _reads_all))
     except AttributeError as exc:
         raise NotImplementedError(
             f"fused_optim_triton: no Triton math for {spec.name!r} in "
@@ -804,7 +881,22 @@ def _math_of(spec):
 
 
 def _reads_all(h: dict[str, Any]) -> int:
-    return 0
+    return 0  # (and writes all)
+
+
+@functools.lru_cache(maxsize=None)
+def _work_lists(spec) -> tuple[int, torch.dtype | None]:
+    """The spec's work lists ([note: work lists]): a bit per optimizer list, and their
+    storage dtype (None without). bf16 only, as the C++ engines' (kBFloat16Lists):
+    math.to_work_storage rounds through float32."""
+    dtypes = {getattr(torch, name, None) for name in spec.fixed_dtypes.values()}
+    if not dtypes <= {torch.bfloat16}:
+        raise NotImplementedError(
+            f"fused_optim_triton: {spec.op}'s work lists are {spec.fixed_dtypes}; the "
+            "kernels take bfloat16 work lists only")
+    args = spec.list_args()
+    mask = sum(1 << args.index(arg) for arg in spec.fixed_dtypes)
+    return mask, next(iter(dtypes), None)
 
 
 def step_table(spec, *lists, lr, grad_scale=None, found_inf=None, master_params=None,
@@ -836,9 +928,10 @@ def step_table(spec, *lists, lr, grad_scale=None, found_inf=None, master_params=
     _check_scalar(op, "grad_scale", grad_scale, device)
     _check_scalar(op, "found_inf", found_inf, device)
     table = _get_table(op, call, config)
-    state_base = call.lists[2][0] if len(call.lists) > 2 else params[0]
+    _, state_base, work_base = _bases(call)
     _table_kernel[(table.n_programs,)](
-        params[0], state_base, call.master[0] if call.master else None, table.list_offsets,
+        params[0], state_base, work_base, call.master[0] if call.master else None,
+        table.list_offsets,
         table.state_ptrs, table.master_offsets, table.rng_ptrs, table.numels, table.n_chunks,
         table.work, table.arrivals, table.n_tensors,
         lr_ptr, grad_scale, found_inf, lr_parts, call.hyper,
@@ -849,7 +942,8 @@ def step_table(spec, *lists, lr, grad_scale=None, found_inf=None, master_params=
         UNSCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         MAXIMIZE=bool(h.get("maximize", False)),
         CHUNK=config.chunk, BLOCK=config.block, ELEM_ALIGN=table.elem_align,
-        STATE_ALIGN=table.state_align, MASTER_ALIGN=table.master_align,
+        STATE_ALIGN=table.state_align, WORK_ALIGN=table.work_align,
+        MASTER_ALIGN=table.master_align,
         num_warps=config.num_warps, enable_fp_fusion=False,
     )
 
@@ -893,7 +987,8 @@ def step_per_tensor(spec, *lists, lr, grad_scale=None, found_inf=None, master_pa
                 HAS_FOUND_INF=found_inf is not None, MAXIMIZE=bool(h.get("maximize", False)),
                 CHUNK=config.chunk, BLOCK=config.block, num_warps=config.num_warps,
                 STATE_F64=_state_f64(call.states, i), STATE_DTYPE=c["STATE_DTYPE"],
-                MASTER=c["MASTER"], WORDS=c["WORDS"], POLICY=c["POLICY"], **common,
+                MASTER=c["MASTER"], WORDS=c["WORDS"], POLICY=c["POLICY"], FIXED=c["FIXED"],
+                WORK_DTYPE=c["WORK_DTYPE"], **common,
             )
         if call.states or rng is not None:
             state_kernel[(1,)](*ss, rng, n, lr_t, found_inf, call.hyper,

@@ -6,10 +6,18 @@ its name, the same operations in the same order as its C++ math
 implementation:
 
   <name>_variant(h) -> tuple      plain Python: the compile-time variant of a call from
-                                  its float / bool arguments `h` (a dict by name), a
-                                  tuple of ints or bools (VARIANT in the kernels)
+                                  its float / bool arguments `h` (a dict by name, with
+                                  the params' torch dtype under "param_dtype", as the
+                                  reference's h has it), a tuple of ints or bools
+                                  (VARIANT in the kernels)
   <name>_skip_reads(h) -> int     optional, plain Python: lists (a bit each) whose old
-                                  values the call's update never reads
+                                  values the call's update never reads (the grad
+                                  included: a call that never reads it leaves it as it
+                                  is, grad_scale or not)
+  <name>_skip_writes(h) -> int    optional, plain Python: lists (a bit each) the call's
+                                  update never changes, which are then not stored (a
+                                  stage that leaves the params as they are); the C++
+                                  math's reads<LISTS, V> / writes<LISTS, V>
   <name>_advance(state, lr, h, STATE_F64, LR_DTYPE)
                                   the tensor's per-tensor state after this step (a tuple
                                   of float64; default `count_step`: step + 1); bit j of
@@ -30,8 +38,10 @@ implementation:
                                   are zeros to be ignored), grad the unscaled, signed
                                   grad, s the scalars; returns x updated
 
-Element values arrive in opmath (float32, or float64 for float64 storage). Memory
-traffic is the kernels' business (launcher.py); nothing here loads or stores.
+Element values arrive in opmath (float32, or float64 for float64 storage), those of
+a work list stored in a fixed dtype (the spec's ``StateList(dtype=...)``: Muon's bf16
+updates) too, loaded exactly. Memory traffic is the kernels' business (launcher.py);
+nothing here loads or stores.
 
 An optimizer that takes sparse grads also has a row math for the row-sparse engine
 (sparse.py), under its SparseGrads.math name: `<math>_rows(p, g, s, c, DTYPE)` and
@@ -68,6 +78,7 @@ and `lr_sub_from` compute in LR_DTYPE's opmath and round the result to LR_DTYPE.
 
 from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -119,6 +130,17 @@ def to_policy_storage(x, DTYPE: tl.constexpr, r, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
+def to_work_storage(x, DTYPE: tl.constexpr, WORK_DTYPE: tl.constexpr):
+    """A value stored into a work list of its own dtype WORK_DTYPE beside params of
+    DTYPE ([note: bf16 work lists] in csrc/include/fused_optim/math/optimizer.h): rounded
+    to DTYPE first, then through float32 to WORK_DTYPE, as torch's `.bfloat16()` of a
+    tensor of the params' dtype (and the C++ engines' store_work: float_to_bf16_any's NaN
+    rule, a NaN keeping its sign and high payload)."""
+    stored = to_storage(x, DTYPE).to(x.dtype).to(tl.float32)
+    return to_policy_storage(stored, WORK_DTYPE, 0, False)
+
+
+@triton.jit
 def lerp(start, end, weight):
     """torch.lerp with ATen's two-branch formula, exact at weight 0 and 1, written as in
     stages.h: start + w * (end - start) for w < 0.5, else end + (w - 1) * (end - start),
@@ -126,6 +148,17 @@ def lerp(start, end, weight):
     from_start = weight < 0.5
     coefficient = tl.where(from_start, weight, weight - 1.0)
     return tl.where(from_start, start, end) + coefficient * (end - start)
+
+
+@triton.jit
+def lerp_fused(start, end, weight):
+    """torch.lerp as ATen's kernels compute it (stages.h lerp_fused): |weight| < 0.5
+    picks start + w * (end - start), else end + (w - 1) * (end - start), each with ONE
+    rounding (a fused multiply-add: tl.fma, which the interpreter rounds once too);
+    `weight` is a per-tensor scalar."""
+    from_start = tl.abs(weight) < 0.5
+    return tl.fma(tl.where(from_start, weight, weight - 1.0), end - start,
+                  tl.where(from_start, start, end))
 
 
 @triton.jit
@@ -727,6 +760,101 @@ def rprop_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
     neg_sign = tl.where(grad > 0.0, -1.0, tl.where(grad < 0.0, 1.0, negative_zero))
     param = x[0] + neg_sign.to(grad.dtype) * step_size
     return param, x[1], grad, step_size
+
+
+# ---------------------------------------------------------------------------------
+# Muon's element-wise stages (fused_optim/muon.py; math/muon.h Muon)
+#
+# Two stages of one op, chosen by the `apply` flag: momentum (reads grad and buffer,
+# writes the buffer and the bf16 update) and apply (reads param and update, writes the
+# param). The params' storage rounding between two of torch's ops (bf16 / fp16 params)
+# is a variant: _muon_stored.
+
+MUON_BF16: tl.constexpr = tl.constexpr(1)
+MUON_F16: tl.constexpr = tl.constexpr(2)
+
+
+def muon_variant(h) -> tuple[bool, bool, int, bool]:
+    """(apply, nesterov, the params' half dtype (MUON_BF16, MUON_F16 or 0), split add):
+    Muon::variant. The split add is bf16 params' apply stage with a transposed update
+    (kSplitAddBit: torch's strided add_ rounds alpha * O to bf16 before the sum)."""
+    dtype = h["param_dtype"]
+    half = (MUON_BF16.value if dtype == torch.bfloat16
+            else MUON_F16.value if dtype == torch.float16 else 0)
+    if h["apply"]:
+        return (True, False, half, half == MUON_BF16.value and bool(h["transposed_update"]))
+    return (False, bool(h["nesterov"]), half, False)
+
+
+def muon_skip_reads(h) -> int:
+    """Muon::reads: apply reads param and update only (not grad, buffer); momentum grad
+    and buffer only (not param, update)."""
+    return (1 << 1) | (1 << 2) if h["apply"] else (1 << 0) | (1 << 3)
+
+
+def muon_skip_writes(h) -> int:
+    """Muon::writes: apply writes the param only; momentum the buffer and the update."""
+    return (1 << 2) | (1 << 3) if h["apply"] else 1 << 0
+
+
+@triton.jit
+def muon_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
+                 LR_DTYPE: tl.constexpr, OPMATH: tl.constexpr):
+    """(math/muon.h Muon::scalars); h = (momentum, weight_decay, lr_ratio). alpha =
+    -lr * lr_ratio in lr's dtype, cast to bf16 for bf16 params (torch's add_ on a bf16
+    tensor takes its alpha in bf16 on the CPU)."""
+    momentum = h[0]
+    alpha = -lr_mul(lr, h[2], LR_DTYPE)
+    if VARIANT[2] == MUON_BF16:
+        alpha = _lr_round(alpha, tl.bfloat16)
+    return (
+        (1.0 - momentum).to(OPMATH),                   # weight: torch's 1 - momentum
+        momentum.to(OPMATH),                           # momentum
+        lr_sub_from(1.0, lr_mul(lr, h[1], LR_DTYPE), LR_DTYPE).to(OPMATH),  # decay
+        alpha.to(OPMATH),                              # alpha
+    )
+
+
+@triton.jit
+def _muon_stored(x, HALF: tl.constexpr):
+    """x as the params' storage holds it (Muon::stored): rounded to bf16 / fp16 and back
+    for half params, else x."""
+    if HALF == MUON_BF16:
+        return to_storage(x, tl.bfloat16).to(x.dtype)
+    elif HALF == MUON_F16:
+        return to_storage(x, tl.float16).to(x.dtype)
+    else:
+        return x
+
+
+@triton.jit
+def muon_update(x, grad, s, LISTS: tl.constexpr, VARIANT: tl.constexpr):
+    """(math/muon.h Muon::update): x = (param, grad, momentum_buffer, update); the lists
+    a stage does not read are zeros (muon_skip_reads), those it does not write are
+    returned as they came and not stored (muon_skip_writes).
+
+      momentum:  B <- lerp(B, g, 1 - momentum); U <- lerp(g, B as stored, momentum)
+                 with nesterov, else B (stored to the params' dtype, then bf16)
+      apply:     p <- p * decay, stored in the params' dtype; p <- fma(alpha, O, p), or
+                 for the split add p + (alpha * O stored in bf16)
+    """
+    weight, momentum, decay, alpha = s[0], s[1], s[2], s[3]
+    param = x[0]
+    buf = x[2]
+    update = x[3]
+    if VARIANT[0]:
+        decayed = _muon_stored(param * decay, VARIANT[2])
+        if VARIANT[3]:
+            param = decayed + _muon_stored(alpha * update, VARIANT[2])
+        else:
+            param = tl.fma(alpha, update, decayed)
+    else:
+        buf = lerp_fused(buf, grad, weight)
+        if VARIANT[1]:
+            update = lerp_fused(grad, _muon_stored(buf, VARIANT[2]), momentum)
+        else:
+            update = buf
+    return param, x[1], buf, update
 
 
 # ---------------------------------------------------------------------------------

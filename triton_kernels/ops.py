@@ -102,13 +102,6 @@ def step(spec: Spec, *lists, lr, grad_scale=None, found_inf=None, master_params=
          rng_states=None, **h) -> None:
     """One step of `spec`'s optimizer over one bucket, through its Triton op (the
     signature of torch.ops.fused_optim.<name>_)."""
-    if spec.fixed_dtypes:
-        # [note: bf16 work lists] (csrc/include/fused_optim/math/optimizer.h): no kernel
-        # here stores a list in a dtype of its own yet (fused_optim.Muon's stages choose
-        # another backend: fused_optim/muon.py's _stage_backend).
-        raise NotImplementedError(
-            f"fused_optim: the Triton kernels have no bf16 work lists yet ({spec.op}: "
-            f"{', '.join(spec.fixed_dtypes)}); use the cpu, cuda or reference backend")
     getattr(torch.ops.fused_optim_triton, spec.op)(
         *lists, lr, grad_scale, found_inf, *(h[name] for name in _ORDER[spec.op]),
         list(master_params or ()), list(rng_states or ()))
