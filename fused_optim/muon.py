@@ -11,7 +11,8 @@ A step of a param group runs, per batch of params of one (device, dtype, shape):
      weight_decay), then p <- p - lr' O, with lr' torch's shape-adjusted lr (equal
      across a batch: the op's per-call lr_ratio).
 
-A batch is cut into chunks of at most _newton_schulz.MAX_BATCH_ELEMENTS elements, each
+A batch is cut into chunks of at most _newton_schulz.MAX_BATCH_ELEMENTS elements (fewer
+on the CPU, where a batch larger than the cache is slower: _newton_schulz.chunks), each
 stepped (1-3) before the next, so the extra memory is one chunk's.
 
 Why the element-wise stages are an op of the shared engine with a bf16 work list: the
@@ -276,7 +277,7 @@ class Muon(Optimizer):
             ratio = lr_ratio(group["adjust_lr_fn"], shape)
             # A chunk's params are stepped before the next chunk's update is computed:
             # extra memory stays one chunk's, whatever the model's size.
-            for start, stop in chunks(len(rows), shape.numel()):
+            for start, stop in chunks(len(rows), shape.numel(), p0.device):
                 part = rows[start:stop]
                 ps, gs, bs = ([lst[i] for i in part] for lst in (params, grads, bufs))
                 x = torch.empty((len(part), *shape), dtype=torch.bfloat16, device=p0.device)

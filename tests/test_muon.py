@@ -263,6 +263,10 @@ def test_chunked_batches_give_the_same_bits(monkeypatch):
     monkeypatch.setattr(_newton_schulz, "MAX_BATCH_ELEMENTS", 3 * 32 * 48)
     assert _newton_schulz.chunks(5, 32 * 48) == [(0, 3), (3, 5)]
     assert _newton_schulz.chunks(2, 10**9) == [(0, 1), (1, 2)]
+    # the CPU's cap applies on the CPU only
+    monkeypatch.setattr(_newton_schulz, "MAX_CPU_BATCH_ELEMENTS", 2 * 32 * 48)
+    assert _newton_schulz.chunks(5, 32 * 48, torch.device("cpu")) == [(0, 2), (2, 4), (4, 5)]
+    assert _newton_schulz.chunks(5, 32 * 48, torch.device("meta")) == [(0, 3), (3, 5)]
     _run(BATCH, torch.float32, {}, steps=3)
 
 
