@@ -212,7 +212,9 @@ class _History:
         """Room for `slots` slots (at most history_size + 1, at least one free slot
         beyond those written): one allocation and copy, at the start of a step that
         may need it, so a step never grows its buffer twice."""
-        slots = max(min(slots, self.history_size + 1), self.used + 1)
+        # One slot beyond those written unless one is free: a full ring (history_size
+        # pairs and its spare) needs no more, however many steps follow.
+        slots = max(min(slots, self.history_size + 1), self.used + (0 if self.free else 1))
         if slots <= self.capacity:
             return
         old = (self.buf, self.sy, self.yy, self.ro, self.yg, self.sg) if self.buf is not None else None

@@ -259,6 +259,32 @@ def test_long_run_within_torchs_own_spread():
     assert len(a["old_dirs"]) == len(b["old_dirs"])
 
 
+def test_full_history_reuses_its_buffer():
+    """Once history_size pairs are stored, steps reuse the ring's rows: the buffer keeps
+    history_size + 1 slots and its storage (it once grew by a slot, and was copied whole,
+    at every step)."""
+    x = torch.nn.Parameter(torch.linspace(-1, 1, 64, dtype=torch.float64))
+    scale = torch.linspace(1, 50, 64, dtype=torch.float64)
+    opt = fused_optim.LBFGS([x], history_size=3, max_iter=4, tolerance_grad=0.0,
+                            tolerance_change=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = (scale * x * x).sum() + x.sin().sum()
+        loss.backward()
+        return loss
+
+    seen = []
+    for _ in range(6):
+        opt.step(closure)
+        hist = opt._history
+        seen.append((hist.capacity, hist.buf.data_ptr()))
+        assert len(opt.state[x]["old_dirs"]) <= 3
+    assert len(opt.state[x]["old_dirs"]) == 3
+    assert all(cap == 4 for cap, _ in seen[1:]), seen
+    assert len({ptr for _, ptr in seen[1:]}) == 1, seen
+
+
 def _torch_spread_sizes(problem, options, steps, sizes) -> float:
     eps = torch.finfo(torch.float64).eps
     base, *_ = run(torch.optim.LBFGS, problem, torch.float64, options, steps, sizes=sizes)
