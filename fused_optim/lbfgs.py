@@ -211,12 +211,33 @@ class _History:
     def reserve(self, slots: int) -> None:
         """Room for `slots` slots (at most history_size + 1, at least one free slot
         beyond those written): one allocation and copy, at the start of a step that
-        may need it, so a step never grows its buffer twice."""
+        may need it, so a step never grows its buffer twice. On the CPU the first
+        allocation takes the whole ring: [note: LBFGS buffer on the CPU]."""
         # One slot beyond those written unless one is free: a full ring (history_size
         # pairs and its spare) needs no more, however many steps follow.
         slots = max(min(slots, self.history_size + 1), self.used + (0 if self.free else 1))
         if slots <= self.capacity:
             return
+        full = self.history_size + 1
+        if self.device.type == "cpu" and slots < full and 2 * full * full <= self.n:
+            try:
+                self._allocate(full)
+                return
+            except RuntimeError:  # more address space than the system grants: by steps
+                pass
+        self._allocate(slots)
+
+    # [note: LBFGS buffer on the CPU]
+    # torch.empty on the CPU takes address space, not memory: a page is backed when it is
+    # first written. So on the CPU the buffer is allocated once for the full ring
+    # (history_size + 1 slots) and holds, resident, only the rows written so far, as
+    # torch's lists would; grown step by step, it copied every stored row at each of the
+    # first history_size / max_iter steps (4M fp32, history 100: 0.6-2.6 GB a step, onto
+    # fresh pages). Where the system will not grant that much address space (a strict
+    # overcommit policy) it grows step by step, as it does where the ring's Gram matrices
+    # (2 (history_size + 1)^2 elements, zero-filled, so backed) are not small beside one
+    # row, and on other devices: a caching allocator (CUDA) backs what it allocates.
+    def _allocate(self, slots: int) -> None:
         old = (self.buf, self.sy, self.yy, self.ro, self.yg, self.sg) if self.buf is not None else None
         u = self.used
         new = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -263,7 +263,7 @@ def test_full_history_reuses_its_buffer():
     """Once history_size pairs are stored, steps reuse the ring's rows: the buffer keeps
     history_size + 1 slots and its storage (it once grew by a slot, and was copied whole,
     at every step)."""
-    x = torch.nn.Parameter(torch.linspace(-1, 1, 64, dtype=torch.float64))
+    x = torch.nn.Parameter(torch.linspace(-1, 1, 64, dtype=torch.float64))  # 64 >= 2 * 4^2
     scale = torch.linspace(1, 50, 64, dtype=torch.float64)
     opt = fused_optim.LBFGS([x], history_size=3, max_iter=4, tolerance_grad=0.0,
                             tolerance_change=0.0)
@@ -283,6 +283,28 @@ def test_full_history_reuses_its_buffer():
     assert len(opt.state[x]["old_dirs"]) == 3
     assert all(cap == 4 for cap, _ in seen[1:]), seen
     assert len({ptr for _, ptr in seen[1:]}) == 1, seen
+    # on the CPU the whole ring from the first step ([note: LBFGS buffer on the CPU])
+    assert seen[0] == seen[1], seen
+
+
+def test_small_rows_grow_the_buffer_by_steps():
+    """Where the ring's Gram matrices are not small beside a row, the buffer grows with
+    the history instead (the pairs a step can add), and the numbers do not change."""
+    x = torch.nn.Parameter(torch.linspace(-1, 1, 64, dtype=torch.float64))
+    opt = fused_optim.LBFGS([x], history_size=10, max_iter=2, tolerance_grad=0.0,
+                            tolerance_change=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = (x * x * torch.arange(1, 65, dtype=torch.float64)).sum()
+        loss.backward()
+        return loss
+
+    caps = []
+    for _ in range(4):
+        opt.step(closure)
+        caps.append(opt._history.capacity)
+    assert caps[0] < caps[-1] <= 11, caps
 
 
 def _torch_spread_sizes(problem, options, steps, sizes) -> float:
