@@ -59,9 +59,11 @@ stored vectors (views of the buffer's rows, oldest first), ``ro`` and ``al`` lis
 that are not the ones the last step left) is copied into a fresh buffer at the next
 step. As with torch.optim (whose ``prev_flat_grad`` is updated in place), a state_dict
 refers to the live state: copy it to keep a snapshot across steps, since the ring reuses
-the rows of evicted pairs. Memory: the buffer is sized at the start of a step for the
-pairs that step can add (min(history_size + 1, stored + max_iter + 1) slots), so a step
-that stops early holds more than torch's lists would.
+the rows of evicted pairs. Memory: on the CPU the buffer takes the address space of the
+whole ring at the first step, backed only where rows are written ([note: LBFGS buffer
+on the CPU]); elsewhere it is sized at the start of a step for the pairs that step can
+add (min(history_size + 1, stored + max_iter + 1) slots), so a step that stops early
+holds more than torch's lists would.
 """
 
 from __future__ import annotations
