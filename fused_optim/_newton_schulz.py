@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BATCH_ELEMENTS", "MAX_CPU_BATCH_ELEMENTS", "MIN_BATCHED_SIDE", "batch_is_exact", "check_arguments",
+__all__ = ["MAX_BATCH_ELEMENTS", "MAX_CPU_BATCH_ELEMENTS", "MIN_BATCHED_SIDE", "batch_is_exact",
+           "check_arguments",
            "chunks", "newton_schulz_"]
 
 # The most matrix elements one batched run holds (2^25 bf16 elements: 64 MiB, ~256 MiB
@@ -58,7 +59,8 @@ def check_arguments(coefficients: Sequence[float], steps: int) -> None:
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
 
 
-def chunks(n_matrices: int, numel: int, device: torch.device | None = None) -> list[tuple[int, int]]:
+def chunks(n_matrices: int, numel: int,
+           device: torch.device | None = None) -> list[tuple[int, int]]:
     """[start, stop) ranges cutting a batch of `n_matrices` matrices of `numel` elements
     on `device` into runs of at most MAX_BATCH_ELEMENTS elements, MAX_CPU_BATCH_ELEMENTS
     on the CPU (at least one matrix each)."""
