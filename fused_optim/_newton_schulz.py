@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MAX_BATCH_ELEMENTS", "MAX_CPU_BATCH_ELEMENTS", "MIN_BATCHED_SIDE", "batch_is_exact",
-           "check_arguments",
-           "chunks", "newton_schulz_"]
+           "check_arguments", "chunks", "newton_schulz_"]
 
 # The most matrix elements one batched run holds (2^25 bf16 elements: 64 MiB, ~256 MiB
 # with the iteration's temporaries). 24 params of 1024 x 1024 (24M elements) run as one
