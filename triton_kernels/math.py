@@ -136,8 +136,7 @@ def to_work_storage(x, DTYPE: tl.constexpr, WORK_DTYPE: tl.constexpr):
     to DTYPE first, then through float32 to WORK_DTYPE, as torch's `.bfloat16()` of a
     tensor of the params' dtype (and the C++ engines' store_work: float_to_bf16_any's NaN
     rule, a NaN keeping its sign and high payload)."""
-    stored = to_storage(x, DTYPE).to(x.dtype).to(tl.float32)
-    return to_policy_storage(stored, WORK_DTYPE, 0, False)
+    return to_policy_storage(round_to(x, DTYPE).to(tl.float32), WORK_DTYPE, 0, False)
 
 
 @triton.jit
@@ -817,12 +816,12 @@ def muon_scalars(state, lr, h, LISTS: tl.constexpr, VARIANT: tl.constexpr,
 
 @triton.jit
 def _muon_stored(x, HALF: tl.constexpr):
-    """x as the params' storage holds it (Muon::stored): rounded to bf16 / fp16 and back
-    for half params, else x."""
+    """x as the params' storage holds it (Muon::stored): round_to the params' half dtype,
+    else x."""
     if HALF == MUON_BF16:
-        return to_storage(x, tl.bfloat16).to(x.dtype)
+        return round_to(x, tl.bfloat16)
     elif HALF == MUON_F16:
-        return to_storage(x, tl.float16).to(x.dtype)
+        return round_to(x, tl.float16)
     else:
         return x
 
